@@ -1,0 +1,54 @@
+# One task runner for people and CI. `make help` lists the targets.
+SHELL := /bin/bash
+CACHE ?= $(HOME)/.cache/pychat
+# One Rust target dir outside the clone, so clean-clone CI builds are incremental.
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+export PIP_CACHE_DIR ?= $(CACHE)/pip
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PYTHON ?= python3
+ARGS ?=
+
+.PHONY: help serve test test-rust test-py build-dev lint fmt clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.deps: requirements-dev.txt pyproject.toml
+	@command -v cargo >/dev/null || { echo "cargo (Rust) is required: https://rustup.rs"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+build-dev: $(VENV)/.deps ## build the Rust extension (release profile) into the venv
+	rm -f pychat/_core*.so
+	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q
+
+serve: build-dev ## install everything, build, and start a server on the embedded defaults
+	$(BIN)/pychat serve $(ARGS)
+
+test: build-dev lint test-rust test-py ## install everything, build, lint, and run every test
+
+test-rust: ## Rust unit tests
+	cargo test -q
+
+test-py: ## Python tests against real servers on 127.0.0.1
+	$(BIN)/pytest -q $(ARGS)
+
+lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
+	cargo fmt --check
+	cargo clippy -q --all-targets -- -D warnings
+	cargo clippy -q --features python -- -D warnings
+	$(BIN)/ruff check pychat tests
+	$(BIN)/ruff format --check pychat tests
+	$(BIN)/mypy
+	$(BIN)/python -m mypy.stubtest pychat._core
+
+fmt: $(VENV)/.deps ## format Rust and Python
+	cargo fmt
+	$(BIN)/ruff format pychat tests
+	$(BIN)/ruff check --fix pychat tests
+
+clean: ## remove the venv and built extension (the cargo cache stays)
+	rm -rf $(VENV) pychat/_core*.so

@@ -1,0 +1,589 @@
+//! The WebSocket gateway: a tokio runtime on its own threads that accepts
+//! sockets, checks the signed token at upgrade, and runs one task per
+//! connection (a reader and a writer future joined in that task).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::hub::{now_ms, EngineEvent, Hub, SendAdmission, TicketOutcome};
+use crate::metrics;
+use crate::outbox::{Outgoing, Stitcher};
+use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
+use crate::registry::{CloseReason, ConnHandle};
+use crate::sequencer::{Origin, UserId};
+use crate::token::TokenVerifier;
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub host: String,
+    pub port: u16,
+    pub secret: Vec<u8>,
+    pub heartbeat_s: u64,
+    /// Items a connection's send queue holds before the connection is closed.
+    pub queue_capacity: usize,
+    /// tungstenite allocates this read buffer per connection, idle or not.
+    pub read_buffer_bytes: usize,
+    pub runtime_threads: usize,
+    /// Events waiting for the engine; past this, readers wait (backpressure).
+    pub engine_queue_capacity: usize,
+    pub window_capacity: usize,
+    pub window_ttl_ms: u64,
+    /// Consecutive refused frames after which a connection is closed.
+    pub max_bad_frames: u32,
+    pub limits: Limits,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 0,
+            secret: Vec::new(),
+            heartbeat_s: 25,
+            queue_capacity: 4096,
+            read_buffer_bytes: 4096,
+            runtime_threads: 2,
+            engine_queue_capacity: 16_384,
+            window_capacity: 1_000_000,
+            window_ttl_ms: 24 * 3600 * 1000,
+            max_bad_frames: 20,
+            limits: Limits::default(),
+        }
+    }
+}
+
+struct Shared {
+    hub: Arc<Hub>,
+    config: GatewayConfig,
+    verifier: TokenVerifier,
+    events: mpsc::Sender<EngineEvent>,
+    shutdown: Notify,
+    next_conn: AtomicU64,
+    started: Instant,
+    /// Distinguishes session ids across restarts.
+    boot_id: u64,
+}
+
+impl Shared {
+    fn clock_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// A running gateway. Dropping it (or `shutdown`) stops the runtime.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    events_rx: Mutex<mpsc::Receiver<EngineEvent>>,
+    runtime: Mutex<Option<Runtime>>,
+    local_addr: SocketAddr,
+}
+
+impl Gateway {
+    pub fn start(config: GatewayConfig) -> io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.runtime_threads.max(1))
+            .thread_name("pychat-gateway")
+            .enable_all()
+            .build()?;
+        let addr = format!("{}:{}", config.host, config.port);
+        let std_listener = std::net::TcpListener::bind(&addr)?;
+        std_listener.set_nonblocking(true)?;
+        let local_addr = std_listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(config.engine_queue_capacity.max(1));
+        let hub = Arc::new(Hub::new(
+            config.limits.clone(),
+            config.window_capacity,
+            config.window_ttl_ms,
+        ));
+        let shared = Arc::new(Shared {
+            hub,
+            verifier: TokenVerifier::new(&config.secret),
+            config,
+            events: tx,
+            shutdown: Notify::new(),
+            next_conn: AtomicU64::new(1),
+            started: Instant::now(),
+            boot_id: now_ms(),
+        });
+        let listener = {
+            let _guard = runtime.enter();
+            TcpListener::from_std(std_listener)?
+        };
+        runtime.spawn(accept_loop(shared.clone(), listener));
+        Ok(Self {
+            shared,
+            events_rx: Mutex::new(rx),
+            runtime: Mutex::new(Some(runtime)),
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.shared.hub
+    }
+
+    pub fn verifier(&self) -> &TokenVerifier {
+        &self.shared.verifier
+    }
+
+    /// Blocks until at least one event is ready (or `timeout` passes), then
+    /// takes up to `max` events. An empty batch after shutdown means stop.
+    pub fn next_batch(&self, max: usize, timeout: Duration) -> Vec<EngineEvent> {
+        let mut rx = self.events_rx.lock();
+        let mut batch = Vec::new();
+        let handle = match self.runtime.lock().as_ref() {
+            Some(rt) => rt.handle().clone(),
+            None => return batch,
+        };
+        let first = handle.block_on(async {
+            tokio::time::timeout(timeout, rx.recv())
+                .await
+                .ok()
+                .flatten()
+        });
+        if let Some(ev) = first {
+            batch.push(ev);
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(ev) => batch.push(ev),
+                    Err(_) => break,
+                }
+            }
+            metrics::inc(&self.shared.hub.counters.batches);
+            metrics::add(&self.shared.hub.counters.batch_events, batch.len() as u64);
+        }
+        batch
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.runtime.lock().is_some()
+    }
+
+    /// A REST `send`: same admission and idempotency as a WebSocket `send`.
+    /// `Ok(Some(ack))` when it was already acked, `Ok(None)` when the ticket
+    /// will be completed by a later batch.
+    pub fn submit_send(
+        &self,
+        ticket: u64,
+        user: &str,
+        send: SendFrame,
+    ) -> Result<Option<Arc<protocol::Ack>>, FrameError> {
+        let user: UserId = user.into();
+        match self
+            .shared
+            .hub
+            .admit_send(Origin::Ticket(ticket), &user, send)?
+        {
+            SendAdmission::Duplicate(ack) => Ok(Some(ack)),
+            SendAdmission::InFlight => Ok(None),
+            SendAdmission::Forward(ev) => self.forward_now(ev).map(|()| None),
+        }
+    }
+
+    /// A REST pointer move (`POST /api/messages/{id}/read`), batched like the frame.
+    pub fn submit_pointer(
+        &self,
+        ticket: u64,
+        user: &str,
+        chat: &str,
+        kind: PointerKind,
+        seq: u64,
+    ) -> Result<(), FrameError> {
+        let (chat, _) = self.shared.hub.member_chat(user, chat)?;
+        self.forward_now(EngineEvent::Pointer {
+            origin: Origin::Ticket(ticket),
+            user: user.into(),
+            chat,
+            kind,
+            seq,
+        })
+    }
+
+    fn forward_now(&self, ev: EngineEvent) -> Result<(), FrameError> {
+        self.shared.events.try_send(ev).map_err(|e| {
+            if let EngineEvent::Send { key, .. } = e.into_inner() {
+                self.shared.hub.abandon_send(&key);
+            }
+            FrameError::new(ErrorCode::Unavailable, "server is busy, retry shortly")
+        })
+    }
+
+    pub fn complete(
+        &self,
+        batch: Vec<EngineEvent>,
+        results: Vec<crate::hub::EngineResult>,
+    ) -> Vec<(u64, TicketOutcome)> {
+        self.shared.hub.complete(batch, results)
+    }
+
+    /// Closes every connection and stops the runtime.
+    pub fn shutdown(&self) {
+        let Some(rt) = self.runtime.lock().take() else {
+            return;
+        };
+        self.shared.shutdown.notify_waiters();
+        for c in self.shared.hub.registry.all() {
+            c.close(CloseReason::ServerShutdown);
+        }
+        rt.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.notified() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(shared.clone(), stream));
+            }
+            // Out of file descriptors or a reset before accept: wait a little, keep serving.
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn reject(status: StatusCode, code: ErrorCode, message: &str) -> ErrorResponse {
+    let body = format!(
+        "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\"}}}}",
+        code.as_str(),
+        message
+    );
+    let mut resp = ErrorResponse::new(Some(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        "content-type",
+        "application/json".parse().expect("valid header"),
+    );
+    resp
+}
+
+fn token_from_query(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("token="))
+        .filter(|t| !t.is_empty())
+}
+
+// The upgrade callback's Result shape is fixed by tungstenite's `Callback`.
+#[allow(clippy::result_large_err)]
+async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let user_slot: Arc<Mutex<Option<String>>> = Arc::default();
+    let check = {
+        let shared = shared.clone();
+        let slot = user_slot.clone();
+        move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+            if req.uri().path() != "/ws" {
+                return Err(reject(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "the WebSocket endpoint is /ws",
+                ));
+            }
+            let token = req.uri().query().and_then(token_from_query);
+            let Some(token) = token else {
+                return Err(reject(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    "missing token",
+                ));
+            };
+            match shared.verifier.verify(token, now_ms()) {
+                Ok(user) => {
+                    *slot.lock() = Some(user);
+                    Ok(resp)
+                }
+                Err(e) => Err(reject(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    &e.to_string(),
+                )),
+            }
+        }
+    };
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(shared.config.read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_message_size(Some(shared.config.limits.max_frame_bytes))
+        .max_frame_size(Some(shared.config.limits.max_frame_bytes));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(ws_config));
+    let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
+        Ok(Ok(ws)) => ws,
+        _ => {
+            metrics::inc(&shared.hub.counters.upgrades_refused);
+            return;
+        }
+    };
+    let Some(user) = user_slot.lock().take() else {
+        return;
+    };
+    run_connection(shared, ws, user.into()).await;
+}
+
+async fn run_connection(shared: Arc<Shared>, ws: WebSocketStream<TcpStream>, user: UserId) {
+    let hub = shared.hub.clone();
+    metrics::inc(&hub.counters.connections_accepted);
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(shared.config.queue_capacity.max(1));
+    let conn = Arc::new(ConnHandle::new(id, user.clone(), tx, shared.clock_ms()));
+    let session_id = format!("s{:x}-{:x}", shared.boot_id, id);
+    conn.push(Outgoing::Frame(protocol::encode_hello(
+        &user,
+        &session_id,
+        now_ms(),
+        shared.config.heartbeat_s,
+    )));
+    hub.registry.register(conn.clone());
+    let (sink, stream) = ws.split();
+    tokio::join!(
+        read_loop(&shared, &conn, stream),
+        write_loop(&shared, &conn, sink, rx)
+    );
+    hub.registry.unregister(&conn);
+    metrics::inc(&hub.counters.connections_closed);
+}
+
+type WsSink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
+type WsStream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
+
+async fn read_loop(shared: &Shared, conn: &Arc<ConnHandle>, mut stream: WsStream) {
+    let mut strikes = 0u32;
+    loop {
+        let next = tokio::select! {
+            _ = conn.closed() => return,
+            n = stream.next() => n,
+        };
+        let message = match next {
+            Some(Ok(m)) => m,
+            Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                // A frame over the size limit cannot be read past: refuse and close.
+                conn.push(Outgoing::Frame(protocol::encode_error(
+                    ErrorCode::TooLarge,
+                    "frame is larger than the limit",
+                    None,
+                )));
+                conn.close(CloseReason::TooManyBadFrames);
+                return;
+            }
+            _ => {
+                conn.close(CloseReason::PeerClosed);
+                return;
+            }
+        };
+        conn.last_seen_ms
+            .store(shared.clock_ms(), Ordering::Relaxed);
+        let outcome = match message {
+            Message::Text(text) => {
+                metrics::inc(&shared.hub.counters.frames_in);
+                handle_frame(shared, conn, text.as_str()).await
+            }
+            Message::Binary(_) => Err(FrameError::new(
+                ErrorCode::BadRequest,
+                "frames must be JSON text frames",
+            )),
+            Message::Close(_) => {
+                conn.close(CloseReason::PeerClosed);
+                return;
+            }
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
+        };
+        match outcome {
+            Ok(()) => strikes = 0,
+            Err(e) => {
+                metrics::inc(&shared.hub.counters.bad_frames);
+                conn.push(Outgoing::Frame(e.encode()));
+                strikes += 1;
+                if strikes >= shared.config.max_bad_frames {
+                    conn.close(CloseReason::TooManyBadFrames);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn handle_frame(
+    shared: &Shared,
+    conn: &Arc<ConnHandle>,
+    text: &str,
+) -> Result<(), FrameError> {
+    let hub = &shared.hub;
+    match protocol::parse_client_frame(text, &hub.limits)? {
+        ClientFrame::Send(send) => match hub.admit_send(Origin::Conn(conn.id), &conn.user, send)? {
+            SendAdmission::Forward(ev) => forward(shared, ev).await,
+            SendAdmission::Duplicate(ack) => {
+                conn.push(Outgoing::Frame(protocol::encode_ack(&ack)));
+                Ok(())
+            }
+            SendAdmission::InFlight => Ok(()),
+        },
+        ClientFrame::Sync { since } => {
+            // Queued before the request leaves, so live messages from here on are held.
+            conn.push(Outgoing::SyncBegin);
+            forward(
+                shared,
+                EngineEvent::Sync {
+                    conn: conn.id,
+                    user: conn.user.clone(),
+                    since,
+                },
+            )
+            .await
+        }
+        ClientFrame::Pointer { chat_id, seq, kind } => {
+            let (chat, _) = hub.member_chat(&conn.user, &chat_id)?;
+            forward(
+                shared,
+                EngineEvent::Pointer {
+                    origin: Origin::Conn(conn.id),
+                    user: conn.user.clone(),
+                    chat,
+                    kind,
+                    seq,
+                },
+            )
+            .await
+        }
+        ClientFrame::Typing { chat_id, start } => {
+            let (chat, members) = hub.member_chat(&conn.user, &chat_id)?;
+            let frame = protocol::encode_typing(&chat, &conn.user, start);
+            hub.broadcast(&members, Some(&conn.user), &frame);
+            Ok(())
+        }
+        ClientFrame::PresenceSubscribe { .. } => Err(FrameError::new(
+            ErrorCode::Unavailable,
+            "presence is not available on this server yet",
+        )),
+    }
+}
+
+/// Hands an event to the engine, waiting while its queue is full (backpressure
+/// on this connection's reads only).
+async fn forward(shared: &Shared, ev: EngineEvent) -> Result<(), FrameError> {
+    shared.events.send(ev).await.map_err(|e| {
+        if let EngineEvent::Send { key, .. } = e.0 {
+            shared.hub.abandon_send(&key);
+        }
+        FrameError::new(ErrorCode::Unavailable, "server is shutting down")
+    })
+}
+
+fn text_message(frame: Bytes) -> Message {
+    // SAFETY: every queued frame is produced by serde_json (or by us from
+    // ASCII), so it is valid UTF-8.
+    Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(frame) })
+}
+
+/// Frames written per flush at most, so one busy connection yields to others.
+const MAX_FRAMES_PER_FLUSH: usize = 256;
+
+async fn write_loop(
+    shared: &Shared,
+    conn: &Arc<ConnHandle>,
+    mut sink: WsSink,
+    mut rx: mpsc::Receiver<Outgoing>,
+) {
+    let heartbeat = Duration::from_secs(shared.config.heartbeat_s.max(1));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    let mut stitcher = Stitcher::default();
+    let mut out: Vec<Bytes> = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = conn.closed() => break,
+            item = rx.recv() => {
+                let Some(item) = item else { break };
+                stitcher.accept(item, &mut out);
+                while out.len() < MAX_FRAMES_PER_FLUSH {
+                    match rx.try_recv() {
+                        Ok(item) => stitcher.accept(item, &mut out),
+                        Err(_) => break,
+                    }
+                }
+                let n = out.len() as u64;
+                let write = async {
+                    for frame in out.drain(..) {
+                        sink.feed(text_message(frame)).await?;
+                    }
+                    sink.flush().await
+                };
+                let written = tokio::select! {
+                    r = write => r.is_ok(),
+                    _ = conn.closed() => false,
+                };
+                out.clear();
+                if !written {
+                    conn.close(CloseReason::WriteFailed);
+                    break;
+                }
+                metrics::add(&shared.hub.counters.frames_out, n);
+            }
+            _ = ticker.tick() => {
+                let silent_ms = shared.clock_ms().saturating_sub(conn.last_seen_ms.load(Ordering::Relaxed));
+                if silent_ms > 2 * heartbeat.as_millis() as u64 {
+                    metrics::inc(&shared.hub.counters.heartbeat_timeouts);
+                    conn.close(CloseReason::HeartbeatTimeout);
+                    break;
+                }
+                let ping = tokio::select! {
+                    r = sink.send(Message::Ping(Bytes::new())) => r.is_ok(),
+                    _ = conn.closed() => false,
+                };
+                if !ping {
+                    conn.close(CloseReason::WriteFailed);
+                    break;
+                }
+            }
+        }
+    }
+    // Say why, briefly; a peer that does not read does not get to hold us.
+    let reason = conn.close_reason().unwrap_or(CloseReason::ServerShutdown);
+    if reason != CloseReason::PeerClosed && reason != CloseReason::WriteFailed {
+        let code = match reason {
+            CloseReason::QueueOverflow => CloseCode::Policy,
+            CloseReason::TooManyBadFrames => CloseCode::Policy,
+            CloseReason::ServerShutdown => CloseCode::Away,
+            _ => CloseCode::Error,
+        };
+        let frame = CloseFrame {
+            code,
+            reason: reason.as_str().into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sink.send(Message::Close(Some(frame))),
+        )
+        .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}

@@ -1,0 +1,599 @@
+//! The hub: admission of client requests and the fan-out of the engine's
+//! results to live connections. No sockets here, so `cargo test` drives it
+//! with plain queues.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde_json::value::RawValue;
+
+use crate::membership::{Members, MembershipCache};
+use crate::metrics::{self, Counters};
+use crate::outbox::Outgoing;
+use crate::protocol::{
+    self, Ack, ErrorCode, FrameError, Limits, PointerKind, SendFrame, StoredMessage,
+};
+use crate::registry::{ConnectionRegistry, Push};
+use crate::sequencer::{Admission, ChatId, ConnId, IdemKey, Origin, Sequencer, UserId};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A request for the engine (Python), carried in batches.
+#[derive(Debug)]
+pub enum EngineEvent {
+    Send {
+        origin: Origin,
+        key: IdemKey,
+        content: String,
+        attachments: Vec<String>,
+    },
+    Pointer {
+        origin: Origin,
+        user: UserId,
+        chat: ChatId,
+        kind: PointerKind,
+        seq: u64,
+    },
+    Sync {
+        conn: ConnId,
+        user: UserId,
+        since: Vec<(String, u64)>,
+    },
+}
+
+/// One message of a `sync` backlog, as the store returned it.
+#[derive(Debug)]
+pub struct BacklogRow {
+    pub chat_id: String,
+    pub seq: u64,
+    pub message_id: String,
+    pub sender_id: String,
+    pub content: String,
+    pub attachments: Box<RawValue>,
+    pub created_at: u64,
+    pub client_msg_id: Option<String>,
+}
+
+/// The engine's answer to one event, in batch order.
+#[derive(Debug)]
+pub enum EngineResult {
+    Stored {
+        message_id: String,
+        seq: u64,
+        created_at: u64,
+        attachments: Box<RawValue>,
+        /// The store already had this (sender, chat, client_msg_id): not fanned out again.
+        duplicate: bool,
+    },
+    /// The pointers after the update; `moved_*` says which one moved.
+    PointerMoved {
+        delivered: u64,
+        read: u64,
+        moved_delivered: bool,
+        moved_read: bool,
+    },
+    Synced {
+        backlog: Vec<BacklogRow>,
+        chats: Vec<(String, u64)>,
+    },
+    Failed(FrameError),
+}
+
+/// What a REST caller (ticket) gets back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TicketOutcome {
+    Ack(Arc<Ack>),
+    Pointer { delivered: u64, read: u64 },
+    Failed(FrameError),
+}
+
+/// Result of admitting a `send`.
+#[derive(Debug)]
+pub enum SendAdmission {
+    /// Pass this event to the engine.
+    Forward(EngineEvent),
+    /// Already acked: answer with this ack.
+    Duplicate(Arc<Ack>),
+    /// The first attempt is in flight; the origin will be answered with it.
+    InFlight,
+}
+
+pub struct Hub {
+    pub limits: Limits,
+    pub registry: ConnectionRegistry,
+    pub members: MembershipCache,
+    pub sequencer: Mutex<Sequencer>,
+    pub counters: Counters,
+}
+
+impl Hub {
+    pub fn new(limits: Limits, window_capacity: usize, window_ttl_ms: u64) -> Self {
+        Self {
+            limits,
+            registry: ConnectionRegistry::default(),
+            members: MembershipCache::default(),
+            sequencer: Mutex::new(Sequencer::new(window_capacity, window_ttl_ms)),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The chat's members if `user` is one of them; `not_found` or `forbidden` otherwise.
+    pub fn member_chat(
+        &self,
+        user: &str,
+        chat: &str,
+    ) -> Result<(ChatId, Arc<Members>), FrameError> {
+        let (id, members) = self
+            .members
+            .get(chat)
+            .ok_or_else(|| FrameError::new(ErrorCode::NotFound, "no such chat"))?;
+        if !members.contains(user) {
+            return Err(FrameError::new(
+                ErrorCode::Forbidden,
+                "not a member of this chat",
+            ));
+        }
+        Ok((id, members))
+    }
+
+    pub fn admit_send(
+        &self,
+        origin: Origin,
+        user: &UserId,
+        send: SendFrame,
+    ) -> Result<SendAdmission, FrameError> {
+        let reference = Some(send.client_msg_id.clone());
+        let (chat, _) = self
+            .member_chat(user, &send.chat_id)
+            .map_err(|e| e.with_ref(reference.clone()))?;
+        if send.content.len() > self.limits.max_content_bytes {
+            return Err(
+                FrameError::new(ErrorCode::TooLarge, "content is too large").with_ref(reference)
+            );
+        }
+        if send.attachments.len() > self.limits.max_attachments {
+            return Err(
+                FrameError::new(ErrorCode::TooLarge, "too many attachments").with_ref(reference)
+            );
+        }
+        let key = IdemKey {
+            sender: user.clone(),
+            chat,
+            client_msg_id: send.client_msg_id.into(),
+        };
+        let admission = self.sequencer.lock().window.admit(key.clone(), origin);
+        Ok(match admission {
+            Admission::New => SendAdmission::Forward(EngineEvent::Send {
+                origin,
+                key,
+                content: send.content,
+                attachments: send.attachments,
+            }),
+            Admission::Duplicate(ack) => SendAdmission::Duplicate(ack),
+            Admission::InFlight => SendAdmission::InFlight,
+        })
+    }
+
+    /// Forgets an admitted send that never reached the engine (queue closed or full).
+    pub fn abandon_send(&self, key: &IdemKey) {
+        self.sequencer.lock().window.complete(key, None, now_ms());
+    }
+
+    fn push_to(&self, conn: ConnId, item: Outgoing) {
+        if let Some(c) = self.registry.get(conn) {
+            self.count_push(c.push(item));
+        }
+    }
+
+    fn count_push(&self, push: Push) {
+        if push == Push::Overflow {
+            metrics::inc(&self.counters.queue_overflows);
+        }
+    }
+
+    /// Sends `frame` to every connection of the chat's members except `skip_user`'s.
+    pub fn broadcast(&self, members: &Members, skip_user: Option<&str>, frame: &Bytes) {
+        self.registry.for_each_conn(
+            members.list.iter().filter(|u| Some(&***u) != skip_user),
+            |c| self.count_push(c.push(Outgoing::Frame(frame.clone()))),
+        );
+    }
+
+    /// Sends `frame` to every connection of these users.
+    pub fn push_to_users(&self, users: &[UserId], frame: &Bytes) {
+        self.registry.for_each_conn(users, |c| {
+            self.count_push(c.push(Outgoing::Frame(frame.clone())))
+        });
+    }
+
+    /// Applies the engine's results for a batch: acks, fan-out, receipts, sync
+    /// backlogs. Returns what REST callers waiting on tickets get.
+    pub fn complete(
+        &self,
+        batch: Vec<EngineEvent>,
+        results: Vec<EngineResult>,
+    ) -> Vec<(u64, TicketOutcome)> {
+        let mut tickets = Vec::new();
+        let now = now_ms();
+        for (event, result) in batch.into_iter().zip(results) {
+            match event {
+                EngineEvent::Send { key, content, .. } => {
+                    self.complete_send(key, content, result, now, &mut tickets)
+                }
+                EngineEvent::Pointer {
+                    origin,
+                    user,
+                    chat,
+                    kind: _,
+                    seq: _,
+                } => self.complete_pointer(origin, &user, &chat, result, &mut tickets),
+                EngineEvent::Sync { conn, .. } => self.complete_sync(conn, result),
+            }
+        }
+        tickets
+    }
+
+    fn complete_send(
+        &self,
+        key: IdemKey,
+        content: String,
+        result: EngineResult,
+        now: u64,
+        tickets: &mut Vec<(u64, TicketOutcome)>,
+    ) {
+        let (message_id, seq, created_at, attachments, duplicate) = match result {
+            EngineResult::Stored {
+                message_id,
+                seq,
+                created_at,
+                attachments,
+                duplicate,
+            } => (message_id, seq, created_at, attachments, duplicate),
+            other => {
+                let error = match other {
+                    EngineResult::Failed(e) => e,
+                    _ => FrameError::new(
+                        ErrorCode::Internal,
+                        "engine answered a send with another kind of result",
+                    ),
+                }
+                .with_ref(Some(key.client_msg_id.to_string()));
+                let waiters = self.sequencer.lock().window.complete(&key, None, now);
+                let frame = error.encode();
+                for w in waiters {
+                    match w {
+                        Origin::Conn(c) => self.push_to(c, Outgoing::Frame(frame.clone())),
+                        Origin::Ticket(t) => {
+                            tickets.push((t, TicketOutcome::Failed(error.clone())))
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        let ack = Arc::new(Ack {
+            client_msg_id: key.client_msg_id.to_string(),
+            chat_id: key.chat.to_string(),
+            message_id,
+            seq,
+            created_at,
+        });
+        let (waiters, fan_out) = {
+            let mut seq_state = self.sequencer.lock();
+            let waiters = seq_state.window.complete(&key, Some(ack.clone()), now);
+            let fan_out = !duplicate && seq_state.record_commit(&key.chat, seq).is_ok();
+            (waiters, fan_out)
+        };
+        let ack_frame = protocol::encode_ack(&ack);
+        for w in &waiters {
+            match *w {
+                Origin::Conn(c) => self.push_to(c, Outgoing::Frame(ack_frame.clone())),
+                Origin::Ticket(t) => tickets.push((t, TicketOutcome::Ack(ack.clone()))),
+            }
+        }
+        if !fan_out {
+            return;
+        }
+        let Some((_, members)) = self.members.get(&key.chat) else {
+            return;
+        };
+        // Encoded once; every recipient's queue shares these bytes.
+        let frame = protocol::encode_msg(&StoredMessage {
+            chat_id: &key.chat,
+            seq,
+            message_id: &ack.message_id,
+            sender_id: &key.sender,
+            content: &content,
+            attachments: &attachments,
+            created_at,
+            client_msg_id: Some(&key.client_msg_id),
+        });
+        let mut deliveries = 0u64;
+        self.registry.for_each_conn(members.list.iter(), |c| {
+            if waiters.contains(&Origin::Conn(c.id)) {
+                return; // the sending connection has its ack instead
+            }
+            deliveries += 1;
+            self.count_push(c.push(Outgoing::Msg {
+                chat: key.chat.clone(),
+                seq,
+                frame: frame.clone(),
+            }));
+        });
+        metrics::inc(&self.counters.messages_fanned_out);
+        metrics::add(&self.counters.deliveries, deliveries);
+    }
+
+    fn complete_pointer(
+        &self,
+        origin: Origin,
+        user: &UserId,
+        chat: &ChatId,
+        result: EngineResult,
+        tickets: &mut Vec<(u64, TicketOutcome)>,
+    ) {
+        match result {
+            EngineResult::PointerMoved {
+                delivered,
+                read,
+                moved_delivered,
+                moved_read,
+            } => {
+                if let Some((_, members)) = self.members.get(chat) {
+                    if moved_delivered {
+                        let f =
+                            protocol::encode_receipt(chat, user, PointerKind::Delivered, delivered);
+                        self.broadcast(&members, Some(user), &f);
+                    }
+                    if moved_read {
+                        let f = protocol::encode_receipt(chat, user, PointerKind::Read, read);
+                        self.broadcast(&members, Some(user), &f);
+                    }
+                }
+                if let Origin::Ticket(t) = origin {
+                    tickets.push((t, TicketOutcome::Pointer { delivered, read }));
+                }
+            }
+            other => {
+                let error = match other {
+                    EngineResult::Failed(e) => e,
+                    _ => FrameError::new(
+                        ErrorCode::Internal,
+                        "engine answered a pointer with another kind of result",
+                    ),
+                };
+                match origin {
+                    Origin::Conn(c) => self.push_to(c, Outgoing::Frame(error.encode())),
+                    Origin::Ticket(t) => tickets.push((t, TicketOutcome::Failed(error))),
+                }
+            }
+        }
+    }
+
+    fn complete_sync(&self, conn: ConnId, result: EngineResult) {
+        match result {
+            EngineResult::Synced { backlog, chats } => {
+                let items = backlog
+                    .iter()
+                    .map(|row| {
+                        let frame = protocol::encode_msg(&StoredMessage {
+                            chat_id: &row.chat_id,
+                            seq: row.seq,
+                            message_id: &row.message_id,
+                            sender_id: &row.sender_id,
+                            content: &row.content,
+                            attachments: &row.attachments,
+                            created_at: row.created_at,
+                            client_msg_id: row.client_msg_id.as_deref(),
+                        });
+                        (ChatId::from(row.chat_id.as_str()), row.seq, frame)
+                    })
+                    .collect();
+                let synced = protocol::encode_synced(chats.iter().map(|(c, s)| (c.as_str(), *s)));
+                self.push_to(conn, Outgoing::Backlog(items));
+                self.push_to(conn, Outgoing::SyncEnd(synced));
+            }
+            EngineResult::Failed(e) => self.push_to(conn, Outgoing::SyncEnd(e.encode())),
+            _ => self.push_to(
+                conn,
+                Outgoing::SyncEnd(
+                    FrameError::new(
+                        ErrorCode::Internal,
+                        "engine answered a sync with another kind of result",
+                    )
+                    .encode(),
+                ),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ConnHandle;
+    use tokio::sync::mpsc;
+
+    fn hub() -> Hub {
+        let hub = Hub::new(Limits::default(), 100, 60_000);
+        hub.members
+            .set("c1".into(), vec!["a".into(), "b".into(), "c".into()]);
+        hub
+    }
+
+    fn connect(hub: &Hub, id: ConnId, user: &str) -> mpsc::Receiver<Outgoing> {
+        let (tx, rx) = mpsc::channel(16);
+        hub.registry
+            .register(Arc::new(ConnHandle::new(id, user.into(), tx, 0)));
+        rx
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(item) = rx.try_recv() {
+            let text = match item {
+                Outgoing::Frame(b) | Outgoing::Msg { frame: b, .. } | Outgoing::SyncEnd(b) => {
+                    String::from_utf8(b.to_vec()).unwrap()
+                }
+                other => format!("{other:?}"),
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+            out.push(
+                v.get("type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("?")
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
+    fn send(cmid: &str) -> SendFrame {
+        SendFrame {
+            chat_id: "c1".into(),
+            client_msg_id: cmid.into(),
+            content: "hi".into(),
+            attachments: vec![],
+        }
+    }
+
+    fn stored(seq: u64, duplicate: bool) -> EngineResult {
+        EngineResult::Stored {
+            message_id: format!("m{seq}"),
+            seq,
+            created_at: 1,
+            attachments: RawValue::from_string("[]".into()).unwrap(),
+            duplicate,
+        }
+    }
+
+    #[test]
+    fn send_acks_sender_and_fans_out_to_everyone_else_including_senders_other_device() {
+        let hub = hub();
+        let mut a1 = connect(&hub, 1, "a");
+        let mut a2 = connect(&hub, 2, "a");
+        let mut b = connect(&hub, 3, "b");
+        let SendAdmission::Forward(ev) = hub
+            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
+            .unwrap()
+        else {
+            panic!("expected forward")
+        };
+        let tickets = hub.complete(vec![ev], vec![stored(1, false)]);
+        assert!(tickets.is_empty());
+        assert_eq!(drain(&mut a1), ["ack"]);
+        assert_eq!(drain(&mut a2), ["msg"]);
+        assert_eq!(drain(&mut b), ["msg"]);
+        // A retry anywhere gets the same ack, and nobody gets a second msg.
+        match hub
+            .admit_send(Origin::Ticket(7), &"a".into(), send("x"))
+            .unwrap()
+        {
+            SendAdmission::Duplicate(ack) => {
+                assert_eq!((ack.seq, ack.message_id.as_str()), (1, "m1"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn store_duplicate_is_acked_but_not_fanned_out() {
+        let hub = hub();
+        let mut a = connect(&hub, 1, "a");
+        let mut b = connect(&hub, 2, "b");
+        let SendAdmission::Forward(ev) = hub
+            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        hub.complete(vec![ev], vec![stored(4, true)]);
+        assert_eq!(drain(&mut a), ["ack"]);
+        assert!(drain(&mut b).is_empty());
+    }
+
+    #[test]
+    fn non_member_and_unknown_chat_are_refused() {
+        let hub = hub();
+        let e = hub
+            .admit_send(Origin::Conn(1), &"z".into(), send("x"))
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.reference.as_deref()),
+            (ErrorCode::Forbidden, Some("x"))
+        );
+        let mut s = send("y");
+        s.chat_id = "nope".into();
+        assert_eq!(
+            hub.admit_send(Origin::Conn(1), &"a".into(), s)
+                .unwrap_err()
+                .code,
+            ErrorCode::NotFound
+        );
+    }
+
+    #[test]
+    fn failed_send_errors_every_waiter_and_can_be_retried() {
+        let hub = hub();
+        let mut a = connect(&hub, 1, "a");
+        let SendAdmission::Forward(ev) = hub
+            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
+            .unwrap()
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            hub.admit_send(Origin::Ticket(3), &"a".into(), send("x"))
+                .unwrap(),
+            SendAdmission::InFlight
+        ));
+        let t = hub.complete(
+            vec![ev],
+            vec![EngineResult::Failed(FrameError::new(
+                ErrorCode::NotFound,
+                "no media",
+            ))],
+        );
+        assert_eq!(t.len(), 1);
+        assert!(matches!(&t[0], (3, TicketOutcome::Failed(e)) if e.code == ErrorCode::NotFound));
+        assert_eq!(drain(&mut a), ["error"]);
+        assert!(matches!(
+            hub.admit_send(Origin::Conn(1), &"a".into(), send("x"))
+                .unwrap(),
+            SendAdmission::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn receipts_go_to_other_members_only() {
+        let hub = hub();
+        let mut a = connect(&hub, 1, "a");
+        let mut b = connect(&hub, 2, "b");
+        let ev = EngineEvent::Pointer {
+            origin: Origin::Conn(2),
+            user: "b".into(),
+            chat: "c1".into(),
+            kind: PointerKind::Read,
+            seq: 3,
+        };
+        hub.complete(
+            vec![ev],
+            vec![EngineResult::PointerMoved {
+                delivered: 3,
+                read: 3,
+                moved_delivered: true,
+                moved_read: true,
+            }],
+        );
+        assert_eq!(drain(&mut a), ["receipt", "receipt"]);
+        assert!(drain(&mut b).is_empty());
+    }
+}

@@ -1,0 +1,16 @@
+//! pychat's Rust core, compiled as `pychat._core`: the WebSocket gateway,
+//! sequencing and fan-out. The logic modules have no Python in them; the PyO3
+//! glue lives in `py` behind the `python` feature.
+
+pub mod gateway;
+pub mod hub;
+pub mod membership;
+pub mod metrics;
+pub mod outbox;
+pub mod protocol;
+pub mod registry;
+pub mod sequencer;
+pub mod token;
+
+#[cfg(feature = "python")]
+mod py;

@@ -1,0 +1,269 @@
+//! Live connections: each one's bounded send queue, and the registry
+//! user -> connections (several devices per user).
+//!
+//! A full queue never blocks the sender of a fan-out: the slow connection is
+//! closed with a reason instead (the consumer's problem, never the hub's).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, Notify};
+
+use crate::outbox::Outgoing;
+use crate::sequencer::{ConnId, UserId};
+
+/// Why the server closed a connection (sent as the WebSocket close reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    QueueOverflow,
+    HeartbeatTimeout,
+    TooManyBadFrames,
+    PeerClosed,
+    WriteFailed,
+    ServerShutdown,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueOverflow => "send queue overflow: client is not reading fast enough",
+            Self::HeartbeatTimeout => "heartbeat timeout",
+            Self::TooManyBadFrames => "too many bad frames",
+            Self::PeerClosed => "closed by peer",
+            Self::WriteFailed => "write failed",
+            Self::ServerShutdown => "server shutting down",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full: the connection is now closing.
+    Overflow,
+    /// The connection is already closing.
+    Closed,
+}
+
+/// The shared side of one live connection.
+#[derive(Debug)]
+pub struct ConnHandle {
+    pub id: ConnId,
+    pub user: UserId,
+    queue: mpsc::Sender<Outgoing>,
+    closing: AtomicBool,
+    reason: Mutex<Option<CloseReason>>,
+    closed: Notify,
+    /// Milliseconds (gateway clock) of the last frame received from the peer.
+    pub last_seen_ms: AtomicU64,
+}
+
+impl ConnHandle {
+    pub fn new(id: ConnId, user: UserId, queue: mpsc::Sender<Outgoing>, now_ms: u64) -> Self {
+        Self {
+            id,
+            user,
+            queue,
+            closing: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            closed: Notify::new(),
+            last_seen_ms: AtomicU64::new(now_ms),
+        }
+    }
+
+    /// Queues without waiting. Overflow closes this connection only.
+    pub fn push(&self, item: Outgoing) -> Push {
+        if self.is_closing() {
+            return Push::Closed;
+        }
+        match self.queue.try_send(item) {
+            Ok(()) => Push::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(CloseReason::QueueOverflow);
+                Push::Overflow
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+        }
+    }
+
+    /// Starts closing; the first reason given wins.
+    pub fn close(&self, reason: CloseReason) {
+        {
+            let mut r = self.reason.lock();
+            if r.is_none() {
+                *r = Some(reason);
+            }
+        }
+        self.closing.store(true, Ordering::Release);
+        self.closed.notify_waiters();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        *self.reason.lock()
+    }
+
+    /// Resolves once `close` has been called.
+    pub async fn closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_closing() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// user -> live connections, and connection id -> connection.
+#[derive(Debug, Default)]
+pub struct ConnectionRegistry {
+    by_user: RwLock<HashMap<UserId, Vec<Arc<ConnHandle>>>>,
+    by_id: RwLock<HashMap<ConnId, Arc<ConnHandle>>>,
+}
+
+impl ConnectionRegistry {
+    pub fn register(&self, conn: Arc<ConnHandle>) {
+        self.by_id.write().insert(conn.id, conn.clone());
+        self.by_user
+            .write()
+            .entry(conn.user.clone())
+            .or_default()
+            .push(conn);
+    }
+
+    /// Removes a connection; returns how many connections its user still has.
+    pub fn unregister(&self, conn: &ConnHandle) -> usize {
+        self.by_id.write().remove(&conn.id);
+        let mut by_user = self.by_user.write();
+        let Some(list) = by_user.get_mut(&conn.user) else {
+            return 0;
+        };
+        list.retain(|c| c.id != conn.id);
+        let left = list.len();
+        if left == 0 {
+            by_user.remove(&conn.user);
+        }
+        left
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<Arc<ConnHandle>> {
+        self.by_id.read().get(&id).cloned()
+    }
+
+    /// Calls `f` for every live connection of each user, under one read lock.
+    pub fn for_each_conn<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a UserId>,
+        mut f: impl FnMut(&Arc<ConnHandle>),
+    ) {
+        let by_user = self.by_user.read();
+        for user in users {
+            if let Some(conns) = by_user.get(user) {
+                conns.iter().for_each(&mut f);
+            }
+        }
+    }
+
+    pub fn is_online(&self, user: &str) -> bool {
+        self.by_user.read().contains_key(user)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.by_id.read().len()
+    }
+
+    pub fn all(&self) -> Vec<Arc<ConnHandle>> {
+        self.by_id.read().values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn conn(id: ConnId, user: &str, cap: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (Arc::new(ConnHandle::new(id, user.into(), tx, 0)), rx)
+    }
+
+    #[test]
+    fn registry_tracks_devices_per_user() {
+        let reg = ConnectionRegistry::default();
+        let (a1, _r1) = conn(1, "a", 4);
+        let (a2, _r2) = conn(2, "a", 4);
+        let (b1, _r3) = conn(3, "b", 4);
+        reg.register(a1.clone());
+        reg.register(a2.clone());
+        reg.register(b1.clone());
+        let mut seen = Vec::new();
+        reg.for_each_conn([&UserId::from("a"), &UserId::from("b")], |c| {
+            seen.push(c.id)
+        });
+        assert_eq!(seen, [1, 2, 3]);
+        assert_eq!(reg.unregister(&a1), 1);
+        assert!(reg.is_online("a"));
+        assert_eq!(reg.unregister(&a2), 0);
+        assert!(!reg.is_online("a"));
+        assert!(reg.get(3).is_some() && reg.get(1).is_none());
+        assert_eq!(reg.connection_count(), 1);
+    }
+
+    #[test]
+    fn overflow_closes_only_the_slow_connection() {
+        let (slow, _keep_rx) = conn(1, "a", 2);
+        let (fast, mut fast_rx) = conn(2, "b", 2);
+        for _ in 0..2 {
+            assert_eq!(
+                slow.push(Outgoing::Frame(Bytes::from_static(b"x"))),
+                Push::Queued
+            );
+        }
+        assert_eq!(
+            slow.push(Outgoing::Frame(Bytes::from_static(b"x"))),
+            Push::Overflow
+        );
+        assert!(slow.is_closing());
+        assert_eq!(slow.close_reason(), Some(CloseReason::QueueOverflow));
+        assert_eq!(
+            slow.push(Outgoing::Frame(Bytes::from_static(b"x"))),
+            Push::Closed
+        );
+        for _ in 0..5 {
+            assert_eq!(
+                fast.push(Outgoing::Frame(Bytes::from_static(b"y"))),
+                Push::Queued
+            );
+            assert!(fast_rx.try_recv().is_ok());
+        }
+        assert!(!fast.is_closing());
+    }
+
+    #[test]
+    fn first_close_reason_wins_and_wakes_waiters() {
+        let (c, _rx) = conn(1, "a", 2);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let waiter = {
+                let c = c.clone();
+                tokio::spawn(async move { c.closed().await })
+            };
+            tokio::task::yield_now().await;
+            c.close(CloseReason::HeartbeatTimeout);
+            c.close(CloseReason::QueueOverflow);
+            waiter.await.unwrap();
+        });
+        assert_eq!(c.close_reason(), Some(CloseReason::HeartbeatTimeout));
+    }
+}

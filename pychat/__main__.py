@@ -1,0 +1,5 @@
+import sys
+
+from pychat.cli import main
+
+sys.exit(main())

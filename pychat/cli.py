@@ -1,0 +1,120 @@
+"""The `pychat` command: serve, and user and chat administration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import secrets
+import sys
+from typing import Any
+
+from pychat.auth import TokenIssuer, hash_password
+from pychat.config import load_config
+from pychat.errors import ApiError
+from pychat.ids import new_id, now_ms
+from pychat.server import Server
+from pychat.store import Chat, User
+from pychat.store.sqlite import SqliteStore
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML configuration file")
+    p.add_argument("--data-dir", help="where the database and media live")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pychat", description="pychat chat engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run a server node")
+    _common(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int, help="REST port")
+    serve.add_argument("--ws-port", type=int, help="WebSocket port")
+    user = sub.add_parser("user", help="user administration")
+    usub = user.add_subparsers(dest="user_command", required=True)
+    add = usub.add_parser("add", help="create a user and print a token for it")
+    _common(add)
+    add.add_argument("name")
+    add.add_argument("--password", help="default: asked for, or random with --random-password")
+    add.add_argument("--random-password", action="store_true")
+    add.add_argument("--display-name")
+    chat = sub.add_parser("chat", help="chat administration")
+    csub = chat.add_subparsers(dest="chat_command", required=True)
+    create = csub.add_parser("create", help="create a chat between users (by username)")
+    _common(create)
+    create.add_argument("--kind", choices=["direct", "group"], default="group")
+    create.add_argument("--title")
+    create.add_argument("members", nargs="+", help="usernames; the first one is the creator")
+    return parser
+
+
+def _print(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    overrides = {"data_dir": args.data_dir}
+    if args.command == "serve":
+        overrides |= {"host": args.host, "port": args.port, "ws_port": args.ws_port}
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except (OSError, ValueError) as e:
+        print(f"pychat: configuration error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "serve":
+        asyncio.run(Server(config).serve_forever())
+        return 0
+    # Admin commands write the same database; safe while a server runs (SQLite WAL, busy timeout).
+    store = SqliteStore(config.db_path, config.sqlite_synchronous)
+    try:
+        if args.command == "user":
+            password = args.password
+            if password is None:
+                password = (
+                    secrets.token_urlsafe(12) if args.random_password else getpass.getpass("password: ")
+                )
+            if len(password) < 8:
+                print("pychat: password must be at least 8 characters", file=sys.stderr)
+                return 2
+            user = User(new_id("u"), args.name, args.display_name, hash_password(password), now_ms())
+            store.create_user(user)
+            token, expires_at = TokenIssuer(config.secret_bytes(), config.token_ttl_s).issue(user.user_id)
+            out = user.public() | {"token": token, "expires_at": expires_at}
+            if args.password is None and args.random_password:
+                out["password"] = password
+            _print(out)
+            return 0
+        if args.command == "chat":
+            users = [store.user_by_name(n) for n in args.members]
+            if any(u is None for u in users):
+                missing = [n for n, u in zip(args.members, users, strict=True) if u is None]
+                print(f"pychat: no such user: {', '.join(missing)}", file=sys.stderr)
+                return 2
+            ids = [u.user_id for u in users if u is not None]
+            if args.kind == "direct" and len(set(ids)) != 2:
+                print("pychat: a direct chat has exactly two members", file=sys.stderr)
+                return 2
+            key = "|".join(sorted(ids)) if args.kind == "direct" else None
+            chat, _ = store.create_chat(
+                Chat(new_id("c"), args.kind, args.title, ids[0], now_ms(), 0, ids), key
+            )
+            _print(chat.to_json())
+            print("note: a running server learns of this chat on restart", file=sys.stderr)
+            return 0
+    except ApiError as e:
+        print(f"pychat: {e.code}: {e.message}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Server configuration: defaults, then a TOML file, then `PYCHAT_*` environment
+variables, then command-line flags (each overrides the one before)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Limits:
+    max_content_bytes: int = 64 * 1024
+    max_attachments: int = 10
+    max_frame_bytes: int = 256 * 1024
+    max_upload_bytes: int = 100 * 1024 * 1024
+    max_request_bytes: int = 1024 * 1024
+    max_group_members: int = 10_000
+    username_min: int = 3
+    username_max: int = 32
+    history_max: int = 200
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ws_port: int = 8081
+    # What clients are told to connect to (GET /api/config); derived from the request if empty.
+    public_ws_url: str = ""
+    data_dir: Path = Path("pychat-data")
+    # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
+    secret_key: str = ""
+    token_ttl_s: int = 7 * 24 * 3600
+    heartbeat_s: int = 25
+    # FULL: an acked message survives power loss too; NORMAL: survives a process kill only.
+    sqlite_synchronous: str = "FULL"
+    batch_max: int = 1024
+    queue_capacity: int = 4096
+    read_buffer_bytes: int = 4096
+    runtime_threads: int = 2
+    max_bad_frames: int = 20
+    log_level: str = "info"
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "pychat.db"
+
+    def secret_bytes(self) -> bytes:
+        """The token key: configured, or created once in the data dir (so tokens survive restarts)."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_urlsafe(48))
+            tmp.chmod(0o600)
+            os.replace(tmp, path)
+        return path.read_text().strip().encode()
+
+
+def _coerce(kind: Any, raw: Any, name: str) -> Any:
+    if kind in (int, "int"):
+        return int(raw)
+    if kind in (Path, "Path"):
+        return Path(raw)
+    if kind in (str, "str"):
+        return str(raw)
+    raise ValueError(f"cannot set {name}")
+
+
+def _apply(target: Any, values: dict[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    for key, raw in values.items():
+        f = fields.get(key)
+        if f is None:
+            raise ValueError(f"{where}: unknown setting {key!r}")
+        if key == "limits":
+            if not isinstance(raw, dict):
+                raise ValueError(f"{where}: [limits] must be a table")
+            _apply(target.limits, raw, f"{where} [limits]")
+            continue
+        try:
+            setattr(target, key, _coerce(f.type, raw, key))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bad value for {key!r}: {raw!r}") from e
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Builds the configuration. Environment: PYCHAT_<SETTING> and PYCHAT_LIMITS_<LIMIT>."""
+    config = Config()
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("PYCHAT_CONFIG")
+    if path:
+        with open(path, "rb") as f:
+            _apply(config, tomllib.load(f), str(path))
+    top = {f.name for f in dataclasses.fields(Config)} - {"limits"}
+    limit_names = {f.name for f in dataclasses.fields(Limits)}
+    from_env: dict[str, Any] = {}
+    limits_env: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith("PYCHAT_") or key == "PYCHAT_CONFIG":
+            continue
+        name = key[len("PYCHAT_") :].lower()
+        if name.startswith("limits_") and name[len("limits_") :] in limit_names:
+            limits_env[name[len("limits_") :]] = value
+        elif name in top:
+            from_env[name] = value
+    if limits_env:
+        from_env["limits"] = limits_env
+    _apply(config, from_env, "environment")
+    _apply(config, {k: v for k, v in (overrides or {}).items() if v is not None}, "arguments")
+    if config.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
+    return config

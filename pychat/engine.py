@@ -1,0 +1,167 @@
+"""The engine: the Python end of the gateway bridge.
+
+One thread blocks in `Gateway.next_batch` with the GIL released; each wake-up
+carries a whole batch of requests. The batch is stored in ONE transaction, then
+handed back to Rust, which acks and fans out. While this thread commits batch k,
+Rust gathers batch k+1, so under load batches grow (group commit).
+
+REST calls enter the same path with a ticket; their asyncio futures are
+resolved on the event loop when the batch completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+from pychat import _core
+from pychat.errors import ApiError
+from pychat.metrics import Metrics
+from pychat.store import EngineResult, PointerRequest, SendRequest, Store
+
+log = logging.getLogger("pychat.engine")
+
+# How long a REST caller waits for its batch before giving up with `unavailable`.
+TICKET_TIMEOUT_S = 30.0
+
+
+class Engine:
+    def __init__(self, gateway: _core.Gateway, store: Store, metrics: Metrics, batch_max: int = 1024) -> None:
+        self.gateway = gateway
+        self.store = store
+        self.metrics = metrics
+        self.batch_max = batch_max
+        self._tickets = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="pychat-engine", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            events = self.gateway.next_batch(self.batch_max, 250)
+            if events is None:
+                return  # gateway shut down
+            if not events:
+                continue
+            try:
+                results = self.process(events)
+            except Exception:
+                log.exception("engine batch failed")
+                results = [("error", "internal", "internal error")] * len(events)
+            tickets = self.gateway.complete_batch(results)
+            if tickets and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._resolve, tickets)
+
+    def process(self, events: list[tuple[Any, ...]]) -> list[EngineResult]:
+        """One result per event, in order. Sends and pointer moves share one transaction."""
+        self.metrics.batch_size.observe(len(events))
+        results: list[EngineResult | None] = [None] * len(events)
+        sends: list[tuple[int, SendRequest]] = []
+        pointers: list[tuple[int, PointerRequest]] = []
+        syncs: list[tuple[int, str, dict[str, int]]] = []
+        for i, ev in enumerate(events):
+            kind = ev[0]
+            if kind == "send":
+                sends.append((i, SendRequest(ev[1], ev[2], ev[3], ev[4], ev[5])))
+            elif kind in ("delivered", "read"):
+                pointers.append((i, PointerRequest(ev[1], ev[2], kind, ev[3])))
+            elif kind == "sync":
+                syncs.append((i, ev[1], dict(ev[2])))
+            else:
+                results[i] = ("error", "internal", f"unknown event {kind!r}")
+        if sends or pointers:
+            started = time.perf_counter()
+            try:
+                send_results, pointer_results = self.store.append_batch(
+                    [s for _, s in sends], [p for _, p in pointers]
+                )
+            except Exception:
+                log.exception("store batch failed; nothing of it was written")
+                self.metrics.errors.inc(kind="store_batch")
+                failed = ("error", "unavailable", "the store failed; retry")
+                send_results = [failed] * len(sends)
+                pointer_results = [failed] * len(pointers)
+            self.metrics.store_seconds.observe(time.perf_counter() - started)
+            stored = 0
+            for (i, _), r in zip(sends, send_results, strict=True):
+                results[i] = r
+                stored += r[0] == "stored" and not r[5]
+            for (i, _), r in zip(pointers, pointer_results, strict=True):
+                results[i] = r
+            if stored:
+                self.metrics.messages.inc(stored)
+        # Read after this batch's commit, so a backlog covers everything fanned out before it.
+        for i, user_id, since in syncs:
+            try:
+                backlog, chats = self.store.sync_backlog(user_id, since)
+                results[i] = ("synced", backlog, chats)
+            except Exception:
+                log.exception("sync failed")
+                results[i] = ("error", "unavailable", "sync failed; retry")
+        return [r if r is not None else ("error", "internal", "no result") for r in results]
+
+    def _resolve(self, tickets: list[tuple[int, tuple[Any, ...]]]) -> None:
+        for ticket, outcome in tickets:
+            fut = self._waiting.pop(ticket, None)
+            if fut is not None and not fut.done():
+                fut.set_result(outcome)
+
+    async def _wait(self, ticket: int, fut: asyncio.Future[tuple[Any, ...]]) -> tuple[Any, ...]:
+        try:
+            outcome = await asyncio.wait_for(fut, TICKET_TIMEOUT_S)
+        except TimeoutError:
+            raise ApiError("unavailable", "the engine did not answer in time; retry") from None
+        finally:
+            self._waiting.pop(ticket, None)
+        if outcome[0] == "error":
+            raise ApiError(outcome[1], outcome[2])
+        return outcome
+
+    def _new_ticket(self) -> tuple[int, asyncio.Future[tuple[Any, ...]]]:
+        assert self._loop is not None
+        ticket = next(self._tickets)
+        fut: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
+        self._waiting[ticket] = fut
+        return ticket, fut
+
+    async def send(
+        self, user_id: str, chat_id: str, client_msg_id: str, content: str, attachments: list[str]
+    ) -> dict[str, Any]:
+        """Sends through the gateway's sequencer and fan-out, exactly like a WebSocket `send`."""
+        ticket, fut = self._new_ticket()
+        try:
+            done = self.gateway.submit_send(ticket, user_id, chat_id, client_msg_id, content, attachments)
+        except _core.GatewayError as e:
+            self._waiting.pop(ticket, None)
+            raise ApiError(str(e.args[0]), str(e.args[1])) from None
+        if done is not None:
+            self._waiting.pop(ticket, None)
+            outcome: tuple[Any, ...] = done
+        else:
+            outcome = await self._wait(ticket, fut)
+        _, message_id, seq, created_at = outcome
+        return {"message_id": message_id, "chat_id": chat_id, "seq": seq, "created_at": created_at}
+
+    async def move_pointer(self, user_id: str, chat_id: str, kind: str, seq: int) -> tuple[int, int]:
+        """Moves a pointer up (never back); returns (delivered_seq, read_seq) after the move."""
+        ticket, fut = self._new_ticket()
+        try:
+            self.gateway.submit_pointer(ticket, user_id, chat_id, kind, seq)
+        except _core.GatewayError as e:
+            self._waiting.pop(ticket, None)
+            raise ApiError(str(e.args[0]), str(e.args[1])) from None
+        _, delivered, read = await self._wait(ticket, fut)
+        return delivered, read

@@ -1,0 +1,438 @@
+"""The REST API (PROTOCOL.md), as a plain ASGI app served by granian.
+
+Every route but the public ones requires `Authorization: Bearer TOKEN`; every
+chat, message and receipt read checks membership first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from pychat import __version__, _core
+from pychat.auth import DUMMY_HASH, USERNAME, TokenIssuer, hash_password, verify_password
+from pychat.config import Config
+from pychat.engine import Engine
+from pychat.errors import ApiError
+from pychat.ids import new_id, now_ms
+from pychat.metrics import Metrics
+from pychat.store import Chat, Store, User
+
+log = logging.getLogger("pychat.rest")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+    params: dict[str, str] = field(default_factory=dict)
+    user_id: str = ""
+
+    def json(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.body or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError("bad_request", "the body must be JSON") from None
+        if not isinstance(value, dict):
+            raise ApiError("bad_request", "the body must be a JSON object")
+        return value
+
+    def int_query(self, name: str, lo: int, hi: int, default: int | None = None) -> int | None:
+        raw = self.query.get(name)
+        if raw is None or raw == "":
+            return default
+        if not re.fullmatch(r"-?[0-9]{1,19}", raw):
+            raise ApiError("bad_request", f"`{name}` must be an integer")
+        value = int(raw)
+        if not lo <= value <= hi:
+            raise ApiError("bad_request", f"`{name}` must be between {lo} and {hi}")
+        return value
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+
+
+def ok(value: Any, status: int = 200) -> Response:
+    return Response(status, json.dumps(value, separators=(",", ":")).encode())
+
+
+def _string(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = 256) -> str | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise ApiError("bad_request", f"`{key}` is required")
+        return None
+    if not isinstance(value, str):
+        raise ApiError("bad_request", f"`{key}` must be a string")
+    if len(value.encode()) > max_len:
+        raise ApiError("too_large", f"`{key}` is longer than {max_len} bytes")
+    return value
+
+
+def _id_list(body: dict[str, Any], key: str, max_items: int) -> list[str]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and 0 < len(v) <= 128 for v in value):
+        raise ApiError("bad_request", f"`{key}` must be a list of ids")
+    if len(value) > max_items:
+        raise ApiError("too_large", f"`{key}` has more than {max_items} items")
+    return list(dict.fromkeys(value))
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class RestApi:
+    """The ASGI application."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        engine: Engine,
+        gateway: _core.Gateway,
+        issuer: TokenIssuer,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.engine = engine
+        self.gateway = gateway
+        self.issuer = issuer
+        self.metrics = metrics
+        # (method, pattern, handler, needs_auth, route label)
+        self.routes: list[tuple[str, re.Pattern[str], Handler, bool, str]] = []
+        r = self._route
+        r("POST", "/api/users", self.create_user, auth=False)
+        r("POST", "/api/auth/token", self.login, auth=False)
+        r("GET", "/api/config", self.get_config, auth=False)
+        r("GET", "/healthz", self.healthz, auth=False)
+        r("GET", "/metrics", self.get_metrics, auth=False)
+        r("POST", "/api/chats", self.create_chat)
+        r("GET", "/api/chats", self.list_chats)
+        r("GET", "/api/chats/{chat_id}", self.get_chat)
+        r("POST", "/api/chats/{chat_id}/members", self.add_member)
+        r("DELETE", "/api/chats/{chat_id}/members/{user_id}", self.remove_member)
+        r("POST", "/api/messages", self.post_message)
+        r("GET", "/api/chats/{chat_id}/messages", self.history)
+        r("POST", "/api/messages/{message_id}/read", self.mark_read)
+        r("GET", "/api/chats/{chat_id}/receipts", self.receipts)
+        for method, path in [
+            ("GET", "/api/search"),
+            ("POST", "/api/media"),
+            ("GET", "/api/media/{media_id}"),
+            ("GET", "/api/users/{user_id}/presence"),
+            ("GET", "/api/chats/{chat_id}/export"),
+        ]:
+            r(method, path, self.not_yet)
+
+    def _route(self, method: str, path: str, handler: Handler, auth: bool = True) -> None:
+        pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
+        self.routes.append((method, pattern, handler, auth, path))
+
+    # ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        route_label = "unmatched"
+        try:
+            response, route_label = await self._dispatch(scope, receive)
+        except ApiError as e:
+            response = Response(e.status, json.dumps(e.body()).encode())
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            self.metrics.errors.inc(kind="http_internal")
+            response = Response(500, json.dumps(ApiError("internal", "internal error").body()).encode())
+        headers = [(b"content-type", response.content_type.encode())]
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+        self.metrics.http_requests.inc(route=route_label, status=str(response.status))
+        self.metrics.http_seconds.observe(time.perf_counter() - started, route=route_label)
+
+    async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[Response, str]:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        allowed = False
+        for route_method, pattern, handler, auth, label in self.routes:
+            m = pattern.match(path)
+            if m is None:
+                continue
+            allowed = True
+            if route_method != method:
+                continue
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            req = Request(
+                method=method,
+                path=path,
+                query=dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))),
+                headers=headers,
+                body=b"",
+                params=m.groupdict(),
+            )
+            if auth:
+                req.user_id = self._authenticate(headers)
+            req.body = await self._read_body(receive)
+            return await handler(req), label
+        if allowed:
+            raise ApiError("bad_request", f"method {method} is not allowed here", status=405)
+        raise ApiError("not_found", "no such endpoint")
+
+    def _authenticate(self, headers: dict[str, str]) -> str:
+        value = headers.get("authorization", "")
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError("unauthorized", "missing bearer token")
+        return self.issuer.user_of(token.strip())
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self.config.limits.max_request_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError("bad_request", "client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ApiError("too_large", f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    # helpers
+
+    def _member_chat(self, chat_id: str, user_id: str) -> Chat:
+        chat = self.store.get_chat(chat_id)
+        if chat is None:
+            raise ApiError("not_found", "no such chat")
+        if user_id not in chat.members:
+            raise ApiError("forbidden", "not a member of this chat")
+        return chat
+
+    def _publish_chat(self, chat: Chat, also: list[str] | None = None) -> None:
+        """Updates the gateway's membership cache, then tells the members."""
+        self.gateway.set_chat_members(chat.chat_id, chat.members)
+        frame = json.dumps({"type": "chat", "chat": chat.to_json()}, separators=(",", ":"))
+        self.gateway.push_to_users([*chat.members, *(also or [])], frame)
+
+    # handlers
+
+    async def create_user(self, req: Request) -> Response:
+        body = req.json()
+        username = _string(body, "username", max_len=64)
+        password = _string(body, "password", max_len=1024)
+        display_name = _string(body, "display_name", required=False, max_len=128)
+        assert username is not None and password is not None
+        lim = self.config.limits
+        if not (lim.username_min <= len(username) <= lim.username_max and USERNAME.fullmatch(username)):
+            raise ApiError(
+                "bad_request",
+                f"username must be {lim.username_min} to {lim.username_max} characters of [A-Za-z0-9_.-]",
+            )
+        if len(password) < 8:
+            raise ApiError("bad_request", "password must be at least 8 characters")
+        if self.store.user_by_name(username) is not None:
+            raise ApiError("conflict", "username is taken")
+        password_hash = await asyncio.to_thread(hash_password, password)
+        user = User(new_id("u"), username, display_name, password_hash, now_ms())
+        self.store.create_user(user)
+        return ok(user.public(), 201)
+
+    async def login(self, req: Request) -> Response:
+        body = req.json()
+        username = _string(body, "username", max_len=64)
+        password = _string(body, "password", max_len=1024)
+        assert username is not None and password is not None
+        user = self.store.user_by_name(username)
+        stored_hash = user.password_hash if user else DUMMY_HASH
+        valid = await asyncio.to_thread(verify_password, password, stored_hash)
+        if user is None or not valid:
+            raise ApiError("unauthorized", "wrong username or password")
+        token, expires_at = self.issuer.issue(user.user_id)
+        return ok({"token": token, "user_id": user.user_id, "expires_at": expires_at})
+
+    async def get_config(self, req: Request) -> Response:
+        ws_url = self.config.public_ws_url
+        if not ws_url:
+            host = self.config.host
+            if host in ("0.0.0.0", "::", ""):
+                host = req.headers.get("host", "127.0.0.1").rsplit(":", 1)[0] or "127.0.0.1"
+            ws_url = f"ws://{host}:{self.gateway.port}/ws"
+        lim = self.config.limits
+        return ok(
+            {
+                "ws_url": ws_url,
+                "version": __version__,
+                "limits": {
+                    "max_content_bytes": lim.max_content_bytes,
+                    "max_attachments": lim.max_attachments,
+                    "max_frame_bytes": lim.max_frame_bytes,
+                    "max_upload_bytes": lim.max_upload_bytes,
+                    "max_group_members": lim.max_group_members,
+                    "history_max": lim.history_max,
+                    "username_min": lim.username_min,
+                    "username_max": lim.username_max,
+                },
+            }
+        )
+
+    async def healthz(self, req: Request) -> Response:
+        try:
+            store_ok = self.store.ping()
+        except Exception:
+            store_ok = False
+        if not store_ok:
+            raise ApiError("unavailable", "the store is not answering")
+        return ok({"status": "ok"})
+
+    async def get_metrics(self, req: Request) -> Response:
+        text = self.metrics.render(self.gateway.counters(), self.gateway.connection_count())
+        return Response(200, text.encode(), "text/plain; version=0.0.4")
+
+    async def create_chat(self, req: Request) -> Response:
+        body = req.json()
+        kind = body.get("kind")
+        lim = self.config.limits
+        members = _id_list(body, "members", lim.max_group_members)
+        if kind == "direct":
+            others = [m for m in members if m != req.user_id]
+            if len(others) != 1 or len(members) != 1:
+                raise ApiError("bad_request", "a direct chat has exactly one other member")
+            members = [req.user_id, others[0]]
+            title = None
+        elif kind == "group":
+            title = _string(body, "title", required=False, max_len=256)
+            members = [req.user_id, *[m for m in members if m != req.user_id]]
+            if len(members) > lim.max_group_members:
+                raise ApiError("too_large", f"a group has at most {lim.max_group_members} members")
+        else:
+            raise ApiError("bad_request", '`kind` must be "direct" or "group"')
+        missing = set(members) - self.store.existing_users(members)
+        if missing:
+            raise ApiError("not_found", f"no such user: {sorted(missing)[0]}")
+        direct_key = "|".join(sorted(members)) if kind == "direct" else None
+        chat = Chat(new_id("c"), kind, title, req.user_id, now_ms(), 0, members)
+        chat, created = self.store.create_chat(chat, direct_key)
+        if created:
+            self._publish_chat(chat)
+        return ok(chat.to_json(), 201 if created else 200)
+
+    async def list_chats(self, req: Request) -> Response:
+        return ok({"chats": self.store.list_chats(req.user_id)})
+
+    async def get_chat(self, req: Request) -> Response:
+        return ok(self._member_chat(req.params["chat_id"], req.user_id).to_json())
+
+    async def add_member(self, req: Request) -> Response:
+        chat = self._member_chat(req.params["chat_id"], req.user_id)
+        body = req.json()
+        user_id = _string(body, "user_id", max_len=128)
+        assert user_id is not None
+        if chat.kind != "group":
+            raise ApiError("bad_request", "members can be added to group chats only")
+        if user_id in chat.members:
+            return ok(chat.to_json())
+        if len(chat.members) >= self.config.limits.max_group_members:
+            raise ApiError("too_large", "the group is full")
+        if not self.store.existing_users([user_id]):
+            raise ApiError("not_found", "no such user")
+        self.store.add_member(chat.chat_id, user_id)
+        updated = self.store.get_chat(chat.chat_id)
+        assert updated is not None
+        self._publish_chat(updated)
+        return ok(updated.to_json())
+
+    async def remove_member(self, req: Request) -> Response:
+        chat = self._member_chat(req.params["chat_id"], req.user_id)
+        target = req.params["user_id"]
+        if target != req.user_id and req.user_id != chat.created_by:
+            raise ApiError("forbidden", "only the group's creator may remove others")
+        if chat.kind != "group" and target != req.user_id:
+            raise ApiError("bad_request", "members can be removed from group chats only")
+        if target not in chat.members:
+            raise ApiError("not_found", "not a member of this chat")
+        self.store.remove_member(chat.chat_id, target)
+        updated = self.store.get_chat(chat.chat_id)
+        assert updated is not None
+        self._publish_chat(updated, also=[target])
+        return Response(204)
+
+    async def post_message(self, req: Request) -> Response:
+        body = req.json()
+        lim = self.config.limits
+        chat_id = _string(body, "chat_id", max_len=128)
+        content = body.get("content", "")
+        if not isinstance(content, str):
+            raise ApiError("bad_request", "`content` must be a string")
+        if len(content.encode()) > lim.max_content_bytes:
+            raise ApiError("too_large", f"`content` is larger than {lim.max_content_bytes} bytes")
+        client_msg_id = _string(body, "client_msg_id", required=False, max_len=128)
+        if client_msg_id == "":
+            raise ApiError("bad_request", "`client_msg_id` must not be empty")
+        attachments = _id_list(body, "attachments", lim.max_attachments)
+        if not content and not attachments:
+            raise ApiError("bad_request", "a message needs `content` or `attachments`")
+        assert chat_id is not None
+        ack = await self.engine.send(
+            req.user_id, chat_id, client_msg_id or f"rest-{uuid.uuid4().hex}", content, attachments
+        )
+        return ok(ack, 201)
+
+    async def history(self, req: Request) -> Response:
+        chat = self._member_chat(req.params["chat_id"], req.user_id)
+        big = 2**62
+        before = req.int_query("before", 0, big)
+        after = req.int_query("after", 0, big)
+        limit = req.int_query("limit", 1, self.config.limits.history_max, default=50)
+        assert limit is not None
+        messages, has_more = self.store.history(chat.chat_id, before, after, limit)
+        return ok({"messages": messages, "has_more": has_more})
+
+    async def mark_read(self, req: Request) -> Response:
+        message = self.store.message_by_id(req.params["message_id"])
+        if message is None:
+            raise ApiError("not_found", "no such message")
+        self._member_chat(message["chat_id"], req.user_id)
+        _, read = await self.engine.move_pointer(req.user_id, message["chat_id"], "read", message["seq"])
+        return ok({"chat_id": message["chat_id"], "seq": read})
+
+    async def receipts(self, req: Request) -> Response:
+        chat = self._member_chat(req.params["chat_id"], req.user_id)
+        seq = req.int_query("seq", 1, 2**62)
+        if seq is None:
+            raise ApiError("bad_request", "`seq` is required")
+        delivered, read = self.store.receipts(chat.chat_id, seq)
+        return ok({"delivered": delivered, "read": read})
+
+    async def not_yet(self, req: Request) -> Response:
+        raise ApiError("unavailable", f"{req.path} is not available in this version yet")

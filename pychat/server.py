@@ -1,0 +1,119 @@
+"""`pychat.Server`: one node, wiring store, gateway, engine and REST together.
+
+Threads: the gateway's tokio runtime (sockets, fan-out); the engine thread
+(store batches); the asyncio loop (REST through granian's embedded server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import time
+
+from pychat import _core
+from pychat.auth import TokenIssuer
+from pychat.config import Config
+from pychat.engine import Engine
+from pychat.metrics import Metrics
+from pychat.rest import RestApi
+from pychat.store.sqlite import SqliteStore
+
+log = logging.getLogger("pychat")
+
+
+class Server:
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.metrics = Metrics()
+        self._http: object | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.config.host}:{self.gateway.port}/ws"
+
+    async def start(self) -> None:
+        """Opens the store, starts the gateway and engine, then serves REST; returns once all accept."""
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = SqliteStore(cfg.db_path, cfg.sqlite_synchronous)
+        secret = cfg.secret_bytes()
+        lim = cfg.limits
+        self.gateway = _core.Gateway(
+            host=cfg.host,
+            port=cfg.ws_port,
+            secret=secret,
+            heartbeat_s=cfg.heartbeat_s,
+            queue_capacity=cfg.queue_capacity,
+            read_buffer_bytes=cfg.read_buffer_bytes,
+            runtime_threads=cfg.runtime_threads,
+            max_bad_frames=cfg.max_bad_frames,
+            max_frame_bytes=lim.max_frame_bytes,
+            max_content_bytes=lim.max_content_bytes,
+            max_attachments=lim.max_attachments,
+        )
+        for chat_id, members in self.store.all_memberships():
+            self.gateway.set_chat_members(chat_id, members)
+        self.engine = Engine(self.gateway, self.store, self.metrics, cfg.batch_max)
+        self.engine.start(asyncio.get_running_loop())
+        self.api = RestApi(
+            cfg, self.store, self.engine, self.gateway, TokenIssuer(secret, cfg.token_ttl_s), self.metrics
+        )
+        from granian.constants import Interfaces
+        from granian.server.embed import Server as EmbeddedServer
+
+        http = EmbeddedServer(
+            self.api,
+            address=cfg.host,
+            port=cfg.port,
+            interface=Interfaces.ASGI,
+            websockets=False,
+            log_enabled=cfg.log_level == "debug",
+        )
+        self._http = http
+        self._http_task = asyncio.create_task(http.serve())
+        await self._wait_listening(cfg.host, cfg.port)
+
+    async def _wait_listening(self, host: str, port: int, wait_s: float = 15.0) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._http_task is not None and self._http_task.done():
+                self._http_task.result()  # raises what stopped it
+                raise RuntimeError("the HTTP server stopped while starting")
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP server did not listen on {host}:{port}")
+            await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            self._http.stop()  # type: ignore[attr-defined]
+        if self._http_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._http_task, 10)
+        self.gateway.shutdown()
+        await asyncio.to_thread(self.engine.join)
+        self.store.close()
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        """Starts, prints where it listens, and runs until SIGINT or SIGTERM."""
+        await self.start()
+        print(f"pychat {self.config.data_dir.resolve()}", flush=True)
+        print(f"  REST       {self.http_url}/api   (health: {self.http_url}/healthz)", flush=True)
+        print(f"  WebSocket  {self.ws_url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()

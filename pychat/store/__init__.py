@@ -1,0 +1,114 @@
+"""The `Store` seam: everything pychat keeps durably, behind one protocol.
+
+Implementations: `pychat.store.sqlite.SqliteStore` (embedded default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    user_id: str
+    username: str
+    display_name: str | None
+    password_hash: str
+    created_at: int
+
+    def public(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "username": self.username, "display_name": self.display_name}
+
+
+@dataclass(slots=True)
+class Chat:
+    chat_id: str
+    kind: str
+    title: str | None
+    created_by: str
+    created_at: int
+    last_seq: int
+    members: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "chat_id": self.chat_id,
+            "kind": self.kind,
+            "title": self.title,
+            "members": list(self.members),
+            "created_at": self.created_at,
+            "last_seq": self.last_seq,
+            "created_by": self.created_by,
+        }
+
+
+class SendRequest(NamedTuple):
+    sender_id: str
+    chat_id: str
+    client_msg_id: str
+    content: str
+    attachments: list[str]
+
+
+class PointerRequest(NamedTuple):
+    user_id: str
+    chat_id: str
+    kind: str  # "delivered" | "read"
+    seq: int
+
+
+# Results handed to the gateway, one per request (see pychat/_core.pyi):
+#   ("stored", message_id, seq, created_at, attachments_json, duplicate)
+#   ("pointer", delivered_seq, read_seq, moved_delivered, moved_read)
+#   ("synced", backlog_rows, [(chat_id, last_seq), ...])
+#   ("error", code, message)
+EngineResult = tuple[Any, ...]
+# (chat_id, seq, message_id, sender_id, content, attachments_json, created_at, client_msg_id)
+BacklogRow = tuple[str, int, str, str, str, str, int, str | None]
+
+
+class Store(Protocol):
+    """Durable state. `append_batch` is the only writer of messages and chat
+    sequence numbers; it is called from one engine thread at a time."""
+
+    def close(self) -> None: ...
+    def ping(self) -> bool: ...
+
+    # users
+    def create_user(self, user: User) -> None:
+        """Raises ApiError(conflict) if the username is taken (case-insensitively)."""
+
+    def user_by_name(self, username: str) -> User | None: ...
+    def user_by_id(self, user_id: str) -> User | None: ...
+    def existing_users(self, user_ids: list[str]) -> set[str]: ...
+
+    # chats
+    def create_chat(self, chat: Chat, direct_key: str | None) -> tuple[Chat, bool]:
+        """Stores the chat and its members; for a direct chat whose key exists,
+        returns the existing one and False."""
+
+    def get_chat(self, chat_id: str) -> Chat | None: ...
+    def list_chats(self, user_id: str) -> list[dict[str, Any]]: ...
+    def add_member(self, chat_id: str, user_id: str) -> bool: ...
+    def remove_member(self, chat_id: str, user_id: str) -> bool: ...
+    def is_member(self, chat_id: str, user_id: str) -> bool: ...
+    def all_memberships(self) -> list[tuple[str, list[str]]]: ...
+
+    # messages
+    def append_batch(
+        self, sends: list[SendRequest], pointers: list[PointerRequest]
+    ) -> tuple[list[EngineResult], list[EngineResult]]:
+        """Stores every send and moves every pointer in ONE transaction; on any
+        store failure nothing of the batch is written and the exception propagates."""
+
+    def sync_backlog(
+        self, user_id: str, since: dict[str, int]
+    ) -> tuple[list[BacklogRow], list[tuple[str, int]]]: ...
+
+    def history(
+        self, chat_id: str, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]: ...
+
+    def message_by_id(self, message_id: str) -> dict[str, Any] | None: ...
+    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]: ...

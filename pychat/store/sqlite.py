@@ -1,0 +1,468 @@
+"""The embedded SQLite store: one file, WAL, one connection per thread.
+
+Durability: `synchronous=FULL` by default, so a COMMIT returns only after the
+WAL is fsynced; the engine acks only after COMMIT returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from pychat.errors import ApiError
+from pychat.ids import new_id, now_ms
+from pychat.store import BacklogRow, Chat, EngineResult, PointerRequest, SendRequest, User
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    user_id TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    username_key TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    display_name TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS chats (
+    chat_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('direct', 'group')),
+    title TEXT,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    last_activity INTEGER NOT NULL,
+    direct_key TEXT UNIQUE
+);
+CREATE TABLE IF NOT EXISTS user_chats (
+    user_id TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    delivered_seq INTEGER NOT NULL DEFAULT 0,
+    read_seq INTEGER NOT NULL DEFAULT 0,
+    joined_at INTEGER NOT NULL,
+    PRIMARY KEY (user_id, chat_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS user_chats_by_chat ON user_chats (chat_id, user_id);
+CREATE TABLE IF NOT EXISTS messages (
+    chat_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    message_id TEXT NOT NULL UNIQUE,
+    sender_id TEXT NOT NULL,
+    content TEXT NOT NULL,
+    attachments TEXT NOT NULL DEFAULT '[]',
+    created_at INTEGER NOT NULL,
+    client_msg_id TEXT NOT NULL,
+    PRIMARY KEY (chat_id, seq)
+);
+-- Idempotency across restarts: one message per (chat, sender, client_msg_id).
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (chat_id, sender_id, client_msg_id);
+CREATE TABLE IF NOT EXISTS media (
+    media_id TEXT PRIMARY KEY,
+    uploader_id TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    thumbnail_media_id TEXT
+);
+"""
+
+_MESSAGE_COLUMNS = "chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id"
+
+
+def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
+    chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id = row
+    return {
+        "message_id": message_id,
+        "chat_id": chat_id,
+        "seq": seq,
+        "sender_id": sender_id,
+        "content": content,
+        "attachments": json.loads(attachments),
+        "created_at": created_at,
+        "client_msg_id": client_msg_id,
+    }
+
+
+class SqliteStore:
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous.upper()
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        conn = self._conn()
+        with conn:
+            conn.executescript(SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self._synchronous}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._local.conn = conn
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def _write(self) -> _WriteTxn:
+        return _WriteTxn(self._conn())
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def ping(self) -> bool:
+        return bool(self._conn().execute("SELECT 1").fetchone() == (1,))
+
+    # users
+
+    def create_user(self, user: User) -> None:
+        try:
+            with self._write() as c:
+                c.execute(
+                    "INSERT INTO users (user_id, username, username_key, password_hash, display_name, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        user.user_id,
+                        user.username,
+                        user.username.lower(),
+                        user.password_hash,
+                        user.display_name,
+                        user.created_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise ApiError("conflict", "username is taken") from None
+
+    def _user(self, where: str, value: str) -> User | None:
+        row = (
+            self._conn()
+            .execute(
+                f"SELECT user_id, username, display_name, password_hash, created_at FROM users WHERE {where} = ?",
+                (value,),
+            )
+            .fetchone()
+        )
+        return User(*row) if row else None
+
+    def user_by_name(self, username: str) -> User | None:
+        return self._user("username_key", username.lower())
+
+    def user_by_id(self, user_id: str) -> User | None:
+        return self._user("user_id", user_id)
+
+    def existing_users(self, user_ids: list[str]) -> set[str]:
+        if not user_ids:
+            return set()
+        marks = ",".join("?" * len(user_ids))
+        rows = self._conn().execute(f"SELECT user_id FROM users WHERE user_id IN ({marks})", user_ids)
+        return {r[0] for r in rows}
+
+    # chats
+
+    def _members(self, c: sqlite3.Connection, chat_id: str) -> list[str]:
+        rows = c.execute(
+            "SELECT user_id FROM user_chats WHERE chat_id = ? ORDER BY joined_at, user_id", (chat_id,)
+        )
+        return [r[0] for r in rows]
+
+    def create_chat(self, chat: Chat, direct_key: str | None) -> tuple[Chat, bool]:
+        with self._write() as c:
+            if direct_key is not None:
+                row = c.execute("SELECT chat_id FROM chats WHERE direct_key = ?", (direct_key,)).fetchone()
+                if row:
+                    existing = self._get_chat(c, row[0])
+                    assert existing is not None
+                    return existing, False
+            c.execute(
+                "INSERT INTO chats (chat_id, kind, title, created_by, created_at, last_seq, last_activity,"
+                " direct_key) VALUES (?, ?, ?, ?, ?, 0, ?, ?)",
+                (
+                    chat.chat_id,
+                    chat.kind,
+                    chat.title,
+                    chat.created_by,
+                    chat.created_at,
+                    chat.created_at,
+                    direct_key,
+                ),
+            )
+            c.executemany(
+                "INSERT INTO user_chats (user_id, chat_id, joined_at) VALUES (?, ?, ?)",
+                [(m, chat.chat_id, chat.created_at) for m in chat.members],
+            )
+        return chat, True
+
+    def _get_chat(self, c: sqlite3.Connection, chat_id: str) -> Chat | None:
+        row = c.execute(
+            "SELECT chat_id, kind, title, created_by, created_at, last_seq FROM chats WHERE chat_id = ?",
+            (chat_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        chat_id, kind, title, created_by, created_at, last_seq = row
+        return Chat(chat_id, kind, title, created_by, created_at, last_seq, self._members(c, chat_id))
+
+    def get_chat(self, chat_id: str) -> Chat | None:
+        return self._get_chat(self._conn(), chat_id)
+
+    def list_chats(self, user_id: str) -> list[dict[str, Any]]:
+        c = self._conn()
+        rows = c.execute(
+            "SELECT c.chat_id, c.kind, c.title, c.created_by, c.created_at, c.last_seq, uc.read_seq"
+            " FROM user_chats uc JOIN chats c ON c.chat_id = uc.chat_id"
+            " WHERE uc.user_id = ? ORDER BY c.last_activity DESC, c.chat_id",
+            (user_id,),
+        ).fetchall()
+        out = []
+        for chat_id, kind, title, created_by, created_at, last_seq, read_seq in rows:
+            chat = Chat(chat_id, kind, title, created_by, created_at, last_seq, self._members(c, chat_id))
+            item = chat.to_json()
+            last = c.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq = ?", (chat_id, last_seq)
+            ).fetchone()
+            item["last_message"] = _message_json(last) if last else None
+            (unread,) = c.execute(
+                "SELECT COUNT(*) FROM messages WHERE chat_id = ? AND seq > ? AND sender_id != ?",
+                (chat_id, read_seq, user_id),
+            ).fetchone()
+            item["unread"] = unread
+            out.append(item)
+        return out
+
+    def add_member(self, chat_id: str, user_id: str) -> bool:
+        with self._write() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO user_chats (user_id, chat_id, joined_at) VALUES (?, ?, ?)",
+                (user_id, chat_id, now_ms()),
+            )
+            return cur.rowcount == 1
+
+    def remove_member(self, chat_id: str, user_id: str) -> bool:
+        with self._write() as c:
+            cur = c.execute("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?", (user_id, chat_id))
+            return cur.rowcount == 1
+
+    def is_member(self, chat_id: str, user_id: str) -> bool:
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM user_chats WHERE user_id = ? AND chat_id = ?", (user_id, chat_id))
+            .fetchone()
+        )
+        return row is not None
+
+    def all_memberships(self) -> list[tuple[str, list[str]]]:
+        members: dict[str, list[str]] = {}
+        for chat_id, user_id in self._conn().execute(
+            "SELECT c.chat_id, uc.user_id FROM chats c LEFT JOIN user_chats uc ON uc.chat_id = c.chat_id"
+            " ORDER BY c.chat_id, uc.joined_at"
+        ):
+            lst = members.setdefault(chat_id, [])
+            if user_id is not None:
+                lst.append(user_id)
+        return list(members.items())
+
+    # messages
+
+    def append_batch(
+        self, sends: list[SendRequest], pointers: list[PointerRequest]
+    ) -> tuple[list[EngineResult], list[EngineResult]]:
+        send_results: list[EngineResult] = []
+        pointer_results: list[EngineResult] = []
+        with self._write() as c:
+            last_seq: dict[str, int] = {}
+            touched: dict[str, int] = {}
+
+            def chat_last(chat_id: str) -> int | None:
+                if chat_id not in last_seq:
+                    row = c.execute("SELECT last_seq FROM chats WHERE chat_id = ?", (chat_id,)).fetchone()
+                    if row is None:
+                        return None
+                    last_seq[chat_id] = row[0]
+                return last_seq[chat_id]
+
+            for s in sends:
+                dup = c.execute(
+                    "SELECT message_id, seq, created_at, attachments FROM messages"
+                    " WHERE chat_id = ? AND sender_id = ? AND client_msg_id = ?",
+                    (s.chat_id, s.sender_id, s.client_msg_id),
+                ).fetchone()
+                if dup:
+                    send_results.append(("stored", dup[0], dup[1], dup[2], dup[3], True))
+                    continue
+                last = chat_last(s.chat_id)
+                if last is None:
+                    send_results.append(("error", "not_found", "no such chat"))
+                    continue
+                attachments, error = self._resolve_attachments(c, s)
+                if error:
+                    send_results.append(error)
+                    continue
+                seq = last + 1
+                created_at = now_ms()
+                message_id = new_id("m")
+                c.execute(
+                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        s.chat_id,
+                        seq,
+                        message_id,
+                        s.sender_id,
+                        s.content,
+                        attachments,
+                        created_at,
+                        s.client_msg_id,
+                    ),
+                )
+                last_seq[s.chat_id] = seq
+                touched[s.chat_id] = created_at
+                send_results.append(("stored", message_id, seq, created_at, attachments, False))
+            c.executemany(
+                "UPDATE chats SET last_seq = ?, last_activity = ? WHERE chat_id = ?",
+                [(last_seq[chat], at, chat) for chat, at in touched.items()],
+            )
+            for p in pointers:
+                pointer_results.append(self._move_pointer(c, p, chat_last(p.chat_id)))
+        return send_results, pointer_results
+
+    def _resolve_attachments(self, c: sqlite3.Connection, s: SendRequest) -> tuple[str, EngineResult | None]:
+        if not s.attachments:
+            return "[]", None
+        items = []
+        for media_id in s.attachments:
+            row = c.execute(
+                "SELECT media_id, content_type, size, thumbnail_media_id FROM media WHERE media_id = ?",
+                (media_id,),
+            ).fetchone()
+            if row is None:
+                return "", ("error", "not_found", f"no such media: {media_id}")
+            item: dict[str, Any] = {
+                "media_id": row[0],
+                "content_type": row[1],
+                "size": row[2],
+                "url": f"/api/media/{row[0]}",
+            }
+            if row[3]:
+                item["thumbnail_url"] = f"/api/media/{row[3]}"
+            items.append(item)
+        return json.dumps(items, separators=(",", ":")), None
+
+    def _move_pointer(self, c: sqlite3.Connection, p: PointerRequest, last: int | None) -> EngineResult:
+        row = c.execute(
+            "SELECT delivered_seq, read_seq FROM user_chats WHERE user_id = ? AND chat_id = ?",
+            (p.user_id, p.chat_id),
+        ).fetchone()
+        if row is None or last is None:
+            return ("error", "forbidden", "not a member of this chat")
+        if p.seq > last:
+            return ("error", "bad_request", f"seq {p.seq} is beyond the chat's last message ({last})")
+        delivered, read = row
+        new_delivered = max(delivered, p.seq)
+        new_read = max(read, p.seq) if p.kind == "read" else read
+        moved_d, moved_r = new_delivered != delivered, new_read != read
+        if moved_d or moved_r:
+            c.execute(
+                "UPDATE user_chats SET delivered_seq = ?, read_seq = ? WHERE user_id = ? AND chat_id = ?",
+                (new_delivered, new_read, p.user_id, p.chat_id),
+            )
+        return ("pointer", new_delivered, new_read, moved_d, moved_r)
+
+    def sync_backlog(
+        self, user_id: str, since: dict[str, int]
+    ) -> tuple[list[BacklogRow], list[tuple[str, int]]]:
+        c = self._conn()
+        c.execute("BEGIN")  # one snapshot for the pointers and the messages
+        try:
+            chats = c.execute(
+                "SELECT uc.chat_id, uc.read_seq, c.last_seq FROM user_chats uc"
+                " JOIN chats c ON c.chat_id = uc.chat_id WHERE uc.user_id = ?",
+                (user_id,),
+            ).fetchall()
+            backlog: list[BacklogRow] = []
+            for chat_id, read_seq, last in chats:
+                cursor = since.get(chat_id, read_seq)
+                if last <= cursor:
+                    continue  # only chats with something new cost a query
+                backlog.extend(
+                    c.execute(
+                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq > ? ORDER BY seq",
+                        (chat_id, cursor),
+                    ).fetchall()
+                )
+        finally:
+            c.execute("COMMIT")
+        return backlog, [(chat_id, last) for chat_id, _, last in chats]
+
+    def history(
+        self, chat_id: str, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        c = self._conn()
+        lo = after if after is not None else 0
+        if after is not None and before is None:
+            rows = c.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (chat_id, lo, limit + 1),
+            ).fetchall()
+            has_more = len(rows) > limit
+            rows = rows[:limit]
+        else:
+            hi = before if before is not None else 2**62
+            rows = c.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq < ? AND seq > ?"
+                " ORDER BY seq DESC LIMIT ?",
+                (chat_id, hi, lo, limit + 1),
+            ).fetchall()
+            has_more = len(rows) > limit
+            rows = rows[:limit][::-1]
+        return [_message_json(r) for r in rows], has_more
+
+    def message_by_id(self, message_id: str) -> dict[str, Any] | None:
+        row = (
+            self._conn()
+            .execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ?", (message_id,))
+            .fetchone()
+        )
+        return _message_json(row) if row else None
+
+    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT user_id, delivered_seq, read_seq FROM user_chats WHERE chat_id = ? ORDER BY user_id",
+                (chat_id,),
+            )
+            .fetchall()
+        )
+        return [u for u, d, _ in rows if d >= seq], [u for u, _, r in rows if r >= seq]
+
+
+class _WriteTxn:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.conn.execute("BEGIN IMMEDIATE")
+        return self.conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.conn.execute("COMMIT")
+        else:
+            self.conn.execute("ROLLBACK")
