@@ -1,0 +1,358 @@
+"""The async Python client SDK (what the tests, bots and plugins use).
+
+    client = await ChatClient.login("http://127.0.0.1:8080", "alice", "secret123")
+    await client.connect()
+    ack = await client.send(chat_id, "hello")
+    async for event in client.events():
+        ...
+
+Guarantees it adds on top of PROTOCOL.md:
+- every `send` gets a `client_msg_id`; unacked sends are re-sent after a
+  reconnect with the same id, so the server stores each at most once;
+- `msg` events are de-duplicated by (chat_id, seq), also across reconnects, and
+  local cursors (highest gap-free seq per chat) drive `sync`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+
+class ChatError(Exception):
+    """An error answer from the server: `code` is one of PROTOCOL.md's codes."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.status = status
+
+
+@dataclass
+class _ChatCursor:
+    """Highest seq with no gap below it, plus seqs seen above it."""
+
+    contiguous: int = 0
+    above: set[int] = field(default_factory=set)
+
+    def see(self, seq: int) -> bool:
+        """Records seq; False if it was seen before."""
+        if seq <= self.contiguous or seq in self.above:
+            return False
+        self.above.add(seq)
+        while self.contiguous + 1 in self.above:
+            self.contiguous += 1
+            self.above.discard(self.contiguous)
+        return True
+
+
+class ChatClient:
+    def __init__(self, base_url: str, token: str, user_id: str, *, auto_reconnect: bool = True) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.user_id = user_id
+        self.auto_reconnect = auto_reconnect
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0
+        )
+        self.cursors: dict[str, _ChatCursor] = {}
+        self.session_id: str | None = None
+        self._ws: ClientConnection | None = None
+        self._ws_url: str | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._unacked: dict[str, tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = {}
+        self._sync_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._connected = asyncio.Event()
+        self._closing = False
+        # Frames to write, in order; one writer task drains it.
+        self._outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+
+    # accounts
+
+    @staticmethod
+    async def register(
+        base_url: str, username: str, password: str, display_name: str | None = None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"username": username, "password": password}
+        if display_name is not None:
+            body["display_name"] = display_name
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            user: dict[str, Any] = _answer(await http.post("/api/users", json=body))
+        return user
+
+    @classmethod
+    async def login(cls, base_url: str, username: str, password: str, **kwargs: Any) -> ChatClient:
+        async with httpx.AsyncClient(base_url=base_url) as http:
+            got = _answer(
+                await http.post("/api/auth/token", json={"username": username, "password": password})
+            )
+        return cls(base_url, got["token"], got["user_id"], **kwargs)
+
+    # REST
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return _answer(await self.http.request(method, path, **kwargs))
+
+    async def create_direct(self, other_user_id: str) -> dict[str, Any]:
+        return await self.request("POST", "/api/chats", json={"kind": "direct", "members": [other_user_id]})  # type: ignore[no-any-return]
+
+    async def create_group(self, title: str, members: list[str]) -> dict[str, Any]:
+        body = {"kind": "group", "title": title, "members": members}
+        return await self.request("POST", "/api/chats", json=body)  # type: ignore[no-any-return]
+
+    async def list_chats(self) -> list[dict[str, Any]]:
+        return (await self.request("GET", "/api/chats"))["chats"]  # type: ignore[no-any-return]
+
+    async def history(
+        self, chat_id: str, *, before: int | None = None, after: int | None = None, limit: int | None = None
+    ) -> dict[str, Any]:
+        params = {
+            k: v for k, v in {"before": before, "after": after, "limit": limit}.items() if v is not None
+        }
+        return await self.request("GET", f"/api/chats/{chat_id}/messages", params=params)  # type: ignore[no-any-return]
+
+    async def post_message(
+        self,
+        chat_id: str,
+        content: str,
+        client_msg_id: str | None = None,
+        attachments: list[str] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"chat_id": chat_id, "content": content}
+        if client_msg_id is not None:
+            body["client_msg_id"] = client_msg_id
+        if attachments is not None:
+            body["attachments"] = attachments
+        return await self.request("POST", "/api/messages", json=body)  # type: ignore[no-any-return]
+
+    # WebSocket
+
+    async def connect(self) -> dict[str, Any]:
+        """Opens the WebSocket; returns the `hello` frame."""
+        self._closing = False
+        if self._ws_url is None:
+            config = await self.request("GET", "/api/config")
+            self._ws_url = config["ws_url"]
+        hello = await self._open()
+        self._reader = asyncio.create_task(self._read_loop())
+        self._writer = asyncio.create_task(self._write_loop())
+        return hello
+
+    async def _write_loop(self) -> None:
+        while True:
+            frame = await self._outbox.get()
+            await self._connected.wait()
+            if self._ws is not None:
+                with contextlib.suppress(ConnectionClosed):  # unacked sends go again after reconnect
+                    await self._ws.send(json.dumps(frame))
+
+    async def _open(self) -> dict[str, Any]:
+        assert self._ws_url is not None
+        ws = await connect(f"{self._ws_url}?token={self.token}", max_size=2**20, ping_interval=None)
+        hello = json.loads(await ws.recv())
+        if hello.get("type") != "hello":
+            await ws.close()
+            raise ChatError("internal", f"expected hello, got {hello!r}")
+        self._ws = ws
+        self.session_id = hello["session_id"]
+        self._connected.set()
+        # Anything sent but not acked goes again, with the same client_msg_id.
+        for frame, _ in list(self._unacked.values()):
+            await ws.send(json.dumps(frame))
+        return dict(hello)
+
+    async def _read_loop(self) -> None:
+        delay = 0.05
+        while True:
+            ws = self._ws
+            assert ws is not None
+            try:
+                async for raw in ws:
+                    self._dispatch(json.loads(raw))
+            except ConnectionClosed:
+                pass
+            self._connected.clear()
+            if self._closing or not self.auto_reconnect:
+                self._fail_pending(ChatError("unavailable", "connection closed"))
+                return
+            while not self._closing:
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 5.0)
+                try:
+                    await self._open()
+                    delay = 0.05
+                    self._outbox.put_nowait({"type": "sync", "since": self.since()})
+                    break
+                except (OSError, ConnectionClosed, ChatError):
+                    continue
+            if self._closing:
+                return
+
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "ack":
+            entry = self._unacked.pop(frame["client_msg_id"], None)
+            if entry is not None and not entry[1].done():
+                entry[1].set_result(frame)
+            return
+        if kind == "msg":
+            cursor = self.cursors.setdefault(frame["chat_id"], _ChatCursor())
+            if not cursor.see(frame["seq"]):
+                return  # a duplicate across reconnects
+        elif kind == "synced":
+            for chat_id, last in frame["chats"].items():
+                self.cursors.setdefault(chat_id, _ChatCursor())
+                del last
+            if self._sync_waiters:
+                fut = self._sync_waiters.pop(0)
+                if not fut.done():
+                    fut.set_result(frame)
+        elif kind == "error" and frame.get("ref") in self._unacked:
+            _, fut = self._unacked.pop(frame["ref"])
+            if not fut.done():
+                fut.set_exception(ChatError(frame["code"], frame["message"]))
+            return
+        self._events.put_nowait(frame)
+
+    def _fail_pending(self, error: ChatError) -> None:
+        for _, fut in self._unacked.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._unacked.clear()
+        for fut in self._sync_waiters:
+            if not fut.done():
+                fut.set_exception(error)
+        self._sync_waiters.clear()
+
+    async def _send_frame(self, frame: dict[str, Any]) -> None:
+        if self._ws is None:
+            raise ChatError("unavailable", "not connected")
+        self._outbox.put_nowait(frame)
+
+    async def send(
+        self,
+        chat_id: str,
+        content: str,
+        *,
+        attachments: list[str] | None = None,
+        client_msg_id: str | None = None,
+        timeout: float = 30.0,
+    ) -> dict[str, Any]:
+        """Sends and waits for the `ack` (the message is durable then). Raises ChatError if refused."""
+        fut = self.send_nowait(chat_id, content, attachments=attachments, client_msg_id=client_msg_id)
+        return await asyncio.wait_for(fut, timeout)
+
+    def send_nowait(
+        self,
+        chat_id: str,
+        content: str,
+        *,
+        attachments: list[str] | None = None,
+        client_msg_id: str | None = None,
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Queues a send; the future resolves with the `ack`."""
+        cmid = client_msg_id or uuid.uuid4().hex
+        frame: dict[str, Any] = {
+            "type": "send",
+            "chat_id": chat_id,
+            "client_msg_id": cmid,
+            "content": content,
+        }
+        if attachments:
+            frame["attachments"] = attachments
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._unacked[cmid] = (frame, fut)
+        if self._ws is not None and self._connected.is_set():
+            self._outbox.put_nowait(frame)
+        return fut
+
+    def since(self) -> dict[str, int]:
+        return {chat_id: c.contiguous for chat_id, c in self.cursors.items()}
+
+    async def sync(self, since: dict[str, int] | None = None, timeout: float = 30.0) -> dict[str, Any]:
+        """Asks for everything missed (default: from the local cursors); returns the `synced` frame
+        after every backlog `msg` has been delivered to `events()`."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._sync_waiters.append(fut)
+        await self._send_frame({"type": "sync", "since": self.since() if since is None else since})
+        return await asyncio.wait_for(fut, timeout)
+
+    async def mark_delivered(self, chat_id: str, seq: int) -> None:
+        await self._send_frame({"type": "delivered", "chat_id": chat_id, "seq": seq})
+
+    async def mark_read(self, chat_id: str, seq: int) -> None:
+        await self._send_frame({"type": "read", "chat_id": chat_id, "seq": seq})
+
+    async def typing(self, chat_id: str, state: str = "start") -> None:
+        await self._send_frame({"type": "typing", "chat_id": chat_id, "state": state})
+
+    async def send_raw(self, text: str) -> None:
+        """Sends a text frame as is (for tools and tests of bad input)."""
+        assert self._ws is not None
+        await self._ws.send(text)
+
+    async def next_event(self, kind: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """The next event (of `kind`, skipping others)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self._events.get()
+                if kind is None or event.get("type") == kind:
+                    return event
+
+    def pending_events(self) -> list[dict[str, Any]]:
+        """Events received and not yet consumed, without waiting."""
+        out = []
+        while not self._events.empty():
+            out.append(self._events.get_nowait())
+        return out
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event (msg, receipt, typing, presence, chat, error) in arrival order."""
+        while True:
+            yield await self._events.get()
+
+    @property
+    def unacked(self) -> list[str]:
+        return list(self._unacked)
+
+    async def drop_connection(self) -> None:
+        """Closes the socket as a network failure would; with auto_reconnect the client comes back."""
+        if self._ws is not None:
+            self._ws.transport.abort()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        for task in (self._reader, self._writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.http.aclose()
+
+
+def _answer(response: httpx.Response) -> Any:
+    if response.status_code == 204:
+        return None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code >= 400:
+        err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+        raise ChatError(err.get("code", "internal"), err.get("message", response.text), response.status_code)
+    return body
