@@ -90,6 +90,9 @@ impl Shared {
 pub struct Gateway {
     shared: Arc<Shared>,
     events_rx: Mutex<mpsc::Receiver<EngineEvent>>,
+    /// Drives the engine thread's waits; separate from the gateway runtime so
+    /// a shutdown of that runtime never panics a waiting engine.
+    engine_rt: Runtime,
     runtime: Mutex<Option<Runtime>>,
     local_addr: SocketAddr,
 }
@@ -126,9 +129,13 @@ impl Gateway {
             TcpListener::from_std(std_listener)?
         };
         runtime.spawn(accept_loop(shared.clone(), listener));
+        let engine_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         Ok(Self {
             shared,
             events_rx: Mutex::new(rx),
+            engine_rt,
             runtime: Mutex::new(Some(runtime)),
             local_addr,
         })
@@ -151,11 +158,10 @@ impl Gateway {
     pub fn next_batch(&self, max: usize, timeout: Duration) -> Vec<EngineEvent> {
         let mut rx = self.events_rx.lock();
         let mut batch = Vec::new();
-        let handle = match self.runtime.lock().as_ref() {
-            Some(rt) => rt.handle().clone(),
-            None => return batch,
-        };
-        let first = handle.block_on(async {
+        if !self.is_running() {
+            return batch;
+        }
+        let first = self.engine_rt.block_on(async {
             tokio::time::timeout(timeout, rx.recv())
                 .await
                 .ok()
@@ -331,11 +337,14 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
             }
         }
     };
+    // Frames a little over the limit are read and refused with an error frame
+    // (the connection stays); only far larger ones break the connection.
+    let hard_cap = shared.config.limits.max_frame_bytes.saturating_mul(4);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(shared.config.read_buffer_bytes)
         .write_buffer_size(0)
-        .max_message_size(Some(shared.config.limits.max_frame_bytes))
-        .max_frame_size(Some(shared.config.limits.max_frame_bytes));
+        .max_message_size(Some(hard_cap))
+        .max_frame_size(Some(hard_cap));
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(ws_config));
     let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
         Ok(Ok(ws)) => ws,
@@ -386,13 +395,13 @@ async fn read_loop(shared: &Shared, conn: &Arc<ConnHandle>, mut stream: WsStream
         let message = match next {
             Some(Ok(m)) => m,
             Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
-                // A frame over the size limit cannot be read past: refuse and close.
+                // Far over the size limit: the stream cannot be read past it.
                 conn.push(Outgoing::Frame(protocol::encode_error(
                     ErrorCode::TooLarge,
-                    "frame is larger than the limit",
+                    "frame is far larger than the limit",
                     None,
                 )));
-                conn.close(CloseReason::TooManyBadFrames);
+                conn.close(CloseReason::FrameTooLarge);
                 return;
             }
             _ => {
@@ -566,12 +575,24 @@ async fn write_loop(
             }
         }
     }
-    // Say why, briefly; a peer that does not read does not get to hold us.
     let reason = conn.close_reason().unwrap_or(CloseReason::ServerShutdown);
-    if reason != CloseReason::PeerClosed && reason != CloseReason::WriteFailed {
+    if matches!(reason, CloseReason::PeerClosed | CloseReason::WriteFailed) {
+        return;
+    }
+    // Say why, briefly; a peer that does not read does not get to hold us.
+    let farewell = async {
+        if reason != CloseReason::QueueOverflow {
+            // Frames queued before the close (e.g. the error that caused it) still go out.
+            while let Ok(item) = rx.try_recv() {
+                stitcher.accept(item, &mut out);
+            }
+            for frame in out.drain(..) {
+                sink.feed(text_message(frame)).await?;
+            }
+        }
         let code = match reason {
-            CloseReason::QueueOverflow => CloseCode::Policy,
-            CloseReason::TooManyBadFrames => CloseCode::Policy,
+            CloseReason::QueueOverflow | CloseReason::TooManyBadFrames => CloseCode::Policy,
+            CloseReason::FrameTooLarge => CloseCode::Size,
             CloseReason::ServerShutdown => CloseCode::Away,
             _ => CloseCode::Error,
         };
@@ -579,11 +600,8 @@ async fn write_loop(
             code,
             reason: reason.as_str().into(),
         };
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            sink.send(Message::Close(Some(frame))),
-        )
-        .await;
-    }
+        sink.send(Message::Close(Some(frame))).await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), farewell).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }

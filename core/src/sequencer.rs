@@ -78,9 +78,8 @@ impl IdempotencyWindow {
         match self.entries.entry(key) {
             MapEntry::Occupied(mut e) => match e.get_mut() {
                 Entry::Pending(waiters) => {
-                    if !waiters.contains(&origin) {
-                        waiters.push(origin);
-                    }
+                    // Once per retry: each attempt gets its own ack.
+                    waiters.push(origin);
                     Admission::InFlight
                 }
                 Entry::Done(ack) => Admission::Duplicate(ack.clone()),

@@ -1,0 +1,157 @@
+"""Test fixtures: real pychat servers as subprocesses on 127.0.0.1, real SQLite
+files in temporary directories, real sockets."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pychat.client import ChatClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A `pychat serve` subprocess on its own data dir."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    ws_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    _log: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/ws"
+
+    @property
+    def secret(self) -> bytes:
+        return (self.data_dir / "secret.key").read_text().strip().encode()
+
+    def start(self) -> None:
+        self.port = self.port or free_port()
+        self.ws_port = self.ws_port or free_port()
+        env = {**os.environ, **self.env}
+        if self._log is None:
+            self._log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pychat",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+                "--ws-port",
+                str(self.ws_port),
+            ],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {(self.data_dir / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become healthy")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server per test module; tests keep apart by using fresh users."""
+    srv = ServerProcess(tmp_path_factory.mktemp("pychat"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+_names = itertools.count(1)
+
+
+def unique_name(prefix: str = "user") -> str:
+    return f"{prefix}{os.getpid() % 1000}_{next(_names)}"
+
+
+PASSWORD = "correct horse battery"
+
+
+class Clients:
+    """Makes logged-in SDK clients and closes them after the test."""
+
+    def __init__(self, server: ServerProcess) -> None:
+        self.server = server
+        self.made: list[ChatClient] = []
+
+    async def user(self, prefix: str = "user", **kwargs: object) -> ChatClient:
+        name = unique_name(prefix)
+        await ChatClient.register(self.server.url, name, PASSWORD)
+        client = await ChatClient.login(self.server.url, name, PASSWORD, **kwargs)  # type: ignore[arg-type]
+        self.made.append(client)
+        return client
+
+    async def device(self, of: ChatClient, **kwargs: object) -> ChatClient:
+        """Another device (connection) of the same user."""
+        client = ChatClient(of.base_url, of.token, of.user_id, **kwargs)  # type: ignore[arg-type]
+        self.made.append(client)
+        return client
+
+    async def close(self) -> None:
+        for c in self.made:
+            await c.close()
+
+
+@pytest.fixture
+async def clients(server: ServerProcess) -> AsyncIterator[Clients]:
+    made = Clients(server)
+    yield made
+    await made.close()

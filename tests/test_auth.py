@@ -1,0 +1,163 @@
+"""Registration, login, tokens on REST and at the WebSocket upgrade."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from pychat import _core
+from pychat.client import ChatClient, ChatError
+from tests.conftest import PASSWORD, ServerProcess, unique_name
+
+
+async def test_register_returns_the_user_and_login_returns_a_token(server: ServerProcess) -> None:
+    name = unique_name("reg")
+    user = await ChatClient.register(server.url, name, PASSWORD, display_name="Reg Istered")
+    assert set(user) == {"user_id", "username", "display_name"}
+    assert (user["username"], user["display_name"]) == (name, "Reg Istered")
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.post("/api/auth/token", json={"username": name, "password": PASSWORD})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["user_id"] == user["user_id"]
+    assert body["expires_at"] > time.time() * 1000
+    assert isinstance(body["token"], str) and body["token"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"username": "ab", "password": PASSWORD}, 400, "bad_request"),
+        ({"username": "x" * 33, "password": PASSWORD}, 400, "bad_request"),
+        ({"username": "bad name!", "password": PASSWORD}, 400, "bad_request"),
+        ({"username": "okname", "password": "short"}, 400, "bad_request"),
+        ({"username": "okname"}, 400, "bad_request"),
+        ({"password": PASSWORD}, 400, "bad_request"),
+        ({"username": 5, "password": PASSWORD}, 400, "bad_request"),
+        ({"username": "okname", "password": PASSWORD, "display_name": 7}, 400, "bad_request"),
+    ],
+)
+async def test_register_refuses_bad_input(server: ServerProcess, body: dict[str, object], status: int, code: str) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.post("/api/users", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+
+
+async def test_taken_username_is_a_conflict_case_insensitively(server: ServerProcess) -> None:
+    name = unique_name("Dup")
+    await ChatClient.register(server.url, name, PASSWORD)
+    for attempt in (name, name.lower()):
+        with pytest.raises(ChatError) as e:
+            await ChatClient.register(server.url, attempt, PASSWORD)
+        assert (e.value.status, e.value.code) == (409, "conflict")
+
+
+async def test_bad_json_body_is_bad_request(server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        for raw in (b"{not json", b"[1,2]", b""):
+            r = await http.post("/api/users", content=raw)
+            assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_request")
+
+
+async def test_login_refuses_wrong_password_and_unknown_user(server: ServerProcess) -> None:
+    name = unique_name("login")
+    await ChatClient.register(server.url, name, PASSWORD)
+    for username, password in ((name, "wrong password"), (unique_name("nobody"), PASSWORD)):
+        with pytest.raises(ChatError) as e:
+            await ChatClient.login(server.url, username, password)
+        assert (e.value.status, e.value.code) == (401, "unauthorized")
+
+
+def _tokens(server: ServerProcess, user_id: str, good: str) -> dict[str, str]:
+    now = int(time.time() * 1000)
+    return {
+        "missing": "",
+        "garbage": "not-a-token",
+        "tampered": good[:-2] + ("AA" if not good.endswith("AA") else "BB"),
+        "other user": good.replace(user_id, user_id[:-1] + ("0" if user_id[-1] != "0" else "1")),
+        "other key": _core.sign_token(b"another-secret-key-0123456789", user_id, now + 60_000),
+        "expired": _core.sign_token(server.secret, user_id, now - 1),
+    }
+
+
+async def test_rest_refuses_missing_tampered_expired_and_other_key_tokens(server: ServerProcess) -> None:
+    name = unique_name("tok")
+    await ChatClient.register(server.url, name, PASSWORD)
+    client = await ChatClient.login(server.url, name, PASSWORD)
+    try:
+        assert await client.list_chats() == []
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            for label, token in _tokens(server, client.user_id, client.token).items():
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                r = await http.get("/api/chats", headers=headers)
+                assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), label
+            r = await http.get("/api/chats", headers={"Authorization": f"Basic {client.token}"})
+            assert r.status_code == 401
+    finally:
+        await client.close()
+
+
+async def test_websocket_upgrade_refuses_bad_tokens_with_401(server: ServerProcess) -> None:
+    name = unique_name("wstok")
+    await ChatClient.register(server.url, name, PASSWORD)
+    client = await ChatClient.login(server.url, name, PASSWORD)
+    try:
+        for label, token in _tokens(server, client.user_id, client.token).items():
+            url = f"{server.ws_url}?token={token}" if token else server.ws_url
+            with pytest.raises(InvalidStatus) as e:
+                async with connect(url):
+                    pass
+            assert e.value.response.status_code == 401, label
+        # The good token is accepted, and the gateway says who we are.
+        hello = await client.connect()
+        assert hello["user_id"] == client.user_id
+        assert isinstance(hello["session_id"], str) and hello["heartbeat_s"] == 25
+        assert abs(hello["server_time"] - time.time() * 1000) < 60_000
+    finally:
+        await client.close()
+
+
+async def test_other_paths_on_the_gateway_are_not_found(server: ServerProcess) -> None:
+    name = unique_name("path")
+    await ChatClient.register(server.url, name, PASSWORD)
+    client = await ChatClient.login(server.url, name, PASSWORD)
+    try:
+        with pytest.raises(InvalidStatus) as e:
+            async with connect(f"ws://127.0.0.1:{server.ws_port}/other?token={client.token}"):
+                pass
+        assert e.value.response.status_code == 404
+    finally:
+        await client.close()
+
+
+async def test_config_health_and_metrics_need_no_token(server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        config = (await http.get("/api/config")).json()
+        assert config["ws_url"] == server.ws_url
+        assert config["limits"]["max_content_bytes"] == 65536
+        assert config["limits"]["max_attachments"] == 10
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        metrics = await http.get("/metrics")
+        assert metrics.status_code == 200
+        assert metrics.headers["content-type"].startswith("text/plain")
+        for name in ("pychat_connections", "pychat_gateway_frames_in_total", "pychat_http_requests_total"):
+            assert f"\n{name}" in metrics.text or metrics.text.startswith(name)
+
+
+async def test_unknown_routes_and_methods(server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.get("/api/nope")
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+        r = await http.delete("/api/users")
+        assert (r.status_code, r.json()["error"]["code"]) == (405, "bad_request")
+
+
+async def test_the_rest_port_does_not_serve_websockets(server: ServerProcess) -> None:
+    """`/ws` belongs to the Rust gateway on its own port; the Python side has no WebSocket server."""
+    with pytest.raises(InvalidStatus):
+        async with connect(f"ws://127.0.0.1:{server.port}/ws?token=x"):
+            pass

@@ -1,0 +1,69 @@
+"""A raw WebSocket test client that records exactly what the server sent:
+no de-duplication, no reordering (the SDK does those; the tests check the server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+
+class RawWs:
+    def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
+        self.ws = ws
+        self.hello = hello
+        self.frames: list[dict[str, Any]] = []  # everything received, in order
+        self._taken: set[int] = set()  # indexes already returned by until/collect
+
+    @classmethod
+    async def open(cls, ws_url: str, token: str) -> RawWs:
+        ws = await connect(f"{ws_url}?token={token}", max_size=2**22)
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "hello"
+        return cls(ws, hello)
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.frames.append(frame)
+        return frame
+
+    def _take(self, kind: str, match: dict[str, Any]) -> dict[str, Any] | None:
+        for i, frame in enumerate(self.frames):
+            if i in self._taken or frame["type"] != kind:
+                continue
+            if all(frame.get(k) == v for k, v in match.items()):
+                self._taken.add(i)
+                return frame
+        return None
+
+    async def until(self, kind: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        """The next frame of `kind` (matching the given fields) not returned before,
+        whether it already arrived or is still to come."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = self._take(kind, match)
+                if frame is not None:
+                    return frame
+                await self.recv()
+
+    async def collect(self, kind: str, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """The next `count` frames of `kind`, in arrival order."""
+        async with asyncio.timeout(timeout):
+            return [await self.until(kind, timeout) for _ in range(count)]
+
+    async def quiet(self, wait: float = 0.3) -> list[dict[str, Any]]:
+        """Frames that arrive within `wait` seconds (used after a barrier)."""
+        got = []
+        try:
+            while True:
+                got.append(await self.recv(timeout=wait))
+        except TimeoutError:
+            return got
+
+    async def close(self) -> None:
+        await self.ws.close()
