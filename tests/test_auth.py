@@ -41,7 +41,9 @@ async def test_register_returns_the_user_and_login_returns_a_token(server: Serve
         ({"username": "okname", "password": PASSWORD, "display_name": 7}, 400, "bad_request"),
     ],
 )
-async def test_register_refuses_bad_input(server: ServerProcess, body: dict[str, object], status: int, code: str) -> None:
+async def test_register_refuses_bad_input(
+    server: ServerProcess, body: dict[str, object], status: int, code: str
+) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         r = await http.post("/api/users", json=body)
     assert (r.status_code, r.json()["error"]["code"]) == (status, code)

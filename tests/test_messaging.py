@@ -16,7 +16,13 @@ from tests.wsraw import RawWs
 
 
 def send_frame(chat_id: str, content: str, cmid: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"type": "send", "chat_id": chat_id, "client_msg_id": cmid or uuid.uuid4().hex, "content": content, **extra}
+    return {
+        "type": "send",
+        "chat_id": chat_id,
+        "client_msg_id": cmid or uuid.uuid4().hex,
+        "content": content,
+        **extra,
+    }
 
 
 async def open_raw(server: ServerProcess, client: ChatClient, sync: bool = True) -> RawWs:
@@ -27,7 +33,9 @@ async def open_raw(server: ServerProcess, client: ChatClient, sync: bool = True)
     return ws
 
 
-async def test_direct_chat_send_ack_msg_and_senders_other_device(server: ServerProcess, clients: Clients) -> None:
+async def test_direct_chat_send_ack_msg_and_senders_other_device(
+    server: ServerProcess, clients: Clients
+) -> None:
     alice, bob = await clients.user("alice"), await clients.user("bob")
     chat = await alice.create_direct(bob.user_id)
     assert chat["kind"] == "direct" and sorted(chat["members"]) == sorted([alice.user_id, bob.user_id])
@@ -59,7 +67,9 @@ async def test_direct_chat_send_ack_msg_and_senders_other_device(server: ServerP
         await ws.close()
 
 
-async def test_group_of_four_everyone_but_the_sending_connection_gets_it(server: ServerProcess, clients: Clients) -> None:
+async def test_group_of_four_everyone_but_the_sending_connection_gets_it(
+    server: ServerProcess, clients: Clients
+) -> None:
     users = [await clients.user(f"g{i}") for i in range(4)]
     group = await users[0].create_group("four", [u.user_id for u in users[1:]])
     assert group["kind"] == "group" and group["title"] == "four" and len(group["members"]) == 4
@@ -92,7 +102,9 @@ async def test_200_concurrent_sends_from_3_senders_give_every_receiver_seq_1_to_
             await ws.send(send_frame(chat_id, f"{who}:{k}"))
         return await ws.collect("ack", n, timeout=60)
 
-    acks = await asyncio.gather(*(burst(ws, n, i) for i, (ws, n) in enumerate(zip(sender_ws, counts, strict=True))))
+    acks = await asyncio.gather(
+        *(burst(ws, n, i) for i, (ws, n) in enumerate(zip(sender_ws, counts, strict=True)))
+    )
     ack_seqs = sorted(a["seq"] for per in acks for a in per)
     assert ack_seqs == list(range(1, 201))
     received = await reader_ws.collect("msg", 200, timeout=60)
@@ -153,7 +165,11 @@ async def test_rest_send_is_delivered_live_over_websocket(server: ServerProcess,
     assert set(ack) == {"message_id", "chat_id", "seq", "created_at"} and ack["seq"] == 1
     for ws in (bob_ws, alice_ws):  # the REST sender's devices get it too
         msg = await ws.until("msg")
-        assert (msg["message_id"], msg["content"], msg["sender_id"]) == (ack["message_id"], "via rest", alice.user_id)
+        assert (msg["message_id"], msg["content"], msg["sender_id"]) == (
+            ack["message_id"],
+            "via rest",
+            alice.user_id,
+        )
         assert msg["client_msg_id"].startswith("rest-")
     await bob_ws.close()
     await alice_ws.close()
@@ -229,7 +245,9 @@ async def test_offline_user_syncs_with_no_gap_while_live_messages_keep_coming(
     assert after == list(range(max(before) + 1, 121)), "after synced: increasing, no gap"
     assert len(main) == 120
     assert synced["chats"][chat_id] >= 60 and synced["chats"][other_chat] == 1
-    assert [f["content"] for f in bob_ws.frames if f["type"] == "msg" and f["chat_id"] == other_chat] == ["side 1"]
+    assert [f["content"] for f in bob_ws.frames if f["type"] == "msg" and f["chat_id"] == other_chat] == [
+        "side 1"
+    ]
     await alice_ws.close()
     await bob_ws.close()
 
@@ -364,9 +382,21 @@ BAD_FRAMES: list[tuple[str, str, str | None]] = [
     ('{"type": "send", "chat_id": "CHAT", "client_msg_id": "r2", "content": 5}', "bad_request", "r2"),
     ('{"type": "send", "chat_id": "CHAT", "content": "x"}', "bad_request", None),
     ('{"type": "send", "chat_id": "CHAT", "client_msg_id": "r3", "content": "BIG"}', "too_large", "r3"),
-    ('{"type": "send", "chat_id": "CHAT", "client_msg_id": "r4", "content": "x", "attachments": "no"}', "bad_request", "r4"),
-    ('{"type": "send", "chat_id": "CHAT", "client_msg_id": "r5", "content": "x", "attachments": ELEVEN}', "too_large", "r5"),
-    ('{"type": "send", "chat_id": "CHAT", "client_msg_id": "r6", "content": "x", "attachments": ["nomedia"]}', "not_found", "r6"),
+    (
+        '{"type": "send", "chat_id": "CHAT", "client_msg_id": "r4", "content": "x", "attachments": "no"}',
+        "bad_request",
+        "r4",
+    ),
+    (
+        '{"type": "send", "chat_id": "CHAT", "client_msg_id": "r5", "content": "x", "attachments": ELEVEN}',
+        "too_large",
+        "r5",
+    ),
+    (
+        '{"type": "send", "chat_id": "CHAT", "client_msg_id": "r6", "content": "x", "attachments": ["nomedia"]}',
+        "not_found",
+        "r6",
+    ),
     ('{"type": "send", "chat_id": "nochat", "client_msg_id": "r7", "content": "x"}', "not_found", "r7"),
     ('{"type": "send", "chat_id": "CHAT", "client_msg_id": "r8", "content": ""}', "bad_request", "r8"),
     ('{"type": "read", "chat_id": "CHAT", "seq": -1}', "bad_request", None),
@@ -406,7 +436,9 @@ async def test_every_bad_frame_gets_its_error_and_the_connection_keeps_working(
     await ws.close()
 
 
-async def test_a_client_that_keeps_misbehaving_is_disconnected(server: ServerProcess, clients: Clients) -> None:
+async def test_a_client_that_keeps_misbehaving_is_disconnected(
+    server: ServerProcess, clients: Clients
+) -> None:
     alice = await clients.user("spam")
     ws = await open_raw(server, alice)
     for _ in range(25):
@@ -444,7 +476,9 @@ async def test_frame_over_the_size_limit_is_refused(server: ServerProcess, clien
         ({"chat_id": "nochat", "content": "x"}, 404, "not_found"),
     ],
 )
-async def test_bad_rest_sends(server: ServerProcess, clients: Clients, body: dict[str, Any], status: int, code: str) -> None:
+async def test_bad_rest_sends(
+    server: ServerProcess, clients: Clients, body: dict[str, Any], status: int, code: str
+) -> None:
     alice, bob = await clients.user("brs"), await clients.user("brt")
     chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
     body = {k: (chat_id if v == "CHAT" else v) for k, v in body.items()}

@@ -386,6 +386,17 @@ type WsSink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Messag
 type WsStream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
 
 async fn read_loop(shared: &Shared, conn: &Arc<ConnHandle>, mut stream: WsStream) {
+    read_frames(shared, conn, &mut stream).await;
+    if conn.close_reason() != Some(CloseReason::PeerClosed) {
+        // The server is closing: keep reading (and dropping) until the peer's
+        // close reply, so unread input does not turn our close into a TCP reset
+        // that would destroy the frames we just sent (the error that explains it).
+        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    }
+}
+
+async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStream) {
     let mut strikes = 0u32;
     loop {
         let next = tokio::select! {

@@ -1,0 +1,76 @@
+"""Configuration precedence and the admin CLI against a real data dir and server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pychat.client import ChatClient
+from pychat.config import load_config
+from tests.conftest import ServerProcess
+from tests.wsraw import RawWs
+
+
+def test_defaults_then_toml_then_env_then_arguments(tmp_path: Path) -> None:
+    toml = tmp_path / "pychat.toml"
+    toml.write_text("port = 9000\nws_port = 9001\nheartbeat_s = 10\n[limits]\nmax_content_bytes = 1000\n")
+    config = load_config(
+        toml,
+        env={"PYCHAT_WS_PORT": "9101", "PYCHAT_LIMITS_MAX_ATTACHMENTS": "3", "HOME": "/x"},
+        overrides={"ws_port": 9201, "host": None},
+    )
+    assert (config.host, config.port, config.ws_port, config.heartbeat_s) == ("127.0.0.1", 9000, 9201, 10)
+    assert (config.limits.max_content_bytes, config.limits.max_attachments) == (1000, 3)
+    assert load_config(None, env={}).port == 8080
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        ("nonsense = 1\n", {}),
+        ("port = 'abc'\n", {}),
+        ("", {"PYCHAT_PORT": "x"}),
+        ("", {"PYCHAT_SQLITE_SYNCHRONOUS": "OFF"}),
+    ],
+)
+def test_bad_configuration_is_refused(tmp_path: Path, text: str, env: dict[str, str]) -> None:
+    toml = tmp_path / "bad.toml"
+    toml.write_text(text)
+    with pytest.raises(ValueError):
+        load_config(toml, env=env)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pychat", *args], capture_output=True, text=True, timeout=60)
+
+
+async def test_cli_user_add_prints_a_working_token_and_chat_create(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    made = _cli("user", "add", "cli_alice", "--password", "password123", "--data-dir", str(data))
+    assert made.returncode == 0, made.stderr
+    alice = json.loads(made.stdout)
+    assert alice["username"] == "cli_alice" and alice["token"]
+    bob = json.loads(
+        _cli("user", "add", "cli_bob", "--password", "password123", "--data-dir", str(data)).stdout
+    )
+    dup = _cli("user", "add", "cli_bob", "--password", "password123", "--data-dir", str(data))
+    assert dup.returncode == 1 and "conflict" in dup.stderr
+    chat = _cli("chat", "create", "--kind", "direct", "cli_alice", "cli_bob", "--data-dir", str(data))
+    assert chat.returncode == 0, chat.stderr
+    chat_id = json.loads(chat.stdout)["chat_id"]
+    srv = ServerProcess(data)
+    srv.start()
+    try:
+        ws = await RawWs.open(srv.ws_url, alice["token"])
+        await ws.send({"type": "send", "chat_id": chat_id, "client_msg_id": "cli", "content": "from the cli"})
+        assert (await ws.until("ack"))["seq"] == 1
+        await ws.close()
+        bob_client = ChatClient(srv.url, bob["token"], bob["user_id"])
+        assert (await bob_client.history(chat_id))["messages"][0]["content"] == "from the cli"
+        await bob_client.close()
+    finally:
+        srv.stop()

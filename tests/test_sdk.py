@@ -1,0 +1,77 @@
+"""The client SDK: automatic client_msg_id, resend after reconnect, cursors and sync, de-duplication."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pychat.client import ChatClient, ChatError, _ChatCursor
+from tests.conftest import Clients
+
+
+def test_cursor_tracks_the_gap_free_prefix_and_duplicates() -> None:
+    c = _ChatCursor()
+    assert c.see(2) and c.contiguous == 0
+    assert c.see(1) and c.contiguous == 2
+    assert not c.see(2) and not c.see(1)
+    assert c.see(4) and c.contiguous == 2 and not c.see(4)
+    assert c.see(3) and c.contiguous == 4 and c.above == set()
+
+
+async def test_send_receive_and_receipts_through_the_sdk(clients: Clients) -> None:
+    alice, bob = await clients.user("sa"), await clients.user("sb")
+    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+    await alice.connect()
+    await bob.connect()
+    await bob.sync()
+    ack = await alice.send(chat_id, "hello")
+    assert ack["seq"] == 1 and len(ack["client_msg_id"]) == 32
+    msg = await bob.next_event("msg")
+    assert (msg["content"], msg["seq"]) == ("hello", 1)
+    assert bob.since() == {chat_id: 1}
+    await bob.mark_read(chat_id, 1)
+    receipt = await alice.next_event("receipt")
+    assert (receipt["user_id"], receipt["seq"]) == (bob.user_id, 1)
+    with pytest.raises(ChatError) as e:
+        await alice.send("cnope", "x")
+    assert e.value.code == "not_found"
+
+
+async def test_unacked_sends_are_resent_after_reconnect_and_stored_once(clients: Clients) -> None:
+    alice, bob = await clients.user("xa"), await clients.user("xb")
+    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+    await alice.connect()
+    futures = [alice.send_nowait(chat_id, f"m{i}") for i in range(100)]
+    await asyncio.sleep(0)  # let some frames leave
+    await alice.drop_connection()
+    acks = await asyncio.wait_for(asyncio.gather(*futures), 30)
+    assert sorted(a["seq"] for a in acks) == list(range(1, 101))
+    assert alice.unacked == []
+    page = await bob.history(chat_id, limit=200)
+    assert [m["seq"] for m in page["messages"]] == list(range(1, 101))
+    assert sorted(m["content"] for m in page["messages"]) == sorted(f"m{i}" for i in range(100))
+
+
+async def test_reconnect_resyncs_from_cursors_without_duplicates(clients: Clients) -> None:
+    alice, bob = await clients.user("ya"), await clients.user("yb")
+    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+    await bob.connect()
+    await bob.sync()
+    for i in range(5):
+        await alice.post_message(chat_id, f"before {i}")
+    got = [await bob.next_event("msg") for _ in range(5)]
+    await bob.drop_connection()
+    for i in range(5):
+        await alice.post_message(chat_id, f"while away {i}")
+    more = [await bob.next_event("msg", timeout=20) for _ in range(5)]
+    assert [m["seq"] for m in got + more] == list(range(1, 11))
+    await alice.post_message(chat_id, "after")
+    assert (await bob.next_event("msg"))["seq"] == 11
+    assert [e for e in bob.pending_events() if e["type"] == "msg"] == []
+
+
+async def test_login_and_register_errors_surface_as_chat_errors(clients: Clients) -> None:
+    with pytest.raises(ChatError) as e:
+        await ChatClient.login(clients.server.url, "nobody-here", "whatever123")
+    assert (e.value.status, e.value.code) == (401, "unauthorized")
