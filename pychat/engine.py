@@ -61,7 +61,11 @@ class Engine:
             except Exception:
                 log.exception("engine batch failed")
                 results = [("error", "internal", "internal error")] * len(events)
-            tickets = self.gateway.complete_batch(results)
+            try:
+                tickets = self.gateway.complete_batch(results)
+            except Exception:  # keep serving: the batch's senders retry, the store dedupes
+                log.exception("completing an engine batch failed")
+                continue
             if tickets and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._resolve, tickets)
 

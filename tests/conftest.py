@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,24 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Starts servers of the test's own (on a fresh data dir, with extra environment); stops them after."""
+    started: list[ServerProcess] = []
+
+    def make(env: dict[str, str] | None = None) -> ServerProcess:
+        data_dir = tmp_path / f"data{len(started)}"
+        data_dir.mkdir()
+        srv = ServerProcess(data_dir, env=env or {})
+        srv.start()
+        started.append(srv)
+        return srv
+
+    yield make
+    for srv in started:
+        srv.stop()
 
 
 _names = itertools.count(1)

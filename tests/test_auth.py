@@ -11,7 +11,7 @@ from websockets.exceptions import InvalidStatus
 
 from pychat import _core
 from pychat.client import ChatClient, ChatError
-from tests.conftest import PASSWORD, ServerProcess, unique_name
+from tests.conftest import PASSWORD, Clients, ServerProcess, unique_name
 
 
 async def test_register_returns_the_user_and_login_returns_a_token(server: ServerProcess) -> None:
@@ -86,54 +86,41 @@ def _tokens(server: ServerProcess, user_id: str, good: str) -> dict[str, str]:
     }
 
 
-async def test_rest_refuses_missing_tampered_expired_and_other_key_tokens(server: ServerProcess) -> None:
-    name = unique_name("tok")
-    await ChatClient.register(server.url, name, PASSWORD)
-    client = await ChatClient.login(server.url, name, PASSWORD)
-    try:
-        assert await client.list_chats() == []
-        async with httpx.AsyncClient(base_url=server.url) as http:
-            for label, token in _tokens(server, client.user_id, client.token).items():
-                headers = {"Authorization": f"Bearer {token}"} if token else {}
-                r = await http.get("/api/chats", headers=headers)
-                assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), label
-            r = await http.get("/api/chats", headers={"Authorization": f"Basic {client.token}"})
-            assert r.status_code == 401
-    finally:
-        await client.close()
-
-
-async def test_websocket_upgrade_refuses_bad_tokens_with_401(server: ServerProcess) -> None:
-    name = unique_name("wstok")
-    await ChatClient.register(server.url, name, PASSWORD)
-    client = await ChatClient.login(server.url, name, PASSWORD)
-    try:
+async def test_rest_refuses_missing_tampered_expired_and_other_key_tokens(
+    server: ServerProcess, clients: Clients
+) -> None:
+    client = await clients.user("tok")
+    assert await client.list_chats() == []
+    async with httpx.AsyncClient(base_url=server.url) as http:
         for label, token in _tokens(server, client.user_id, client.token).items():
-            url = f"{server.ws_url}?token={token}" if token else server.ws_url
-            with pytest.raises(InvalidStatus) as e:
-                async with connect(url):
-                    pass
-            assert e.value.response.status_code == 401, label
-        # The good token is accepted, and the gateway says who we are.
-        hello = await client.connect()
-        assert hello["user_id"] == client.user_id
-        assert isinstance(hello["session_id"], str) and hello["heartbeat_s"] == 25
-        assert abs(hello["server_time"] - time.time() * 1000) < 60_000
-    finally:
-        await client.close()
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            r = await http.get("/api/chats", headers=headers)
+            assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), label
+        r = await http.get("/api/chats", headers={"Authorization": f"Basic {client.token}"})
+        assert r.status_code == 401
 
 
-async def test_other_paths_on_the_gateway_are_not_found(server: ServerProcess) -> None:
-    name = unique_name("path")
-    await ChatClient.register(server.url, name, PASSWORD)
-    client = await ChatClient.login(server.url, name, PASSWORD)
-    try:
+async def test_websocket_upgrade_refuses_bad_tokens_with_401(server: ServerProcess, clients: Clients) -> None:
+    client = await clients.user("wstok")
+    for label, token in _tokens(server, client.user_id, client.token).items():
+        url = f"{server.ws_url}?token={token}" if token else server.ws_url
         with pytest.raises(InvalidStatus) as e:
-            async with connect(f"ws://127.0.0.1:{server.ws_port}/other?token={client.token}"):
+            async with connect(url):
                 pass
-        assert e.value.response.status_code == 404
-    finally:
-        await client.close()
+        assert e.value.response.status_code == 401, label
+    # The good token is accepted, and the gateway says who we are.
+    hello = await client.connect()
+    assert hello["user_id"] == client.user_id
+    assert isinstance(hello["session_id"], str) and hello["heartbeat_s"] == 25
+    assert abs(hello["server_time"] - time.time() * 1000) < 60_000
+
+
+async def test_other_paths_on_the_gateway_are_not_found(server: ServerProcess, clients: Clients) -> None:
+    client = await clients.user("path")
+    with pytest.raises(InvalidStatus) as e:
+        async with connect(f"ws://127.0.0.1:{server.ws_port}/other?token={client.token}"):
+            pass
+    assert e.value.response.status_code == 404
 
 
 async def test_config_health_and_metrics_need_no_token(server: ServerProcess) -> None:

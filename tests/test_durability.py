@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
-
-from pychat.client import ChatClient
-from tests.conftest import PASSWORD, ServerProcess
+from tests.conftest import Clients, ServerProcess
 from tests.wsraw import RawWs
 
 
-@pytest.fixture
-def own_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path / "data")
-    srv.data_dir.mkdir()
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-async def test_every_acked_message_survives_sigkill_exactly_once(own_server: ServerProcess) -> None:
-    srv = own_server
-    await ChatClient.register(srv.url, "killer", PASSWORD)
-    await ChatClient.register(srv.url, "victim", PASSWORD)
-    alice = await ChatClient.login(srv.url, "killer", PASSWORD)
-    bob = await ChatClient.login(srv.url, "victim", PASSWORD)
+async def test_every_acked_message_survives_sigkill_exactly_once(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    srv = server_factory()
+    clients = Clients(srv)
+    alice, bob = await clients.user("killer"), await clients.user("victim")
     chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
     ws = await RawWs.open(srv.ws_url, alice.token)
     sent: list[str] = []
@@ -75,16 +62,13 @@ async def test_every_acked_message_survives_sigkill_exactly_once(own_server: Ser
     assert final["messages"][0]["seq"] == len(sent)
     assert sorted(a["seq"] for a in again.values()) == list(range(1, len(sent) + 1))
     await ws2.close()
-    await alice.close()
-    await bob.close()
+    await clients.close()
 
 
-async def test_tokens_and_chats_survive_a_restart(own_server: ServerProcess) -> None:
-    srv = own_server
-    await ChatClient.register(srv.url, "keeper", PASSWORD)
-    await ChatClient.register(srv.url, "kept", PASSWORD)
-    alice = await ChatClient.login(srv.url, "keeper", PASSWORD)
-    bob = await ChatClient.login(srv.url, "kept", PASSWORD)
+async def test_tokens_and_chats_survive_a_restart(server_factory: Callable[..., ServerProcess]) -> None:
+    srv = server_factory()
+    clients = Clients(srv)
+    alice, bob = await clients.user("keeper"), await clients.user("kept")
     chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
     srv.stop()
     srv.start()
@@ -93,5 +77,4 @@ async def test_tokens_and_chats_survive_a_restart(own_server: ServerProcess) -> 
     await ws.send({"type": "send", "chat_id": chat_id, "client_msg_id": "after-restart", "content": "back"})
     assert (await ws.until("ack"))["seq"] == 1
     await ws.close()
-    await alice.close()
-    await bob.close()
+    await clients.close()

@@ -5,28 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
 from websockets.asyncio.client import connect
 
-from pychat.client import ChatClient
-from tests.conftest import PASSWORD, ServerProcess
+from tests.conftest import Clients, ServerProcess
 
 
-@pytest.fixture
-def fast_heartbeat(tmp_path: Path) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path, env={"PYCHAT_HEARTBEAT_S": "1"})
-    srv.start()
-    yield srv
-    srv.stop()
-
-
-async def test_pings_keep_a_live_client_and_drop_a_silent_one(fast_heartbeat: ServerProcess) -> None:
-    srv = fast_heartbeat
-    await ChatClient.register(srv.url, "beater", PASSWORD)
-    client = await ChatClient.login(srv.url, "beater", PASSWORD)
+async def test_pings_keep_a_live_client_and_drop_a_silent_one(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    srv = server_factory({"PYCHAT_HEARTBEAT_S": "1"})
+    clients = Clients(srv)
+    client = await clients.user("beater")
     # A live client (websockets answers pings) stays connected across several heartbeats.
     async with connect(f"{srv.ws_url}?token={client.token}") as live:
         hello = await live.recv()
@@ -51,4 +42,4 @@ async def test_pings_keep_a_live_client_and_drop_a_silent_one(fast_heartbeat: Se
         writer.close()
         await live.ping()
         assert live.state.name == "OPEN"
-    await client.close()
+    await clients.close()
