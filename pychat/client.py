@@ -299,6 +299,13 @@ class ChatClient:
     async def typing(self, chat_id: str, state: str = "start") -> None:
         await self._send_frame({"type": "typing", "chat_id": chat_id, "state": state})
 
+    async def subscribe_presence(self, user_ids: list[str]) -> None:
+        """Follows these users' presence; a `presence` event for each comes at once, then on changes."""
+        await self._send_frame({"type": "presence.subscribe", "user_ids": user_ids})
+
+    async def presence(self, user_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/api/users/{user_id}/presence")  # type: ignore[no-any-return]
+
     async def send_raw(self, text: str) -> None:
         """Sends a text frame as is (for tools and tests of bad input)."""
         assert self._ws is not None

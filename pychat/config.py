@@ -23,6 +23,7 @@ class Limits:
     username_min: int = 3
     username_max: int = 32
     history_max: int = 200
+    max_subscribe: int = 1000
 
 
 @dataclass
@@ -44,6 +45,11 @@ class Config:
     read_buffer_bytes: int = 4096
     runtime_threads: int = 2
     max_bad_frames: int = 20
+    # Presence and typing (side paths in the gateway; never wait for the store).
+    presence_grace_ms: int = 5000
+    typing_ttl_ms: int = 6000
+    typing_min_interval_ms: int = 2000
+    side_tick_ms: int = 200
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
 

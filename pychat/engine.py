@@ -76,6 +76,8 @@ class Engine:
         sends: list[tuple[int, SendRequest]] = []
         pointers: list[tuple[int, PointerRequest]] = []
         syncs: list[tuple[int, str, dict[str, int]]] = []
+        seen: list[tuple[int, tuple[str, int]]] = []
+        queries: list[tuple[int, str, list[str]]] = []
         for i, ev in enumerate(events):
             kind = ev[0]
             if kind == "send":
@@ -84,13 +86,18 @@ class Engine:
                 pointers.append((i, PointerRequest(ev[1], ev[2], kind, ev[3])))
             elif kind == "sync":
                 syncs.append((i, ev[1], dict(ev[2])))
+            elif kind == "seen":
+                seen.append((i, (ev[1], ev[2])))
+            elif kind == "presence.query":
+                queries.append((i, ev[1], list(ev[2])))
             else:
                 results[i] = ("error", "internal", f"unknown event {kind!r}")
-        if sends or pointers:
+        if sends or pointers or seen:
             started = time.perf_counter()
+            seen_result: EngineResult = ("ok",)
             try:
                 send_results, pointer_results = self.store.append_batch(
-                    [s for _, s in sends], [p for _, p in pointers]
+                    [s for _, s in sends], [p for _, p in pointers], [x for _, x in seen]
                 )
             except Exception:
                 log.exception("store batch failed; nothing of it was written")
@@ -98,6 +105,9 @@ class Engine:
                 failed = ("error", "unavailable", "the store failed; retry")
                 send_results = [failed] * len(sends)
                 pointer_results = [failed] * len(pointers)
+                seen_result = failed
+            for i, _ in seen:
+                results[i] = seen_result
             self.metrics.store_seconds.observe(time.perf_counter() - started)
             stored = 0
             for (i, _), r in zip(sends, send_results, strict=True):
@@ -107,6 +117,17 @@ class Engine:
                 results[i] = r
             if stored:
                 self.metrics.messages.inc(stored)
+        for i, viewer, user_ids in queries:
+            try:
+                visible = self.store.visible_users(viewer, user_ids)
+                last_seen = self.store.last_seen_many(sorted(visible))
+                results[i] = (
+                    "presence",
+                    [(u, u in visible, last_seen.get(u)) for u in dict.fromkeys(user_ids)],
+                )
+            except Exception:
+                log.exception("presence query failed")
+                results[i] = ("error", "unavailable", "presence lookup failed; retry")
         # Read after this batch's commit, so a backlog covers everything fanned out before it.
         for i, user_id, since in syncs:
             try:

@@ -24,6 +24,7 @@ from pychat.engine import Engine
 from pychat.errors import ApiError
 from pychat.ids import new_id, now_ms
 from pychat.metrics import Metrics
+from pychat.presence import Presence
 from pychat.store import Chat, Store, User
 
 log = logging.getLogger("pychat.rest")
@@ -109,6 +110,7 @@ class RestApi:
         store: Store,
         engine: Engine,
         gateway: _core.Gateway,
+        presence: Presence,
         issuer: TokenIssuer,
         metrics: Metrics,
     ) -> None:
@@ -116,6 +118,7 @@ class RestApi:
         self.store = store
         self.engine = engine
         self.gateway = gateway
+        self.presence = presence
         self.issuer = issuer
         self.metrics = metrics
         # (method, pattern, handler, needs_auth, route label)
@@ -135,11 +138,11 @@ class RestApi:
         r("GET", "/api/chats/{chat_id}/messages", self.history)
         r("POST", "/api/messages/{message_id}/read", self.mark_read)
         r("GET", "/api/chats/{chat_id}/receipts", self.receipts)
+        r("GET", "/api/users/{user_id}/presence", self.get_presence)
         for method, path in [
             ("GET", "/api/search"),
             ("POST", "/api/media"),
             ("GET", "/api/media/{media_id}"),
-            ("GET", "/api/users/{user_id}/presence"),
             ("GET", "/api/chats/{chat_id}/export"),
         ]:
             r(method, path, self.not_yet)
@@ -241,7 +244,7 @@ class RestApi:
 
     def _publish_chat(self, chat: Chat, also: list[str] | None = None) -> None:
         """Updates the gateway's membership cache, then tells the members."""
-        self.gateway.set_chat_members(chat.chat_id, chat.members)
+        self.gateway.set_chat_members(chat.chat_id, chat.members, chat.kind == "direct")
         frame = json.dumps({"type": "chat", "chat": chat.to_json()}, separators=(",", ":"))
         self.gateway.push_to_users([*chat.members, *(also or [])], frame)
 
@@ -433,6 +436,14 @@ class RestApi:
             raise ApiError("bad_request", "`seq` is required")
         delivered, read = self.store.receipts(chat.chat_id, seq)
         return ok({"delivered": delivered, "read": read})
+
+    async def get_presence(self, req: Request) -> Response:
+        user_id = req.params["user_id"]
+        if not self.presence.may_follow(req.user_id, user_id):
+            if self.store.user_by_id(user_id) is None:
+                raise ApiError("not_found", "no such user")
+            raise ApiError("forbidden", "you share no chat with this user")
+        return ok(self.presence.status(user_id))
 
     async def not_yet(self, req: Request) -> Response:
         raise ApiError("unavailable", f"{req.path} is not available in this version yet")

@@ -18,6 +18,7 @@ from pychat.auth import TokenIssuer
 from pychat.config import Config
 from pychat.engine import Engine
 from pychat.metrics import Metrics
+from pychat.presence.local import LocalPresence
 from pychat.rest import RestApi
 from pychat.store.sqlite import SqliteStore
 
@@ -59,13 +60,25 @@ class Server:
             max_frame_bytes=lim.max_frame_bytes,
             max_content_bytes=lim.max_content_bytes,
             max_attachments=lim.max_attachments,
+            max_subscribe=lim.max_subscribe,
+            typing_ttl_ms=cfg.typing_ttl_ms,
+            typing_min_interval_ms=cfg.typing_min_interval_ms,
+            presence_grace_ms=cfg.presence_grace_ms,
+            tick_ms=cfg.side_tick_ms,
         )
-        for chat_id, members in self.store.all_memberships():
-            self.gateway.set_chat_members(chat_id, members)
+        for chat_id, kind, members in self.store.all_memberships():
+            self.gateway.set_chat_members(chat_id, members, kind == "direct")
+        self.presence = LocalPresence(self.gateway, self.store)
         self.engine = Engine(self.gateway, self.store, self.metrics, cfg.batch_max)
         self.engine.start(asyncio.get_running_loop())
         self.api = RestApi(
-            cfg, self.store, self.engine, self.gateway, TokenIssuer(secret, cfg.token_ttl_s), self.metrics
+            cfg,
+            self.store,
+            self.engine,
+            self.gateway,
+            self.presence,
+            TokenIssuer(secret, cfg.token_ttl_s),
+            self.metrics,
         )
         from granian.constants import Interfaces
         from granian.server.embed import Server as EmbeddedServer

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::hub::{now_ms, EngineEvent, Hub, SendAdmission, TicketOutcome};
+use crate::hub::{now_ms, EngineEvent, Hub, SendAdmission, SidePathConfig, TicketOutcome};
 use crate::metrics;
 use crate::outbox::{Outgoing, Stitcher};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
@@ -47,6 +47,9 @@ pub struct GatewayConfig {
     /// Consecutive refused frames after which a connection is closed.
     pub max_bad_frames: u32,
     pub limits: Limits,
+    pub side_paths: SidePathConfig,
+    /// How often typing expiry and presence changes are processed.
+    pub tick_ms: u64,
 }
 
 impl Default for GatewayConfig {
@@ -64,6 +67,8 @@ impl Default for GatewayConfig {
             window_ttl_ms: 24 * 3600 * 1000,
             max_bad_frames: 20,
             limits: Limits::default(),
+            side_paths: SidePathConfig::default(),
+            tick_ms: 200,
         }
     }
 }
@@ -109,10 +114,11 @@ impl Gateway {
         std_listener.set_nonblocking(true)?;
         let local_addr = std_listener.local_addr()?;
         let (tx, rx) = mpsc::channel(config.engine_queue_capacity.max(1));
-        let hub = Arc::new(Hub::new(
+        let hub = Arc::new(Hub::with_side_paths(
             config.limits.clone(),
             config.window_capacity,
             config.window_ttl_ms,
+            config.side_paths.clone(),
         ));
         let shared = Arc::new(Shared {
             hub,
@@ -129,6 +135,7 @@ impl Gateway {
             TcpListener::from_std(std_listener)?
         };
         runtime.spawn(accept_loop(shared.clone(), listener));
+        runtime.spawn(side_path_ticker(shared.clone()));
         let engine_rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
@@ -261,6 +268,27 @@ impl Drop for Gateway {
     }
 }
 
+/// Last-seen writes are best effort: under overload they are dropped, never waited for.
+fn persist_side_path(shared: &Shared, ev: EngineEvent) {
+    let _ = shared.events.try_send(ev);
+}
+
+/// Expires typing states and presence grace periods, publishes presence changes.
+async fn side_path_ticker(shared: Arc<Shared>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(shared.config.tick_ms.max(10)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.notified() => return,
+            _ = ticker.tick() => {
+                for ev in shared.hub.tick(now_ms()) {
+                    persist_side_path(&shared, ev);
+                }
+            }
+        }
+    }
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let accepted = tokio::select! {
@@ -372,13 +400,15 @@ async fn run_connection(shared: Arc<Shared>, ws: WebSocketStream<TcpStream>, use
         now_ms(),
         shared.config.heartbeat_s,
     )));
-    hub.registry.register(conn.clone());
+    if let Some(seen) = hub.connect(conn.clone(), now_ms()) {
+        persist_side_path(&shared, seen);
+    }
     let (sink, stream) = ws.split();
     tokio::join!(
         read_loop(&shared, &conn, stream),
         write_loop(&shared, &conn, sink, rx)
     );
-    hub.registry.unregister(&conn);
+    hub.disconnect(&conn, now_ms());
     metrics::inc(&hub.counters.connections_closed);
 }
 
@@ -495,15 +525,25 @@ async fn handle_frame(
             .await
         }
         ClientFrame::Typing { chat_id, start } => {
-            let (chat, members) = hub.member_chat(&conn.user, &chat_id)?;
-            let frame = protocol::encode_typing(&chat, &conn.user, start);
-            hub.broadcast(&members, Some(&conn.user), &frame);
+            let (chat, _) = hub.member_chat(&conn.user, &chat_id)?;
+            hub.typing(&conn.user, &chat, start, now_ms());
             Ok(())
         }
-        ClientFrame::PresenceSubscribe { .. } => Err(FrameError::new(
-            ErrorCode::Unavailable,
-            "presence is not available on this server yet",
-        )),
+        ClientFrame::PresenceSubscribe { user_ids } => {
+            hub.presence
+                .lock()
+                .check_subscribe(conn.id, &user_ids)
+                .map_err(|e| FrameError::new(ErrorCode::BadRequest, e.to_string()))?;
+            forward(
+                shared,
+                EngineEvent::PresenceQuery {
+                    conn: conn.id,
+                    user: conn.user.clone(),
+                    user_ids,
+                },
+            )
+            .await
+        }
     }
 }
 

@@ -12,11 +12,14 @@ use serde_json::value::RawValue;
 use crate::membership::{Members, MembershipCache};
 use crate::metrics::{self, Counters};
 use crate::outbox::Outgoing;
+use crate::presence::{Presence, UserPresence};
 use crate::protocol::{
     self, Ack, ErrorCode, FrameError, Limits, PointerKind, SendFrame, StoredMessage,
 };
+use crate::registry::ConnHandle;
 use crate::registry::{ConnectionRegistry, Push};
 use crate::sequencer::{Admission, ChatId, ConnId, IdemKey, Origin, Sequencer, UserId};
+use crate::typing::TypingTracker;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -45,6 +48,14 @@ pub enum EngineEvent {
         conn: ConnId,
         user: UserId,
         since: Vec<(String, u64)>,
+    },
+    /// Persist a user's last_seen (presence changes, batched like everything else).
+    Seen { user: UserId, at: u64 },
+    /// `presence.subscribe`: which of these may `user` follow, and their stored last_seen.
+    PresenceQuery {
+        conn: ConnId,
+        user: UserId,
+        user_ids: Vec<String>,
     },
 }
 
@@ -83,6 +94,9 @@ pub enum EngineResult {
         backlog: Vec<BacklogRow>,
         chats: Vec<(String, u64)>,
     },
+    /// For a `PresenceQuery`: (user_id, may follow, stored last_seen).
+    PresenceInfo(Vec<(String, bool, Option<u64>)>),
+    Done,
     Failed(FrameError),
 }
 
@@ -105,22 +119,170 @@ pub enum SendAdmission {
     InFlight,
 }
 
+/// Timings of the side paths (typing, presence).
+#[derive(Debug, Clone)]
+pub struct SidePathConfig {
+    pub typing_ttl_ms: u64,
+    pub typing_min_interval_ms: u64,
+    pub presence_grace_ms: u64,
+}
+
+impl Default for SidePathConfig {
+    fn default() -> Self {
+        Self {
+            typing_ttl_ms: 6_000,
+            typing_min_interval_ms: 2_000,
+            presence_grace_ms: 5_000,
+        }
+    }
+}
+
 pub struct Hub {
     pub limits: Limits,
     pub registry: ConnectionRegistry,
     pub members: MembershipCache,
     pub sequencer: Mutex<Sequencer>,
+    pub typing: Mutex<TypingTracker>,
+    pub presence: Mutex<Presence>,
     pub counters: Counters,
 }
 
 impl Hub {
     pub fn new(limits: Limits, window_capacity: usize, window_ttl_ms: u64) -> Self {
+        Self::with_side_paths(
+            limits,
+            window_capacity,
+            window_ttl_ms,
+            SidePathConfig::default(),
+        )
+    }
+
+    pub fn with_side_paths(
+        limits: Limits,
+        window_capacity: usize,
+        window_ttl_ms: u64,
+        side: SidePathConfig,
+    ) -> Self {
         Self {
+            typing: Mutex::new(TypingTracker::new(
+                side.typing_ttl_ms,
+                side.typing_min_interval_ms,
+            )),
+            presence: Mutex::new(Presence::new(side.presence_grace_ms, limits.max_subscribe)),
             limits,
             registry: ConnectionRegistry::default(),
             members: MembershipCache::default(),
             sequencer: Mutex::new(Sequencer::new(window_capacity, window_ttl_ms)),
             counters: Counters::default(),
+        }
+    }
+
+    /// Replaces a chat's members in the cache (and its presence links if direct).
+    pub fn set_chat(&self, chat: ChatId, members: Vec<UserId>, direct: bool) {
+        self.presence.lock().set_chat(&chat, &members, direct);
+        self.members.set(chat, members);
+    }
+
+    pub fn remove_chat(&self, chat: &str) {
+        self.presence.lock().set_chat(&chat.into(), &[], false);
+        self.members.remove(chat);
+    }
+
+    /// A connection opened: registers it; returns the store write to make if its user came online.
+    pub fn connect(&self, conn: Arc<ConnHandle>, now: u64) -> Option<EngineEvent> {
+        let user = conn.user.clone();
+        self.registry.register(conn);
+        self.presence
+            .lock()
+            .connected(&user, now)
+            .then_some(EngineEvent::Seen { user, at: now })
+    }
+
+    /// A connection closed: unregisters it, drops its subscriptions, and when it
+    /// was the user's last, closes the user's typing states (telling the chats).
+    pub fn disconnect(&self, conn: &ConnHandle, now: u64) {
+        let remaining = self.registry.unregister(conn);
+        {
+            let mut presence = self.presence.lock();
+            presence.drop_conn(conn.id);
+            presence.disconnected(&conn.user, remaining, now);
+        }
+        if remaining == 0 {
+            let chats = self.typing.lock().drop_user(&conn.user);
+            for chat in chats {
+                self.send_typing(&conn.user, &chat, false);
+            }
+        }
+    }
+
+    /// A typing frame from a member: forwarded to the other members if the tracker says so.
+    pub fn typing(&self, user: &UserId, chat: &ChatId, start: bool, now: u64) {
+        let forward = {
+            let mut t = self.typing.lock();
+            if start {
+                t.start(user, chat, now)
+            } else {
+                t.stop(user, chat)
+            }
+        };
+        if forward {
+            self.send_typing(user, chat, start);
+        }
+    }
+
+    fn send_typing(&self, user: &UserId, chat: &ChatId, start: bool) {
+        if let Some((_, members)) = self.members.get(chat) {
+            self.broadcast(
+                &members,
+                Some(user),
+                &protocol::encode_typing(chat, user, start),
+            );
+        }
+    }
+
+    /// Periodic work of the side paths: expire typing states and presence grace
+    /// periods, publish coalesced presence changes. Returns store writes to make.
+    pub fn tick(&self, now: u64) -> Vec<EngineEvent> {
+        for (user, chat) in self.typing.lock().expire(now) {
+            self.send_typing(&user, &chat, false);
+        }
+        let (gone, changes) = {
+            let mut presence = self.presence.lock();
+            let gone = presence.expire(now);
+            (gone, presence.take_changes())
+        };
+        for (user, p) in changes {
+            self.publish_presence(&user, p);
+        }
+        gone.into_iter()
+            .map(|(user, at)| EngineEvent::Seen { user, at })
+            .collect()
+    }
+
+    fn publish_presence(&self, user: &UserId, p: UserPresence) {
+        let frame = protocol::encode_presence(user, p.online, Some(p.last_seen));
+        let (partners, conns) = self.presence.lock().followers(user);
+        let mut sent = 0u64;
+        self.registry.for_each_conn(partners.iter(), |c| {
+            sent += 1;
+            self.count_push(c.push(Outgoing::Frame(frame.clone())));
+        });
+        for id in conns {
+            sent += 1;
+            self.push_to(id, Outgoing::Frame(frame.clone()));
+        }
+        metrics::inc(&self.counters.presence_changes);
+        metrics::add(&self.counters.presence_frames, sent);
+    }
+
+    /// A user's presence as this node knows it, falling back to the stored last_seen.
+    pub fn presence_view(&self, user: &str, stored_last_seen: Option<u64>) -> (bool, Option<u64>) {
+        match self.presence.lock().get(user) {
+            Some(p) => (
+                p.online,
+                Some(p.last_seen.max(stored_last_seen.unwrap_or(0))),
+            ),
+            None => (false, stored_last_seen),
         }
     }
 
@@ -186,7 +348,7 @@ impl Hub {
         self.sequencer.lock().window.complete(key, None, now_ms());
     }
 
-    fn push_to(&self, conn: ConnId, item: Outgoing) {
+    pub fn push_to(&self, conn: ConnId, item: Outgoing) {
         if let Some(c) = self.registry.get(conn) {
             self.count_push(c.push(item));
         }
@@ -235,6 +397,15 @@ impl Hub {
                     seq: _,
                 } => self.complete_pointer(origin, &user, &chat, result, &mut tickets),
                 EngineEvent::Sync { conn, .. } => self.complete_sync(conn, result),
+                EngineEvent::Seen { user, .. } => {
+                    if matches!(result, EngineResult::Done) {
+                        // Stored now: an offline user's row need not stay in memory.
+                        self.presence.lock().forget_offline(&[user]);
+                    }
+                }
+                EngineEvent::PresenceQuery { conn, .. } => {
+                    self.complete_presence_query(conn, result)
+                }
             }
         }
         tickets
@@ -374,6 +545,40 @@ impl Hub {
                     Origin::Ticket(t) => tickets.push((t, TicketOutcome::Failed(error))),
                 }
             }
+        }
+    }
+
+    fn complete_presence_query(&self, conn: ConnId, result: EngineResult) {
+        let info = match result {
+            EngineResult::PresenceInfo(info) => info,
+            EngineResult::Failed(e) => return self.push_to(conn, Outgoing::Frame(e.encode())),
+            _ => return,
+        };
+        let (allowed, refused): (Vec<_>, Vec<_>) = info.into_iter().partition(|(_, ok, _)| *ok);
+        let users: Vec<UserId> = allowed
+            .iter()
+            .map(|(u, _, _)| UserId::from(u.as_str()))
+            .collect();
+        if let Err(e) = self.presence.lock().subscribe(conn, &users) {
+            return self.push_to(
+                conn,
+                Outgoing::Frame(FrameError::new(ErrorCode::BadRequest, e.to_string()).encode()),
+            );
+        }
+        for (user, _, stored) in &allowed {
+            let (online, last_seen) = self.presence_view(user, *stored);
+            self.push_to(
+                conn,
+                Outgoing::Frame(protocol::encode_presence(user, online, last_seen)),
+            );
+        }
+        if !refused.is_empty() {
+            let ids: Vec<&str> = refused.iter().map(|(u, _, _)| u.as_str()).collect();
+            let message = format!("you share no chat with: {}", ids.join(", "));
+            self.push_to(
+                conn,
+                Outgoing::Frame(FrameError::new(ErrorCode::Forbidden, message).encode()),
+            );
         }
     }
 
@@ -595,5 +800,48 @@ mod tests {
         );
         assert_eq!(drain(&mut a), ["receipt", "receipt"]);
         assert!(drain(&mut b).is_empty());
+    }
+
+    #[test]
+    fn presence_goes_to_online_direct_partners_after_grace_and_typing_stops_on_last_close() {
+        let hub = Hub::with_side_paths(
+            Limits::default(),
+            10,
+            1_000,
+            SidePathConfig {
+                typing_ttl_ms: 6_000,
+                typing_min_interval_ms: 2_000,
+                presence_grace_ms: 500,
+            },
+        );
+        hub.set_chat("d".into(), vec!["a".into(), "b".into()], true);
+        hub.set_chat("g".into(), vec!["a".into(), "c".into()], false);
+        let mut b = connect(&hub, 2, "b");
+        let mut c = connect(&hub, 3, "c");
+        let (tx, _a_rx) = mpsc::channel(16);
+        let a = Arc::new(ConnHandle::new(1, "a".into(), tx, 0));
+        assert!(matches!(
+            hub.connect(a.clone(), 1_000),
+            Some(EngineEvent::Seen { at: 1_000, .. })
+        ));
+        assert!(hub.tick(1_000).is_empty());
+        assert_eq!(drain(&mut b), ["presence"], "direct partner hears it");
+        assert!(drain(&mut c).is_empty(), "a group member does not");
+        hub.typing(&"a".into(), &"g".into(), true, 1_100);
+        assert_eq!(drain(&mut c), ["typing"]);
+        hub.disconnect(&a, 2_000);
+        assert_eq!(
+            drain(&mut c),
+            ["typing"],
+            "stop when the last connection closes"
+        );
+        assert!(
+            hub.tick(2_400).is_empty() && drain(&mut b).is_empty(),
+            "within grace"
+        );
+        let seen = hub.tick(2_500);
+        assert!(matches!(&seen[..], [EngineEvent::Seen { at: 2_000, .. }]));
+        assert_eq!(drain(&mut b), ["presence"]);
+        assert_eq!(hub.presence_view("a", Some(10)), (false, Some(2_000)));
     }
 }

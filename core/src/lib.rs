@@ -7,10 +7,12 @@ pub mod hub;
 pub mod membership;
 pub mod metrics;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 pub mod registry;
 pub mod sequencer;
 pub mod token;
+pub mod typing;
 
 #[cfg(feature = "python")]
 mod py;

@@ -29,6 +29,8 @@ counters!(
     deliveries,
     batches,
     batch_events,
+    presence_changes,
+    presence_frames,
 );
 
 pub fn inc(c: &AtomicU64) {

@@ -487,6 +487,22 @@ pub fn encode_typing(chat_id: &str, user_id: &str, start: bool) -> Bytes {
     })
 }
 
+pub fn encode_presence(user_id: &str, online: bool, last_seen: Option<u64>) -> Bytes {
+    #[derive(Serialize)]
+    struct F<'a> {
+        r#type: &'static str,
+        user_id: &'a str,
+        status: &'static str,
+        last_seen: Option<u64>,
+    }
+    to_bytes(&F {
+        r#type: "presence",
+        user_id,
+        status: if online { "online" } else { "offline" },
+        last_seen,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

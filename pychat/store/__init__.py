@@ -93,14 +93,26 @@ class Store(Protocol):
     def add_member(self, chat_id: str, user_id: str) -> bool: ...
     def remove_member(self, chat_id: str, user_id: str) -> bool: ...
     def is_member(self, chat_id: str, user_id: str) -> bool: ...
-    def all_memberships(self) -> list[tuple[str, list[str]]]: ...
+    def all_memberships(self) -> list[tuple[str, str, list[str]]]:
+        """(chat_id, kind, members) of every chat."""
 
     # messages
     def append_batch(
-        self, sends: list[SendRequest], pointers: list[PointerRequest]
+        self,
+        sends: list[SendRequest],
+        pointers: list[PointerRequest],
+        seen: list[tuple[str, int]] | None = None,
     ) -> tuple[list[EngineResult], list[EngineResult]]:
-        """Stores every send and moves every pointer in ONE transaction; on any
-        store failure nothing of the batch is written and the exception propagates."""
+        """Stores every send, moves every pointer and records every (user_id, last_seen)
+        in ONE transaction; on any store failure nothing of the batch is written and the
+        exception propagates."""
+
+    # presence
+    def last_seen(self, user_id: str) -> int | None: ...
+    def visible_users(self, viewer_id: str, user_ids: list[str]) -> set[str]:
+        """Those of `user_ids` that share a chat with `viewer_id` (and the viewer itself)."""
+
+    def last_seen_many(self, user_ids: list[str]) -> dict[str, int | None]: ...
 
     def sync_backlog(
         self, user_id: str, since: dict[str, int]

@@ -16,7 +16,7 @@ from pychat.errors import ApiError
 from pychat.ids import new_id, now_ms
 from pychat.store import BacklogRow, Chat, EngineResult, PointerRequest, SendRequest, User
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS users (
     username_key TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
     display_name TEXT,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    last_seen INTEGER
 );
 CREATE TABLE IF NOT EXISTS chats (
     chat_id TEXT PRIMARY KEY,
@@ -99,9 +100,18 @@ class SqliteStore:
         conn = self._conn()
         with conn:
             conn.executescript(SCHEMA)
+            self._migrate(conn)
             conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
             )
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Brings a database written by an older version up to this schema."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
+        if "last_seen" not in columns:  # version 1
+            conn.execute("ALTER TABLE users ADD COLUMN last_seen INTEGER")
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -266,21 +276,54 @@ class SqliteStore:
         )
         return row is not None
 
-    def all_memberships(self) -> list[tuple[str, list[str]]]:
-        members: dict[str, list[str]] = {}
-        for chat_id, user_id in self._conn().execute(
-            "SELECT c.chat_id, uc.user_id FROM chats c LEFT JOIN user_chats uc ON uc.chat_id = c.chat_id"
+    def all_memberships(self) -> list[tuple[str, str, list[str]]]:
+        chats: dict[str, tuple[str, list[str]]] = {}
+        for chat_id, kind, user_id in self._conn().execute(
+            "SELECT c.chat_id, c.kind, uc.user_id FROM chats c LEFT JOIN user_chats uc ON uc.chat_id = c.chat_id"
             " ORDER BY c.chat_id, uc.joined_at"
         ):
-            lst = members.setdefault(chat_id, [])
+            _, members = chats.setdefault(chat_id, (kind, []))
             if user_id is not None:
-                lst.append(user_id)
-        return list(members.items())
+                members.append(user_id)
+        return [(chat_id, kind, members) for chat_id, (kind, members) in chats.items()]
+
+    # presence
+
+    def last_seen(self, user_id: str) -> int | None:
+        row = self._conn().execute("SELECT last_seen FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        return row[0] if row else None
+
+    def last_seen_many(self, user_ids: list[str]) -> dict[str, int | None]:
+        if not user_ids:
+            return {}
+        marks = ",".join("?" * len(user_ids))
+        rows = self._conn().execute(
+            f"SELECT user_id, last_seen FROM users WHERE user_id IN ({marks})", user_ids
+        )
+        return dict(rows.fetchall())
+
+    def visible_users(self, viewer_id: str, user_ids: list[str]) -> set[str]:
+        if not user_ids:
+            return set()
+        marks = ",".join("?" * len(user_ids))
+        rows = self._conn().execute(
+            "SELECT DISTINCT theirs.user_id FROM user_chats mine"
+            " JOIN user_chats theirs ON theirs.chat_id = mine.chat_id"
+            f" WHERE mine.user_id = ? AND theirs.user_id IN ({marks})",
+            [viewer_id, *user_ids],
+        )
+        visible = {r[0] for r in rows}
+        if viewer_id in user_ids:
+            visible.add(viewer_id)
+        return visible
 
     # messages
 
     def append_batch(
-        self, sends: list[SendRequest], pointers: list[PointerRequest]
+        self,
+        sends: list[SendRequest],
+        pointers: list[PointerRequest],
+        seen: list[tuple[str, int]] | None = None,
     ) -> tuple[list[EngineResult], list[EngineResult]]:
         send_results: list[EngineResult] = []
         pointer_results: list[EngineResult] = []
@@ -338,6 +381,11 @@ class SqliteStore:
             )
             for p in pointers:
                 pointer_results.append(self._move_pointer(c, p, chat_last(p.chat_id)))
+            if seen:
+                c.executemany(
+                    "UPDATE users SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE user_id = ?",
+                    [(at, user_id) for user_id, at in seen],
+                )
         return send_results, pointer_results
 
     def _resolve_attachments(self, c: sqlite3.Connection, s: SendRequest) -> tuple[str, EngineResult | None]:

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use serde_json::value::RawValue;
 
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::hub::{BacklogRow, EngineEvent, EngineResult, TicketOutcome};
+use crate::hub::{BacklogRow, EngineEvent, EngineResult, SidePathConfig, TicketOutcome};
 use crate::protocol::{Ack, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
 use crate::sequencer::UserId;
 use crate::token::TokenVerifier;
@@ -53,7 +53,9 @@ impl PyGateway {
     #[new]
     #[pyo3(signature = (*, host, port, secret, heartbeat_s=25, queue_capacity=4096, read_buffer_bytes=4096,
         runtime_threads=2, engine_queue_capacity=16384, window_capacity=1_000_000, window_ttl_s=86400,
-        max_bad_frames=20, max_frame_bytes=262144, max_content_bytes=65536, max_attachments=10))]
+        max_bad_frames=20, max_frame_bytes=262144, max_content_bytes=65536, max_attachments=10,
+        max_subscribe=1000, typing_ttl_ms=6000, typing_min_interval_ms=2000, presence_grace_ms=5000,
+        tick_ms=200))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -70,6 +72,11 @@ impl PyGateway {
         max_frame_bytes: usize,
         max_content_bytes: usize,
         max_attachments: usize,
+        max_subscribe: usize,
+        typing_ttl_ms: u64,
+        typing_min_interval_ms: u64,
+        presence_grace_ms: u64,
+        tick_ms: u64,
     ) -> PyResult<Self> {
         if secret.len() < 16 {
             return Err(PyValueError::new_err("secret must be at least 16 bytes"));
@@ -90,8 +97,15 @@ impl PyGateway {
                 max_frame_bytes,
                 max_content_bytes,
                 max_attachments,
+                max_subscribe,
                 ..Limits::default()
             },
+            side_paths: SidePathConfig {
+                typing_ttl_ms,
+                typing_min_interval_ms,
+                presence_grace_ms,
+            },
+            tick_ms,
         };
         let inner = Gateway::start(config)
             .map_err(|e| PyOSError::new_err(format!("gateway failed to start: {e}")))?;
@@ -158,6 +172,16 @@ impl PyGateway {
                     .into_pyobject(py)?
                     .into_any()
                     .unbind(),
+                EngineEvent::Seen { user, at } => ("seen", &**user, *at)
+                    .into_pyobject(py)?
+                    .into_any()
+                    .unbind(),
+                EngineEvent::PresenceQuery { user, user_ids, .. } => {
+                    ("presence.query", &**user, user_ids.clone())
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind()
+                }
             };
             out.push(obj);
         }
@@ -261,13 +285,21 @@ impl PyGateway {
             .map_err(gateway_error)
     }
 
-    fn set_chat_members(&self, chat_id: &str, members: Vec<String>) {
+    /// Replaces a chat's members in the gateway's cache; direct chats also link presence partners.
+    #[pyo3(signature = (chat_id, members, direct=false))]
+    fn set_chat_members(&self, chat_id: &str, members: Vec<String>, direct: bool) {
         let members: Vec<UserId> = members.into_iter().map(UserId::from).collect();
-        self.inner.hub().members.set(chat_id.into(), members);
+        self.inner.hub().set_chat(chat_id.into(), members, direct);
     }
 
     fn remove_chat(&self, chat_id: &str) {
-        self.inner.hub().members.remove(chat_id);
+        self.inner.hub().remove_chat(chat_id);
+    }
+
+    /// (online, last_seen) as this node knows it, given the stored last_seen.
+    #[pyo3(signature = (user_id, stored_last_seen=None))]
+    fn presence_of(&self, user_id: &str, stored_last_seen: Option<u64>) -> (bool, Option<u64>) {
+        self.inner.hub().presence_view(user_id, stored_last_seen)
     }
 
     /// Sends a ready-made JSON frame to every connection of these users.
@@ -361,6 +393,11 @@ fn extract_result(r: &Bound<'_, PyAny>) -> PyResult<EngineResult> {
                 });
             }
             EngineResult::Synced { backlog, chats }
+        }
+        "ok" => EngineResult::Done,
+        "presence" => {
+            let (_, info): (String, Vec<(String, bool, Option<u64>)>) = r.extract()?;
+            EngineResult::PresenceInfo(info)
         }
         "error" => {
             let (_, code, message): (String, String, String) = r.extract()?;
