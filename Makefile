@@ -40,15 +40,15 @@ lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
 	cargo fmt --check
 	cargo clippy -q --all-targets -- -D warnings
 	cargo clippy -q --features python -- -D warnings
-	$(BIN)/ruff check pychat tests
-	$(BIN)/ruff format --check pychat tests
+	$(BIN)/ruff check pychat tests benchmarks
+	$(BIN)/ruff format --check pychat tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest pychat._core
 
 fmt: $(VENV)/.deps ## format Rust and Python
 	cargo fmt
-	$(BIN)/ruff format pychat tests
-	$(BIN)/ruff check --fix pychat tests
+	$(BIN)/ruff format pychat tests benchmarks
+	$(BIN)/ruff check --fix pychat tests benchmarks
 
 clean: ## remove the venv and built extension (the cargo cache stays)
 	rm -rf $(VENV) pychat/_core*.so

@@ -57,22 +57,29 @@ def setup_chats(url: str, n: int) -> list[tuple[str, str]]:
     return out
 
 
-async def _pipelined(ws_url: str, token: str, chat_id: str, window: int, stop_at: float, lat: list[float]) -> int:
+async def _pipelined(
+    ws_url: str, token: str, chat_id: str, window: int, stop_at: float, lat: list[float]
+) -> int:
     acked = 0
     async with connect(f"{ws_url}?token={token}", max_size=2**22) as ws:
         await ws.recv()  # hello
         sent_at: dict[str, float] = {}
+        room = asyncio.Event()  # set while fewer than `window` sends are unacked
+        room.set()
 
         async def sender() -> None:
             i = 0
             while time.monotonic() < stop_at:
-                while len(sent_at) >= window:
-                    await asyncio.sleep(0.0005)
+                if len(sent_at) >= window:
+                    room.clear()
+                    await room.wait()
                 cmid = f"{i}"
                 i += 1
                 sent_at[cmid] = time.perf_counter()
                 await ws.send(
-                    json.dumps({"type": "send", "chat_id": chat_id, "client_msg_id": cmid, "content": "x" * 64})
+                    json.dumps(
+                        {"type": "send", "chat_id": chat_id, "client_msg_id": cmid, "content": "x" * 64}
+                    )
                 )
 
         task = asyncio.create_task(sender())
@@ -84,6 +91,7 @@ async def _pipelined(ws_url: str, token: str, chat_id: str, window: int, stop_at
             frame = json.loads(raw)
             if frame["type"] == "ack":
                 t0 = sent_at.pop(frame["client_msg_id"], None)
+                room.set()
                 if t0 is not None:
                     acked += 1
                     if acked % 16 == 0:
@@ -108,7 +116,11 @@ async def sequential_latency(ws_url: str, token: str, chat_id: str, n: int) -> l
         await ws.recv()
         for i in range(n):
             t0 = time.perf_counter()
-            await ws.send(json.dumps({"type": "send", "chat_id": chat_id, "client_msg_id": f"seq{i}", "content": "x" * 64}))
+            await ws.send(
+                json.dumps(
+                    {"type": "send", "chat_id": chat_id, "client_msg_id": f"seq{i}", "content": "x" * 64}
+                )
+            )
             while json.loads(await ws.recv())["type"] != "ack":
                 pass
             lat.append(time.perf_counter() - t0)
@@ -135,7 +147,9 @@ def batch_stats(url: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics").text
     values = {}
     for line in text.splitlines():
-        if line.startswith("pychat_engine_batch_events_sum") or line.startswith("pychat_engine_batch_events_count"):
+        if line.startswith("pychat_engine_batch_events_sum") or line.startswith(
+            "pychat_engine_batch_events_count"
+        ):
             name, v = line.split(" ")
             values[name.split("{")[0]] = float(v)
     count = values.get("pychat_engine_batch_events_count", 0.0)
@@ -152,7 +166,9 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as d:
-        srv = ServerProcess(Path(d), env={"PYCHAT_SQLITE_SYNCHRONOUS": args.synchronous, "PYCHAT_LOG_LEVEL": "warning"})
+        srv = ServerProcess(
+            Path(d), env={"PYCHAT_SQLITE_SYNCHRONOUS": args.synchronous, "PYCHAT_LOG_LEVEL": "warning"}
+        )
         srv.start()
         try:
             pairs = setup_chats(srv.url, args.procs * args.conns + 1)
@@ -161,7 +177,10 @@ def main() -> None:
             q: Any = mp.Queue()
             stop_at = time.time() + 1.0 + args.seconds
             procs = [
-                mp.Process(target=_worker, args=(srv.ws_url, pairs[i * args.conns : (i + 1) * args.conns], args.window, stop_at, q))
+                mp.Process(
+                    target=_worker,
+                    args=(srv.ws_url, pairs[i * args.conns : (i + 1) * args.conns], args.window, stop_at, q),
+                )
                 for i in range(args.procs)
             ]
             for p in procs:
@@ -180,12 +199,21 @@ def main() -> None:
     out = {
         "benchmark": "e2e_send",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "args": vars(args),
         "acked_messages": acked,
         "acked_per_second": round(rate),
-        "ack_latency_ms_sequential": {"p50": _ms(statistics.median(lat_seq)), "p99": _ms(_pct(sorted(lat_seq), 0.99))},
+        "ack_latency_ms_sequential": {
+            "p50": _ms(statistics.median(lat_seq)),
+            "p99": _ms(_pct(sorted(lat_seq), 0.99)),
+        },
         "ack_latency_ms_under_load": {"p50": _ms(_pct(lat_load, 0.5)), "p99": _ms(_pct(lat_load, 0.99))},
         "engine_batches": batches,
         "mean_batch_events": round(mean_batch, 1),

@@ -45,6 +45,7 @@ def test_every_protocol_path_is_in_the_openapi_document() -> None:
         "/api/messages",
         "/api/messages/{message_id}/read",
         "/api/chats/{chat_id}/receipts",
+        "/api/users/{user_id}/presence",
         "/api/chats/{chat_id}/messages",
         "/healthz",
         "/metrics",
@@ -65,6 +66,10 @@ async def test_rest_answers_and_ws_frames_match_the_contract(server: ServerProce
     await alice_ws.until("receipt")
     await bob_ws.send("garbage")
     await bob_ws.until("error")
+    await bob_ws.send({"type": "presence.subscribe", "user_ids": [alice.user_id]})
+    await bob_ws.until("presence")
+    await bob_ws.send({"type": "typing", "chat_id": chat["chat_id"], "state": "start"})
+    await alice_ws.until("typing")
     for frame in [alice_ws.hello, bob_ws.hello, *alice_ws.frames, *bob_ws.frames]:
         check_frame(frame)
     check_rest("SendResult", await alice.post_message(chat["chat_id"], "rest"))
