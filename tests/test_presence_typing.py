@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -208,3 +208,26 @@ async def test_presence_of_oneself_and_unknown_over_rest(side_clients: Clients) 
     a = await side_clients.user("self")
     me = await a.presence(a.user_id)
     assert me == {"user_id": a.user_id, "status": "offline", "last_seen": None}
+
+
+async def test_last_seen_is_stored_and_survives_a_restart(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    srv = server_factory(TIMINGS)
+    clients = Clients(srv)
+    a, b = await clients.user("rsa"), await clients.user("rsb")
+    await a.create_direct(b.user_id)
+    b_ws = await open_raw(srv, b)
+    a_ws = await open_raw(srv, a)
+    await b_ws.until("presence", status="online")
+    await a_ws.close()
+    offline = await b_ws.until("presence", status="offline", timeout=10)
+    await b_ws.close()
+    srv.stop()
+    srv.start()
+    assert await b.presence(a.user_id) == {
+        "user_id": a.user_id,
+        "status": "offline",
+        "last_seen": offline["last_seen"],
+    }
+    await clients.close()
