@@ -36,6 +36,12 @@ class Gateway:
         typing_min_interval_ms: int = 2000,
         presence_grace_ms: int = 5000,
         tick_ms: int = 200,
+        upgrades_per_s: float = 2000.0,
+        upgrade_burst: float = 4000.0,
+        max_connections: int = 0,
+        send_per_s: float = 200.0,
+        send_burst: float = 400.0,
+        allowed_origins: list[str] = ...,
     ) -> Gateway: ...
     @property
     def port(self) -> int: ...

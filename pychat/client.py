@@ -26,17 +26,54 @@ from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 
 class ChatError(Exception):
-    """An error answer from the server: `code` is one of PROTOCOL.md's codes."""
+    """An error answer from the server: `code` is one of PROTOCOL.md's codes;
+    `retry_after_ms` is set when the server said when to try again."""
 
-    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, status: int | None = None, retry_after_ms: int | None = None
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.status = status
+        self.retry_after_ms = retry_after_ms
+
+
+def retry_delay(attempt: int, retry_after_ms: int | None = None) -> float:
+    """Seconds to wait before reconnect `attempt` (0-based): the server's `retry_after_ms` when it
+    gave one, else exponential backoff from 50 ms to 5 s; both spread by jitter so that clients
+    dropped together do not come back together."""
+    if retry_after_ms is not None:
+        return retry_after_ms / 1000 * (1 + random.random())
+    backoff: float = min(0.05 * 2.0**attempt, 5.0)
+    return backoff * (0.5 + random.random())
+
+
+async def open_websocket(ws_url: str, token: str) -> tuple[ClientConnection, dict[str, Any]]:
+    """Opens a WebSocket and reads `hello`. An upgrade refused with 429/503 raises ChatError
+    carrying the server's `retry_after_ms`."""
+    try:
+        ws = await connect(f"{ws_url}?token={token}", max_size=2**20, ping_interval=None)
+    except InvalidStatus as e:
+        try:
+            err = json.loads(e.response.body or b"{}").get("error", {})
+        except ValueError:
+            err = {}
+        raise ChatError(
+            err.get("code", "unavailable"),
+            err.get("message", f"upgrade refused with {e.response.status_code}"),
+            e.response.status_code,
+            err.get("retry_after_ms"),
+        ) from None
+    hello = json.loads(await ws.recv())
+    if hello.get("type") != "hello":
+        await ws.close()
+        raise ChatError("internal", f"expected hello, got {hello!r}")
+    return ws, hello
 
 
 @dataclass
@@ -146,7 +183,16 @@ class ChatClient:
         if self._ws_url is None:
             config = await self.request("GET", "/api/config")
             self._ws_url = config["ws_url"]
-        hello = await self._open()
+        attempt = 0
+        while True:  # a server under a reconnect storm says when to come back
+            try:
+                hello = await self._open()
+                break
+            except ChatError as e:
+                if e.retry_after_ms is None or attempt >= 20:
+                    raise
+                await asyncio.sleep(retry_delay(attempt, e.retry_after_ms))
+                attempt += 1
         self._reader = asyncio.create_task(self._read_loop())
         self._writer = asyncio.create_task(self._write_loop())
         return hello
@@ -161,11 +207,7 @@ class ChatClient:
 
     async def _open(self) -> dict[str, Any]:
         assert self._ws_url is not None
-        ws = await connect(f"{self._ws_url}?token={self.token}", max_size=2**20, ping_interval=None)
-        hello = json.loads(await ws.recv())
-        if hello.get("type") != "hello":
-            await ws.close()
-            raise ChatError("internal", f"expected hello, got {hello!r}")
+        ws, hello = await open_websocket(self._ws_url, self.token)
         self._ws = ws
         self.session_id = hello["session_id"]
         self._connected.set()
@@ -175,7 +217,6 @@ class ChatClient:
         return dict(hello)
 
     async def _read_loop(self) -> None:
-        delay = 0.05
         while True:
             ws = self._ws
             assert ws is not None
@@ -188,16 +229,18 @@ class ChatClient:
             if self._closing or not self.auto_reconnect:
                 self._fail_pending(ChatError("unavailable", "connection closed"))
                 return
+            attempt, retry_after = 0, None
             while not self._closing:
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(retry_delay(attempt, retry_after))
+                attempt += 1
                 try:
                     await self._open()
-                    delay = 0.05
                     self._outbox.put_nowait({"type": "sync", "since": self.since()})
                     break
-                except (OSError, ConnectionClosed, ChatError):
-                    continue
+                except ChatError as e:
+                    retry_after = e.retry_after_ms
+                except (OSError, ConnectionClosed, InvalidHandshake, TimeoutError):
+                    retry_after = None
             if self._closing:
                 return
 
@@ -220,6 +263,12 @@ class ChatClient:
                 fut = self._sync_waiters.pop(0)
                 if not fut.done():
                     fut.set_result(frame)
+        elif kind == "error" and frame["code"] == "rate_limited" and frame.get("ref") in self._unacked:
+            # Too fast: the same send goes again when the server said it may.
+            again, _ = self._unacked[frame["ref"]]
+            delay = retry_delay(0, frame.get("retry_after_ms", 100))
+            asyncio.get_running_loop().call_later(delay, self._outbox.put_nowait, again)
+            return
         elif kind == "error" and frame.get("ref") in self._unacked:
             _, fut = self._unacked.pop(frame["ref"])
             if not fut.done():
@@ -361,5 +410,10 @@ def _answer(response: httpx.Response) -> Any:
         body = None
     if response.status_code >= 400:
         err = (body or {}).get("error", {}) if isinstance(body, dict) else {}
-        raise ChatError(err.get("code", "internal"), err.get("message", response.text), response.status_code)
+        raise ChatError(
+            err.get("code", "internal"),
+            err.get("message", response.text),
+            response.status_code,
+            err.get("retry_after_ms"),
+        )
     return body

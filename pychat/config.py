@@ -50,8 +50,22 @@ class Config:
     typing_ttl_ms: int = 6000
     typing_min_interval_ms: int = 2000
     side_tick_ms: int = 200
+    # Overload and abuse: answered with `rate_limited` and `retry_after_ms`.
+    upgrades_per_s: int = 2000
+    upgrade_burst: int = 4000
+    max_connections: int = 0  # 0: bounded by the process's file limit only
+    send_per_s: int = 200  # per WebSocket connection, and per user over REST
+    send_burst: int = 400
+    login_per_min: int = 10  # attempts per username
+    login_failures_per_min: int = 60  # failed attempts per client address
+    # Browser origins allowed to open the WebSocket or call REST, comma-separated; empty: any.
+    allowed_origins: str = ""
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def origins(self) -> list[str]:
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
 
     @property
     def db_path(self) -> Path:
@@ -77,6 +91,8 @@ def _coerce(kind: Any, raw: Any, name: str) -> Any:
     if kind in (Path, "Path"):
         return Path(raw)
     if kind in (str, "str"):
+        if isinstance(raw, list):  # e.g. allowed_origins = ["https://a", "https://b"]
+            return ",".join(str(x) for x in raw)
         return str(raw)
     raise ValueError(f"cannot set {name}")
 

@@ -29,3 +29,20 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, object]:
         return {"error": {"code": self.code, "message": self.message}}
+
+    def headers(self) -> list[tuple[str, str]]:
+        return []
+
+
+class RateLimited(ApiError):
+    """429 `rate_limited`, telling the client when to try again (body and Retry-After)."""
+
+    def __init__(self, retry_after_ms: int) -> None:
+        super().__init__("rate_limited", f"too many requests: retry in {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"code": self.code, "message": self.message, "retry_after_ms": self.retry_after_ms}}
+
+    def headers(self) -> list[tuple[str, str]]:
+        return [("retry-after", str(max(1, -(-self.retry_after_ms // 1000))))]

@@ -21,10 +21,11 @@ from pychat import __version__, _core
 from pychat.auth import DUMMY_HASH, USERNAME, TokenIssuer, hash_password, verify_password
 from pychat.config import Config
 from pychat.engine import Engine
-from pychat.errors import ApiError
+from pychat.errors import ApiError, RateLimited
 from pychat.ids import new_id, now_ms
 from pychat.metrics import Metrics
 from pychat.presence import Presence
+from pychat.ratelimit import RateLimiter
 from pychat.store import Chat, Store, User
 
 log = logging.getLogger("pychat.rest")
@@ -43,6 +44,7 @@ class Request:
     body: bytes
     params: dict[str, str] = field(default_factory=dict)
     user_id: str = ""
+    client: str = ""
 
     def json(self) -> dict[str, Any]:
         try:
@@ -70,6 +72,7 @@ class Response:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
 
 def ok(value: Any, status: int = 200) -> Response:
@@ -119,6 +122,9 @@ class RestApi:
         self.engine = engine
         self.gateway = gateway
         self.presence = presence
+        self.login_limit = RateLimiter(config.login_per_min / 60, config.login_per_min)
+        self.login_failures = RateLimiter(config.login_failures_per_min / 60, config.login_failures_per_min)
+        self.send_limit = RateLimiter(config.send_per_s, config.send_burst)
         self.issuer = issuer
         self.metrics = metrics
         # (method, pattern, handler, needs_auth, route label)
@@ -169,13 +175,14 @@ class RestApi:
         try:
             response, route_label = await self._dispatch(scope, receive)
         except ApiError as e:
-            response = Response(e.status, json.dumps(e.body()).encode())
+            response = Response(e.status, json.dumps(e.body()).encode(), headers=e.headers())
         except Exception:
             log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
             self.metrics.errors.inc(kind="http_internal")
             response = Response(500, json.dumps(ApiError("internal", "internal error").body()).encode())
         headers = [(b"content-type", response.content_type.encode())]
         headers.append((b"content-length", str(len(response.body)).encode()))
+        headers.extend((k.encode(), v.encode()) for k, v in response.headers)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         await send({"type": "http.response.body", "body": response.body})
         self.metrics.http_requests.inc(route=route_label, status=str(response.status))
@@ -200,7 +207,11 @@ class RestApi:
                 headers=headers,
                 body=b"",
                 params=m.groupdict(),
+                client=(scope.get("client") or ("", 0))[0],
             )
+            origins = self.config.origins
+            if origins and "origin" in headers and headers["origin"] not in origins:
+                raise ApiError("forbidden", "origin not allowed")
             if auth:
                 req.user_id = self._authenticate(headers)
             req.body = await self._read_body(receive)
@@ -276,10 +287,16 @@ class RestApi:
         username = _string(body, "username", max_len=64)
         password = _string(body, "password", max_len=1024)
         assert username is not None and password is not None
+        retry_after = self.login_limit.check(username.lower())
+        if retry_after is not None:
+            raise RateLimited(retry_after)
         user = self.store.user_by_name(username)
         stored_hash = user.password_hash if user else DUMMY_HASH
         valid = await asyncio.to_thread(verify_password, password, stored_hash)
         if user is None or not valid:
+            retry_after = self.login_failures.check(req.client)
+            if retry_after is not None:
+                raise RateLimited(retry_after)
             raise ApiError("unauthorized", "wrong username or password")
         token, expires_at = self.issuer.issue(user.user_id)
         return ok({"token": token, "user_id": user.user_id, "expires_at": expires_at})
@@ -406,6 +423,9 @@ class RestApi:
         if not content and not attachments:
             raise ApiError("bad_request", "a message needs `content` or `attachments`")
         assert chat_id is not None
+        retry_after = self.send_limit.check(req.user_id)
+        if retry_after is not None:
+            raise RateLimited(retry_after)
         ack = await self.engine.send(
             req.user_id, chat_id, client_msg_id or f"rest-{uuid.uuid4().hex}", content, attachments
         )

@@ -65,6 +65,12 @@ class Server:
             typing_min_interval_ms=cfg.typing_min_interval_ms,
             presence_grace_ms=cfg.presence_grace_ms,
             tick_ms=cfg.side_tick_ms,
+            upgrades_per_s=cfg.upgrades_per_s,
+            upgrade_burst=cfg.upgrade_burst,
+            max_connections=cfg.max_connections,
+            send_per_s=cfg.send_per_s,
+            send_burst=cfg.send_burst,
+            allowed_origins=cfg.origins,
         )
         for chat_id, kind, members in self.store.all_memberships():
             self.gateway.set_chat_members(chat_id, members, kind == "direct")

@@ -25,6 +25,7 @@ use crate::hub::{now_ms, EngineEvent, Hub, SendAdmission, SidePathConfig, Ticket
 use crate::metrics;
 use crate::outbox::{Outgoing, Stitcher};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
+use crate::ratelimit::TokenBucket;
 use crate::registry::{CloseReason, ConnHandle};
 use crate::sequencer::{Origin, UserId};
 use crate::token::TokenVerifier;
@@ -50,6 +51,16 @@ pub struct GatewayConfig {
     pub side_paths: SidePathConfig,
     /// How often typing expiry and presence changes are processed.
     pub tick_ms: u64,
+    /// Upgrades accepted per second (and burst) before `rate_limited` answers.
+    pub upgrades_per_s: f64,
+    pub upgrade_burst: f64,
+    /// Connections this process holds at most (0: no limit but the file limit).
+    pub max_connections: usize,
+    /// `send` frames per second (and burst) per connection.
+    pub send_per_s: f64,
+    pub send_burst: f64,
+    /// Browser origins allowed to open a WebSocket; empty: any.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -69,12 +80,19 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             side_paths: SidePathConfig::default(),
             tick_ms: 200,
+            upgrades_per_s: 2_000.0,
+            upgrade_burst: 4_000.0,
+            max_connections: 0,
+            send_per_s: 200.0,
+            send_burst: 400.0,
+            allowed_origins: Vec::new(),
         }
     }
 }
 
 struct Shared {
     hub: Arc<Hub>,
+    upgrades: Mutex<TokenBucket>,
     config: GatewayConfig,
     verifier: TokenVerifier,
     events: mpsc::Sender<EngineEvent>,
@@ -122,6 +140,11 @@ impl Gateway {
         ));
         let shared = Arc::new(Shared {
             hub,
+            upgrades: Mutex::new(TokenBucket::new(
+                config.upgrades_per_s,
+                config.upgrade_burst,
+                now_ms(),
+            )),
             verifier: TokenVerifier::new(&config.secret),
             config,
             events: tx,
@@ -306,18 +329,29 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 #[allow(clippy::result_large_err)]
-fn reject(status: StatusCode, code: ErrorCode, message: &str) -> ErrorResponse {
-    let body = format!(
-        "{{\"error\":{{\"code\":\"{}\",\"message\":\"{}\"}}}}",
-        code.as_str(),
-        message
-    );
-    let mut resp = ErrorResponse::new(Some(body));
+fn reject(status: StatusCode, error: FrameError) -> ErrorResponse {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        code: &'static str,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
+    }
+    let body = serde_json::json!({ "error": Body {
+        code: error.code.as_str(),
+        message: &error.message,
+        retry_after_ms: error.retry_after_ms,
+    }});
+    let mut resp = ErrorResponse::new(Some(body.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
+    let headers = resp.headers_mut();
+    headers.insert(
         "content-type",
         "application/json".parse().expect("valid header"),
     );
+    if let Some(ms) = error.retry_after_ms {
+        headers.insert("retry-after", ms.div_ceil(1000).max(1).into());
+    }
     resp
 }
 
@@ -328,8 +362,55 @@ fn token_from_query(query: &str) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
-// The upgrade callback's Result shape is fixed by tungstenite's `Callback`.
-#[allow(clippy::result_large_err)]
+/// Checks an upgrade request: path, token, Origin, capacity, then the upgrade
+/// rate (a storm of reconnects is told when to come back instead of queueing).
+#[allow(clippy::result_large_err)] // tungstenite's `Callback` fixes the error type
+fn admit_upgrade(shared: &Shared, req: &Request) -> Result<String, ErrorResponse> {
+    if req.uri().path() != "/ws" {
+        let e = FrameError::new(ErrorCode::NotFound, "the WebSocket endpoint is /ws");
+        return Err(reject(StatusCode::NOT_FOUND, e));
+    }
+    let Some(token) = req.uri().query().and_then(token_from_query) else {
+        return Err(reject(
+            StatusCode::UNAUTHORIZED,
+            FrameError::new(ErrorCode::Unauthorized, "missing token"),
+        ));
+    };
+    let user = shared.verifier.verify(token, now_ms()).map_err(|e| {
+        reject(
+            StatusCode::UNAUTHORIZED,
+            FrameError::new(ErrorCode::Unauthorized, e.to_string()),
+        )
+    })?;
+    let allowed = &shared.config.allowed_origins;
+    if !allowed.is_empty() {
+        let origin = req.headers().get("origin").and_then(|o| o.to_str().ok());
+        // Browsers always send Origin; other clients may omit it.
+        if let Some(origin) = origin {
+            if !allowed.iter().any(|a| a == origin) {
+                let e = FrameError::new(ErrorCode::Forbidden, "origin not allowed");
+                return Err(reject(StatusCode::FORBIDDEN, e));
+            }
+        }
+    }
+    let max = shared.config.max_connections;
+    if max > 0 && shared.hub.registry.connection_count() >= max {
+        metrics::inc(&shared.hub.counters.upgrades_rate_limited);
+        let mut e = FrameError::new(ErrorCode::Unavailable, "server is at its connection limit");
+        e.retry_after_ms = Some(1_000);
+        return Err(reject(StatusCode::SERVICE_UNAVAILABLE, e));
+    }
+    if let Err(retry_after) = shared.upgrades.lock().try_take(now_ms()) {
+        metrics::inc(&shared.hub.counters.upgrades_rate_limited);
+        return Err(reject(
+            StatusCode::TOO_MANY_REQUESTS,
+            FrameError::rate_limited(retry_after),
+        ));
+    }
+    Ok(user)
+}
+
+#[allow(clippy::result_large_err)] // the upgrade callback's shape is tungstenite's
 async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let user_slot: Arc<Mutex<Option<String>>> = Arc::default();
@@ -337,32 +418,10 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
         let shared = shared.clone();
         let slot = user_slot.clone();
         move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-            if req.uri().path() != "/ws" {
-                return Err(reject(
-                    StatusCode::NOT_FOUND,
-                    ErrorCode::NotFound,
-                    "the WebSocket endpoint is /ws",
-                ));
-            }
-            let token = req.uri().query().and_then(token_from_query);
-            let Some(token) = token else {
-                return Err(reject(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    "missing token",
-                ));
-            };
-            match shared.verifier.verify(token, now_ms()) {
-                Ok(user) => {
-                    *slot.lock() = Some(user);
-                    Ok(resp)
-                }
-                Err(e) => Err(reject(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::Unauthorized,
-                    &e.to_string(),
-                )),
-            }
+            admit_upgrade(&shared, req).map(|user| {
+                *slot.lock() = Some(user);
+                resp
+            })
         }
     };
     // Frames a little over the limit are read and refused with an error frame
@@ -428,6 +487,7 @@ async fn read_loop(shared: &Shared, conn: &Arc<ConnHandle>, mut stream: WsStream
 
 async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStream) {
     let mut strikes = 0u32;
+    let mut sends = TokenBucket::new(shared.config.send_per_s, shared.config.send_burst, now_ms());
     loop {
         let next = tokio::select! {
             _ = conn.closed() => return,
@@ -455,7 +515,7 @@ async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStr
         let outcome = match message {
             Message::Text(text) => {
                 metrics::inc(&shared.hub.counters.frames_in);
-                handle_frame(shared, conn, text.as_str()).await
+                handle_frame(shared, conn, &mut sends, text.as_str()).await
             }
             Message::Binary(_) => Err(FrameError::new(
                 ErrorCode::BadRequest,
@@ -469,6 +529,10 @@ async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStr
         };
         match outcome {
             Ok(()) => strikes = 0,
+            // Too fast is not malformed: no strike.
+            Err(e) if e.code == ErrorCode::RateLimited => {
+                conn.push(Outgoing::Frame(e.encode()));
+            }
             Err(e) => {
                 metrics::inc(&shared.hub.counters.bad_frames);
                 conn.push(Outgoing::Frame(e.encode()));
@@ -485,18 +549,19 @@ async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStr
 async fn handle_frame(
     shared: &Shared,
     conn: &Arc<ConnHandle>,
+    sends: &mut TokenBucket,
     text: &str,
 ) -> Result<(), FrameError> {
     let hub = &shared.hub;
     match protocol::parse_client_frame(text, &hub.limits)? {
-        ClientFrame::Send(send) => match hub.admit_send(Origin::Conn(conn.id), &conn.user, send)? {
-            SendAdmission::Forward(ev) => forward(shared, ev).await,
-            SendAdmission::Duplicate(ack) => {
-                conn.push(Outgoing::Frame(protocol::encode_ack(&ack)));
-                Ok(())
+        ClientFrame::Send(send) => {
+            if let Err(retry_after) = sends.try_take(now_ms()) {
+                return Err(
+                    FrameError::rate_limited(retry_after).with_ref(Some(send.client_msg_id))
+                );
             }
-            SendAdmission::InFlight => Ok(()),
-        },
+            admit_and_forward(shared, conn, send).await
+        }
         ClientFrame::Sync { since } => {
             // Queued before the request leaves, so live messages from here on are held.
             conn.push(Outgoing::SyncBegin);
@@ -544,6 +609,24 @@ async fn handle_frame(
             )
             .await
         }
+    }
+}
+
+async fn admit_and_forward(
+    shared: &Shared,
+    conn: &Arc<ConnHandle>,
+    send: SendFrame,
+) -> Result<(), FrameError> {
+    match shared
+        .hub
+        .admit_send(Origin::Conn(conn.id), &conn.user, send)?
+    {
+        SendAdmission::Forward(ev) => forward(shared, ev).await,
+        SendAdmission::Duplicate(ack) => {
+            conn.push(Outgoing::Frame(protocol::encode_ack(&ack)));
+            Ok(())
+        }
+        SendAdmission::InFlight => Ok(()),
     }
 }
 

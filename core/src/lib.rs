@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod presence;
 pub mod protocol;
+pub mod ratelimit;
 pub mod registry;
 pub mod sequencer;
 pub mod token;

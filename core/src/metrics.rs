@@ -20,6 +20,7 @@ counters!(
     connections_accepted,
     connections_closed,
     upgrades_refused,
+    upgrades_rate_limited,
     frames_in,
     frames_out,
     bad_frames,

@@ -57,6 +57,8 @@ pub struct FrameError {
     pub code: ErrorCode,
     pub message: String,
     pub reference: Option<String>,
+    /// For `rate_limited`: when to try again.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl FrameError {
@@ -65,6 +67,17 @@ impl FrameError {
             code,
             message: message.into(),
             reference: None,
+            retry_after_ms: None,
+        }
+    }
+
+    pub fn rate_limited(retry_after_ms: u64) -> Self {
+        Self {
+            retry_after_ms: Some(retry_after_ms),
+            ..Self::new(
+                ErrorCode::RateLimited,
+                format!("too many requests: retry in {retry_after_ms} ms"),
+            )
         }
     }
 
@@ -78,7 +91,22 @@ impl FrameError {
     }
 
     pub fn encode(&self) -> Bytes {
-        encode_error(self.code, &self.message, self.reference.as_deref())
+        #[derive(Serialize)]
+        struct F<'a> {
+            r#type: &'static str,
+            code: &'static str,
+            message: &'a str,
+            r#ref: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            retry_after_ms: Option<u64>,
+        }
+        to_bytes(&F {
+            r#type: "error",
+            code: self.code.as_str(),
+            message: &self.message,
+            r#ref: self.reference.as_deref(),
+            retry_after_ms: self.retry_after_ms,
+        })
     }
 }
 
@@ -338,19 +366,9 @@ fn to_bytes<T: Serialize>(frame: &T) -> Bytes {
 }
 
 pub fn encode_error(code: ErrorCode, message: &str, reference: Option<&str>) -> Bytes {
-    #[derive(Serialize)]
-    struct F<'a> {
-        r#type: &'static str,
-        code: &'static str,
-        message: &'a str,
-        r#ref: Option<&'a str>,
-    }
-    to_bytes(&F {
-        r#type: "error",
-        code: code.as_str(),
-        message,
-        r#ref: reference,
-    })
+    FrameError::new(code, message)
+        .with_ref(reference.map(str::to_owned))
+        .encode()
 }
 
 pub fn encode_hello(user_id: &str, session_id: &str, server_time: u64, heartbeat_s: u64) -> Bytes {

@@ -55,7 +55,8 @@ impl PyGateway {
         runtime_threads=2, engine_queue_capacity=16384, window_capacity=1_000_000, window_ttl_s=86400,
         max_bad_frames=20, max_frame_bytes=262144, max_content_bytes=65536, max_attachments=10,
         max_subscribe=1000, typing_ttl_ms=6000, typing_min_interval_ms=2000, presence_grace_ms=5000,
-        tick_ms=200))]
+        tick_ms=200, upgrades_per_s=2000.0, upgrade_burst=4000.0, max_connections=0, send_per_s=200.0,
+        send_burst=400.0, allowed_origins=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         host: String,
@@ -77,6 +78,12 @@ impl PyGateway {
         typing_min_interval_ms: u64,
         presence_grace_ms: u64,
         tick_ms: u64,
+        upgrades_per_s: f64,
+        upgrade_burst: f64,
+        max_connections: usize,
+        send_per_s: f64,
+        send_burst: f64,
+        allowed_origins: Vec<String>,
     ) -> PyResult<Self> {
         if secret.len() < 16 {
             return Err(PyValueError::new_err("secret must be at least 16 bytes"));
@@ -106,6 +113,12 @@ impl PyGateway {
                 presence_grace_ms,
             },
             tick_ms,
+            upgrades_per_s,
+            upgrade_burst,
+            max_connections,
+            send_per_s,
+            send_burst,
+            allowed_origins,
         };
         let inner = Gateway::start(config)
             .map_err(|e| PyOSError::new_err(format!("gateway failed to start: {e}")))?;
