@@ -26,12 +26,13 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.status = status if status is not None else STATUS.get(code, 500)
+        self.extra_headers: list[tuple[str, str]] = []
 
     def body(self) -> dict[str, object]:
         return {"error": {"code": self.code, "message": self.message}}
 
     def headers(self) -> list[tuple[str, str]]:
-        return []
+        return list(self.extra_headers)
 
 
 class RateLimited(ApiError):
@@ -45,4 +46,4 @@ class RateLimited(ApiError):
         return {"error": {"code": self.code, "message": self.message, "retry_after_ms": self.retry_after_ms}}
 
     def headers(self) -> list[tuple[str, str]]:
-        return [("retry-after", str(max(1, -(-self.retry_after_ms // 1000))))]
+        return [("retry-after", str(max(1, -(-self.retry_after_ms // 1000)))), *self.extra_headers]

@@ -87,8 +87,8 @@ def _string(body: dict[str, Any], key: str, *, required: bool = True, max_len: i
         return None
     if not isinstance(value, str):
         raise ApiError("bad_request", f"`{key}` must be a string")
-    if len(value.encode()) > max_len:
-        raise ApiError("too_large", f"`{key}` is longer than {max_len} bytes")
+    if len(value) > max_len:
+        raise ApiError("bad_request", f"`{key}` is longer than {max_len} characters")
     return value
 
 
@@ -102,6 +102,9 @@ def _id_list(body: dict[str, Any], key: str, max_items: int) -> list[str]:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+# The largest seq a client can name (JSON numbers stay exact up to 2**53 - 1).
+MAX_SEQ = 2**53 - 1
 
 
 class RestApi:
@@ -191,12 +194,12 @@ class RestApi:
     async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[Response, str]:
         path: str = scope["path"]
         method: str = scope["method"]
-        allowed = False
+        allowed: list[str] = []
         for route_method, pattern, handler, auth, label in self.routes:
             m = pattern.match(path)
             if m is None:
                 continue
-            allowed = True
+            allowed.append(route_method)
             if route_method != method:
                 continue
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -217,7 +220,9 @@ class RestApi:
             req.body = await self._read_body(receive)
             return await handler(req), label
         if allowed:
-            raise ApiError("bad_request", f"method {method} is not allowed here", status=405)
+            error = ApiError("bad_request", f"method {method} is not allowed here", status=405)
+            error.extra_headers = [("allow", ", ".join(allowed))]
+            raise error
         raise ApiError("not_found", "no such endpoint")
 
     def _authenticate(self, headers: dict[str, str]) -> str:
@@ -433,7 +438,7 @@ class RestApi:
 
     async def history(self, req: Request) -> Response:
         chat = self._member_chat(req.params["chat_id"], req.user_id)
-        big = 2**62
+        big = MAX_SEQ
         before = req.int_query("before", 0, big)
         after = req.int_query("after", 0, big)
         limit = req.int_query("limit", 1, self.config.limits.history_max, default=50)
@@ -451,7 +456,7 @@ class RestApi:
 
     async def receipts(self, req: Request) -> Response:
         chat = self._member_chat(req.params["chat_id"], req.user_id)
-        seq = req.int_query("seq", 1, 2**62)
+        seq = req.int_query("seq", 1, MAX_SEQ)
         if seq is None:
             raise ApiError("bad_request", "`seq` is required")
         delivered, read = self.store.receipts(chat.chat_id, seq)

@@ -1,0 +1,55 @@
+"""The REST API fuzzed by schemathesis against api/openapi.json on a real server:
+no 5xx, and every response matches the documented status codes and schemas.
+
+Bounded here (a fixed seed, a few examples per operation); `make fuzz` runs it
+long with fresh seeds (PYCHAT_FUZZ_EXAMPLES, PYCHAT_FUZZ_SEED)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT, Clients, ServerProcess
+
+# Specified in PROTOCOL.md, not built yet: they answer 503 by design.
+NOT_YET = r"^/ws$|^/api/search$|^/api/media|/export$"
+
+
+async def test_rest_api_matches_its_openapi_document_under_fuzzing(
+    server: ServerProcess, clients: Clients
+) -> None:
+    user = await clients.user("fuzzer")
+    examples = os.environ.get("PYCHAT_FUZZ_EXAMPLES", "10")
+    seed = os.environ.get("PYCHAT_FUZZ_SEED", "20261127")
+    cmd = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        str(ROOT / "api" / "openapi.json"),
+        "--url",
+        server.url,
+        "-H",
+        f"Authorization: Bearer {user.token}",
+        "--max-examples",
+        examples,
+        "--exclude-path-regex",
+        NOT_YET,
+        "--checks",
+        "all",
+        # PROTOCOL.md answers some over-limit input with 413 too_large, which this check does not count as a rejection.
+        "--exclude-checks",
+        "negative_data_rejection",
+        "--workers",
+        "1",
+        "--no-color",
+    ]
+    if seed:
+        cmd += ["--seed", seed]
+    env = {**os.environ, "NO_COLOR": "1"}
+    run = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=900, env=env)
+    print(run.stdout[-3000:])
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    log = (server.data_dir / "server.log").read_text()
+    assert "Traceback" not in log, log[-4000:]
