@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: help serve test test-rust test-py build-dev lint fmt clean
+.PHONY: help serve test test-rust test-py build-dev lint fmt clean fuzz chaos
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,11 @@ lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
 	$(BIN)/ruff format --check pychat tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest pychat._core
+
+fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST API (schemathesis), hypothesis
+	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --release -q --test fuzz_protocol
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_fuzz_python.py
+	PYCHAT_FUZZ_EXAMPLES=$${PYCHAT_FUZZ_EXAMPLES:-300} PYCHAT_FUZZ_SEED= $(BIN)/pytest -q -s tests/test_fuzz_api.py
 
 fmt: $(VENV)/.deps ## format Rust and Python
 	cargo fmt

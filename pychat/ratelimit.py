@@ -22,7 +22,8 @@ class RateLimiter:
         now = time.monotonic() if now is None else now
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.per_second)
-        allowed = tokens >= 1.0
+        # A hair under one token counts as one: waiting exactly retry_after_ms must be enough.
+        allowed = tokens >= 1.0 - 1e-9
         if allowed:
             tokens -= 1.0
         self._buckets[key] = (tokens, now)

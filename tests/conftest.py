@@ -173,3 +173,13 @@ async def clients(server: ServerProcess) -> AsyncIterator[Clients]:
     made = Clients(server)
     yield made
     await made.close()
+
+
+# Hypothesis: a bounded run in `make test`, a long one under `make fuzz`.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "fuzz", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -25,7 +25,8 @@ impl TokenBucket {
         let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
         self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
         self.last_ms = now_ms.max(self.last_ms);
-        if self.tokens >= 1.0 {
+        // A hair under one token counts as one: waiting exactly retry_after must be enough.
+        if self.tokens >= 1.0 - 1e-9 {
             self.tokens -= 1.0;
             return Ok(());
         }
@@ -54,6 +55,21 @@ mod tests {
             assert!(b.try_take(10_000).is_ok());
         }
         assert!(b.try_take(10_000).is_err());
+    }
+
+    #[test]
+    fn waiting_exactly_retry_after_is_enough() {
+        for per_second in [0.7, 1.0, 3.0, 7.0, 13.0, 99.0] {
+            let mut b = TokenBucket::new(per_second, 1.0, 0);
+            let mut now = 0;
+            for _ in 0..50 {
+                let _ = b.try_take(now);
+                let retry = b.try_take(now).expect_err("bucket is empty");
+                now += retry;
+                assert_eq!(b.try_take(now), Ok(()), "{per_second}/s after {retry} ms");
+                now += 1;
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,226 @@
+//! Property-based fuzzing of the frame parser and the stitching of sync with
+//! live traffic. Bounded in `cargo test` (proptest's default case count);
+//! `make fuzz` sets PROPTEST_CASES high. Seeds live in `core/fuzz/corpus/`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use _core::outbox::{Outgoing, Stitcher};
+use _core::protocol::{parse_client_frame, ClientFrame, ErrorCode, Limits};
+use _core::sequencer::ChatId;
+use bytes::Bytes;
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| json!(f)),
+        "\\PC{0,12}".prop_map(Value::String),
+        prop_oneof![
+            Just("send"),
+            Just("sync"),
+            Just("read"),
+            Just("delivered"),
+            Just("typing"),
+            Just("presence.subscribe")
+        ]
+        .prop_map(|s| Value::String(s.into())),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("type".to_string()),
+                    Just("chat_id".to_string()),
+                    Just("client_msg_id".to_string()),
+                    Just("content".to_string()),
+                    Just("attachments".to_string()),
+                    Just("since".to_string()),
+                    Just("seq".to_string()),
+                    Just("state".to_string()),
+                    Just("user_ids".to_string()),
+                    "\\PC{0,6}",
+                ],
+                inner,
+                0..8
+            )
+            .prop_map(|m: BTreeMap<String, Value>| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn check_error_shape(text: &str) {
+    if let Err(e) = parse_client_frame(text, &Limits::default()) {
+        assert!(!e.message.is_empty());
+        assert!(ErrorCode::parse(e.code.as_str()).is_some());
+        let encoded: Value = serde_json::from_slice(&e.encode()).expect("error frames are JSON");
+        assert_eq!(encoded["type"], "error");
+    }
+}
+
+proptest! {
+    #[test]
+    fn parser_never_panics_on_any_text(text in "\\PC{0,300}") {
+        check_error_shape(&text);
+    }
+
+    #[test]
+    fn parser_never_panics_on_any_bytes_read_as_text(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
+        check_error_shape(&String::from_utf8_lossy(&bytes));
+    }
+
+    #[test]
+    fn parser_never_panics_on_json_shaped_frames(value in arb_json()) {
+        let text = value.to_string();
+        check_error_shape(&text);
+        // The ref of an error is the frame's client_msg_id whenever that is a short string.
+        if let (Err(e), Some(Value::String(cmid))) = (parse_client_frame(&text, &Limits::default()), value.get("client_msg_id")) {
+            if cmid.len() <= 128 {
+                prop_assert_eq!(e.reference.as_deref(), Some(cmid.as_str()));
+            }
+        }
+    }
+
+    #[test]
+    fn valid_sends_round_trip(
+        chat in "[a-zA-Z0-9_-]{1,40}",
+        cmid in "[a-zA-Z0-9_-]{1,64}",
+        content in "\\PC{1,200}",
+        attachments in prop::collection::vec("[a-z0-9]{1,16}", 0..=10),
+    ) {
+        let frame = json!({"type": "send", "chat_id": chat, "client_msg_id": cmid, "content": content, "attachments": attachments});
+        match parse_client_frame(&frame.to_string(), &Limits::default()) {
+            Ok(ClientFrame::Send(s)) => {
+                prop_assert_eq!(s.chat_id, chat);
+                prop_assert_eq!(s.client_msg_id, cmid);
+                prop_assert_eq!(s.content, content);
+                prop_assert_eq!(s.attachments, attachments);
+            }
+            other => prop_assert!(false, "{other:?}"),
+        }
+    }
+}
+
+/// One step of a connection's life as the gateway produces it.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A message committed in chat `n` and fanned out live.
+    Live(u8),
+    /// The client asks for sync (`SyncBegin` queued) with this cursor for every chat.
+    SyncRequest(u8),
+    /// The engine answers the oldest open sync: backlog of everything committed so far above the cursor.
+    SyncAnswer,
+}
+
+fn arb_script() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        prop_oneof![
+            6 => (0u8..3).prop_map(Step::Live),
+            1 => (0u8..4).prop_map(Step::SyncRequest),
+            1 => Just(Step::SyncAnswer),
+        ],
+        0..80,
+    )
+}
+
+proptest! {
+    #[test]
+    fn stitching_writes_each_message_once_and_gap_free_after_sync(script in arb_script()) {
+        let chats: Vec<ChatId> = (0..3).map(|i| ChatId::from(format!("c{i}"))).collect();
+        let mut committed: HashMap<usize, u64> = HashMap::new();
+        // Per open sync, the cursor per chat: what a truthful client can claim to have then.
+        let mut open_syncs: Vec<[u64; 3]> = Vec::new();
+        let mut stitcher = Stitcher::default();
+        let mut out = Vec::new();
+        let frame = |chat: usize, seq: u64| Bytes::from(format!("{chat}:{seq}"));
+        let mut feed = |item: Outgoing, out: &mut Vec<Bytes>| stitcher.accept(item, out);
+        for step in &script {
+            match step {
+                Step::Live(c) => {
+                    let c = *c as usize;
+                    let seq = committed.entry(c).or_insert(0);
+                    *seq += 1;
+                    feed(Outgoing::Msg { chat: chats[c].clone(), seq: *seq, frame: frame(c, *seq) }, &mut out);
+                }
+                Step::SyncRequest(cursor) => {
+                    open_syncs.push(std::array::from_fn(|c| (*cursor as u64).min(committed.get(&c).copied().unwrap_or(0))));
+                    feed(Outgoing::SyncBegin, &mut out);
+                }
+                Step::SyncAnswer => {
+                    if open_syncs.is_empty() {
+                        continue;
+                    }
+                    let cursors = open_syncs.remove(0);
+                    // Markers for the check below: per chat, the client said it had everything up to its cursor.
+                    for (c, had) in cursors.iter().enumerate() {
+                        out.push(Bytes::from(format!("|{c}={had}")));
+                    }
+                    let mut backlog = Vec::new();
+                    for (c, last) in &committed {
+                        for seq in cursors[*c] + 1..=*last {
+                            backlog.push((chats[*c].clone(), seq, frame(*c, seq)));
+                        }
+                    }
+                    feed(Outgoing::Backlog(backlog), &mut out);
+                    feed(Outgoing::SyncEnd(Bytes::from_static(b"synced")), &mut out);
+                }
+            }
+        }
+        let text: Vec<String> = out.iter().map(|b| String::from_utf8(b.to_vec()).unwrap()).collect();
+        let mut seen = HashSet::new();
+        for t in text.iter().filter(|t| t.contains(':')) {
+            prop_assert!(seen.insert(t.clone()), "{t} written twice: {text:?}");
+        }
+        // After the first completed sync, each chat's messages are strictly increasing with no gap
+        // (above what the client declared it had).
+        if let Some(first) = text.iter().position(|t| t.starts_with('|')) {
+            let mut last: HashMap<String, u64> = HashMap::new();
+            for t in &text[..first] {
+                if let Some((c, s)) = t.split_once(':') {
+                    let s: u64 = s.parse().unwrap();
+                    let e = last.entry(c.to_string()).or_insert(0);
+                    *e = (*e).max(s);
+                }
+            }
+            for t in &text[first..] {
+                if let Some(marker) = t.strip_prefix('|') {
+                    let (c, had) = marker.split_once('=').unwrap();
+                    let e = last.entry(c.to_string()).or_insert(0);
+                    *e = (*e).max(had.parse().unwrap());
+                } else if let Some((c, s)) = t.split_once(':') {
+                    let s: u64 = s.parse().unwrap();
+                    let e = last.entry(c.to_string()).or_insert(0);
+                    prop_assert_eq!(s, *e + 1, "gap or reorder in {} after sync: {:?}", c, text);
+                    *e = s;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn seed_corpus_parses_as_named() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/frames");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus folder") {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).to_string();
+        let parsed = parse_client_frame(&text, &Limits::default());
+        if name.starts_with("ok-") {
+            assert!(parsed.is_ok(), "{name}: {parsed:?}");
+        } else if name.starts_with("err-") {
+            assert!(parsed.is_err(), "{name}: {parsed:?}");
+        }
+        check_error_shape(&text);
+        n += 1;
+    }
+    assert!(n >= 10, "the corpus has {n} seeds");
+}
