@@ -50,6 +50,10 @@ fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_fuzz_python.py
 	PYCHAT_FUZZ_EXAMPLES=$${PYCHAT_FUZZ_EXAMPLES:-300} PYCHAT_FUZZ_SEED= $(BIN)/pytest -q -s tests/test_fuzz_api.py
 
+chaos: build-dev ## long reliability runs: 25 SIGKILLs under load, and a 15,000-connection reconnect storm
+	$(PY) -m tests.chaos --kills $${KILLS:-25}
+	$(PY) benchmarks/reconnect_storm.py --connections $${STORM:-15000}
+
 fmt: $(VENV)/.deps ## format Rust and Python
 	cargo fmt
 	$(BIN)/ruff format pychat tests benchmarks

@@ -211,6 +211,8 @@ class ChatClient:
         self._ws = ws
         self.session_id = hello["session_id"]
         self._connected.set()
+        # Tells event consumers that what follows comes over a new connection (until its `synced`).
+        self._events.put_nowait({"type": "connected", "session_id": self.session_id})
         # Anything sent but not acked goes again, with the same client_msg_id.
         for frame, _ in list(self._unacked.values()):
             await ws.send(json.dumps(frame))
@@ -376,7 +378,8 @@ class ChatClient:
         return out
 
     async def events(self) -> AsyncIterator[dict[str, Any]]:
-        """Every event (msg, receipt, typing, presence, chat, error) in arrival order."""
+        """Every event (msg, synced, receipt, typing, presence, chat, error, and `connected`
+        after each (re)connection) in arrival order."""
         while True:
             yield await self._events.get()
 

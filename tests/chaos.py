@@ -1,0 +1,203 @@
+"""Crash chaos: clients send and read through the SDK while the server is killed
+with SIGKILL at random moments and restarted. Afterwards the clients' own logs
+are checked against the stored history.
+
+    .venv/bin/python -m tests.chaos --kills 25        # the long run (`make chaos`)
+
+A bounded run is part of `make test` (tests/test_chaos.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pychat.client import ChatClient, ChatError
+from tests.conftest import PASSWORD, ServerProcess
+
+
+@dataclass
+class Reader:
+    client: ChatClient
+    seen: dict[str, set[int]] = field(default_factory=dict)
+    synced: bool = False
+    order_violations: list[str] = field(default_factory=list)
+    msgs: int = 0
+
+    async def run(self) -> None:
+        async for event in self.client.events():
+            kind = event["type"]
+            if kind == "connected":
+                self.synced = False
+            elif kind == "synced":
+                self.synced = True
+            elif kind == "msg":
+                self.msgs += 1
+                chat, seq = event["chat_id"], event["seq"]
+                seen = self.seen.setdefault(chat, set())
+                # Once a connection's sync is answered, each chat continues with no gap.
+                if self.synced and seen and seq != max(seen) + 1:
+                    self.order_violations.append(f"{chat}: {seq} after {max(seen)}")
+                seen.add(seq)
+
+
+@dataclass
+class ChaosReport:
+    kills: int = 0
+    sent: int = 0
+    acked: int = 0
+    stored: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    ack_mismatches: int = 0
+    gaps: int = 0
+    reader_gaps: int = 0
+    order_violations: int = 0
+    delivered_to_readers: int = 0
+    seconds: float = 0.0
+
+    def ok(self) -> bool:
+        return not (
+            self.lost
+            or self.duplicated
+            or self.ack_mismatches
+            or self.gaps
+            or self.reader_gaps
+            or self.order_violations
+        )
+
+
+async def _history(client: ChatClient, chat_id: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        page = await client.history(chat_id, after=after, limit=200)
+        out.extend(page["messages"])
+        if not page["has_more"]:
+            return out
+        after = page["messages"][-1]["seq"]
+
+
+async def run_chaos(
+    data_dir: Path, kills: int, senders: int = 4, readers: int = 2, pause: tuple[float, float] = (0.3, 1.2)
+) -> ChaosReport:
+    started = time.monotonic()
+    report = ChaosReport()
+    srv = ServerProcess(data_dir, env={"PYCHAT_SEND_PER_S": "10000", "PYCHAT_SEND_BURST": "10000"})
+    srv.start()
+    clients: list[ChatClient] = []
+    try:
+        for i in range(senders + readers):
+            await ChatClient.register(srv.url, f"chaos{i}", PASSWORD)
+            clients.append(await ChatClient.login(srv.url, f"chaos{i}", PASSWORD))
+        send_clients, read_clients = clients[:senders], clients[senders:]
+        group = (await clients[0].create_group("chaos", [c.user_id for c in clients[1:]]))["chat_id"]
+        directs = [(await s.create_direct(read_clients[0].user_id))["chat_id"] for s in send_clients]
+        for c in clients:
+            await c.connect()
+        reader_state = [Reader(c) for c in read_clients]
+        reader_tasks = [asyncio.create_task(r.run()) for r in reader_state]
+        for c in read_clients:
+            await c.sync()
+
+        sent: dict[str, str] = {}
+        acked: dict[str, dict[str, Any]] = {}
+        refused: list[str] = []
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        stop = asyncio.Event()
+
+        async def sender(client: ChatClient, own_direct: str) -> None:
+            i = 0
+            while not stop.is_set():
+                if len(client.unacked) >= 16:
+                    await asyncio.sleep(0.005)
+                    continue
+                chat = random.choice([group, own_direct])
+                cmid = f"{client.user_id}-{i}"
+                i += 1
+                sent[cmid] = chat
+                fut = client.send_nowait(chat, f"chaos {cmid}", client_msg_id=cmid)
+
+                def done(f: asyncio.Future[dict[str, Any]], cmid: str = cmid) -> None:
+                    if f.cancelled() or f.exception() is not None:
+                        refused.append(f"{cmid}: {f.exception()!r}")
+                    else:
+                        acked[cmid] = f.result()
+
+                fut.add_done_callback(done)
+                futures.append(fut)
+                await asyncio.sleep(random.uniform(0, 0.004))
+
+        sender_tasks = [asyncio.create_task(sender(c, d)) for c, d in zip(send_clients, directs, strict=True)]
+        for _ in range(kills):
+            await asyncio.sleep(random.uniform(*pause))
+            srv.kill()
+            report.kills += 1
+            await asyncio.sleep(random.uniform(0, 0.2))
+            srv.start()
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.gather(*sender_tasks)
+        # Everything sent is acked in the end: the SDK re-sends across restarts.
+        await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 120)
+        for c in read_clients:
+            await c.sync()
+        await asyncio.sleep(0.5)
+
+        stored_by_cmid: dict[str, list[dict[str, Any]]] = {}
+        last_seq: dict[str, int] = {}
+        for chat_id in [group, *directs]:
+            history = await _history(read_clients[0], chat_id)
+            seqs = [m["seq"] for m in history]
+            report.gaps += sum(1 for a, b in zip([0, *seqs], seqs, strict=False) if b != a + 1)
+            last_seq[chat_id] = seqs[-1] if seqs else 0
+            for m in history:
+                stored_by_cmid.setdefault(m["client_msg_id"], []).append(m)
+        report.sent, report.acked = len(sent), len(acked)
+        report.stored = sum(len(v) for k, v in stored_by_cmid.items() if k in sent)
+        report.duplicated = sum(len(v) - 1 for v in stored_by_cmid.values() if len(v) > 1)
+        for cmid, ack in acked.items():
+            copies = stored_by_cmid.get(cmid, [])
+            if not copies:
+                report.lost += 1
+            elif (copies[0]["message_id"], copies[0]["seq"]) != (ack["message_id"], ack["seq"]):
+                report.ack_mismatches += 1
+        report.lost += len([r for r in refused if "rate_limited" not in r])
+        for r in reader_state:
+            report.order_violations += len(r.order_violations)
+            report.delivered_to_readers += r.msgs
+            for chat_id, seen in r.seen.items():
+                report.reader_gaps += len(set(range(1, last_seq.get(chat_id, 0) + 1)) - seen)
+        for t in reader_tasks:
+            t.cancel()
+    finally:
+        for c in clients:
+            with contextlib.suppress(ChatError):
+                await c.close()
+        srv.stop()
+    report.seconds = round(time.monotonic() - started, 1)
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kills", type=int, default=25)
+    ap.add_argument("--senders", type=int, default=6)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        report = asyncio.run(run_chaos(Path(d), args.kills, senders=args.senders))
+    print(json.dumps(report.__dict__, indent=2))
+    print("chaos: OK" if report.ok() else "chaos: FAILED")
+    raise SystemExit(0 if report.ok() else 1)
+
+
+if __name__ == "__main__":
+    main()
