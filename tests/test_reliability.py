@@ -1,0 +1,98 @@
+"""Bounded reliability runs: a reconnect storm against upgrade rate limits, and a
+slow consumer that must not hurt anyone else. (Crash chaos: test_chaos.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from benchmarks.reconnect_storm import storm
+from tests.conftest import Clients, ServerProcess
+from tests.test_messaging import open_raw, send_frame
+
+Factory = Callable[..., ServerProcess]
+
+
+def rss_mb(srv: ServerProcess) -> float:
+    assert srv.proc is not None
+    for line in Path(f"/proc/{srv.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_reconnect_storm_is_told_when_to_come_back_and_fully_recovers(server_factory: Factory) -> None:
+    srv = server_factory({"PYCHAT_UPGRADES_PER_S": "400", "PYCHAT_UPGRADE_BURST": "200"})
+    clients = Clients(srv)
+    users = [await clients.user("storm") for _ in range(10)]
+    await clients.close()
+    tokens = [users[i % len(users)].token for i in range(1500)]
+    result = await storm(srv.ws_url, tokens)
+    print(result)
+    assert result["connections"] == 1500
+    assert result["told_to_wait_storm"] > 0, "the storm met the upgrade limit"
+    assert result["refused"] == 0
+    assert srv.proc is not None and srv.proc.poll() is None, "the server stayed up"
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{srv.url}/healthz")).json() == {"status": "ok"}
+
+
+async def _stuck_socket(srv: ServerProcess, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client that upgrades, then never reads again (small receive buffer)."""
+    import socket
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", srv.ws_port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def test_a_slow_consumer_is_cut_off_and_nobody_else_notices(server_factory: Factory) -> None:
+    srv = server_factory(
+        {"PYCHAT_QUEUE_CAPACITY": "64", "PYCHAT_SEND_PER_S": "100000", "PYCHAT_SEND_BURST": "100000"}
+    )
+    clients = Clients(srv)
+    alice, bob, slow = await clients.user("sender"), await clients.user("reader"), await clients.user("slow")
+    chat_id = (await alice.create_group("flood", [bob.user_id, slow.user_id]))["chat_id"]
+    sender, reader = await open_raw(srv, alice), await open_raw(srv, bob)
+    stuck_reader, stuck_writer = await _stuck_socket(srv, slow.token)
+    before = rss_mb(srv)
+    body = "x" * 60_000
+    n = 1500  # 90 MB of msg frames for the stuck client, against a queue of 64
+    receiving = asyncio.create_task(reader.collect("msg", n, timeout=120))
+    window = 8  # the sender paces itself by its acks, as the SDK does
+    for i in range(n):
+        if i >= window:
+            await sender.until("ack")
+        await sender.send(send_frame(chat_id, f"{i}:{body}"))
+    got = await receiving
+    assert [m["seq"] for m in got] == list(range(1, n + 1)), "the reader got everything, in order"
+    growth = rss_mb(srv) - before
+    assert growth < 60, f"server memory grew by {growth:.0f} MB"
+    # The stuck connection was closed by the server: reading what is buffered ends in EOF.
+    async with asyncio.timeout(30):
+        while await stuck_reader.read(1 << 20):
+            pass
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{srv.url}/metrics")).text
+    assert "pychat_gateway_queue_overflows_total 1" in metrics
+    stuck_writer.close()
+    await sender.close()
+    await reader.close()
+    await clients.close()
