@@ -28,6 +28,9 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+# PROTOCOL.md's default limit; larger frames are refused by the server.
+MAX_FRAME_BYTES = 256 * 1024
+
 
 class ChatError(Exception):
     """An error answer from the server: `code` is one of PROTOCOL.md's codes;
@@ -83,6 +86,15 @@ class _ChatCursor:
     contiguous: int = 0
     above: set[int] = field(default_factory=set)
 
+    def reach(self, seq: int) -> None:
+        """Everything up to `seq` is accounted for."""
+        if seq > self.contiguous:
+            self.contiguous = seq
+            self.above = {s for s in self.above if s > seq}
+        while self.contiguous + 1 in self.above:
+            self.contiguous += 1
+            self.above.discard(self.contiguous)
+
     def see(self, seq: int) -> bool:
         """Records seq; False if it was seen before."""
         if seq <= self.contiguous or seq in self.above:
@@ -110,7 +122,7 @@ class ChatClient:
         self._reader: asyncio.Task[None] | None = None
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._unacked: dict[str, tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = {}
-        self._sync_waiters: list[asyncio.Future[dict[str, Any]]] = []
+        self._sync_waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._connected = asyncio.Event()
         self._closing = False
         # Frames to write, in order; one writer task drains it.
@@ -219,6 +231,15 @@ class ChatClient:
         return dict(hello)
 
     async def _read_loop(self) -> None:
+        try:
+            await self._read_until_closed()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a broken reader must not leave futures waiting forever
+            self._fail_pending(ChatError("internal", f"client reader failed: {e!r}"))
+            raise
+
+    async def _read_until_closed(self) -> None:
         while True:
             ws = self._ws
             assert ws is not None
@@ -249,6 +270,8 @@ class ChatClient:
     def _dispatch(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         if kind == "ack":
+            # Our own message is part of the chat too: the cursor moves over it.
+            self.cursors.setdefault(frame["chat_id"], _ChatCursor()).see(frame["seq"])
             entry = self._unacked.pop(frame["client_msg_id"], None)
             if entry is not None and not entry[1].done():
                 entry[1].set_result(frame)
@@ -258,13 +281,19 @@ class ChatClient:
             if not cursor.see(frame["seq"]):
                 return  # a duplicate across reconnects
         elif kind == "synced":
+            # Everything up to each chat's last seq is now here (or was read before).
             for chat_id, last in frame["chats"].items():
-                self.cursors.setdefault(chat_id, _ChatCursor())
-                del last
-            if self._sync_waiters:
-                fut = self._sync_waiters.pop(0)
-                if not fut.done():
-                    fut.set_result(frame)
+                self.cursors.setdefault(chat_id, _ChatCursor()).reach(last)
+            waiter = self._sync_waiters.pop(frame.get("ref", ""), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(frame)
+        elif kind == "error" and frame.get("ref") in self._sync_waiters:
+            waiter = self._sync_waiters.pop(frame["ref"])
+            if not waiter.done():
+                waiter.set_exception(
+                    ChatError(frame["code"], frame["message"], None, frame.get("retry_after_ms"))
+                )
+            return
         elif kind == "error" and frame["code"] == "rate_limited" and frame.get("ref") in self._unacked:
             # Too fast: the same send goes again when the server said it may.
             again, _ = self._unacked[frame["ref"]]
@@ -283,7 +312,7 @@ class ChatClient:
             if not fut.done():
                 fut.set_exception(error)
         self._unacked.clear()
-        for fut in self._sync_waiters:
+        for fut in self._sync_waiters.values():
             if not fut.done():
                 fut.set_exception(error)
         self._sync_waiters.clear()
@@ -304,7 +333,18 @@ class ChatClient:
     ) -> dict[str, Any]:
         """Sends and waits for the `ack` (the message is durable then). Raises ChatError if refused."""
         fut = self.send_nowait(chat_id, content, attachments=attachments, client_msg_id=client_msg_id)
-        return await asyncio.wait_for(fut, timeout)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except BaseException:
+            # Told it failed, the caller may retry under another id: this one must not go again.
+            self.forget(fut)
+            raise
+
+    def forget(self, fut: asyncio.Future[dict[str, Any]]) -> None:
+        """Stops re-sending the send behind `fut` (e.g. after giving up on it)."""
+        for cmid, (_, pending) in list(self._unacked.items()):
+            if pending is fut:
+                del self._unacked[cmid]
 
     def send_nowait(
         self,
@@ -325,6 +365,11 @@ class ChatClient:
         if attachments:
             frame["attachments"] = attachments
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if len(json.dumps(frame).encode()) > MAX_FRAME_BYTES:
+            fut.set_exception(
+                ChatError("too_large", f"the send frame is larger than {MAX_FRAME_BYTES} bytes")
+            )
+            return fut
         self._unacked[cmid] = (frame, fut)
         if self._ws is not None and self._connected.is_set():
             self._outbox.put_nowait(frame)
@@ -336,10 +381,16 @@ class ChatClient:
     async def sync(self, since: dict[str, int] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         """Asks for everything missed (default: from the local cursors); returns the `synced` frame
         after every backlog `msg` has been delivered to `events()`."""
+        ref = uuid.uuid4().hex
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._sync_waiters.append(fut)
-        await self._send_frame({"type": "sync", "since": self.since() if since is None else since})
-        return await asyncio.wait_for(fut, timeout)
+        self._sync_waiters[ref] = fut
+        await self._send_frame(
+            {"type": "sync", "since": self.since() if since is None else since, "ref": ref}
+        )
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._sync_waiters.pop(ref, None)
 
     async def mark_delivered(self, chat_id: str, seq: int) -> None:
         await self._send_frame({"type": "delivered", "chat_id": chat_id, "seq": seq})
@@ -394,6 +445,7 @@ class ChatClient:
 
     async def close(self) -> None:
         self._closing = True
+        self._fail_pending(ChatError("unavailable", "client closed"))
         if self._ws is not None:
             await self._ws.close()
         for task in (self._reader, self._writer):

@@ -49,9 +49,18 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         while True:
-            events = self.gateway.next_batch(self.batch_max, 250)
+            try:
+                events = self.gateway.next_batch(self.batch_max, 250)
+            except Exception:  # keep the thread: a dead engine would stop every ack
+                log.exception("taking an engine batch failed")
+                time.sleep(0.1)
+                continue
             if events is None:
                 return  # gateway shut down
             if not events:
@@ -169,9 +178,11 @@ class Engine:
         ticket, fut = self._new_ticket()
         try:
             done = self.gateway.submit_send(ticket, user_id, chat_id, client_msg_id, content, attachments)
-        except _core.GatewayError as e:
+        except BaseException as e:
             self._waiting.pop(ticket, None)
-            raise ApiError(str(e.args[0]), str(e.args[1])) from None
+            if isinstance(e, _core.GatewayError):
+                raise ApiError(str(e.args[0]), str(e.args[1])) from None
+            raise
         if done is not None:
             self._waiting.pop(ticket, None)
             outcome: tuple[Any, ...] = done
@@ -185,8 +196,10 @@ class Engine:
         ticket, fut = self._new_ticket()
         try:
             self.gateway.submit_pointer(ticket, user_id, chat_id, kind, seq)
-        except _core.GatewayError as e:
+        except BaseException as e:
             self._waiting.pop(ticket, None)
-            raise ApiError(str(e.args[0]), str(e.args[1])) from None
+            if isinstance(e, _core.GatewayError):
+                raise ApiError(str(e.args[0]), str(e.args[1])) from None
+            raise
         _, delivered, read = await self._wait(ticket, fut)
         return delivered, read

@@ -17,6 +17,15 @@ class RateLimiter:
         self.max_keys = max_keys
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
+    def blocked(self, key: str, now: float | None = None) -> int | None:
+        """Milliseconds until `key` has a token again, without taking one; None if it has one."""
+        now = time.monotonic() if now is None else now
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.per_second)
+        if tokens >= 1.0 - 1e-9:
+            return None
+        return 60_000 if self.per_second <= 0 else max(1, math.ceil((1.0 - tokens) / self.per_second * 1000))
+
     def check(self, key: str, now: float | None = None) -> int | None:
         """Takes a token for `key`; None if allowed, else milliseconds until one is there."""
         now = time.monotonic() if now is None else now

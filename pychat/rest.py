@@ -53,6 +53,10 @@ class Request:
             raise ApiError("bad_request", "the body must be JSON") from None
         if not isinstance(value, dict):
             raise ApiError("bad_request", "the body must be a JSON object")
+        try:  # JSON may spell lone surrogates, which are not text
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError("bad_request", "the body must be valid UTF-8 text") from None
         return value
 
     def int_query(self, name: str, lo: int, hi: int, default: int | None = None) -> int | None:
@@ -125,7 +129,9 @@ class RestApi:
         self.engine = engine
         self.gateway = gateway
         self.presence = presence
-        self.login_limit = RateLimiter(config.login_per_min / 60, config.login_per_min)
+        self.login_limit = RateLimiter(
+            config.login_per_min / 60, config.login_per_min
+        )  # failures per username+address
         self.login_failures = RateLimiter(config.login_failures_per_min / 60, config.login_failures_per_min)
         self.send_limit = RateLimiter(config.send_per_s, config.send_burst)
         self.issuer = issuer
@@ -292,16 +298,18 @@ class RestApi:
         username = _string(body, "username", max_len=64)
         password = _string(body, "password", max_len=1024)
         assert username is not None and password is not None
-        retry_after = self.login_limit.check(username.lower())
-        if retry_after is not None:
-            raise RateLimited(retry_after)
+        # Failures are what is limited, per (username, address) and per address, so a stranger
+        # cannot lock a user out by failing logins in its name from elsewhere.
+        key = f"{username.lower()}|{req.client}"
+        blocked = self.login_limit.blocked(key) or self.login_failures.blocked(req.client)
+        if blocked:
+            raise RateLimited(blocked)
         user = self.store.user_by_name(username)
         stored_hash = user.password_hash if user else DUMMY_HASH
         valid = await asyncio.to_thread(verify_password, password, stored_hash)
         if user is None or not valid:
-            retry_after = self.login_failures.check(req.client)
-            if retry_after is not None:
-                raise RateLimited(retry_after)
+            self.login_limit.check(key)
+            self.login_failures.check(req.client)
             raise ApiError("unauthorized", "wrong username or password")
         token, expires_at = self.issuer.issue(user.user_id)
         return ok({"token": token, "user_id": user.user_id, "expires_at": expires_at})
@@ -338,6 +346,8 @@ class RestApi:
             store_ok = False
         if not store_ok:
             raise ApiError("unavailable", "the store is not answering")
+        if not self.engine.alive:
+            raise ApiError("unavailable", "the engine thread has stopped")
         return ok({"status": "ok"})
 
     async def get_metrics(self, req: Request) -> Response:
@@ -402,8 +412,8 @@ class RestApi:
         target = req.params["user_id"]
         if target != req.user_id and req.user_id != chat.created_by:
             raise ApiError("forbidden", "only the group's creator may remove others")
-        if chat.kind != "group" and target != req.user_id:
-            raise ApiError("bad_request", "members can be removed from group chats only")
+        if chat.kind != "group":
+            raise ApiError("bad_request", "the members of a direct chat are fixed")
         if target not in chat.members:
             raise ApiError("not_found", "not a member of this chat")
         self.store.remove_member(chat.chat_id, target)

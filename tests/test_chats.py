@@ -112,3 +112,8 @@ async def test_members_of_a_direct_chat_are_fixed(clients: Clients) -> None:
     with pytest.raises(ChatError) as e:
         await alice.request("POST", f"/api/chats/{d['chat_id']}/members", json={})
     assert e.value.status == 400
+    # Nobody leaves a direct chat: asking for it again must always find both members.
+    with pytest.raises(ChatError) as e:
+        await alice.request("DELETE", f"/api/chats/{d['chat_id']}/members/{alice.user_id}")
+    assert (e.value.status, e.value.code) == (400, "bad_request")
+    assert (await alice.create_direct(bob.user_id))["members"] == d["members"]

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from pychat.client import ChatClient, ChatError, _ChatCursor
-from tests.conftest import Clients
+from tests.conftest import Clients, ServerProcess
+from tests.wsraw import RawWs
 
 
 def test_cursor_tracks_the_gap_free_prefix_and_duplicates() -> None:
@@ -75,3 +76,43 @@ async def test_login_and_register_errors_surface_as_chat_errors(clients: Clients
     with pytest.raises(ChatError) as e:
         await ChatClient.login(clients.server.url, "nobody-here", "whatever123")
     assert (e.value.status, e.value.code) == (401, "unauthorized")
+
+
+async def test_cursors_follow_synced_and_own_acks(clients: Clients) -> None:
+    alice, bob = await clients.user("cua"), await clients.user("cub")
+    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+    for i in range(3):
+        await alice.post_message(chat_id, f"m{i}")
+    await bob.request(
+        "POST", f"/api/messages/{(await bob.history(chat_id))['messages'][-1]['message_id']}/read"
+    )
+    await bob.connect()
+    synced = await bob.sync()  # from the read pointer: nothing to send, but the cursor knows 3
+    assert synced["chats"] == {chat_id: 3} and bob.since() == {chat_id: 3}
+    ack = await bob.send(chat_id, "mine")
+    assert ack["seq"] == 4 and bob.since() == {chat_id: 4}, "own messages move the cursor"
+
+
+async def test_sync_answers_carry_the_ref_they_were_asked_with(
+    server: ServerProcess, clients: Clients
+) -> None:
+    alice = await clients.user("refa")
+    ws = await RawWs.open(server.ws_url, alice.token)
+    await ws.send({"type": "sync", "since": {}, "ref": "first"})
+    assert (await ws.until("synced"))["ref"] == "first"
+    await ws.send({"type": "sync"})
+    assert "ref" not in await ws.until("synced")
+    await ws.close()
+
+
+async def test_a_send_given_up_on_is_not_sent_again_and_oversized_frames_fail_locally(
+    clients: Clients,
+) -> None:
+    alice = await clients.user("gave")
+    with pytest.raises(TimeoutError):
+        await alice.send("cany", "never connected", timeout=0.05)
+    assert alice.unacked == []
+    await alice.connect()
+    with pytest.raises(ChatError) as e:
+        await alice.send("cany", "x" * (300 * 1024))
+    assert e.value.code == "too_large"

@@ -127,10 +127,11 @@ impl Gateway {
             .thread_name("pychat-gateway")
             .enable_all()
             .build()?;
-        let addr = format!("{}:{}", config.host, config.port);
-        let std_listener = std::net::TcpListener::bind(&addr)?;
-        std_listener.set_nonblocking(true)?;
-        let local_addr = std_listener.local_addr()?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(config.host.as_str(), config.port))?
+            .next()
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "no address to listen on")
+            })?;
         let (tx, rx) = mpsc::channel(config.engine_queue_capacity.max(1));
         let hub = Arc::new(Hub::with_side_paths(
             config.limits.clone(),
@@ -155,8 +156,17 @@ impl Gateway {
         });
         let listener = {
             let _guard = runtime.enter();
-            TcpListener::from_std(std_listener)?
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            // A deep accept queue: a reconnect storm waits in it instead of being reset.
+            socket.listen(LISTEN_BACKLOG)?
         };
+        let local_addr = listener.local_addr()?;
         runtime.spawn(accept_loop(shared.clone(), listener));
         runtime.spawn(side_path_ticker(shared.clone()));
         let engine_rt = tokio::runtime::Builder::new_current_thread()
@@ -257,10 +267,11 @@ impl Gateway {
 
     fn forward_now(&self, ev: EngineEvent) -> Result<(), FrameError> {
         self.shared.events.try_send(ev).map_err(|e| {
+            let error = FrameError::new(ErrorCode::Unavailable, "server is busy, retry shortly");
             if let EngineEvent::Send { key, .. } = e.into_inner() {
-                self.shared.hub.abandon_send(&key);
+                self.shared.hub.abandon_send(&key, &error);
             }
-            FrameError::new(ErrorCode::Unavailable, "server is busy, retry shortly")
+            error
         })
     }
 
@@ -312,15 +323,25 @@ async fn side_path_ticker(shared: Arc<Shared>) {
     }
 }
 
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Upgrades in progress at once; past this the accept queue waits (half-open
+/// sockets cannot pile up file descriptors).
+const MAX_HANDSHAKES: usize = 1024;
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
         let accepted = tokio::select! {
             _ = shared.shutdown.notified() => return,
             a = listener.accept() => a,
         };
         match accepted {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(shared.clone(), stream));
+                tokio::spawn(serve_connection(shared.clone(), stream, permit));
             }
             // Out of file descriptors or a reset before accept: wait a little, keep serving.
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -411,7 +432,11 @@ fn admit_upgrade(shared: &Shared, req: &Request) -> Result<String, ErrorResponse
 }
 
 #[allow(clippy::result_large_err)] // the upgrade callback's shape is tungstenite's
-async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
+async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let _ = stream.set_nodelay(true);
     let user_slot: Arc<Mutex<Option<String>>> = Arc::default();
     let check = {
@@ -440,6 +465,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
             return;
         }
     };
+    drop(handshake_permit);
     let Some(user) = user_slot.lock().take() else {
         return;
     };
@@ -488,6 +514,8 @@ async fn read_loop(shared: &Shared, conn: &Arc<ConnHandle>, mut stream: WsStream
 async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStream) {
     let mut strikes = 0u32;
     let mut sends = TokenBucket::new(shared.config.send_per_s, shared.config.send_burst, now_ms());
+    // Every other frame that costs the engine or a fan-out (sync, pointers, typing, subscribe).
+    let mut requests = TokenBucket::new(REQUESTS_PER_S, REQUESTS_BURST, now_ms());
     loop {
         let next = tokio::select! {
             _ = conn.closed() => return,
@@ -515,7 +543,7 @@ async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStr
         let outcome = match message {
             Message::Text(text) => {
                 metrics::inc(&shared.hub.counters.frames_in);
-                handle_frame(shared, conn, &mut sends, text.as_str()).await
+                handle_frame(shared, conn, &mut sends, &mut requests, text.as_str()).await
             }
             Message::Binary(_) => Err(FrameError::new(
                 ErrorCode::BadRequest,
@@ -550,10 +578,17 @@ async fn handle_frame(
     shared: &Shared,
     conn: &Arc<ConnHandle>,
     sends: &mut TokenBucket,
+    requests: &mut TokenBucket,
     text: &str,
 ) -> Result<(), FrameError> {
     let hub = &shared.hub;
-    match protocol::parse_client_frame(text, &hub.limits)? {
+    let frame = protocol::parse_client_frame(text, &hub.limits)?;
+    if !matches!(frame, ClientFrame::Send(_)) {
+        requests
+            .try_take(now_ms())
+            .map_err(FrameError::rate_limited)?;
+    }
+    match frame {
         ClientFrame::Send(send) => {
             if let Err(retry_after) = sends.try_take(now_ms()) {
                 return Err(
@@ -562,7 +597,10 @@ async fn handle_frame(
             }
             admit_and_forward(shared, conn, send).await
         }
-        ClientFrame::Sync { since } => {
+        ClientFrame::Sync { since, reference } => {
+            if conn.sync_pending.swap(true, Ordering::AcqRel) {
+                return Err(FrameError::rate_limited(100).with_ref(reference));
+            }
             // Queued before the request leaves, so live messages from here on are held.
             conn.push(Outgoing::SyncBegin);
             forward(
@@ -571,6 +609,7 @@ async fn handle_frame(
                     conn: conn.id,
                     user: conn.user.clone(),
                     since,
+                    reference,
                 },
             )
             .await
@@ -634,10 +673,11 @@ async fn admit_and_forward(
 /// on this connection's reads only).
 async fn forward(shared: &Shared, ev: EngineEvent) -> Result<(), FrameError> {
     shared.events.send(ev).await.map_err(|e| {
+        let error = FrameError::new(ErrorCode::Unavailable, "server is shutting down");
         if let EngineEvent::Send { key, .. } = e.0 {
-            shared.hub.abandon_send(&key);
+            shared.hub.abandon_send(&key, &error);
         }
-        FrameError::new(ErrorCode::Unavailable, "server is shutting down")
+        error
     })
 }
 
@@ -646,6 +686,10 @@ fn text_message(frame: Bytes) -> Message {
     // ASCII), so it is valid UTF-8.
     Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(frame) })
 }
+
+/// Non-send frames per second (and burst) per connection.
+const REQUESTS_PER_S: f64 = 100.0;
+const REQUESTS_BURST: f64 = 200.0;
 
 /// Frames written per flush at most, so one busy connection yields to others.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
@@ -656,7 +700,7 @@ async fn write_loop(
     mut sink: WsSink,
     mut rx: mpsc::Receiver<Outgoing>,
 ) {
-    let heartbeat = Duration::from_secs(shared.config.heartbeat_s.max(1));
+    let heartbeat = Duration::from_secs(shared.config.heartbeat_s.clamp(1, 3600));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut stitcher = Stitcher::default();
     let mut out: Vec<Bytes> = Vec::new();
@@ -680,8 +724,9 @@ async fn write_loop(
                     }
                     sink.flush().await
                 };
+                // A peer that stops reading (zero window) is dropped like a silent one.
                 let written = tokio::select! {
-                    r = write => r.is_ok(),
+                    r = tokio::time::timeout(2 * heartbeat, write) => matches!(r, Ok(Ok(()))),
                     _ = conn.closed() => false,
                 };
                 out.clear();

@@ -48,6 +48,7 @@ pub enum EngineEvent {
         conn: ConnId,
         user: UserId,
         since: Vec<(String, u64)>,
+        reference: Option<String>,
     },
     /// Persist a user's last_seen (presence changes, batched like everything else).
     Seen { user: UserId, at: u64 },
@@ -80,7 +81,8 @@ pub enum EngineResult {
         seq: u64,
         created_at: u64,
         attachments: Box<RawValue>,
-        /// The store already had this (sender, chat, client_msg_id): not fanned out again.
+        /// The store already had this (sender, chat, client_msg_id); fanned out again only if
+        /// its seq is above the last one fanned out (see `Sequencer::record_commit`).
         duplicate: bool,
     },
     /// The pointers after the update; `moved_*` says which one moved.
@@ -243,12 +245,14 @@ impl Hub {
     /// Periodic work of the side paths: expire typing states and presence grace
     /// periods, publish coalesced presence changes. Returns store writes to make.
     pub fn tick(&self, now: u64) -> Vec<EngineEvent> {
-        for (user, chat) in self.typing.lock().expire(now) {
+        let expired = self.typing.lock().expire(now);
+        for (user, chat) in expired {
             self.send_typing(&user, &chat, false);
         }
         let (gone, changes) = {
             let mut presence = self.presence.lock();
-            let gone = presence.expire(now);
+            // A user who reconnected while its last close was being processed stays online.
+            let gone = presence.expire(now, |user| self.registry.is_online(user));
             (gone, presence.take_changes())
         };
         for (user, p) in changes {
@@ -344,8 +348,18 @@ impl Hub {
     }
 
     /// Forgets an admitted send that never reached the engine (queue closed or full).
-    pub fn abandon_send(&self, key: &IdemKey) {
-        self.sequencer.lock().window.complete(key, None, now_ms());
+    pub fn abandon_send(&self, key: &IdemKey, error: &FrameError) {
+        let waiters = self.sequencer.lock().window.complete(key, None, now_ms());
+        let frame = error
+            .clone()
+            .with_ref(Some(key.client_msg_id.to_string()))
+            .encode();
+        for w in waiters {
+            // REST tickets get the error from the failed call itself or time out.
+            if let Origin::Conn(c) = w {
+                self.push_to(c, Outgoing::Frame(frame.clone()));
+            }
+        }
     }
 
     pub fn push_to(&self, conn: ConnId, item: Outgoing) {
@@ -396,7 +410,9 @@ impl Hub {
                     kind: _,
                     seq: _,
                 } => self.complete_pointer(origin, &user, &chat, result, &mut tickets),
-                EngineEvent::Sync { conn, .. } => self.complete_sync(conn, result),
+                EngineEvent::Sync {
+                    conn, reference, ..
+                } => self.complete_sync(conn, reference, result),
                 EngineEvent::Seen { user, .. } => {
                     if matches!(result, EngineResult::Done) {
                         // Stored now: an offline user's row need not stay in memory.
@@ -419,14 +435,14 @@ impl Hub {
         now: u64,
         tickets: &mut Vec<(u64, TicketOutcome)>,
     ) {
-        let (message_id, seq, created_at, attachments, duplicate) = match result {
+        let (message_id, seq, created_at, attachments) = match result {
             EngineResult::Stored {
                 message_id,
                 seq,
                 created_at,
                 attachments,
-                duplicate,
-            } => (message_id, seq, created_at, attachments, duplicate),
+                duplicate: _, // the order guard below decides whether it was fanned out
+            } => (message_id, seq, created_at, attachments),
             other => {
                 let error = match other {
                     EngineResult::Failed(e) => e,
@@ -459,7 +475,9 @@ impl Hub {
         let (waiters, fan_out) = {
             let mut seq_state = self.sequencer.lock();
             let waiters = seq_state.window.complete(&key, Some(ack.clone()), now);
-            let fan_out = !duplicate && seq_state.record_commit(&key.chat, seq).is_ok();
+            // A store duplicate above the last seq fanned out was committed but never fanned
+            // out (its batch failed after the commit, or the process restarted): fan it out now.
+            let fan_out = seq_state.record_commit(&key.chat, seq).is_ok();
             (waiters, fan_out)
         };
         let ack_frame = protocol::encode_ack(&ack);
@@ -582,7 +600,7 @@ impl Hub {
         }
     }
 
-    fn complete_sync(&self, conn: ConnId, result: EngineResult) {
+    fn complete_sync(&self, conn: ConnId, reference: Option<String>, result: EngineResult) {
         match result {
             EngineResult::Synced { backlog, chats } => {
                 let items = backlog
@@ -601,21 +619,34 @@ impl Hub {
                         (ChatId::from(row.chat_id.as_str()), row.seq, frame)
                     })
                     .collect();
-                let synced = protocol::encode_synced(chats.iter().map(|(c, s)| (c.as_str(), *s)));
+                let synced = protocol::encode_synced(
+                    chats.iter().map(|(c, s)| (c.as_str(), *s)),
+                    reference.as_deref(),
+                );
                 self.push_to(conn, Outgoing::Backlog(items));
-                self.push_to(conn, Outgoing::SyncEnd(synced));
+                self.push_to(
+                    conn,
+                    Outgoing::SyncEnd {
+                        frame: synced,
+                        ok: true,
+                    },
+                );
             }
-            EngineResult::Failed(e) => self.push_to(conn, Outgoing::SyncEnd(e.encode())),
-            _ => self.push_to(
-                conn,
-                Outgoing::SyncEnd(
-                    FrameError::new(
+            other => {
+                let e = match other {
+                    EngineResult::Failed(e) => e,
+                    _ => FrameError::new(
                         ErrorCode::Internal,
                         "engine answered a sync with another kind of result",
-                    )
-                    .encode(),
-                ),
-            ),
+                    ),
+                };
+                let frame = e.with_ref(reference).encode();
+                self.push_to(conn, Outgoing::SyncEnd { frame, ok: false });
+            }
+        }
+        if let Some(c) = self.registry.get(conn) {
+            c.sync_pending
+                .store(false, std::sync::atomic::Ordering::Release);
         }
     }
 }
@@ -644,9 +675,9 @@ mod tests {
         let mut out = Vec::new();
         while let Ok(item) = rx.try_recv() {
             let text = match item {
-                Outgoing::Frame(b) | Outgoing::Msg { frame: b, .. } | Outgoing::SyncEnd(b) => {
-                    String::from_utf8(b.to_vec()).unwrap()
-                }
+                Outgoing::Frame(b)
+                | Outgoing::Msg { frame: b, .. }
+                | Outgoing::SyncEnd { frame: b, .. } => String::from_utf8(b.to_vec()).unwrap(),
                 other => format!("{other:?}"),
             };
             let v: serde_json::Value =
@@ -710,19 +741,28 @@ mod tests {
     }
 
     #[test]
-    fn store_duplicate_is_acked_but_not_fanned_out() {
+    fn store_duplicate_is_fanned_out_only_if_it_never_was() {
         let hub = hub();
         let mut a = connect(&hub, 1, "a");
         let mut b = connect(&hub, 2, "b");
-        let SendAdmission::Forward(ev) = hub
-            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
+        let forward = |cmid: &str| match hub
+            .admit_send(Origin::Conn(1), &"a".into(), send(cmid))
             .unwrap()
-        else {
-            panic!()
+        {
+            SendAdmission::Forward(ev) => ev,
+            other => panic!("{other:?}"),
         };
-        hub.complete(vec![ev], vec![stored(4, true)]);
+        hub.complete(vec![forward("x")], vec![stored(4, false)]);
+        assert_eq!(drain(&mut a), ["ack"]);
+        assert_eq!(drain(&mut b), ["msg"]);
+        // The store already had it and it was fanned out (seq 4): ack only.
+        hub.complete(vec![forward("y")], vec![stored(4, true)]);
         assert_eq!(drain(&mut a), ["ack"]);
         assert!(drain(&mut b).is_empty());
+        // The store had it but it was never fanned out (committed, then the batch failed): fan out now.
+        hub.complete(vec![forward("z")], vec![stored(5, true)]);
+        assert_eq!(drain(&mut a), ["ack"]);
+        assert_eq!(drain(&mut b), ["msg"]);
     }
 
     #[test]

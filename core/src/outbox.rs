@@ -31,8 +31,9 @@ pub enum Outgoing {
     SyncBegin,
     /// The backlog of a `sync`, in seq order per chat.
     Backlog(Vec<(ChatId, u64, Bytes)>),
-    /// The end of a `sync` answer: the `synced` frame (or an error frame).
-    SyncEnd(Bytes),
+    /// The end of a `sync` answer: the `synced` frame, or an error frame (`ok` false:
+    /// nothing was sent, so the connection's stitching state stays as it was).
+    SyncEnd { frame: Bytes, ok: bool },
 }
 
 /// Live messages written before the first `sync` that are remembered for
@@ -81,10 +82,12 @@ impl Stitcher {
                     }
                 }
             }
-            Outgoing::SyncEnd(frame) => {
+            Outgoing::SyncEnd { frame, ok } => {
                 let held = self.held.take().unwrap_or_default();
-                self.synced_once = true;
-                self.pre_sync = HashSet::new();
+                if ok {
+                    self.synced_once = true;
+                    self.pre_sync = HashSet::new();
+                }
                 for (chat, seq, frame) in held {
                     self.write_live(chat, seq, frame, out);
                 }
@@ -143,7 +146,10 @@ mod tests {
             Outgoing::SyncBegin,
             msg("a", 4), // committed before the snapshot: covered by the backlog
             backlog("a", 2..=4),
-            Outgoing::SyncEnd(Bytes::from("synced")),
+            Outgoing::SyncEnd {
+                frame: Bytes::from("synced"),
+                ok: true,
+            },
             msg("a", 5),
             msg("a", 5),
         ]);
@@ -156,7 +162,10 @@ mod tests {
             msg("a", 3),
             Outgoing::SyncBegin,
             backlog("a", 1..=3),
-            Outgoing::SyncEnd(Bytes::from("synced")),
+            Outgoing::SyncEnd {
+                frame: Bytes::from("synced"),
+                ok: true,
+            },
         ]);
         assert_eq!(out, ["a:3", "a:1", "a:2", "synced"]);
     }
@@ -167,7 +176,10 @@ mod tests {
             Outgoing::SyncBegin,
             msg("b", 1),
             backlog("a", 1..=1),
-            Outgoing::SyncEnd(Bytes::from("synced")),
+            Outgoing::SyncEnd {
+                frame: Bytes::from("synced"),
+                ok: true,
+            },
         ]);
         assert_eq!(out, ["a:1", "b:1", "synced"]);
     }
@@ -177,13 +189,41 @@ mod tests {
         let out = run(vec![
             Outgoing::SyncBegin,
             backlog("a", 1..=2),
-            Outgoing::SyncEnd(Bytes::from("s1")),
+            Outgoing::SyncEnd {
+                frame: Bytes::from("s1"),
+                ok: true,
+            },
             msg("a", 3),
             Outgoing::SyncBegin,
             backlog("a", 1..=4),
-            Outgoing::SyncEnd(Bytes::from("s2")),
+            Outgoing::SyncEnd {
+                frame: Bytes::from("s2"),
+                ok: true,
+            },
         ]);
         assert_eq!(out, ["a:1", "a:2", "s1", "a:3", "a:4", "s2"]);
+    }
+
+    #[test]
+    fn a_failed_sync_changes_nothing_and_the_retry_fills_every_gap() {
+        let out = run(vec![
+            msg("a", 10),
+            Outgoing::SyncBegin,
+            Outgoing::SyncEnd {
+                frame: Bytes::from("error"),
+                ok: false,
+            },
+            Outgoing::SyncBegin,
+            backlog("a", 4..=10),
+            Outgoing::SyncEnd {
+                frame: Bytes::from("synced"),
+                ok: true,
+            },
+        ]);
+        assert_eq!(
+            out,
+            ["a:10", "error", "a:4", "a:5", "a:6", "a:7", "a:8", "a:9", "synced"]
+        );
     }
 
     #[test]
@@ -192,7 +232,10 @@ mod tests {
             Outgoing::SyncBegin,
             msg("a", 1),
             Outgoing::Frame(Bytes::from("ack")),
-            Outgoing::SyncEnd(Bytes::from("synced")),
+            Outgoing::SyncEnd {
+                frame: Bytes::from("synced"),
+                ok: true,
+            },
         ]);
         assert_eq!(out, ["ack", "a:1", "synced"]);
     }

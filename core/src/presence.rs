@@ -87,14 +87,20 @@ impl Presence {
 
     /// Users whose grace period ended by `now` go offline; returns them with
     /// their last_seen (the time their last connection closed).
-    pub fn expire(&mut self, now: u64) -> Vec<(UserId, u64)> {
+    pub fn expire(
+        &mut self,
+        now: u64,
+        still_online: impl Fn(&UserId) -> bool,
+    ) -> Vec<(UserId, u64)> {
         let mut gone = Vec::new();
         let grace = self.grace_ms;
         self.leaving.retain(|user, deadline| {
             if *deadline > now {
                 return true;
             }
-            gone.push((user.clone(), deadline.saturating_sub(grace)));
+            if !still_online(user) {
+                gone.push((user.clone(), deadline.saturating_sub(grace)));
+            }
             false
         });
         for (user, last_seen) in &gone {
@@ -252,10 +258,13 @@ mod tests {
         assert!(p.connected(&u("a"), 0));
         assert!(!p.connected(&u("a"), 10), "second device");
         p.disconnected(&u("a"), 1, 20);
-        assert!(p.expire(5_000).is_empty(), "one device still open");
+        assert!(
+            p.expire(5_000, |_| false).is_empty(),
+            "one device still open"
+        );
         p.disconnected(&u("a"), 0, 100);
-        assert!(p.expire(1_099).is_empty());
-        assert_eq!(p.expire(1_100), vec![(u("a"), 100)]);
+        assert!(p.expire(1_099, |_| false).is_empty());
+        assert_eq!(p.expire(1_100, |_| false), vec![(u("a"), 100)]);
         assert_eq!(
             p.get("a"),
             Some(UserPresence {
@@ -283,11 +292,11 @@ mod tests {
         assert_eq!(p.take_changes().len(), 1);
         p.disconnected(&u("a"), 0, 100);
         assert!(!p.connected(&u("a"), 500));
-        assert!(p.expire(5_000).is_empty());
+        assert!(p.expire(5_000, |_| false).is_empty());
         assert!(p.take_changes().is_empty());
         // Offline then online again before anyone was told: nothing to tell.
         p.disconnected(&u("a"), 0, 6_000);
-        p.expire(7_000);
+        p.expire(7_000, |_| false);
         p.connected(&u("a"), 7_001);
         assert!(p.take_changes().is_empty());
     }

@@ -165,6 +165,8 @@ pub enum ClientFrame {
     Send(SendFrame),
     Sync {
         since: Vec<(String, u64)>,
+        /// Echoed in the `synced` frame (an addition to PROTOCOL.md) so a client can match answers.
+        reference: Option<String>,
     },
     Pointer {
         chat_id: String,
@@ -313,7 +315,16 @@ fn parse_object(obj: &mut Map<String, Value>, limits: &Limits) -> Result<ClientF
                 }
                 Some(_) => return Err(FrameError::bad("`since` must be an object")),
             };
-            Ok(ClientFrame::Sync { since })
+            let reference = match obj.remove("ref") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(r)) if r.len() <= limits.max_client_msg_id_bytes => Some(r),
+                Some(_) => {
+                    return Err(FrameError::bad(
+                        "`ref` must be a string of at most 128 bytes",
+                    ))
+                }
+            };
+            Ok(ClientFrame::Sync { since, reference })
         }
         "delivered" | "read" => {
             let chat_id = take_string(obj, "chat_id", limits.max_id_bytes)?;
@@ -459,15 +470,21 @@ pub fn encode_msg(m: &StoredMessage<'_>) -> Bytes {
     })
 }
 
-pub fn encode_synced<'a>(chats: impl IntoIterator<Item = (&'a str, u64)>) -> Bytes {
+pub fn encode_synced<'a>(
+    chats: impl IntoIterator<Item = (&'a str, u64)>,
+    reference: Option<&str>,
+) -> Bytes {
     #[derive(Serialize)]
     struct F<'a> {
         r#type: &'static str,
         chats: std::collections::BTreeMap<&'a str, u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        r#ref: Option<&'a str>,
     }
     to_bytes(&F {
         r#type: "synced",
         chats: chats.into_iter().collect(),
+        r#ref: reference,
     })
 }
 
@@ -598,12 +615,16 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"sync","since":{"c1":4}}"#).unwrap(),
             ClientFrame::Sync {
-                since: vec![("c1".into(), 4)]
+                since: vec![("c1".into(), 4)],
+                reference: None
             }
         );
         assert_eq!(
-            parse(r#"{"type":"sync"}"#).unwrap(),
-            ClientFrame::Sync { since: vec![] }
+            parse(r#"{"type":"sync","ref":"r1"}"#).unwrap(),
+            ClientFrame::Sync {
+                since: vec![],
+                reference: Some("r1".into())
+            }
         );
         assert_eq!(
             parse(r#"{"type":"read","chat_id":"c1","seq":3}"#).unwrap(),
@@ -647,7 +668,7 @@ mod tests {
             v,
             serde_json::json!({"type":"error","code":"forbidden","message":"no","ref":"r"})
         );
-        let v: Value = serde_json::from_slice(&encode_synced([("a", 1), ("b", 2)])).unwrap();
+        let v: Value = serde_json::from_slice(&encode_synced([("a", 1), ("b", 2)], None)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"type":"synced","chats":{"a":1,"b":2}})

@@ -60,6 +60,8 @@ pub struct ConnHandle {
     closed: Notify,
     /// Milliseconds (gateway clock) of the last frame received from the peer.
     pub last_seen_ms: AtomicU64,
+    /// A `sync` of this connection is with the engine (one at a time).
+    pub sync_pending: AtomicBool,
 }
 
 impl ConnHandle {
@@ -72,6 +74,7 @@ impl ConnHandle {
             reason: Mutex::new(None),
             closed: Notify::new(),
             last_seen_ms: AtomicU64::new(now_ms),
+            sync_pending: AtomicBool::new(false),
         }
     }
 

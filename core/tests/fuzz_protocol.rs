@@ -169,7 +169,7 @@ proptest! {
                         }
                     }
                     feed(Outgoing::Backlog(backlog), &mut out);
-                    feed(Outgoing::SyncEnd(Bytes::from_static(b"synced")), &mut out);
+                    feed(Outgoing::SyncEnd { frame: Bytes::from_static(b"synced"), ok: true }, &mut out);
                 }
             }
         }

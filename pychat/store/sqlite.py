@@ -6,6 +6,7 @@ WAL is fsynced; the engine acks only after COMMIT returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -331,6 +332,17 @@ class SqliteStore:
             last_seq: dict[str, int] = {}
             touched: dict[str, int] = {}
 
+            members: dict[tuple[str, str], bool] = {}
+
+            def is_member(user_id: str, chat_id: str) -> bool:
+                key = (user_id, chat_id)
+                if key not in members:
+                    row = c.execute(
+                        "SELECT 1 FROM user_chats WHERE user_id = ? AND chat_id = ?", key
+                    ).fetchone()
+                    members[key] = row is not None
+                return members[key]
+
             def chat_last(chat_id: str) -> int | None:
                 if chat_id not in last_seq:
                     row = c.execute("SELECT last_seq FROM chats WHERE chat_id = ?", (chat_id,)).fetchone()
@@ -351,6 +363,9 @@ class SqliteStore:
                 last = chat_last(s.chat_id)
                 if last is None:
                     send_results.append(("error", "not_found", "no such chat"))
+                    continue
+                if not is_member(s.sender_id, s.chat_id):  # removed while the send was queued
+                    send_results.append(("error", "forbidden", "not a member of this chat"))
                     continue
                 attachments, error = self._resolve_attachments(c, s)
                 if error:
@@ -511,6 +526,16 @@ class _WriteTxn:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is None:
-            self.conn.execute("COMMIT")
-        else:
-            self.conn.execute("ROLLBACK")
+            try:
+                self.conn.execute("COMMIT")
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # A failed COMMIT may or may not have rolled back already; never leave the transaction open.
+        if self.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
