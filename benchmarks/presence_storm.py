@@ -20,9 +20,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +33,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record  # noqa: E402
 from pychat import _core  # noqa: E402
 from pychat.auth import hash_password  # noqa: E402
 from pychat.store.sqlite import SqliteStore  # noqa: E402
@@ -228,18 +227,10 @@ def main() -> None:
                     r[ph]["server_cpu_us_per_user"] - b[ph]["server_cpu_us_per_user"], 1
                 )
     out = {
-        "benchmark": "presence_storm",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
         "grace_ms": GRACE_MS,
         "runs": runs,
     }
-    path = ROOT / "benchmarks" / "results" / f"presence_storm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    record("presence_storm", out)
 
 
 if __name__ == "__main__":

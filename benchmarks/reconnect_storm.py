@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.presence_storm import prepare  # noqa: E402
+from benchmarks.results import record  # noqa: E402
 from pychat import _core  # noqa: E402
 from pychat.client import ChatError, open_websocket, retry_delay  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
@@ -135,12 +132,6 @@ def main() -> None:
         finally:
             srv.stop()
     out = {
-        "benchmark": "reconnect_storm",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
         "connections": sum(r["connections"] for r in results),
         "first_connect_s": max(r["first_connect_s"] for r in results),
         "recovery_s": max(r["recovery_s"] for r in results),
@@ -153,10 +144,7 @@ def main() -> None:
             "peak_during_storm": round(peak[0], 1),
         },
     }
-    path = ROOT / "benchmarks" / "results" / f"reconnect_storm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    record("reconnect_storm", out)
 
 
 if __name__ == "__main__":

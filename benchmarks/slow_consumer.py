@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record  # noqa: E402
 from tests.conftest import Clients, ServerProcess  # noqa: E402
 from tests.test_messaging import open_raw, send_frame  # noqa: E402
 from tests.test_reliability import _stuck_socket, rss_mb  # noqa: E402
@@ -91,9 +88,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await clients.close()
             srv.stop()
     return {
-        "benchmark": "slow_consumer",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "baseline": baseline,
         "with_stuck_members": with_stuck,
         "p99_ratio": round(with_stuck["latency_ms"]["p99"] / baseline["latency_ms"]["p99"], 2),
@@ -106,12 +100,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--stuck", type=int, default=5)
     out = asyncio.run(run(ap.parse_args()))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    out["commit"] = commit.stdout.strip()
-    path = ROOT / "benchmarks" / "results" / f"slow_consumer-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    record("slow_consumer", out)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,17 @@ class ChatClient:
         }
         return await self.request("GET", f"/api/chats/{chat_id}/messages", params=params)  # type: ignore[no-any-return]
 
+    async def history_all(self, chat_id: str) -> list[dict[str, Any]]:
+        """Every message of the chat, oldest first, paging through `history`."""
+        out: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = await self.history(chat_id, after=after, limit=200)
+            out.extend(page["messages"])
+            if not page["has_more"]:
+                return out
+            after = page["messages"][-1]["seq"]
+
     async def post_message(
         self,
         chat_id: str,

@@ -75,17 +75,6 @@ class ChaosReport:
         )
 
 
-async def _history(client: ChatClient, chat_id: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        page = await client.history(chat_id, after=after, limit=200)
-        out.extend(page["messages"])
-        if not page["has_more"]:
-            return out
-        after = page["messages"][-1]["seq"]
-
-
 async def run_chaos(
     data_dir: Path, kills: int, senders: int = 4, readers: int = 2, pause: tuple[float, float] = (0.3, 1.2)
 ) -> ChaosReport:
@@ -155,7 +144,7 @@ async def run_chaos(
         stored_by_cmid: dict[str, list[dict[str, Any]]] = {}
         last_seq: dict[str, int] = {}
         for chat_id in [group, *directs]:
-            history = await _history(read_clients[0], chat_id)
+            history = await read_clients[0].history_all(chat_id)
             seqs = [m["seq"] for m in history]
             report.gaps += sum(1 for a, b in zip([0, *seqs], seqs, strict=False) if b != a + 1)
             last_seq[chat_id] = seqs[-1] if seqs else 0

@@ -28,14 +28,7 @@ async def test_every_acked_message_survives_sigkill_exactly_once(
     await ws.close()
     acked = {a["client_msg_id"]: a for a in acks}
     srv.start()
-    history: list[dict[str, object]] = []
-    after = 0
-    while True:
-        page = await bob.history(chat_id, after=after, limit=200)
-        history.extend(page["messages"])
-        if not page["has_more"]:
-            break
-        after = page["messages"][-1]["seq"]
+    history = await bob.history_all(chat_id)
     seqs = [m["seq"] for m in history]
     assert seqs == list(range(1, len(history) + 1)), "gap-free after the crash"
     stored = {m["client_msg_id"]: m for m in history}

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 from collections.abc import Callable
 
 from websockets.asyncio.client import connect
 
 from tests.conftest import Clients, ServerProcess
+from tests.wsraw import raw_upgrade
 
 
 async def test_pings_keep_a_live_client_and_drop_a_silent_one(
@@ -23,16 +22,7 @@ async def test_pings_keep_a_live_client_and_drop_a_silent_one(
         hello = await live.recv()
         assert '"heartbeat_s":1' in str(hello)
         # A dead peer: upgrade by hand, then never read or answer anything.
-        reader, writer = await asyncio.open_connection("127.0.0.1", srv.ws_port)
-        key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(
-            (
-                f"GET /ws?token={client.token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        await writer.drain()
-        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        reader, writer = await raw_upgrade(srv.ws_port, client.token)
         # The server pings, gets nothing back, and closes within ~2 heartbeats.
         received = b""
         async with asyncio.timeout(10):

@@ -4,8 +4,6 @@ slow consumer that must not hurt anyone else. (Crash chaos: test_chaos.py.)"""
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import httpx
 from benchmarks.reconnect_storm import storm
 from tests.conftest import Clients, ServerProcess
 from tests.test_messaging import open_raw, send_frame
+from tests.wsraw import raw_upgrade
 
 Factory = Callable[..., ServerProcess]
 
@@ -45,23 +44,7 @@ async def test_reconnect_storm_is_told_when_to_come_back_and_fully_recovers(serv
 
 async def _stuck_socket(srv: ServerProcess, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A client that upgrades, then never reads again (small receive buffer)."""
-    import socket
-
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect(("127.0.0.1", srv.ws_port))
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_connection(sock=sock)
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(
-        (
-            f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    await writer.drain()
-    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
-    return reader, writer
+    return await raw_upgrade(srv.ws_port, token, rcvbuf=4096)
 
 
 async def test_a_slow_consumer_is_cut_off_and_nobody_else_notices(server_factory: Factory) -> None:

@@ -4,10 +4,37 @@ no de-duplication, no reordering (the SDK does those; the tests check the server
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+
+
+async def raw_upgrade(
+    port: int, token: str, rcvbuf: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket upgrade by hand, returning the bare stream: a client that can stop
+    reading or answering whenever a test wants (a small `rcvbuf` makes it stall sooner)."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        (
+            f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
 
 
 class RawWs:
