@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: help serve test test-rust test-py build-dev lint fmt clean fuzz chaos
+.PHONY: help serve test test-rust test-py build-dev lint fmt clean fuzz chaos bench bench-quick loadgen
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -33,17 +33,26 @@ test: build-dev lint test-rust test-py ## install everything, build, lint, and r
 test-rust: ## Rust unit tests
 	cargo test -q
 
-test-py: ## Python tests against real servers on 127.0.0.1
+test-py: loadgen ## Python tests against real servers on 127.0.0.1
 	$(BIN)/pytest -q $(ARGS)
 
 lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
 	cargo fmt --check
 	cargo clippy -q --all-targets -- -D warnings
-	cargo clippy -q --features python -- -D warnings
+	cargo clippy -q -p pychat-core --features python -- -D warnings
 	$(BIN)/ruff check pychat tests benchmarks
 	$(BIN)/ruff format --check pychat tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest pychat._core
+
+loadgen: ## build the compiled load generator (benchmarks/loadgen)
+	cargo build --release -q -p pychat-loadgen
+
+bench-quick: build-dev loadgen ## every benchmark scenario, small (about a minute), against the naive baseline
+	$(PY) benchmarks/suite.py --quick
+
+bench: build-dev loadgen ## the benchmark suite at the performance targets' sizes (about 10 minutes)
+	$(PY) benchmarks/suite.py
 
 fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST API (schemathesis), hypothesis
 	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --release -q --test fuzz_protocol

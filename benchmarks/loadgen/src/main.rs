@@ -1,0 +1,544 @@
+//! pychat-loadgen: the benchmark suite's load generator, speaking PROTOCOL.md.
+//!
+//! Usage: `pychat-loadgen PLAN.json` — the plan (written by benchmarks/suite.py)
+//! names the scenario, the server, the tokens and the chats. Results are one
+//! JSON object on stdout; scenarios that hold connections print
+//! `{"event":"ready"}` first so the caller can measure the server meanwhile.
+//! Every scenario counts lost, duplicated and out-of-order deliveries: a fast
+//! wrong answer is a failure.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::Mutex;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+
+#[derive(Deserialize, Clone)]
+struct Plan {
+    scenario: String,
+    server: SocketAddr,
+    #[serde(default)]
+    source_ips: Vec<IpAddr>,
+    #[serde(default)]
+    tokens: Vec<String>,
+    #[serde(default)]
+    chat_id: String,
+    #[serde(default)]
+    groups: Vec<Group>,
+    #[serde(default)]
+    messages: u64,
+    #[serde(default = "default_window")]
+    window: usize,
+    #[serde(default)]
+    seconds: f64,
+    #[serde(default)]
+    rate: f64,
+    #[serde(default = "default_content")]
+    content_bytes: usize,
+    #[serde(default)]
+    expected: HashMap<String, u64>,
+}
+
+#[derive(Deserialize, Clone)]
+struct Group {
+    chat_id: String,
+    /// The first member sends; the others receive.
+    members: Vec<String>,
+}
+
+fn default_window() -> usize {
+    64
+}
+
+fn default_content() -> usize {
+    64
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+async fn open(plan: &Plan, index: usize, token: &str) -> Result<Ws, String> {
+    let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    if !plan.source_ips.is_empty() {
+        // Spread over source addresses: each has its own ~28k ephemeral ports.
+        let ip = plan.source_ips[index % plan.source_ips.len()];
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .map_err(|e| e.to_string())?;
+    }
+    let stream = socket
+        .connect(plan.server)
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let url = format!("ws://{}/ws?token={}", plan.server, token);
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.as_str().contains("\"hello\"") => Ok(ws),
+        other => Err(format!("no hello: {other:?}")),
+    }
+}
+
+/// Opens every token's connection (a bounded number of handshakes at a time), retrying refusals.
+async fn open_all(plan: &Plan, tokens: &[String]) -> (Vec<Ws>, u64, f64) {
+    let started = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(256));
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(tokens.len());
+    for (i, token) in tokens.iter().enumerate() {
+        let (plan, token, sem, failures) =
+            (plan.clone(), token.clone(), sem.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.expect("semaphore");
+            for attempt in 0..50u64 {
+                match open(&plan, i, &token).await {
+                    Ok(ws) => return Some(ws),
+                    Err(_) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+                    }
+                }
+            }
+            None
+        }));
+    }
+    let mut out = Vec::with_capacity(tokens.len());
+    for t in tasks {
+        if let Ok(Some(ws)) = t.await {
+            out.push(ws);
+        }
+    }
+    (
+        out,
+        failures.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+fn frame(v: &Value) -> Message {
+    Message::Text(v.to_string().into())
+}
+
+/// Sends `sync` and reads until `synced`; returns the chats' last seqs and the msgs seen.
+async fn sync(ws: &mut Ws) -> (HashMap<String, u64>, Vec<Value>) {
+    let _ = ws.send(frame(&json!({"type": "sync", "since": {}}))).await;
+    let mut msgs = Vec::new();
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+            match v["type"].as_str() {
+                Some("synced") => {
+                    let chats = v["chats"]
+                        .as_object()
+                        .map(|o| {
+                            o.iter()
+                                .map(|(k, s)| (k.clone(), s.as_u64().unwrap_or(0)))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    return (chats, msgs);
+                }
+                Some("msg") => msgs.push(v),
+                _ => {}
+            }
+        }
+    }
+    (HashMap::new(), msgs)
+}
+
+/// Per receiver and chat: the next seq expected, and what went wrong.
+#[derive(Default)]
+struct Order {
+    next: HashMap<String, u64>,
+    lost: u64,
+    duplicated: u64,
+    out_of_order: u64,
+}
+
+impl Order {
+    fn see(&mut self, chat: &str, seq: u64) {
+        let next = self.next.entry(chat.to_owned()).or_insert(seq);
+        if seq == *next {
+            *next += 1;
+        } else if seq < *next {
+            self.duplicated += 1;
+        } else {
+            self.out_of_order += 1;
+            self.lost += seq - *next;
+            *next = seq + 1;
+        }
+    }
+}
+
+async fn idle(plan: Plan) -> Value {
+    let (conns, failures, secs) = open_all(&plan, &plan.tokens).await;
+    let n = conns.len();
+    println!("{}", json!({"event": "ready", "connected": n}));
+    // Hold: read everything (pings are answered by the reader) until the time is up.
+    let hold = Duration::from_secs_f64(plan.seconds.max(1.0));
+    let mut tasks = Vec::new();
+    for mut ws in conns {
+        tasks.push(tokio::spawn(async move {
+            let deadline = tokio::time::sleep(hold);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    m = ws.next() => match m {
+                        // tungstenite queues the pong for a ping; only a flush sends it.
+                        Some(Ok(Message::Ping(_))) => { let _ = ws.flush().await; }
+                        Some(Ok(_)) => {}
+                        _ => return false,
+                    },
+                }
+            }
+            let _ = ws.close(None).await;
+            true
+        }));
+    }
+    let mut alive = 0;
+    for t in tasks {
+        alive += u64::from(t.await.unwrap_or(false));
+    }
+    json!({"connected": n, "connect_failures": failures, "connect_s": secs,
+           "connect_per_s": n as f64 / secs.max(1e-9), "alive_at_end": alive})
+}
+
+async fn fanout(plan: Plan) -> Value {
+    let (mut receivers, failures, _) = open_all(&plan, &plan.tokens[1..]).await;
+    let mut base = 0;
+    for ws in receivers.iter_mut() {
+        let (chats, _) = sync(ws).await;
+        base = chats.get(&plan.chat_id).copied().unwrap_or(0);
+    }
+    let m = plan.messages;
+    let deliveries = Arc::new(AtomicU64::new(0));
+    let orders = Arc::new(Mutex::new(Order::default()));
+    let last_delivery = Arc::new(Mutex::new(Instant::now()));
+    let mut tasks = Vec::new();
+    for mut ws in receivers {
+        let (deliveries, orders, last_delivery) =
+            (deliveries.clone(), orders.clone(), last_delivery.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut order = Order::default();
+            let mut got = 0;
+            while got < m {
+                let Ok(Some(Ok(Message::Text(t)))) =
+                    tokio::time::timeout(Duration::from_secs(30), ws.next()).await
+                else {
+                    break;
+                };
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                if v["type"] == "msg" {
+                    order.see(
+                        v["chat_id"].as_str().unwrap_or(""),
+                        v["seq"].as_u64().unwrap_or(0),
+                    );
+                    got += 1;
+                    deliveries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            *last_delivery.lock().await = Instant::now();
+            let mut total = orders.lock().await;
+            total.lost += order.lost + (m - got);
+            total.duplicated += order.duplicated;
+            total.out_of_order += order.out_of_order;
+            let _ = ws.close(None).await;
+        }));
+    }
+    let mut sender = open(&plan, 0, &plan.tokens[0])
+        .await
+        .expect("sender connects");
+    let body = "x".repeat(plan.content_bytes);
+    let started = Instant::now();
+    let (mut sent, mut acked) = (0u64, 0u64);
+    while acked < m {
+        while sent < m && sent - acked < plan.window as u64 {
+            let f = json!({"type": "send", "chat_id": plan.chat_id, "client_msg_id": format!("f{sent}"), "content": body});
+            sender.feed(frame(&f)).await.expect("send");
+            sent += 1;
+        }
+        sender.flush().await.expect("flush");
+        match tokio::time::timeout(Duration::from_secs(30), sender.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str().contains("\"ack\"") => acked += 1,
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = last_delivery
+        .lock()
+        .await
+        .duration_since(started)
+        .as_secs_f64();
+    let d = deliveries.load(Ordering::Relaxed);
+    let o = orders.lock().await;
+    json!({"receivers": plan.tokens.len() - 1, "messages": m, "acked": acked, "deliveries": d,
+           "seconds": secs, "deliveries_per_s": d as f64 / secs.max(1e-9), "base_seq": base,
+           "connect_failures": failures, "lost": o.lost, "duplicated": o.duplicated, "out_of_order": o.out_of_order})
+}
+
+fn record(h: &mut Histogram<u64>, ns: u64) {
+    let _ = h.record(ns.max(1) / 1_000); // microseconds
+}
+
+fn summary(h: &Histogram<u64>) -> Value {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({"count": h.len(), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1000.0})
+}
+
+async fn latency(plan: Plan) -> Value {
+    let receivers_tokens: Vec<String> = plan
+        .groups
+        .iter()
+        .flat_map(|g| g.members[1..].to_vec())
+        .collect();
+    let senders_tokens: Vec<String> = plan.groups.iter().map(|g| g.members[0].clone()).collect();
+    let (idle_conns, _, _) = open_all(&plan, &plan.tokens).await;
+    let (receivers, f1, _) = open_all(&plan, &receivers_tokens).await;
+    let (senders, f2, _) = open_all(&plan, &senders_tokens).await;
+    println!(
+        "{}",
+        json!({"event": "ready", "connected": idle_conns.len() + receivers.len() + senders.len()})
+    );
+    let per_group = plan.rate / plan.groups.len().max(1) as f64;
+    let per_sender = (per_group * plan.seconds).round() as u64;
+    let new_h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+    // From the scheduled time (coordinated-omission safe; includes this generator's 1 ms timer
+    // lateness) and from the moment the frame was handed to the socket.
+    let recv_h = Arc::new(Mutex::new((new_h(), new_h())));
+    let ack_h = Arc::new(Mutex::new((new_h(), new_h())));
+    let orders = Arc::new(Mutex::new(Order::default()));
+    let start_ns = now_ns() + 500_000_000;
+    let mut tasks = Vec::new();
+    for mut ws in receivers {
+        let (recv_h, orders) = (recv_h.clone(), orders.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut from_schedule, mut from_send) = (new_h(), new_h());
+            let mut order = Order::default();
+            let mut got = 0;
+            while got < per_sender {
+                let Ok(Some(Ok(Message::Text(t)))) =
+                    tokio::time::timeout(Duration::from_secs(20), ws.next()).await
+                else {
+                    break;
+                };
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                if v["type"] == "msg" {
+                    let at = now_ns();
+                    let mut stamps = v["content"]
+                        .as_str()
+                        .unwrap_or("")
+                        .split('|')
+                        .map(|s| s.parse::<u64>().unwrap_or(at));
+                    let (scheduled, sent) =
+                        (stamps.next().unwrap_or(at), stamps.next().unwrap_or(at));
+                    record(&mut from_schedule, at.saturating_sub(scheduled));
+                    record(&mut from_send, at.saturating_sub(sent));
+                    order.see(
+                        v["chat_id"].as_str().unwrap_or(""),
+                        v["seq"].as_u64().unwrap_or(0),
+                    );
+                    got += 1;
+                }
+            }
+            {
+                let mut h = recv_h.lock().await;
+                h.0.add(&from_schedule).expect("same bounds");
+                h.1.add(&from_send).expect("same bounds");
+            }
+            let mut total = orders.lock().await;
+            total.lost += order.lost + per_sender.saturating_sub(got);
+            total.duplicated += order.duplicated;
+            total.out_of_order += order.out_of_order;
+        }));
+    }
+    let interval_ns = (1e9 / per_group.max(1e-9)) as u64;
+    for (g, ws) in plan.groups.iter().zip(senders) {
+        let (chat, ack_h, body) = (
+            g.chat_id.clone(),
+            ack_h.clone(),
+            "x".repeat(plan.content_bytes),
+        );
+        // Spread the groups' schedules over one interval.
+        let offset = interval_ns * (tasks.len() as u64 % 1000) / 1000;
+        tasks.push(tokio::spawn(async move {
+            let (mut sink, mut stream) = ws.split();
+            let scheduled: Arc<Mutex<HashMap<u64, (u64, u64)>>> = Arc::default();
+            let reader = {
+                let (scheduled, ack_h) = (scheduled.clone(), ack_h.clone());
+                tokio::spawn(async move {
+                    let (mut from_schedule, mut from_send) = (new_h(), new_h());
+                    let mut acks = 0;
+                    while acks < per_sender {
+                        let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(20), stream.next()).await else {
+                            break;
+                        };
+                        let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                        if v["type"] == "ack" {
+                            let i: u64 = v["client_msg_id"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                            if let Some((at, sent)) = scheduled.lock().await.remove(&i) {
+                                let now = now_ns();
+                                record(&mut from_schedule, now.saturating_sub(at));
+                                record(&mut from_send, now.saturating_sub(sent));
+                            }
+                            acks += 1;
+                        }
+                    }
+                    let mut h = ack_h.lock().await;
+                    h.0.add(&from_schedule).expect("same bounds");
+                    h.1.add(&from_send).expect("same bounds");
+                })
+            };
+            for i in 0..per_sender {
+                // Open loop: the send time is the schedule, whatever happened before.
+                let at = start_ns + offset + i * interval_ns;
+                let now = now_ns();
+                if at > now {
+                    tokio::time::sleep(Duration::from_nanos(at - now)).await;
+                }
+                let sent = now_ns();
+                scheduled.lock().await.insert(i, (at, sent));
+                let f = json!({"type": "send", "chat_id": chat, "client_msg_id": i.to_string(), "content": format!("{at}|{sent}|{body}")});
+                if sink.send(frame(&f)).await.is_err() {
+                    break;
+                }
+            }
+            let _ = reader.await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    drop(idle_conns);
+    let o = orders.lock().await;
+    json!({"groups": plan.groups.len(), "rate": plan.rate, "seconds": plan.seconds, "idle": plan.tokens.len(),
+           "send_to_receive": summary(&recv_h.lock().await.1), "send_to_ack": summary(&ack_h.lock().await.1),
+           "send_to_receive_from_schedule": summary(&recv_h.lock().await.0),
+           "send_to_ack_from_schedule": summary(&ack_h.lock().await.0),
+           "connect_failures": f1 + f2, "lost": o.lost, "duplicated": o.duplicated, "out_of_order": o.out_of_order})
+}
+
+async fn persist(plan: Plan) -> Value {
+    let chats: Vec<String> = plan.groups.iter().map(|g| g.chat_id.clone()).collect();
+    let tokens: Vec<String> = plan.groups.iter().map(|g| g.members[0].clone()).collect();
+    let (conns, failures, _) = open_all(&plan, &tokens).await;
+    let deadline = Instant::now() + Duration::from_secs_f64(plan.seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut ws, chat) in conns.into_iter().zip(chats) {
+        let (window, body) = (plan.window as u64, "x".repeat(plan.content_bytes));
+        tasks.push(tokio::spawn(async move {
+            let (mut sent, mut acked, mut errors, mut dup) = (0u64, 0u64, 0u64, 0u64);
+            let mut seen = std::collections::HashSet::new();
+            loop {
+                while Instant::now() < deadline && sent - acked < window {
+                    let f = json!({"type": "send", "chat_id": chat, "client_msg_id": sent.to_string(), "content": body});
+                    if ws.feed(frame(&f)).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                let _ = ws.flush().await;
+                if acked + errors >= sent {
+                    break;
+                }
+                let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await else {
+                    break;
+                };
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                match v["type"].as_str() {
+                    Some("ack") => {
+                        if !seen.insert(v["client_msg_id"].as_str().unwrap_or("").to_owned()) {
+                            dup += 1;
+                        }
+                        acked += 1;
+                    }
+                    Some("error") => errors += 1,
+                    _ => {}
+                }
+            }
+            (sent, acked, errors, dup)
+        }));
+    }
+    let (mut sent, mut acked, mut errors, mut dup) = (0, 0, 0, 0);
+    for t in tasks {
+        if let Ok((s, a, e, d)) = t.await {
+            sent += s;
+            acked += a;
+            errors += e;
+            dup += d;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    json!({"connections": tokens.len(), "sent": sent, "acked": acked, "seconds": secs,
+           "acked_per_s": acked as f64 / secs.max(1e-9), "errors": errors, "connect_failures": failures,
+           "lost": sent - acked - errors, "duplicated": dup, "out_of_order": 0})
+}
+
+async fn sync_scenario(plan: Plan) -> Value {
+    let started = Instant::now();
+    let mut ws = open(&plan, 0, &plan.tokens[0]).await.expect("connects");
+    let connected = started.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let (chats, msgs) = sync(&mut ws).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut order = Order::default();
+    let mut per_chat: HashMap<String, u64> = HashMap::new();
+    for m in &msgs {
+        let chat = m["chat_id"].as_str().unwrap_or("").to_owned();
+        // Backlogs start at 1 here: the reader has read nothing.
+        order.next.entry(chat.clone()).or_insert(1);
+        order.see(&chat, m["seq"].as_u64().unwrap_or(0));
+        *per_chat.entry(chat).or_default() += 1;
+    }
+    let missing: u64 = plan
+        .expected
+        .iter()
+        .map(|(c, n)| n.saturating_sub(*per_chat.get(c).unwrap_or(&0)))
+        .sum();
+    json!({"messages": msgs.len(), "chats": chats.len(), "seconds_to_synced": secs, "connect_s": connected,
+           "lost": order.lost + missing, "duplicated": order.duplicated, "out_of_order": order.out_of_order})
+}
+
+fn main() {
+    let path = std::env::args()
+        .nth(1)
+        .expect("usage: pychat-loadgen PLAN.json");
+    let plan: Plan =
+        serde_json::from_slice(&std::fs::read(&path).expect("read plan")).expect("parse plan");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = runtime.block_on(async move {
+        match plan.scenario.as_str() {
+            "idle" => idle(plan).await,
+            "fanout" => fanout(plan).await,
+            "latency" => latency(plan).await,
+            "persist" => persist(plan).await,
+            "sync" => sync_scenario(plan).await,
+            other => json!({"error": format!("unknown scenario {other}")}),
+        }
+    });
+    println!("{result}");
+}

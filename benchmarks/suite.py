@@ -1,0 +1,342 @@
+"""The benchmark suite: pychat against the compiled load generator
+(benchmarks/loadgen), with a naive Python server measured in the same run as
+the baseline. `make bench-quick` runs every scenario small (about a minute);
+`make bench` runs them at the sizes of the performance targets.
+
+Writes benchmarks/results/suite-<time>.json and benchmarks/results/latest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.presence_storm import prepare  # noqa: E402
+from benchmarks.results import record  # noqa: E402
+from pychat import _core  # noqa: E402
+from tests.conftest import ServerProcess, free_port  # noqa: E402
+
+LOADGEN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "pychat-loadgen"
+SOURCE_IPS = [f"127.0.0.{i}" for i in range(2, 10)]
+# The benchmark measures the engine, not the abuse guards.
+UNLIMITED = {
+    "PYCHAT_SEND_PER_S": "100000000",
+    "PYCHAT_SEND_BURST": "100000000",
+    "PYCHAT_UPGRADES_PER_S": "100000",
+    "PYCHAT_UPGRADE_BURST": "100000",
+    "PYCHAT_QUEUE_CAPACITY": "65536",
+    "PYCHAT_LOG_LEVEL": "warning",
+}
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(CPU seconds, RSS MiB) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    rss = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss = int(line.split()[1]) / 1024
+    return cpu, rss
+
+
+def add_groups(data: Path, ids: list[str], groups: list[list[int]], messages: int = 0) -> list[str]:
+    """Group chats of the given members; each optionally pre-filled with `messages` messages."""
+    db = sqlite3.connect(data / "pychat.db", isolation_level=None)
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("BEGIN")
+    now = int(time.time() * 1000)
+    chat_ids = []
+    for g, members in enumerate(groups):
+        chat_id = f"g{g:06d}"
+        chat_ids.append(chat_id)
+        db.execute(
+            "INSERT INTO chats (chat_id, kind, created_by, created_at, last_activity, last_seq) VALUES (?, 'group', ?, ?, ?, ?)",
+            (chat_id, ids[members[0]], now, now, messages),
+        )
+        db.executemany(
+            "INSERT INTO user_chats (user_id, chat_id, joined_at) VALUES (?, ?, ?)",
+            [(ids[m], chat_id, now) for m in members],
+        )
+        db.executemany(
+            "INSERT INTO messages (chat_id, seq, message_id, sender_id, content, created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (chat_id, s, f"m{g}-{s}", ids[members[0]], "x" * 64, now, f"pre{s}")
+                for s in range(1, messages + 1)
+            ],
+        )
+    db.execute("COMMIT")
+    db.close()
+    return chat_ids
+
+
+def run_loadgen(plan: dict[str, Any], on_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(plan, f)
+    proc = subprocess.Popen([str(LOADGEN), f.name], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    result: dict[str, Any] = {}
+    for line in proc.stdout:
+        value = json.loads(line)
+        if value.get("event") == "ready":
+            if on_ready:
+                on_ready()
+        else:
+            result = value
+    proc.wait()
+    os.unlink(f.name)
+    return result
+
+
+class Target:
+    """A server under test: pychat, or the naive baseline."""
+
+    def __init__(self, kind: str, data: Path, ids: list[str], chats: dict[str, list[str]]) -> None:
+        self.kind, self.data = kind, data
+        if kind == "pychat":
+            self.srv = ServerProcess(data, env=UNLIMITED)
+            self.srv.start()
+            assert self.srv.proc is not None
+            self.pid, self.port = self.srv.proc.pid, self.srv.ws_port
+            expires = int(time.time() * 1000) + 3_600_000
+            self.token = {u: _core.sign_token(self.srv.secret, u, expires) for u in ids}
+        else:
+            (data / "chats.json").write_text(json.dumps(chats))
+            self.port = free_port()
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "benchmarks/baselines/naive_server.py"),
+                    "--port",
+                    str(self.port),
+                    "--chats",
+                    str(data / "chats.json"),
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert self.proc.stdout is not None
+            self.proc.stdout.readline()  # "ready"
+            self.pid = self.proc.pid
+            self.token = {u: f"v1.{u}.0.x" for u in ids}
+
+    def plan(self, scenario: str, **kw: Any) -> dict[str, Any]:
+        return {"scenario": scenario, "server": f"127.0.0.1:{self.port}", "source_ips": SOURCE_IPS, **kw}
+
+    def stop(self) -> None:
+        if self.kind == "pychat":
+            self.srv.stop()
+        else:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def with_target(
+    kind: str,
+    users: int,
+    groups: list[list[int]],
+    messages: int,
+    body: Callable[[Target, list[str], list[str]], dict[str, Any]],
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as d:
+        data = Path(d)
+        ids = prepare(data, users, 0)
+        chat_ids = add_groups(data, ids, groups, messages)
+        target = Target(
+            kind, data, ids, {c: [ids[m] for m in g] for c, g in zip(chat_ids, groups, strict=True)}
+        )
+        try:
+            return body(target, ids, chat_ids)
+        finally:
+            target.stop()
+
+
+def idle(kind: str, n: int, hold: float) -> dict[str, Any]:
+    def body(t: Target, ids: list[str], _: list[str]) -> dict[str, Any]:
+        time.sleep(0.5)
+        _, base_rss = proc_stats(t.pid)
+        sample: dict[str, float] = {}
+
+        def ready() -> None:
+            time.sleep(1.0)
+            sample["rss"] = proc_stats(t.pid)[1]
+
+        out = run_loadgen(t.plan("idle", tokens=[t.token[u] for u in ids], seconds=hold), ready)
+        per_conn = (sample["rss"] - base_rss) * 1024 * 1024 / max(out["connected"], 1)
+        return {
+            **out,
+            "server_rss_mb": {"empty": round(base_rss, 1), "connected": round(sample["rss"], 1)},
+            "bytes_per_connection": round(per_conn),
+        }
+
+    return with_target(kind, n, [], 0, body)
+
+
+def fanout(kind: str, receivers: int, messages: int) -> dict[str, Any]:
+    def body(t: Target, ids: list[str], chats: list[str]) -> dict[str, Any]:
+        cpu0, _ = proc_stats(t.pid)
+        out = run_loadgen(
+            t.plan("fanout", tokens=[t.token[u] for u in ids], chat_id=chats[0], messages=messages, window=64)
+        )
+        cpu = proc_stats(t.pid)[0] - cpu0
+        return {
+            **out,
+            "server_cpu_s": round(cpu, 2),
+            "deliveries_per_cpu_s": round(out["deliveries"] / max(cpu, 0.01)),
+        }
+
+    return with_target(kind, receivers + 1, [list(range(receivers + 1))], 0, body)
+
+
+def latency(kind: str, groups: int, rate: float, seconds: float, idle_n: int) -> dict[str, Any]:
+    def body(t: Target, ids: list[str], chats: list[str]) -> dict[str, Any]:
+        plan_groups = [
+            {"chat_id": c, "members": [t.token[ids[g * 10 + k]] for k in range(10)]}
+            for g, c in enumerate(chats)
+        ]
+        idle_tokens = [t.token[u] for u in ids[groups * 10 :]]
+        return run_loadgen(
+            t.plan("latency", groups=plan_groups, rate=rate, seconds=seconds, tokens=idle_tokens)
+        )
+
+    return with_target(
+        kind, groups * 10 + idle_n, [list(range(g * 10, g * 10 + 10)) for g in range(groups)], 0, body
+    )
+
+
+def persist(connections: int, seconds: float) -> dict[str, Any]:
+    def body(t: Target, ids: list[str], chats: list[str]) -> dict[str, Any]:
+        plan_groups = [{"chat_id": c, "members": [t.token[ids[i]]]} for i, c in enumerate(chats)]
+        out = run_loadgen(t.plan("persist", groups=plan_groups, seconds=seconds, window=64))
+        metrics = __import__("httpx").get(f"{t.srv.url}/metrics").text
+        sums = {
+            ln.split(" ")[0]: float(ln.split(" ")[1])
+            for ln in metrics.splitlines()
+            if ln.startswith("pychat_engine_batch_events_")
+        }
+        count = sums.get("pychat_engine_batch_events_count", 0.0)
+        return {
+            **out,
+            "mean_batch_events": round(sums.get("pychat_engine_batch_events_sum", 0.0) / max(count, 1), 1),
+        }
+
+    return with_target("pychat", connections, [[i] for i in range(connections)], 0, body)
+
+
+def sync(chats: int, per_chat: int) -> dict[str, Any]:
+    def body(t: Target, ids: list[str], chat_ids: list[str]) -> dict[str, Any]:
+        return run_loadgen(
+            t.plan("sync", tokens=[t.token[ids[1]]], expected=dict.fromkeys(chat_ids, per_chat))
+        )
+
+    return with_target("pychat", 2, [[0, 1]] * 0 + [[0, 1] for _ in range(chats)], per_chat, body)
+
+
+SIZES = {
+    "quick": {
+        "idle": 2000,
+        "fanout": (200, 2000),
+        "latency": (100, 2000.0, 3.0, 0),
+        "persist": (16, 3.0),
+        "sync": (20, 100),
+    },
+    "full": {
+        "idle": 19000,
+        "fanout": (1000, 20000),
+        "latency": (1000, 20000.0, 10.0, 9000),
+        "persist": (64, 10.0),
+        "sync": (100, 100),
+    },
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="idle,fanout,latency,persist,sync")
+    args = ap.parse_args()
+    size = SIZES["quick" if args.quick else "full"]
+    only = set(args.only.split(","))
+    results: dict[str, Any] = {"size": "quick" if args.quick else "full"}
+    if "idle" in only:
+        results["idle"] = {
+            "pychat": idle("pychat", size["idle"], 3.0),
+            "baseline": idle("naive", min(size["idle"], 5000), 3.0),
+        }
+    if "fanout" in only:
+        r, m = size["fanout"]
+        results["fanout"] = {"pychat": fanout("pychat", r, m), "baseline": fanout("naive", r, m // 10)}
+    if "latency" in only:
+        g, rate, secs, idle_n = size["latency"]
+        results["latency"] = {
+            "pychat": latency("pychat", g, rate, secs, idle_n),
+            "baseline": latency("naive", min(g, 100), 2000.0, secs, 0),
+        }
+    if "persist" in only:
+        results["persist"] = {"pychat": persist(*size["persist"])}
+    if "sync" in only:
+        results["sync"] = {"pychat": sync(*size["sync"])}
+    record("suite", results)
+    print(summary(results))
+
+
+def summary(r: dict[str, Any]) -> str:
+    lines = [
+        f"| scenario | pychat | naive baseline | ratio | lost / dup / out-of-order ({r['size']}) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+
+    def errs(x: dict[str, Any]) -> str:
+        return f"{x.get('lost', 0)} / {x.get('duplicated', 0)} / {x.get('out_of_order', 0)}"
+
+    if "idle" in r:
+        p, b = r["idle"]["pychat"], r["idle"]["baseline"]
+        lines.append(
+            f"| idle: bytes per connection ({p['connected']} held) | {p['bytes_per_connection']} | {b['bytes_per_connection']} | {b['bytes_per_connection'] / max(p['bytes_per_connection'], 1):.1f}x less | - |"
+        )
+    if "fanout" in r:
+        p, b = r["fanout"]["pychat"], r["fanout"]["baseline"]
+        lines.append(
+            f"| fanout: deliveries/s ({p['receivers']} receivers) | {p['deliveries_per_s']:,.0f} | {b['deliveries_per_s']:,.0f} | {p['deliveries_per_s'] / max(b['deliveries_per_s'], 1):.1f}x | {errs(p)} |"
+        )
+        lines.append(
+            f"| fanout: deliveries per server CPU-second | {p['deliveries_per_cpu_s']:,} | {b['deliveries_per_cpu_s']:,} | {p['deliveries_per_cpu_s'] / max(b['deliveries_per_cpu_s'], 1):.1f}x | - |"
+        )
+    if "latency" in r:
+        p, b = r["latency"]["pychat"], r["latency"]["baseline"]
+        lines.append(
+            f"| latency: p50 / p99 / p99.9 send->receive, ms ({p['rate']:.0f} msg/s, {p['groups']} groups, {p['idle']} idle) | "
+            f"{p['send_to_receive']['p50_ms']} / {p['send_to_receive']['p99_ms']} / {p['send_to_receive']['p999_ms']} | "
+            f"{b['send_to_receive']['p50_ms']} / {b['send_to_receive']['p99_ms']} (at {b['rate']:.0f} msg/s) | - | {errs(p)} |"
+        )
+    if "persist" in r:
+        p = r["persist"]["pychat"]
+        lines.append(
+            f"| persist: acked durable msgs/s (batch {p['mean_batch_events']}) | {p['acked_per_s']:,.0f} | - | - | {errs(p)} |"
+        )
+    if "sync" in r:
+        p = r["sync"]["pychat"]
+        lines.append(
+            f"| sync: {p['messages']} missed messages in {p['chats']} chats, s to synced | {p['seconds_to_synced']:.3f} | - | - | {errs(p)} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (ROOT / "benchmarks" / "results" / "latest.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(30)
+    main()
