@@ -132,6 +132,24 @@ async fn open_all(plan: &Plan, tokens: &[String]) -> (Vec<Ws>, u64, f64) {
     )
 }
 
+/// The next text frame within `wait`, answering pings on the way (tungstenite queues
+/// the pong; a flush sends it). `None` when the connection ends or stays silent.
+async fn next_text(
+    ws: &mut Ws,
+    wait: Duration,
+) -> Option<tokio_tungstenite::tungstenite::Utf8Bytes> {
+    loop {
+        match tokio::time::timeout(wait, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return Some(t),
+            Ok(Some(Ok(Message::Ping(_)))) => {
+                let _ = ws.flush().await;
+            }
+            Ok(Some(Ok(_))) => {}
+            _ => return None,
+        }
+    }
+}
+
 fn frame(v: &Value) -> Message {
     Message::Text(v.to_string().into())
 }
@@ -240,9 +258,7 @@ async fn fanout(plan: Plan) -> Value {
             let mut order = Order::default();
             let mut got = 0;
             while got < m {
-                let Ok(Some(Ok(Message::Text(t)))) =
-                    tokio::time::timeout(Duration::from_secs(30), ws.next()).await
-                else {
+                let Some(t) = next_text(&mut ws, Duration::from_secs(30)).await else {
                     break;
                 };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
@@ -337,9 +353,7 @@ async fn latency(plan: Plan) -> Value {
             let mut order = Order::default();
             let mut got = 0;
             while got < per_sender {
-                let Ok(Some(Ok(Message::Text(t)))) =
-                    tokio::time::timeout(Duration::from_secs(20), ws.next()).await
-                else {
+                let Some(t) = next_text(&mut ws, Duration::from_secs(20)).await else {
                     break;
                 };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
@@ -390,8 +404,11 @@ async fn latency(plan: Plan) -> Value {
                     let (mut from_schedule, mut from_send) = (new_h(), new_h());
                     let mut acks = 0;
                     while acks < per_sender {
-                        let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(20), stream.next()).await else {
-                            break;
+                        // Pings are answered by the sender half's regular writes (they flush the pong).
+                        let t = match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+                            Ok(Some(Ok(Message::Text(t)))) => t,
+                            Ok(Some(Ok(_))) => continue,
+                            _ => break,
                         };
                         let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
                         if v["type"] == "ack" {
@@ -462,7 +479,7 @@ async fn persist(plan: Plan) -> Value {
                 if acked + errors >= sent {
                     break;
                 }
-                let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await else {
+                let Some(t) = next_text(&mut ws, Duration::from_secs(30)).await else {
                     break;
                 };
                 let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
