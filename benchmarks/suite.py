@@ -97,6 +97,7 @@ def run_loadgen(plan: dict[str, Any], on_ready: Callable[[], None] | None = None
         else:
             result = value
     proc.wait()
+    proc.stdout.close()
     os.unlink(f.name)
     return result
 
@@ -142,6 +143,8 @@ class Target:
         else:
             self.proc.terminate()
             self.proc.wait(10)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
 
 def with_target(
