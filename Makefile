@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: help serve test test-rust test-py build-dev lint fmt clean fuzz chaos bench bench-quick loadgen
+.PHONY: help serve test test-rust test-py build-dev lint fmt clean fuzz chaos bench bench-quick loadgen loadtest
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -40,8 +40,8 @@ lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
 	cargo fmt --check
 	cargo clippy -q --all-targets -- -D warnings
 	cargo clippy -q -p pychat-core --features python -- -D warnings
-	$(BIN)/ruff check pychat tests benchmarks
-	$(BIN)/ruff format --check pychat tests benchmarks
+	$(BIN)/ruff check pychat tests benchmarks loadtest
+	$(BIN)/ruff format --check pychat tests benchmarks loadtest
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest pychat._core
 
@@ -54,6 +54,13 @@ bench-quick: build-dev loadgen ## every benchmark scenario, small (about a minut
 bench: build-dev loadgen ## the benchmark suite at the performance targets' sizes (about 10 minutes)
 	$(PY) benchmarks/suite.py
 
+$(VENV)/.loadtest: requirements-loadtest.txt $(VENV)/.deps
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-loadtest.txt
+	touch $@
+
+loadtest: build-dev $(VENV)/.loadtest ## Locust users (WebSocket + REST) headless against a local server; CSV stats
+	$(PY) loadtest/run.py $(ARGS)
+
 fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST API (schemathesis), hypothesis
 	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --release -q --test fuzz_protocol
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_fuzz_python.py
@@ -65,8 +72,8 @@ chaos: build-dev ## long reliability runs: 25 SIGKILLs under load, and a 15,000-
 
 fmt: $(VENV)/.deps ## format Rust and Python
 	cargo fmt
-	$(BIN)/ruff format pychat tests benchmarks
-	$(BIN)/ruff check --fix pychat tests benchmarks
+	$(BIN)/ruff format pychat tests benchmarks loadtest
+	$(BIN)/ruff check --fix pychat tests benchmarks loadtest
 
 clean: ## remove the venv and built extension (the cargo cache stays)
 	rm -rf $(VENV) pychat/_core*.so
