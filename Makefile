@@ -48,10 +48,14 @@ lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
 loadgen: ## build the compiled load generator (benchmarks/loadgen)
 	cargo build --release -q -p pychat-loadgen
 
-bench-quick: build-dev loadgen ## every benchmark scenario, small (about a minute), against the naive baseline
+$(VENV)/.bench: requirements-bench.txt $(VENV)/.deps
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
+bench-quick: build-dev loadgen $(VENV)/.bench ## every benchmark scenario, small (about a minute), against the naive baseline
 	$(PY) benchmarks/suite.py --quick
 
-bench: build-dev loadgen ## the benchmark suite at the performance targets' sizes (about 10 minutes)
+bench: build-dev loadgen $(VENV)/.bench ## the benchmark suite at the performance targets' sizes (about 10 minutes)
 	$(PY) benchmarks/suite.py
 
 $(VENV)/.loadtest: requirements-loadtest.txt $(VENV)/.deps

@@ -292,8 +292,9 @@ def main() -> None:
         results["persist"] = {"pychat": persist(*size["persist"])}
     if "sync" in only:
         results["sync"] = {"pychat": sync(*size["sync"])}
-    record("suite", results)
+    path = record("suite", results)
     print(summary(results))
+    plot(results, path.with_suffix(".png"))
 
 
 def summary(r: dict[str, Any]) -> str:
@@ -338,6 +339,49 @@ def summary(r: dict[str, Any]) -> str:
     text = "\n".join(lines) + "\n"
     (ROOT / "benchmarks" / "results" / "latest.md").write_text(text)
     return text
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    """Bars of pychat against the baseline for each comparable figure (baseline = 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars: list[tuple[str, float]] = []
+    if "idle" in r:
+        p, b = r["idle"]["pychat"], r["idle"]["baseline"]
+        bars.append(
+            (
+                "idle: memory\nper connection\n(lower is better)",
+                p["bytes_per_connection"] / max(b["bytes_per_connection"], 1),
+            )
+        )
+    if "fanout" in r:
+        p, b = r["fanout"]["pychat"], r["fanout"]["baseline"]
+        bars.append(("fanout:\ndeliveries/s", p["deliveries_per_s"] / max(b["deliveries_per_s"], 1)))
+        bars.append(
+            (
+                "fanout: deliveries\nper CPU-second",
+                p["deliveries_per_cpu_s"] / max(b["deliveries_per_cpu_s"], 1),
+            )
+        )
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ax1.bar([n for n, _ in bars], [v for _, v in bars], color="#3b7dd8")
+    ax1.axhline(1.0, color="#999", linestyle="--", linewidth=1)
+    ax1.set_ylabel("pychat / naive baseline (same run)")
+    ax1.set_title(f"Against the baseline ({r['size']} run)")
+    if "latency" in r:
+        p = r["latency"]["pychat"]
+        qs = ["p50_ms", "p99_ms", "p999_ms", "max_ms"]
+        ax2.bar(qs, [p["send_to_receive"][q] for q in qs], color="#d8843b", label="send -> receive")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("ms")
+        ax2.set_title(f"Latency at {p['rate']:.0f} msg/s, {p['groups']} groups, {p['idle']} idle")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
