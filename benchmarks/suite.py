@@ -381,7 +381,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    print(f"plot: {path.relative_to(ROOT)}")
+    print(f"plot: {path.resolve().relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
