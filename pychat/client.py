@@ -391,17 +391,25 @@ class ChatClient:
 
     async def sync(self, since: dict[str, int] | None = None, timeout: float = 30.0) -> dict[str, Any]:
         """Asks for everything missed (default: from the local cursors); returns the `synced` frame
-        after every backlog `msg` has been delivered to `events()`."""
-        ref = uuid.uuid4().hex
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._sync_waiters[ref] = fut
-        await self._send_frame(
-            {"type": "sync", "since": self.since() if since is None else since, "ref": ref}
-        )
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self._sync_waiters.pop(ref, None)
+        after every backlog `msg` has been delivered to `events()`. Waits and asks again while the
+        server is still answering another sync of this connection (`rate_limited`)."""
+        async with asyncio.timeout(timeout):
+            attempt = 0
+            while True:
+                ref = uuid.uuid4().hex
+                fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                self._sync_waiters[ref] = fut
+                frame = {"type": "sync", "since": self.since() if since is None else since, "ref": ref}
+                await self._send_frame(frame)
+                try:
+                    return await fut
+                except ChatError as e:
+                    if e.code != "rate_limited":
+                        raise
+                    await asyncio.sleep(retry_delay(attempt, e.retry_after_ms))
+                    attempt += 1
+                finally:
+                    self._sync_waiters.pop(ref, None)
 
     async def mark_delivered(self, chat_id: str, seq: int) -> None:
         await self._send_frame({"type": "delivered", "chat_id": chat_id, "seq": seq})

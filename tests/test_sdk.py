@@ -116,3 +116,14 @@ async def test_a_send_given_up_on_is_not_sent_again_and_oversized_frames_fail_lo
     with pytest.raises(ChatError) as e:
         await alice.send("cany", "x" * (300 * 1024))
     assert e.value.code == "too_large"
+
+
+async def test_sync_waits_while_another_sync_of_the_connection_is_answered(clients: Clients) -> None:
+    alice, bob = await clients.user("twa"), await clients.user("twb")
+    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+    for i in range(3):
+        await alice.post_message(chat_id, f"m{i}")
+    await bob.connect()
+    # Several at once on one connection: the server answers one at a time, the SDK retries the rest.
+    answers = await asyncio.gather(*(bob.sync() for _ in range(5)))
+    assert all(a["chats"] == {chat_id: 3} for a in answers)
