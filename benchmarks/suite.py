@@ -29,7 +29,9 @@ from benchmarks.results import record  # noqa: E402
 from pychat import _core  # noqa: E402
 from tests.conftest import ServerProcess, free_port  # noqa: E402
 
-LOADGEN = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "pychat-loadgen"
+# Built by `make loadgen` into the Makefile's target dir (CARGO_TARGET_DIR, default ~/.cache/pychat/target).
+_TARGET = os.environ.get("CARGO_TARGET_DIR", str(Path.home() / ".cache" / "pychat" / "target"))
+LOADGEN = Path(_TARGET) / "release" / "pychat-loadgen"
 SOURCE_IPS = [f"127.0.0.{i}" for i in range(2, 10)]
 # The benchmark measures the engine, not the abuse guards.
 UNLIMITED = {

@@ -351,12 +351,12 @@ class SqliteStore:
                     last_seq[chat_id] = row[0]
                 return last_seq[chat_id]
 
+            # One lookup for the whole batch: which (chat, sender, client_msg_id) are stored already.
+            existing = self._stored_already(c, sends)
+            created_at = now_ms()  # one commit, one time
+            rows: list[tuple[Any, ...]] = []
             for s in sends:
-                dup = c.execute(
-                    "SELECT message_id, seq, created_at, attachments FROM messages"
-                    " WHERE chat_id = ? AND sender_id = ? AND client_msg_id = ?",
-                    (s.chat_id, s.sender_id, s.client_msg_id),
-                ).fetchone()
+                dup = existing.get((s.chat_id, s.sender_id, s.client_msg_id))
                 if dup:
                     send_results.append(("stored", dup[0], dup[1], dup[2], dup[3], True))
                     continue
@@ -372,10 +372,8 @@ class SqliteStore:
                     send_results.append(error)
                     continue
                 seq = last + 1
-                created_at = now_ms()
                 message_id = new_id("m")
-                c.execute(
-                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows.append(
                     (
                         s.chat_id,
                         seq,
@@ -385,11 +383,12 @@ class SqliteStore:
                         attachments,
                         created_at,
                         s.client_msg_id,
-                    ),
+                    )
                 )
                 last_seq[s.chat_id] = seq
                 touched[s.chat_id] = created_at
                 send_results.append(("stored", message_id, seq, created_at, attachments, False))
+            c.executemany(f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             c.executemany(
                 "UPDATE chats SET last_seq = ?, last_activity = ? WHERE chat_id = ?",
                 [(last_seq[chat], at, chat) for chat, at in touched.items()],
@@ -402,6 +401,27 @@ class SqliteStore:
                     [(at, user_id) for user_id, at in seen],
                 )
         return send_results, pointer_results
+
+    @staticmethod
+    def _stored_already(
+        c: sqlite3.Connection, sends: list[SendRequest]
+    ) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+        """(chat_id, sender_id, client_msg_id) -> (message_id, seq, created_at, attachments) of
+        the sends that are stored already, found through the idempotency index in a few queries."""
+        found: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+        for start in range(0, len(sends), 300):
+            chunk = sends[start : start + 300]
+            values = ",".join("(?, ?, ?)" for _ in chunk)
+            params = [v for s in chunk for v in (s.chat_id, s.sender_id, s.client_msg_id)]
+            # CROSS JOIN keeps this order: one index seek per send, never a scan of messages.
+            for row in c.execute(
+                "SELECT m.chat_id, m.sender_id, m.client_msg_id, m.message_id, m.seq, m.created_at, m.attachments"
+                f" FROM (VALUES {values}) AS v CROSS JOIN messages m"
+                " ON m.chat_id = v.column1 AND m.sender_id = v.column2 AND m.client_msg_id = v.column3",
+                params,
+            ):
+                found[(row[0], row[1], row[2])] = row[3:]
+        return found
 
     def _resolve_attachments(self, c: sqlite3.Connection, s: SendRequest) -> tuple[str, EngineResult | None]:
         if not s.attachments:
