@@ -189,10 +189,6 @@ impl Gateway {
         &self.shared.hub
     }
 
-    pub fn verifier(&self) -> &TokenVerifier {
-        &self.shared.verifier
-    }
-
     /// Blocks until at least one event is ready (or `timeout` passes), then
     /// takes up to `max` events. An empty batch after shutdown means stop.
     pub fn next_batch(&self, max: usize, timeout: Duration) -> Vec<EngineEvent> {

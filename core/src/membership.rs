@@ -49,14 +49,6 @@ impl MembershipCache {
             .get_key_value(chat)
             .map(|(k, v)| (k.clone(), v.clone()))
     }
-
-    pub fn len(&self) -> usize {
-        self.chats.read().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

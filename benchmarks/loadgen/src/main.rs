@@ -191,6 +191,13 @@ struct Order {
 }
 
 impl Order {
+    /// Adds one receiver's counts, with `missing` messages it never got counted as lost.
+    fn merge(&mut self, other: &Order, missing: u64) {
+        self.lost += other.lost + missing;
+        self.duplicated += other.duplicated;
+        self.out_of_order += other.out_of_order;
+    }
+
     fn see(&mut self, chat: &str, seq: u64) {
         let next = self.next.entry(chat.to_owned()).or_insert(seq);
         if seq == *next {
@@ -272,10 +279,7 @@ async fn fanout(plan: Plan) -> Value {
                 }
             }
             *last_delivery.lock().await = Instant::now();
-            let mut total = orders.lock().await;
-            total.lost += order.lost + (m - got);
-            total.duplicated += order.duplicated;
-            total.out_of_order += order.out_of_order;
+            orders.lock().await.merge(&order, m - got);
             let _ = ws.close(None).await;
         }));
     }
@@ -380,10 +384,10 @@ async fn latency(plan: Plan) -> Value {
                 h.0.add(&from_schedule).expect("same bounds");
                 h.1.add(&from_send).expect("same bounds");
             }
-            let mut total = orders.lock().await;
-            total.lost += order.lost + per_sender.saturating_sub(got);
-            total.duplicated += order.duplicated;
-            total.out_of_order += order.out_of_order;
+            orders
+                .lock()
+                .await
+                .merge(&order, per_sender.saturating_sub(got));
         }));
     }
     let interval_ns = (1e9 / per_group.max(1e-9)) as u64;
