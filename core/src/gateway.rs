@@ -1,6 +1,10 @@
 //! The WebSocket gateway: a tokio runtime on its own threads that accepts
-//! sockets, checks the signed token at upgrade, and runs one task per
-//! connection (a reader and a writer future joined in that task).
+//! sockets, checks the signed token at upgrade, and runs one small task per
+//! connection that reads, decodes, handles and writes.
+//!
+//! Memory per idle connection is the point of this shape: no read or write
+//! buffer exists unless bytes are in flight, the send queue is an empty deque,
+//! and heartbeats come from one sweep task instead of a timer per connection.
 
 use std::io;
 use std::net::SocketAddr;
@@ -8,18 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, Notify};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
 
 use crate::hub::{now_ms, EngineEvent, Hub, SendAdmission, SidePathConfig, TicketOutcome};
 use crate::metrics;
@@ -29,6 +26,7 @@ use crate::ratelimit::TokenBucket;
 use crate::registry::{CloseReason, ConnHandle};
 use crate::sequencer::{Origin, UserId};
 use crate::token::TokenVerifier;
+use crate::websocket::{self, Decoder, HandshakeError, Message};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -38,7 +36,8 @@ pub struct GatewayConfig {
     pub heartbeat_s: u64,
     /// Items a connection's send queue holds before the connection is closed.
     pub queue_capacity: usize,
-    /// tungstenite allocates this read buffer per connection, idle or not.
+    /// Bytes asked of the socket per read; the buffer exists only while a read
+    /// is being decoded, so idle connections hold none.
     pub read_buffer_bytes: usize,
     pub runtime_threads: usize,
     /// Events waiting for the engine; past this, readers wait (backpressure).
@@ -169,6 +168,7 @@ impl Gateway {
         let local_addr = listener.local_addr()?;
         runtime.spawn(accept_loop(shared.clone(), listener));
         runtime.spawn(side_path_ticker(shared.clone()));
+        runtime.spawn(heartbeat_sweep(shared.clone()));
         let engine_rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
@@ -345,31 +345,43 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-#[allow(clippy::result_large_err)]
-fn reject(status: StatusCode, error: FrameError) -> ErrorResponse {
-    #[derive(serde::Serialize)]
-    struct Body<'a> {
-        code: &'static str,
-        message: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        retry_after_ms: Option<u64>,
+/// A refused upgrade: status and the error body PROTOCOL.md gives REST errors.
+struct Refusal {
+    status: u16,
+    error: FrameError,
+}
+
+impl Refusal {
+    fn new(status: u16, code: ErrorCode, message: &str) -> Self {
+        Self {
+            status,
+            error: FrameError::new(code, message),
+        }
     }
-    let body = serde_json::json!({ "error": Body {
-        code: error.code.as_str(),
-        message: &error.message,
-        retry_after_ms: error.retry_after_ms,
-    }});
-    let mut resp = ErrorResponse::new(Some(body.to_string()));
-    *resp.status_mut() = status;
-    let headers = resp.headers_mut();
-    headers.insert(
-        "content-type",
-        "application/json".parse().expect("valid header"),
-    );
-    if let Some(ms) = error.retry_after_ms {
-        headers.insert("retry-after", ms.div_ceil(1000).max(1).into());
+
+    fn response(&self) -> Vec<u8> {
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            code: &'static str,
+            message: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            retry_after_ms: Option<u64>,
+        }
+        let e = &self.error;
+        let body = serde_json::json!({ "error": Body {
+            code: e.code.as_str(),
+            message: &e.message,
+            retry_after_ms: e.retry_after_ms,
+        }});
+        let mut headers = Vec::new();
+        if let Some(ms) = e.retry_after_ms {
+            headers.push(("retry-after", ms.div_ceil(1000).max(1).to_string()));
+        }
+        if self.status == 426 {
+            headers.push(("sec-websocket-version", "13".to_owned()));
+        }
+        websocket::http_error(self.status, &body.to_string(), &headers)
     }
-    resp
 }
 
 fn token_from_query(query: &str) -> Option<&str> {
@@ -381,99 +393,160 @@ fn token_from_query(query: &str) -> Option<&str> {
 
 /// Checks an upgrade request: path, token, Origin, capacity, then the upgrade
 /// rate (a storm of reconnects is told when to come back instead of queueing).
-#[allow(clippy::result_large_err)] // tungstenite's `Callback` fixes the error type
-fn admit_upgrade(shared: &Shared, req: &Request) -> Result<String, ErrorResponse> {
-    if req.uri().path() != "/ws" {
-        let e = FrameError::new(ErrorCode::NotFound, "the WebSocket endpoint is /ws");
-        return Err(reject(StatusCode::NOT_FOUND, e));
-    }
-    let Some(token) = req.uri().query().and_then(token_from_query) else {
-        return Err(reject(
-            StatusCode::UNAUTHORIZED,
-            FrameError::new(ErrorCode::Unauthorized, "missing token"),
+fn admit_upgrade(shared: &Shared, up: &websocket::Upgrade<'_>) -> Result<String, Refusal> {
+    if up.path != "/ws" {
+        return Err(Refusal::new(
+            404,
+            ErrorCode::NotFound,
+            "the WebSocket endpoint is /ws",
         ));
+    }
+    let Some(token) = up.query.and_then(token_from_query) else {
+        return Err(Refusal::new(401, ErrorCode::Unauthorized, "missing token"));
     };
-    let user = shared.verifier.verify(token, now_ms()).map_err(|e| {
-        reject(
-            StatusCode::UNAUTHORIZED,
-            FrameError::new(ErrorCode::Unauthorized, e.to_string()),
-        )
-    })?;
+    let user = shared
+        .verifier
+        .verify(token, now_ms())
+        .map_err(|e| Refusal::new(401, ErrorCode::Unauthorized, &e.to_string()))?;
     let allowed = &shared.config.allowed_origins;
-    if !allowed.is_empty() {
-        let origin = req.headers().get("origin").and_then(|o| o.to_str().ok());
-        // Browsers always send Origin; other clients may omit it.
-        if let Some(origin) = origin {
-            if !allowed.iter().any(|a| a == origin) {
-                let e = FrameError::new(ErrorCode::Forbidden, "origin not allowed");
-                return Err(reject(StatusCode::FORBIDDEN, e));
-            }
+    // Browsers always send Origin; other clients may omit it.
+    if let (false, Some(origin)) = (allowed.is_empty(), up.origin) {
+        if !allowed.iter().any(|a| a == origin) {
+            return Err(Refusal::new(
+                403,
+                ErrorCode::Forbidden,
+                "origin not allowed",
+            ));
         }
     }
     let max = shared.config.max_connections;
     if max > 0 && shared.hub.registry.connection_count() >= max {
         metrics::inc(&shared.hub.counters.upgrades_rate_limited);
-        let mut e = FrameError::new(ErrorCode::Unavailable, "server is at its connection limit");
-        e.retry_after_ms = Some(1_000);
-        return Err(reject(StatusCode::SERVICE_UNAVAILABLE, e));
+        let mut r = Refusal::new(
+            503,
+            ErrorCode::Unavailable,
+            "server is at its connection limit",
+        );
+        r.error.retry_after_ms = Some(1_000);
+        return Err(r);
     }
     if let Err(retry_after) = shared.upgrades.lock().try_take(now_ms()) {
         metrics::inc(&shared.hub.counters.upgrades_rate_limited);
-        return Err(reject(
-            StatusCode::TOO_MANY_REQUESTS,
-            FrameError::rate_limited(retry_after),
-        ));
+        return Err(Refusal {
+            status: 429,
+            error: FrameError::rate_limited(retry_after),
+        });
     }
     Ok(user)
 }
 
-#[allow(clippy::result_large_err)] // the upgrade callback's shape is tungstenite's
 async fn serve_connection(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    mut stream: TcpStream,
     handshake_permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let user_slot: Arc<Mutex<Option<String>>> = Arc::default();
-    let check = {
-        let shared = shared.clone();
-        let slot = user_slot.clone();
-        move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-            admit_upgrade(&shared, req).map(|user| {
-                *slot.lock() = Some(user);
-                resp
-            })
-        }
-    };
-    // Frames a little over the limit are read and refused with an error frame
-    // (the connection stays); only far larger ones break the connection.
-    let hard_cap = shared.config.limits.max_frame_bytes.saturating_mul(4);
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(shared.config.read_buffer_bytes)
-        .write_buffer_size(0)
-        .max_message_size(Some(hard_cap))
-        .max_frame_size(Some(hard_cap));
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(ws_config));
-    let ws = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-        Ok(Ok(ws)) => ws,
-        _ => {
-            metrics::inc(&shared.hub.counters.upgrades_refused);
-            return;
-        }
-    };
+    let upgraded =
+        tokio::time::timeout(Duration::from_secs(10), upgrade(&shared, &mut stream)).await;
     drop(handshake_permit);
-    let Some(user) = user_slot.lock().take() else {
-        return;
-    };
-    run_connection(shared, ws, user.into()).await;
+    match upgraded {
+        Ok(Some((user, leftover))) => run_connection(shared, stream, user.into(), leftover).await,
+        _ => metrics::inc(&shared.hub.counters.upgrades_refused),
+    }
 }
 
-async fn run_connection(shared: Arc<Shared>, ws: WebSocketStream<TcpStream>, user: UserId) {
+/// Reads the request head and answers it: `101` and the user, or an error
+/// response and `None`. Also returns bytes the client sent after the head.
+async fn upgrade(shared: &Shared, stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if buf.len() == buf.capacity() {
+            buf.reserve(1024);
+        }
+        stream.readable().await.ok()?;
+        match stream.try_read_buf(&mut buf) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return None,
+        }
+        let refusal = match websocket::parse_upgrade(&buf) {
+            Err(HandshakeError::Incomplete) => continue,
+            Err(HandshakeError::Bad(why)) => Refusal::new(400, ErrorCode::BadRequest, why),
+            Err(HandshakeError::Version) => Refusal::new(
+                426,
+                ErrorCode::BadRequest,
+                "only WebSocket version 13 is spoken",
+            ),
+            Err(HandshakeError::TooLarge) => {
+                Refusal::new(431, ErrorCode::TooLarge, "request head too large")
+            }
+            Ok(up) => match admit_upgrade(shared, &up) {
+                Ok(user) => {
+                    let leftover = buf[up.head_len..].to_vec();
+                    stream
+                        .write_all(&websocket::switching_protocols(&up.accept))
+                        .await
+                        .ok()?;
+                    return Some((user, leftover));
+                }
+                Err(refusal) => refusal,
+            },
+        };
+        let _ = stream.write_all(&refusal.response()).await;
+        let _ = stream.shutdown().await;
+        return None;
+    }
+}
+
+/// Pings every connection once per heartbeat (a slice of them per sweep, so
+/// pings are spread out) and drops peers that are silent or do not read.
+async fn heartbeat_sweep(shared: Arc<Shared>) {
+    let heartbeat_ms = shared.config.heartbeat_s.clamp(1, 3600) * 1000;
+    let period_ms = (heartbeat_ms / 4).clamp(50, 1000);
+    let slices = (heartbeat_ms / period_ms).max(1);
+    let mut ticker = tokio::time::interval(Duration::from_millis(period_ms));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hub = &shared.hub;
+    for sweep in 0u64.. {
+        tokio::select! {
+            _ = shared.shutdown.notified() => return,
+            _ = ticker.tick() => {}
+        }
+        let now = shared.clock_ms();
+        let limit = 2 * heartbeat_ms;
+        hub.registry.for_each(|c| {
+            let seen = c.last_seen_ms.load(Ordering::Relaxed);
+            let stalled = c.write_stalled_since_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(seen) > limit {
+                metrics::inc(&hub.counters.heartbeat_timeouts);
+                c.close(CloseReason::HeartbeatTimeout);
+            } else if stalled != 0 && now.saturating_sub(stalled) > limit {
+                // A peer that stops reading (zero window) is dropped like a silent one.
+                c.close(CloseReason::WriteFailed);
+            } else if c.id % slices == sweep % slices {
+                c.ping_due.store(true, Ordering::Relaxed);
+                c.wakeup.notify_one();
+            }
+        });
+    }
+}
+
+async fn run_connection(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    user: UserId,
+    leftover: Vec<u8>,
+) {
     let hub = shared.hub.clone();
     metrics::inc(&hub.counters.connections_accepted);
     let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(shared.config.queue_capacity.max(1));
-    let conn = Arc::new(ConnHandle::new(id, user.clone(), tx, shared.clock_ms()));
+    let conn = Arc::new(ConnHandle::new(
+        id,
+        user.clone(),
+        shared.config.queue_capacity,
+        shared.clock_ms(),
+    ));
     let session_id = format!("s{:x}-{:x}", shared.boot_id, id);
     conn.push(Outgoing::Frame(protocol::encode_hello(
         &user,
@@ -484,299 +557,403 @@ async fn run_connection(shared: Arc<Shared>, ws: WebSocketStream<TcpStream>, use
     if let Some(seen) = hub.connect(conn.clone(), now_ms()) {
         persist_side_path(&shared, seen);
     }
-    let (sink, stream) = ws.split();
-    tokio::join!(
-        read_loop(&shared, &conn, stream),
-        write_loop(&shared, &conn, sink, rx)
-    );
+    let mut io = ConnIo::new(&shared, conn.clone(), leftover);
+    io.process_input();
+    io.run(&stream).await;
+    // Boxed: the farewell's buffers exist only while a connection closes.
+    Box::pin(io.farewell(&mut stream)).await;
     hub.disconnect(&conn, now_ms());
     metrics::inc(&hub.counters.connections_closed);
 }
 
-type WsSink = futures_util::stream::SplitSink<WebSocketStream<TcpStream>, Message>;
-type WsStream = futures_util::stream::SplitStream<WebSocketStream<TcpStream>>;
-
-async fn read_loop(shared: &Shared, conn: &Arc<ConnHandle>, mut stream: WsStream) {
-    read_frames(shared, conn, &mut stream).await;
-    if conn.close_reason() != Some(CloseReason::PeerClosed) {
-        // The server is closing: keep reading (and dropping) until the peer's
-        // close reply, so unread input does not turn our close into a TCP reset
-        // that would destroy the frames we just sent (the error that explains it).
-        let drain = async { while let Some(Ok(_)) = stream.next().await {} };
-        let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
-    }
+/// What woke a connection's task.
+enum Wake<'a> {
+    Closed,
+    EngineRoom(Result<mpsc::Permit<'a, EngineEvent>, mpsc::error::SendError<()>>),
+    Writable(io::Result<()>),
+    Queued,
+    Readable(io::Result<()>),
 }
 
-async fn read_frames(shared: &Shared, conn: &Arc<ConnHandle>, stream: &mut WsStream) {
-    let mut strikes = 0u32;
-    let mut sends = TokenBucket::new(shared.config.send_per_s, shared.config.send_burst, now_ms());
-    // Every other frame that costs the engine or a fan-out (sync, pointers, typing, subscribe).
-    let mut requests = TokenBucket::new(REQUESTS_PER_S, REQUESTS_BURST, now_ms());
-    loop {
-        let next = tokio::select! {
-            _ = conn.closed() => return,
-            n = stream.next() => n,
-        };
-        let message = match next {
-            Some(Ok(m)) => m,
-            Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
-                // Far over the size limit: the stream cannot be read past it.
-                conn.push(Outgoing::Frame(protocol::encode_error(
-                    ErrorCode::TooLarge,
-                    "frame is far larger than the limit",
-                    None,
-                )));
-                conn.close(CloseReason::FrameTooLarge);
-                return;
-            }
-            _ => {
-                conn.close(CloseReason::PeerClosed);
-                return;
-            }
-        };
-        conn.last_seen_ms
-            .store(shared.clock_ms(), Ordering::Relaxed);
-        let outcome = match message {
-            Message::Text(text) => {
-                metrics::inc(&shared.hub.counters.frames_in);
-                handle_frame(shared, conn, &mut sends, &mut requests, text.as_str()).await
-            }
-            Message::Binary(_) => Err(FrameError::new(
-                ErrorCode::BadRequest,
-                "frames must be JSON text frames",
-            )),
-            Message::Close(_) => {
-                conn.close(CloseReason::PeerClosed);
-                return;
-            }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => Ok(()),
-        };
-        match outcome {
-            Ok(()) => strikes = 0,
-            // Too fast is not malformed: no strike.
-            Err(e) if e.code == ErrorCode::RateLimited => {
-                conn.push(Outgoing::Frame(e.encode()));
-            }
-            Err(e) => {
-                metrics::inc(&shared.hub.counters.bad_frames);
-                conn.push(Outgoing::Frame(e.encode()));
-                strikes += 1;
-                if strikes >= shared.config.max_bad_frames {
-                    conn.close(CloseReason::TooManyBadFrames);
-                    return;
+/// One connection's task state.
+struct ConnIo<'a> {
+    shared: &'a Shared,
+    conn: Arc<ConnHandle>,
+    decoder: Decoder,
+    /// Received bytes not yet decoded; empty (unallocated) between reads.
+    inbuf: Vec<u8>,
+    /// Encoded bytes the socket has not taken yet, from `out_at`; empty
+    /// (unallocated) whenever everything was written.
+    outbuf: Vec<u8>,
+    out_at: usize,
+    stitcher: Stitcher,
+    sends: TokenBucket,
+    /// Every other frame that costs the engine or a fan-out (sync, pointers, typing, subscribe).
+    requests: TokenBucket,
+    strikes: u32,
+    /// An event the engine's queue had no room for: reading waits until it is
+    /// handed over (backpressure on this connection only).
+    blocked: Option<Box<EngineEvent>>,
+    /// The close code to answer with, once the peer sent its close frame.
+    peer_close: Option<u16>,
+}
+
+impl<'a> ConnIo<'a> {
+    fn new(shared: &'a Shared, conn: Arc<ConnHandle>, inbuf: Vec<u8>) -> Self {
+        let now = now_ms();
+        Self {
+            shared,
+            conn,
+            // Frames a little over the limit are read and refused with an error
+            // frame (the connection stays); only far larger ones end it.
+            decoder: Decoder::new(shared.config.limits.max_frame_bytes.saturating_mul(4)),
+            inbuf,
+            outbuf: Vec::new(),
+            out_at: 0,
+            stitcher: Stitcher::default(),
+            sends: TokenBucket::new(shared.config.send_per_s, shared.config.send_burst, now),
+            requests: TokenBucket::new(REQUESTS_PER_S, REQUESTS_BURST, now),
+            strikes: 0,
+            blocked: None,
+            peer_close: None,
+        }
+    }
+
+    fn writing(&self) -> bool {
+        self.out_at < self.outbuf.len()
+    }
+
+    async fn run(&mut self, stream: &TcpStream) {
+        while !self.conn.is_closing() {
+            let shared = self.shared;
+            let wake = {
+                let conn = &*self.conn;
+                let writing = self.writing();
+                let blocked = self.blocked.is_some();
+                tokio::select! {
+                    biased;
+                    _ = conn.closed() => Wake::Closed,
+                    p = shared.events.reserve(), if blocked => Wake::EngineRoom(p),
+                    r = stream.writable(), if writing => Wake::Writable(r),
+                    _ = conn.wakeup.notified(), if !writing => Wake::Queued,
+                    r = stream.readable(), if !blocked => Wake::Readable(r),
+                }
+            };
+            match wake {
+                Wake::Closed => return,
+                Wake::EngineRoom(Ok(permit)) => {
+                    permit.send(*self.blocked.take().expect("branch runs only when blocked"));
+                    // Frames already read and waiting behind the blocked one.
+                    self.process_input();
+                }
+                Wake::EngineRoom(Err(_)) => {
+                    let ev = self.blocked.take().expect("branch runs only when blocked");
+                    self.refuse_forward(*ev, "server is shutting down");
+                    self.conn.close(CloseReason::ServerShutdown);
+                }
+                Wake::Writable(Ok(())) => self.write_out(stream),
+                Wake::Queued => self.flush_queue(stream),
+                Wake::Readable(Ok(())) => self.read(stream),
+                Wake::Writable(Err(_)) | Wake::Readable(Err(_)) => {
+                    self.conn.close(CloseReason::PeerClosed)
                 }
             }
         }
     }
-}
 
-async fn handle_frame(
-    shared: &Shared,
-    conn: &Arc<ConnHandle>,
-    sends: &mut TokenBucket,
-    requests: &mut TokenBucket,
-    text: &str,
-) -> Result<(), FrameError> {
-    let hub = &shared.hub;
-    let frame = protocol::parse_client_frame(text, &hub.limits)?;
-    if !matches!(frame, ClientFrame::Send(_)) {
-        requests
-            .try_take(now_ms())
-            .map_err(FrameError::rate_limited)?;
-    }
-    match frame {
-        ClientFrame::Send(send) => {
-            if let Err(retry_after) = sends.try_take(now_ms()) {
-                return Err(
-                    FrameError::rate_limited(retry_after).with_ref(Some(send.client_msg_id))
-                );
+    fn read(&mut self, stream: &TcpStream) {
+        let want = self.shared.config.read_buffer_bytes.max(512);
+        self.inbuf.reserve(want);
+        match stream.try_read_buf(&mut self.inbuf) {
+            Ok(0) => self.conn.close(CloseReason::PeerClosed),
+            Ok(_) => {
+                self.conn
+                    .last_seen_ms
+                    .store(self.shared.clock_ms(), Ordering::Relaxed);
+                self.process_input();
             }
-            admit_and_forward(shared, conn, send).await
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.conn.close(CloseReason::PeerClosed),
         }
-        ClientFrame::Sync { since, reference } => {
-            if conn.sync_pending.swap(true, Ordering::AcqRel) {
-                return Err(FrameError::rate_limited(100).with_ref(reference));
+        if self.inbuf.is_empty() {
+            self.inbuf = Vec::new();
+        }
+    }
+
+    /// Decodes and handles every complete message in `inbuf`, stopping early
+    /// while an event waits for room in the engine's queue.
+    fn process_input(&mut self) {
+        let mut at = 0;
+        while self.blocked.is_none() && !self.conn.is_closing() {
+            match self.decoder.decode(&mut self.inbuf[at..]) {
+                Ok(Some((message, used))) => {
+                    at += used;
+                    if let Some(m) = message {
+                        self.on_message(m);
+                    }
+                }
+                Ok(None) => break,
+                Err(websocket::DecodeError::TooLarge) => {
+                    // Far over the size limit: the stream cannot be read past it.
+                    self.conn.push(Outgoing::Frame(protocol::encode_error(
+                        ErrorCode::TooLarge,
+                        "frame is far larger than the limit",
+                        None,
+                    )));
+                    self.conn.close(CloseReason::FrameTooLarge);
+                }
+                Err(_) => self.conn.close(CloseReason::ProtocolError),
             }
-            // Queued before the request leaves, so live messages from here on are held.
-            conn.push(Outgoing::SyncBegin);
-            forward(
-                shared,
+        }
+        self.inbuf.drain(..at);
+    }
+
+    fn on_message(&mut self, message: Message) {
+        let outcome = match message {
+            Message::Text(text) => {
+                metrics::inc(&self.shared.hub.counters.frames_in);
+                self.handle_frame(&text)
+            }
+            Message::Binary => Err(FrameError::new(
+                ErrorCode::BadRequest,
+                "frames must be JSON text frames",
+            )),
+            Message::Ping(payload) => {
+                // Written by the loop's next turn (`writing` is now true).
+                websocket::encode_frame(&mut self.outbuf, websocket::OP_PONG, &payload);
+                Ok(())
+            }
+            Message::Pong => Ok(()),
+            Message::Close(code) => {
+                self.peer_close = Some(code.unwrap_or(websocket::CLOSE_NORMAL));
+                self.conn.close(CloseReason::PeerClosed);
+                Ok(())
+            }
+        };
+        match outcome {
+            Ok(()) => self.strikes = 0,
+            // Too fast is not malformed: no strike.
+            Err(e) if e.code == ErrorCode::RateLimited => {
+                self.conn.push(Outgoing::Frame(e.encode()));
+            }
+            Err(e) => {
+                metrics::inc(&self.shared.hub.counters.bad_frames);
+                self.conn.push(Outgoing::Frame(e.encode()));
+                self.strikes += 1;
+                if self.strikes >= self.shared.config.max_bad_frames {
+                    self.conn.close(CloseReason::TooManyBadFrames);
+                }
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, text: &str) -> Result<(), FrameError> {
+        let hub = &self.shared.hub;
+        let conn = &self.conn;
+        let frame = protocol::parse_client_frame(text, &hub.limits)?;
+        if !matches!(frame, ClientFrame::Send(_)) {
+            self.requests
+                .try_take(now_ms())
+                .map_err(FrameError::rate_limited)?;
+        }
+        let event = match frame {
+            ClientFrame::Send(send) => {
+                if let Err(retry_after) = self.sends.try_take(now_ms()) {
+                    return Err(
+                        FrameError::rate_limited(retry_after).with_ref(Some(send.client_msg_id))
+                    );
+                }
+                match hub.admit_send(Origin::Conn(conn.id), &conn.user, send)? {
+                    SendAdmission::Forward(ev) => ev,
+                    SendAdmission::Duplicate(ack) => {
+                        conn.push(Outgoing::Frame(protocol::encode_ack(&ack)));
+                        return Ok(());
+                    }
+                    SendAdmission::InFlight => return Ok(()),
+                }
+            }
+            ClientFrame::Sync { since, reference } => {
+                if conn.sync_pending.swap(true, Ordering::AcqRel) {
+                    return Err(FrameError::rate_limited(100).with_ref(reference));
+                }
+                // Queued before the request leaves, so live messages from here on are held.
+                conn.push(Outgoing::SyncBegin);
                 EngineEvent::Sync {
                     conn: conn.id,
                     user: conn.user.clone(),
                     since,
                     reference,
-                },
-            )
-            .await
-        }
-        ClientFrame::Pointer { chat_id, seq, kind } => {
-            let (chat, _) = hub.member_chat(&conn.user, &chat_id)?;
-            forward(
-                shared,
+                }
+            }
+            ClientFrame::Pointer { chat_id, seq, kind } => {
+                let (chat, _) = hub.member_chat(&conn.user, &chat_id)?;
                 EngineEvent::Pointer {
                     origin: Origin::Conn(conn.id),
                     user: conn.user.clone(),
                     chat,
                     kind,
                     seq,
-                },
-            )
-            .await
-        }
-        ClientFrame::Typing { chat_id, start } => {
-            let (chat, _) = hub.member_chat(&conn.user, &chat_id)?;
-            hub.typing(&conn.user, &chat, start, now_ms());
-            Ok(())
-        }
-        ClientFrame::PresenceSubscribe { user_ids } => {
-            hub.presence
-                .lock()
-                .check_subscribe(conn.id, &user_ids)
-                .map_err(|e| FrameError::new(ErrorCode::BadRequest, e.to_string()))?;
-            forward(
-                shared,
+                }
+            }
+            ClientFrame::Typing { chat_id, start } => {
+                let (chat, _) = hub.member_chat(&conn.user, &chat_id)?;
+                hub.typing(&conn.user, &chat, start, now_ms());
+                return Ok(());
+            }
+            ClientFrame::PresenceSubscribe { user_ids } => {
+                hub.presence
+                    .lock()
+                    .check_subscribe(conn.id, &user_ids)
+                    .map_err(|e| FrameError::new(ErrorCode::BadRequest, e.to_string()))?;
                 EngineEvent::PresenceQuery {
                     conn: conn.id,
                     user: conn.user.clone(),
                     user_ids,
-                },
-            )
-            .await
+                }
+            }
+        };
+        self.forward(event)
+    }
+
+    /// Hands an event to the engine; a full queue parks it (see `blocked`).
+    fn forward(&mut self, ev: EngineEvent) -> Result<(), FrameError> {
+        match self.shared.events.try_send(ev) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                self.blocked = Some(Box::new(ev));
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(ev)) => {
+                Err(self.refuse_forward(ev, "server is shutting down"))
+            }
         }
     }
-}
 
-async fn admit_and_forward(
-    shared: &Shared,
-    conn: &Arc<ConnHandle>,
-    send: SendFrame,
-) -> Result<(), FrameError> {
-    match shared
-        .hub
-        .admit_send(Origin::Conn(conn.id), &conn.user, send)?
-    {
-        SendAdmission::Forward(ev) => forward(shared, ev).await,
-        SendAdmission::Duplicate(ack) => {
-            conn.push(Outgoing::Frame(protocol::encode_ack(&ack)));
-            Ok(())
-        }
-        SendAdmission::InFlight => Ok(()),
-    }
-}
-
-/// Hands an event to the engine, waiting while its queue is full (backpressure
-/// on this connection's reads only).
-async fn forward(shared: &Shared, ev: EngineEvent) -> Result<(), FrameError> {
-    shared.events.send(ev).await.map_err(|e| {
-        let error = FrameError::new(ErrorCode::Unavailable, "server is shutting down");
-        if let EngineEvent::Send { key, .. } = e.0 {
-            shared.hub.abandon_send(&key, &error);
+    /// An event that will never reach the engine: its send waiters get the error.
+    fn refuse_forward(&self, ev: EngineEvent, why: &str) -> FrameError {
+        let error = FrameError::new(ErrorCode::Unavailable, why);
+        if let EngineEvent::Send { key, .. } = ev {
+            self.shared.hub.abandon_send(&key, &error);
         }
         error
-    })
-}
+    }
 
-fn text_message(frame: Bytes) -> Message {
-    // SAFETY: every queued frame is produced by serde_json (or by us from
-    // ASCII), so it is valid UTF-8.
-    Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(frame) })
+    /// Encodes what is queued (and a due ping) and writes it.
+    fn flush_queue(&mut self, stream: &TcpStream) {
+        let mut items = Vec::new();
+        let more = self.conn.take_queued(MAX_FRAMES_PER_FLUSH, &mut items);
+        let mut frames = Vec::new();
+        for item in items {
+            self.stitcher.accept(item, &mut frames);
+        }
+        for frame in &frames {
+            websocket::encode_frame(&mut self.outbuf, websocket::OP_TEXT, frame);
+        }
+        metrics::add(&self.shared.hub.counters.frames_out, frames.len() as u64);
+        if self.conn.ping_due.swap(false, Ordering::Relaxed) {
+            websocket::encode_frame(&mut self.outbuf, websocket::OP_PING, b"");
+        }
+        if more {
+            // Come back for the rest once this is written (others get a turn first).
+            self.conn.wakeup.notify_one();
+        }
+        self.write_out(stream);
+    }
+
+    /// Writes `outbuf` until done or the socket is full.
+    fn write_out(&mut self, stream: &TcpStream) {
+        while self.writing() {
+            match stream.try_write(&self.outbuf[self.out_at..]) {
+                Ok(0) => return self.conn.close(CloseReason::WriteFailed),
+                Ok(n) => self.out_at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let stalled = &self.conn.write_stalled_since_ms;
+                    if stalled.load(Ordering::Relaxed) == 0 {
+                        stalled.store(self.shared.clock_ms().max(1), Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Err(_) => return self.conn.close(CloseReason::WriteFailed),
+            }
+        }
+        self.outbuf = Vec::new();
+        self.out_at = 0;
+        self.conn.write_stalled_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Says why the connection ends (briefly: a peer that does not read does
+    /// not get to hold us), then waits for the peer's close so unread input
+    /// does not turn our close into a TCP reset that would destroy the frames
+    /// we just sent.
+    async fn farewell(mut self, stream: &mut TcpStream) {
+        let reason = self
+            .conn
+            .close_reason()
+            .unwrap_or(CloseReason::ServerShutdown);
+        let code = match reason {
+            CloseReason::WriteFailed => return,
+            CloseReason::PeerClosed => match self.peer_close {
+                Some(code) => code,
+                None => return, // the socket is gone
+            },
+            CloseReason::QueueOverflow | CloseReason::TooManyBadFrames => websocket::CLOSE_POLICY,
+            CloseReason::FrameTooLarge => websocket::CLOSE_TOO_BIG,
+            CloseReason::ServerShutdown => websocket::CLOSE_AWAY,
+            CloseReason::ProtocolError => websocket::CLOSE_PROTOCOL,
+            CloseReason::HeartbeatTimeout => websocket::CLOSE_ERROR,
+        };
+        let said = async {
+            if !matches!(reason, CloseReason::QueueOverflow | CloseReason::PeerClosed) {
+                // Frames queued before the close (e.g. the error that caused it) still go out.
+                let mut items = Vec::new();
+                while self.conn.take_queued(usize::MAX, &mut items) {}
+                let mut frames = Vec::new();
+                for item in items {
+                    self.stitcher.accept(item, &mut frames);
+                }
+                for frame in &frames {
+                    websocket::encode_frame(&mut self.outbuf, websocket::OP_TEXT, frame);
+                }
+            }
+            let why = if reason == CloseReason::PeerClosed {
+                ""
+            } else {
+                reason.as_str()
+            };
+            websocket::encode_close(&mut self.outbuf, code, why);
+            stream.write_all(&self.outbuf[self.out_at..]).await
+        };
+        let said = tokio::time::timeout(Duration::from_secs(1), said).await;
+        if reason == CloseReason::PeerClosed || !matches!(said, Ok(Ok(()))) {
+            return;
+        }
+        let peer_closed = async {
+            loop {
+                stream.readable().await?;
+                self.inbuf.reserve(4096);
+                match stream.try_read_buf(&mut self.inbuf) {
+                    Ok(0) => return Ok::<(), io::Error>(()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+                let mut at = 0;
+                while let Ok(Some((message, used))) = self.decoder.decode(&mut self.inbuf[at..]) {
+                    at += used;
+                    if matches!(message, Some(Message::Close(_))) {
+                        return Ok(());
+                    }
+                }
+                self.inbuf.drain(..at);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), peer_closed).await;
+    }
 }
 
 /// Non-send frames per second (and burst) per connection.
 const REQUESTS_PER_S: f64 = 100.0;
 const REQUESTS_BURST: f64 = 200.0;
 
-/// Frames written per flush at most, so one busy connection yields to others.
+/// Queue items encoded per write at most, so one busy connection yields to others.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
-
-async fn write_loop(
-    shared: &Shared,
-    conn: &Arc<ConnHandle>,
-    mut sink: WsSink,
-    mut rx: mpsc::Receiver<Outgoing>,
-) {
-    let heartbeat = Duration::from_secs(shared.config.heartbeat_s.clamp(1, 3600));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    let mut stitcher = Stitcher::default();
-    let mut out: Vec<Bytes> = Vec::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = conn.closed() => break,
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                stitcher.accept(item, &mut out);
-                while out.len() < MAX_FRAMES_PER_FLUSH {
-                    match rx.try_recv() {
-                        Ok(item) => stitcher.accept(item, &mut out),
-                        Err(_) => break,
-                    }
-                }
-                let n = out.len() as u64;
-                let write = async {
-                    for frame in out.drain(..) {
-                        sink.feed(text_message(frame)).await?;
-                    }
-                    sink.flush().await
-                };
-                // A peer that stops reading (zero window) is dropped like a silent one.
-                let written = tokio::select! {
-                    r = tokio::time::timeout(2 * heartbeat, write) => matches!(r, Ok(Ok(()))),
-                    _ = conn.closed() => false,
-                };
-                out.clear();
-                if !written {
-                    conn.close(CloseReason::WriteFailed);
-                    break;
-                }
-                metrics::add(&shared.hub.counters.frames_out, n);
-            }
-            _ = ticker.tick() => {
-                let silent_ms = shared.clock_ms().saturating_sub(conn.last_seen_ms.load(Ordering::Relaxed));
-                if silent_ms > 2 * heartbeat.as_millis() as u64 {
-                    metrics::inc(&shared.hub.counters.heartbeat_timeouts);
-                    conn.close(CloseReason::HeartbeatTimeout);
-                    break;
-                }
-                let ping = tokio::select! {
-                    r = sink.send(Message::Ping(Bytes::new())) => r.is_ok(),
-                    _ = conn.closed() => false,
-                };
-                if !ping {
-                    conn.close(CloseReason::WriteFailed);
-                    break;
-                }
-            }
-        }
-    }
-    let reason = conn.close_reason().unwrap_or(CloseReason::ServerShutdown);
-    if matches!(reason, CloseReason::PeerClosed | CloseReason::WriteFailed) {
-        return;
-    }
-    // Say why, briefly; a peer that does not read does not get to hold us.
-    let farewell = async {
-        if reason != CloseReason::QueueOverflow {
-            // Frames queued before the close (e.g. the error that caused it) still go out.
-            while let Ok(item) = rx.try_recv() {
-                stitcher.accept(item, &mut out);
-            }
-            for frame in out.drain(..) {
-                sink.feed(text_message(frame)).await?;
-            }
-        }
-        let code = match reason {
-            CloseReason::QueueOverflow | CloseReason::TooManyBadFrames => CloseCode::Policy,
-            CloseReason::FrameTooLarge => CloseCode::Size,
-            CloseReason::ServerShutdown => CloseCode::Away,
-            _ => CloseCode::Error,
-        };
-        let frame = CloseFrame {
-            code,
-            reason: reason.as_str().into(),
-        };
-        sink.send(Message::Close(Some(frame))).await
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), farewell).await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-}

@@ -655,7 +655,6 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::registry::ConnHandle;
-    use tokio::sync::mpsc;
 
     fn hub() -> Hub {
         let hub = Hub::new(Limits::default(), 100, 60_000);
@@ -664,16 +663,17 @@ mod tests {
         hub
     }
 
-    fn connect(hub: &Hub, id: ConnId, user: &str) -> mpsc::Receiver<Outgoing> {
-        let (tx, rx) = mpsc::channel(16);
-        hub.registry
-            .register(Arc::new(ConnHandle::new(id, user.into(), tx, 0)));
-        rx
+    fn connect(hub: &Hub, id: ConnId, user: &str) -> Arc<ConnHandle> {
+        let conn = Arc::new(ConnHandle::new(id, user.into(), 16, 0));
+        hub.registry.register(conn.clone());
+        conn
     }
 
-    fn drain(rx: &mut mpsc::Receiver<Outgoing>) -> Vec<String> {
+    fn drain(conn: &Arc<ConnHandle>) -> Vec<String> {
         let mut out = Vec::new();
-        while let Ok(item) = rx.try_recv() {
+        let mut items = Vec::new();
+        conn.take_queued(usize::MAX, &mut items);
+        for item in items {
             let text = match item {
                 Outgoing::Frame(b)
                 | Outgoing::Msg { frame: b, .. }
@@ -714,9 +714,9 @@ mod tests {
     #[test]
     fn send_acks_sender_and_fans_out_to_everyone_else_including_senders_other_device() {
         let hub = hub();
-        let mut a1 = connect(&hub, 1, "a");
-        let mut a2 = connect(&hub, 2, "a");
-        let mut b = connect(&hub, 3, "b");
+        let a1 = connect(&hub, 1, "a");
+        let a2 = connect(&hub, 2, "a");
+        let b = connect(&hub, 3, "b");
         let SendAdmission::Forward(ev) = hub
             .admit_send(Origin::Conn(1), &"a".into(), send("x"))
             .unwrap()
@@ -725,9 +725,9 @@ mod tests {
         };
         let tickets = hub.complete(vec![ev], vec![stored(1, false)]);
         assert!(tickets.is_empty());
-        assert_eq!(drain(&mut a1), ["ack"]);
-        assert_eq!(drain(&mut a2), ["msg"]);
-        assert_eq!(drain(&mut b), ["msg"]);
+        assert_eq!(drain(&a1), ["ack"]);
+        assert_eq!(drain(&a2), ["msg"]);
+        assert_eq!(drain(&b), ["msg"]);
         // A retry anywhere gets the same ack, and nobody gets a second msg.
         match hub
             .admit_send(Origin::Ticket(7), &"a".into(), send("x"))
@@ -743,8 +743,8 @@ mod tests {
     #[test]
     fn store_duplicate_is_fanned_out_only_if_it_never_was() {
         let hub = hub();
-        let mut a = connect(&hub, 1, "a");
-        let mut b = connect(&hub, 2, "b");
+        let a = connect(&hub, 1, "a");
+        let b = connect(&hub, 2, "b");
         let forward = |cmid: &str| match hub
             .admit_send(Origin::Conn(1), &"a".into(), send(cmid))
             .unwrap()
@@ -753,16 +753,16 @@ mod tests {
             other => panic!("{other:?}"),
         };
         hub.complete(vec![forward("x")], vec![stored(4, false)]);
-        assert_eq!(drain(&mut a), ["ack"]);
-        assert_eq!(drain(&mut b), ["msg"]);
+        assert_eq!(drain(&a), ["ack"]);
+        assert_eq!(drain(&b), ["msg"]);
         // The store already had it and it was fanned out (seq 4): ack only.
         hub.complete(vec![forward("y")], vec![stored(4, true)]);
-        assert_eq!(drain(&mut a), ["ack"]);
-        assert!(drain(&mut b).is_empty());
+        assert_eq!(drain(&a), ["ack"]);
+        assert!(drain(&b).is_empty());
         // The store had it but it was never fanned out (committed, then the batch failed): fan out now.
         hub.complete(vec![forward("z")], vec![stored(5, true)]);
-        assert_eq!(drain(&mut a), ["ack"]);
-        assert_eq!(drain(&mut b), ["msg"]);
+        assert_eq!(drain(&a), ["ack"]);
+        assert_eq!(drain(&b), ["msg"]);
     }
 
     #[test]
@@ -788,7 +788,7 @@ mod tests {
     #[test]
     fn failed_send_errors_every_waiter_and_can_be_retried() {
         let hub = hub();
-        let mut a = connect(&hub, 1, "a");
+        let a = connect(&hub, 1, "a");
         let SendAdmission::Forward(ev) = hub
             .admit_send(Origin::Conn(1), &"a".into(), send("x"))
             .unwrap()
@@ -809,7 +809,7 @@ mod tests {
         );
         assert_eq!(t.len(), 1);
         assert!(matches!(&t[0], (3, TicketOutcome::Failed(e)) if e.code == ErrorCode::NotFound));
-        assert_eq!(drain(&mut a), ["error"]);
+        assert_eq!(drain(&a), ["error"]);
         assert!(matches!(
             hub.admit_send(Origin::Conn(1), &"a".into(), send("x"))
                 .unwrap(),
@@ -820,8 +820,8 @@ mod tests {
     #[test]
     fn receipts_go_to_other_members_only() {
         let hub = hub();
-        let mut a = connect(&hub, 1, "a");
-        let mut b = connect(&hub, 2, "b");
+        let a = connect(&hub, 1, "a");
+        let b = connect(&hub, 2, "b");
         let ev = EngineEvent::Pointer {
             origin: Origin::Conn(2),
             user: "b".into(),
@@ -838,8 +838,8 @@ mod tests {
                 moved_read: true,
             }],
         );
-        assert_eq!(drain(&mut a), ["receipt", "receipt"]);
-        assert!(drain(&mut b).is_empty());
+        assert_eq!(drain(&a), ["receipt", "receipt"]);
+        assert!(drain(&b).is_empty());
     }
 
     #[test]
@@ -856,32 +856,31 @@ mod tests {
         );
         hub.set_chat("d".into(), vec!["a".into(), "b".into()], true);
         hub.set_chat("g".into(), vec!["a".into(), "c".into()], false);
-        let mut b = connect(&hub, 2, "b");
-        let mut c = connect(&hub, 3, "c");
-        let (tx, _a_rx) = mpsc::channel(16);
-        let a = Arc::new(ConnHandle::new(1, "a".into(), tx, 0));
+        let b = connect(&hub, 2, "b");
+        let c = connect(&hub, 3, "c");
+        let a = Arc::new(ConnHandle::new(1, "a".into(), 16, 0));
         assert!(matches!(
             hub.connect(a.clone(), 1_000),
             Some(EngineEvent::Seen { at: 1_000, .. })
         ));
         assert!(hub.tick(1_000).is_empty());
-        assert_eq!(drain(&mut b), ["presence"], "direct partner hears it");
-        assert!(drain(&mut c).is_empty(), "a group member does not");
+        assert_eq!(drain(&b), ["presence"], "direct partner hears it");
+        assert!(drain(&c).is_empty(), "a group member does not");
         hub.typing(&"a".into(), &"g".into(), true, 1_100);
-        assert_eq!(drain(&mut c), ["typing"]);
+        assert_eq!(drain(&c), ["typing"]);
         hub.disconnect(&a, 2_000);
         assert_eq!(
-            drain(&mut c),
+            drain(&c),
             ["typing"],
             "stop when the last connection closes"
         );
         assert!(
-            hub.tick(2_400).is_empty() && drain(&mut b).is_empty(),
+            hub.tick(2_400).is_empty() && drain(&b).is_empty(),
             "within grace"
         );
         let seen = hub.tick(2_500);
         assert!(matches!(&seen[..], [EngineEvent::Seen { at: 2_000, .. }]));
-        assert_eq!(drain(&mut b), ["presence"]);
+        assert_eq!(drain(&b), ["presence"]);
         assert_eq!(hub.presence_view("a", Some(10)), (false, Some(2_000)));
     }
 }

@@ -14,6 +14,7 @@ pub mod registry;
 pub mod sequencer;
 pub mod token;
 pub mod typing;
+pub mod websocket;
 
 #[cfg(feature = "python")]
 mod py;

@@ -4,12 +4,12 @@
 //! A full queue never blocks the sender of a fan-out: the slow connection is
 //! closed with a reason instead (the consumer's problem, never the hub's).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::outbox::Outgoing;
 use crate::sequencer::{ConnId, UserId};
@@ -24,6 +24,8 @@ pub enum CloseReason {
     PeerClosed,
     WriteFailed,
     ServerShutdown,
+    /// The peer broke RFC 6455 (unmasked frame, bad UTF-8, unknown opcode...).
+    ProtocolError,
 }
 
 impl CloseReason {
@@ -36,6 +38,7 @@ impl CloseReason {
             Self::PeerClosed => "closed by peer",
             Self::WriteFailed => "write failed",
             Self::ServerShutdown => "server shutting down",
+            Self::ProtocolError => "websocket protocol error",
         }
     }
 }
@@ -54,26 +57,43 @@ pub enum Push {
 pub struct ConnHandle {
     pub id: ConnId,
     pub user: UserId,
-    queue: mpsc::Sender<Outgoing>,
+    /// Frames waiting for the connection's task. A plain deque: it holds no
+    /// memory while empty, which is what an idle connection's queue is.
+    queue: Mutex<VecDeque<Outgoing>>,
+    capacity: usize,
+    /// Wakes the connection's task: something was queued, or a ping is due.
+    pub wakeup: Notify,
     closing: AtomicBool,
     reason: Mutex<Option<CloseReason>>,
     closed: Notify,
     /// Milliseconds (gateway clock) of the last frame received from the peer.
     pub last_seen_ms: AtomicU64,
+    /// Gateway clock when a write last found the socket full and not yet
+    /// drained (0: not stalled); the heartbeat sweep drops stalled peers.
+    pub write_stalled_since_ms: AtomicU64,
+    /// The heartbeat sweep asks the connection's task to send a ping.
+    pub ping_due: AtomicBool,
     /// A `sync` of this connection is with the engine (one at a time).
     pub sync_pending: AtomicBool,
 }
 
+/// A deque that grew past this during a burst is given back once drained.
+const KEEP_QUEUE_CAPACITY: usize = 64;
+
 impl ConnHandle {
-    pub fn new(id: ConnId, user: UserId, queue: mpsc::Sender<Outgoing>, now_ms: u64) -> Self {
+    pub fn new(id: ConnId, user: UserId, capacity: usize, now_ms: u64) -> Self {
         Self {
             id,
             user,
-            queue,
+            queue: Mutex::new(VecDeque::new()),
+            capacity: capacity.max(1),
+            wakeup: Notify::new(),
             closing: AtomicBool::new(false),
             reason: Mutex::new(None),
             closed: Notify::new(),
             last_seen_ms: AtomicU64::new(now_ms),
+            write_stalled_since_ms: AtomicU64::new(0),
+            ping_due: AtomicBool::new(false),
             sync_pending: AtomicBool::new(false),
         }
     }
@@ -83,14 +103,36 @@ impl ConnHandle {
         if self.is_closing() {
             return Push::Closed;
         }
-        match self.queue.try_send(item) {
-            Ok(()) => Push::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        let was_empty = {
+            let mut q = self.queue.lock();
+            if q.len() >= self.capacity {
+                drop(q);
                 self.close(CloseReason::QueueOverflow);
-                Push::Overflow
+                return Push::Overflow;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+            q.push_back(item);
+            q.len() == 1
+        };
+        // The task drains everything it finds, so only the first item needs a wakeup.
+        if was_empty {
+            self.wakeup.notify_one();
         }
+        Push::Queued
+    }
+
+    /// Moves up to `max` queued items into `out`; returns whether more remain.
+    pub fn take_queued(&self, max: usize, out: &mut Vec<Outgoing>) -> bool {
+        let mut q = self.queue.lock();
+        let n = q.len().min(max);
+        out.extend(q.drain(..n));
+        if q.is_empty() && q.capacity() > KEEP_QUEUE_CAPACITY {
+            *q = VecDeque::new();
+        }
+        !q.is_empty()
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.queue.lock().is_empty()
     }
 
     /// Starts closing; the first reason given wins.
@@ -185,6 +227,11 @@ impl ConnectionRegistry {
         self.by_id.read().len()
     }
 
+    /// Calls `f` for every live connection, under one read lock.
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<ConnHandle>)) {
+        self.by_id.read().values().for_each(&mut f);
+    }
+
     pub fn all(&self) -> Vec<Arc<ConnHandle>> {
         self.by_id.read().values().cloned().collect()
     }
@@ -195,17 +242,16 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn conn(id: ConnId, user: &str, cap: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (Arc::new(ConnHandle::new(id, user.into(), tx, 0)), rx)
+    fn conn(id: ConnId, user: &str, cap: usize) -> Arc<ConnHandle> {
+        Arc::new(ConnHandle::new(id, user.into(), cap, 0))
     }
 
     #[test]
     fn registry_tracks_devices_per_user() {
         let reg = ConnectionRegistry::default();
-        let (a1, _r1) = conn(1, "a", 4);
-        let (a2, _r2) = conn(2, "a", 4);
-        let (b1, _r3) = conn(3, "b", 4);
+        let a1 = conn(1, "a", 4);
+        let a2 = conn(2, "a", 4);
+        let b1 = conn(3, "b", 4);
         reg.register(a1.clone());
         reg.register(a2.clone());
         reg.register(b1.clone());
@@ -224,8 +270,8 @@ mod tests {
 
     #[test]
     fn overflow_closes_only_the_slow_connection() {
-        let (slow, _keep_rx) = conn(1, "a", 2);
-        let (fast, mut fast_rx) = conn(2, "b", 2);
+        let slow = conn(1, "a", 2);
+        let fast = conn(2, "b", 2);
         for _ in 0..2 {
             assert_eq!(
                 slow.push(Outgoing::Frame(Bytes::from_static(b"x"))),
@@ -247,14 +293,16 @@ mod tests {
                 fast.push(Outgoing::Frame(Bytes::from_static(b"y"))),
                 Push::Queued
             );
-            assert!(fast_rx.try_recv().is_ok());
+            let mut got = Vec::new();
+            assert!(!fast.take_queued(10, &mut got));
+            assert_eq!(got.len(), 1);
         }
         assert!(!fast.is_closing());
     }
 
     #[test]
     fn first_close_reason_wins_and_wakes_waiters() {
-        let (c, _rx) = conn(1, "a", 2);
+        let c = conn(1, "a", 2);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
