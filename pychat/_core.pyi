@@ -50,7 +50,11 @@ class Gateway:
         ("delivered"|"read", user, chat, seq), ("sync", user, [(chat, seq)]),
         ("seen", user, last_seen_ms), ("presence.query", viewer, [user_id])."""
 
-    def complete_batch(self, results: list[tuple[Any, ...]]) -> list[tuple[int, tuple[Any, ...]]]: ...
+    def complete_batch(self, results: list[tuple[Any, ...]]) -> None:
+        """One result per event of the last batch; acks and fan-out run on the gateway's fan-out thread."""
+
+    def take_tickets(self) -> list[tuple[int, tuple[Any, ...]]]:
+        """REST tickets completed since the last call (`next_batch` also returns early when some are)."""
     def submit_send(
         self,
         ticket: int,

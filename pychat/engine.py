@@ -2,8 +2,9 @@
 
 One thread blocks in `Gateway.next_batch` with the GIL released; each wake-up
 carries a whole batch of requests. The batch is stored in ONE transaction, then
-handed back to Rust, which acks and fans out. While this thread commits batch k,
-Rust gathers batch k+1, so under load batches grow (group commit).
+handed back to Rust, whose fan-out thread acks and fans out while this thread
+stores the next batch. While this thread commits batch k, Rust gathers batch
+k+1, so under load batches grow (group commit).
 
 REST calls enter the same path with a ticket; their asyncio futures are
 resolved on the event loop when the batch completes.
@@ -57,6 +58,8 @@ class Engine:
         while True:
             try:
                 events = self.gateway.next_batch(self.batch_max, 250)
+                # REST tickets the gateway's fan-out thread completed (also what wakes an idle wait).
+                self._hand_out(self.gateway.take_tickets())
             except Exception:  # keep the thread: a dead engine would stop every ack
                 log.exception("taking an engine batch failed")
                 time.sleep(0.1)
@@ -71,12 +74,14 @@ class Engine:
                 log.exception("engine batch failed")
                 results = [("error", "internal", "internal error")] * len(events)
             try:
-                tickets = self.gateway.complete_batch(results)
+                # Acks and fan-out run in Rust while this thread stores the next batch.
+                self.gateway.complete_batch(results)
             except Exception:  # keep serving: the batch's senders retry, the store dedupes
                 log.exception("completing an engine batch failed")
-                continue
-            if tickets and self._loop is not None:
-                self._loop.call_soon_threadsafe(self._resolve, tickets)
+
+    def _hand_out(self, tickets: list[tuple[int, tuple[Any, ...]]]) -> None:
+        if tickets and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._resolve, tickets)
 
     def process(self, events: list[tuple[Any, ...]]) -> list[EngineResult]:
         """One result per event, in order. Sends and pointer moves share one transaction."""

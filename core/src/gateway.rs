@@ -18,7 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, Notify};
 
-use crate::hub::{now_ms, EngineEvent, Hub, SendAdmission, SidePathConfig, TicketOutcome};
+use crate::hub::{
+    now_ms, EngineEvent, EngineResult, Hub, SendAdmission, SidePathConfig, TicketOutcome,
+};
 use crate::metrics;
 use crate::outbox::{Outgoing, Stitcher};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
@@ -108,10 +110,28 @@ impl Shared {
     }
 }
 
+/// A stored batch waiting for its acks and fan-out.
+type Completion = (Vec<EngineEvent>, Vec<EngineResult>);
+
+/// Batches the engine has stored but the fan-out thread has not completed
+/// yet; past this, `complete` waits (the engine never runs far ahead).
+const COMPLETIONS_AHEAD: usize = 2;
+
+/// REST tickets completed by the fan-out thread, for the engine to hand out.
+#[derive(Default)]
+struct Tickets {
+    done: Mutex<Vec<(u64, TicketOutcome)>>,
+    ready: Notify,
+}
+
 /// A running gateway. Dropping it (or `shutdown`) stops the runtime.
 pub struct Gateway {
     shared: Arc<Shared>,
     events_rx: Mutex<mpsc::Receiver<EngineEvent>>,
+    /// To the fan-out thread: acks and fan-out of batch k run there while
+    /// the engine stores batch k+1 (in order: one thread, one queue).
+    completions: Mutex<Option<std::sync::mpsc::SyncSender<Completion>>>,
+    tickets: Arc<Tickets>,
     /// Drives the engine thread's waits; separate from the gateway runtime so
     /// a shutdown of that runtime never panics a waiting engine.
     engine_rt: Runtime,
@@ -172,9 +192,19 @@ impl Gateway {
         let engine_rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;
+        let tickets = Arc::new(Tickets::default());
+        let (completions, completions_rx) = std::sync::mpsc::sync_channel(COMPLETIONS_AHEAD);
+        {
+            let (hub, tickets) = (shared.hub.clone(), tickets.clone());
+            std::thread::Builder::new()
+                .name("pychat-fanout".into())
+                .spawn(move || complete_in_order(&hub, &tickets, completions_rx))?;
+        }
         Ok(Self {
             shared,
             events_rx: Mutex::new(rx),
+            completions: Mutex::new(Some(completions)),
+            tickets,
             engine_rt,
             runtime: Mutex::new(Some(runtime)),
             local_addr,
@@ -189,8 +219,9 @@ impl Gateway {
         &self.shared.hub
     }
 
-    /// Blocks until at least one event is ready (or `timeout` passes), then
-    /// takes up to `max` events. An empty batch after shutdown means stop.
+    /// Blocks until at least one event is ready, REST tickets were completed
+    /// (see `take_tickets`) or `timeout` passes, then takes up to `max`
+    /// events. An empty batch after shutdown means stop.
     pub fn next_batch(&self, max: usize, timeout: Duration) -> Vec<EngineEvent> {
         let mut rx = self.events_rx.lock();
         let mut batch = Vec::new();
@@ -198,10 +229,11 @@ impl Gateway {
             return batch;
         }
         let first = self.engine_rt.block_on(async {
-            tokio::time::timeout(timeout, rx.recv())
-                .await
-                .ok()
-                .flatten()
+            tokio::select! {
+                ev = rx.recv() => ev,
+                _ = self.tickets.ready.notified() => None,
+                _ = tokio::time::sleep(timeout) => None,
+            }
         });
         if let Some(ev) = first {
             batch.push(ev);
@@ -209,6 +241,16 @@ impl Gateway {
                 match rx.try_recv() {
                     Ok(ev) => batch.push(ev),
                     Err(_) => break,
+                }
+            }
+            let counters = &self.shared.hub.counters;
+            for ev in &batch {
+                if let EngineEvent::Send { admitted, .. } = ev {
+                    metrics::inc(&counters.sends_timed);
+                    metrics::add(
+                        &counters.send_to_engine_us,
+                        admitted.elapsed().as_micros() as u64,
+                    );
                 }
             }
             metrics::inc(&self.shared.hub.counters.batches);
@@ -271,12 +313,24 @@ impl Gateway {
         })
     }
 
-    pub fn complete(
-        &self,
-        batch: Vec<EngineEvent>,
-        results: Vec<crate::hub::EngineResult>,
-    ) -> Vec<(u64, TicketOutcome)> {
-        self.shared.hub.complete(batch, results)
+    /// Hands a stored batch to the fan-out thread (waiting while it is
+    /// `COMPLETIONS_AHEAD` batches behind). REST tickets it completes come
+    /// back through `take_tickets`.
+    pub fn complete(&self, batch: Vec<EngineEvent>, results: Vec<EngineResult>) {
+        let queued = match self.completions.lock().as_ref() {
+            Some(tx) => tx.send((batch, results)).map_err(|e| e.0),
+            None => Err((batch, results)),
+        };
+        if let Err((batch, results)) = queued {
+            // The fan-out thread is gone (shutdown): complete here.
+            let done = self.shared.hub.complete(batch, results);
+            self.tickets.done.lock().extend(done);
+        }
+    }
+
+    /// REST tickets completed since the last call.
+    pub fn take_tickets(&self) -> Vec<(u64, TicketOutcome)> {
+        std::mem::take(&mut *self.tickets.done.lock())
     }
 
     /// Closes every connection and stops the runtime.
@@ -289,6 +343,23 @@ impl Gateway {
             c.close(CloseReason::ServerShutdown);
         }
         rt.shutdown_timeout(Duration::from_secs(2));
+        // Ends the fan-out thread once it has completed what is queued.
+        self.completions.lock().take();
+    }
+}
+
+/// The fan-out thread: completes stored batches in the order they were stored.
+fn complete_in_order(
+    hub: &Hub,
+    tickets: &Tickets,
+    completions: std::sync::mpsc::Receiver<Completion>,
+) {
+    while let Ok((batch, results)) = completions.recv() {
+        let done = hub.complete(batch, results);
+        if !done.is_empty() {
+            tickets.done.lock().extend(done);
+            tickets.ready.notify_one();
+        }
     }
 }
 

@@ -36,6 +36,8 @@ pub enum EngineEvent {
         key: IdemKey,
         content: String,
         attachments: Vec<String>,
+        /// When the gateway admitted it: the stage timings in /metrics start here.
+        admitted: std::time::Instant,
     },
     Pointer {
         origin: Origin,
@@ -341,6 +343,7 @@ impl Hub {
                 key,
                 content: send.content,
                 attachments: send.attachments,
+                admitted: std::time::Instant::now(),
             }),
             Admission::Duplicate(ack) => SendAdmission::Duplicate(ack),
             Admission::InFlight => SendAdmission::InFlight,
@@ -400,8 +403,17 @@ impl Hub {
         let now = now_ms();
         for (event, result) in batch.into_iter().zip(results) {
             match event {
-                EngineEvent::Send { key, content, .. } => {
-                    self.complete_send(key, content, result, now, &mut tickets)
+                EngineEvent::Send {
+                    key,
+                    content,
+                    admitted,
+                    ..
+                } => {
+                    self.complete_send(key, content, result, now, &mut tickets);
+                    metrics::add(
+                        &self.counters.send_to_fanout_us,
+                        admitted.elapsed().as_micros() as u64,
+                    );
                 }
                 EngineEvent::Pointer {
                     origin,

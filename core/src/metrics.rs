@@ -32,6 +32,11 @@ counters!(
     batch_events,
     presence_changes,
     presence_frames,
+    // Microseconds summed over sends (divide by `sends_timed`): admitted by the
+    // gateway -> taken by the engine -> acked and fanned out.
+    sends_timed,
+    send_to_engine_us,
+    send_to_fanout_us,
 );
 
 pub fn inc(c: &AtomicU64) {

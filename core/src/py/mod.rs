@@ -204,14 +204,10 @@ impl PyGateway {
         Ok(Some(out))
     }
 
-    /// Hands back one result per event of the last batch; returns what REST
-    /// tickets get: `(ticket, ("ack", message_id, seq, created_at) |
-    /// ("pointer", delivered, read) | ("error", code, message))`.
-    fn complete_batch(
-        &self,
-        py: Python<'_>,
-        results: Vec<Bound<'_, PyAny>>,
-    ) -> PyResult<Vec<(u64, Py<PyAny>)>> {
+    /// Hands back one result per event of the last batch. Acks and fan-out
+    /// run on the gateway's fan-out thread; REST tickets it completes come
+    /// from `take_tickets`.
+    fn complete_batch(&self, py: Python<'_>, results: Vec<Bound<'_, PyAny>>) -> PyResult<()> {
         let batch = self
             .in_flight
             .lock()
@@ -233,8 +229,15 @@ impl PyGateway {
                 )),
             });
         }
-        let tickets = py.detach(|| self.inner.complete(batch, converted));
-        tickets
+        py.detach(|| self.inner.complete(batch, converted));
+        Ok(())
+    }
+
+    /// What REST tickets got since the last call: `(ticket, ("ack", message_id,
+    /// seq, created_at) | ("pointer", delivered, read) | ("error", code, message))`.
+    fn take_tickets(&self, py: Python<'_>) -> PyResult<Vec<(u64, Py<PyAny>)>> {
+        self.inner
+            .take_tickets()
             .into_iter()
             .map(|(t, outcome)| {
                 let obj = match outcome {
