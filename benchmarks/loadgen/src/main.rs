@@ -50,6 +50,26 @@ struct Plan {
     expected: HashMap<String, u64>,
 }
 
+impl Plan {
+    /// The plan without its (large) lists.
+    fn clone_settings(&self) -> Plan {
+        Plan {
+            scenario: self.scenario.clone(),
+            server: self.server,
+            source_ips: self.source_ips.clone(),
+            tokens: Vec::new(),
+            chat_id: self.chat_id.clone(),
+            groups: Vec::new(),
+            messages: self.messages,
+            window: self.window,
+            seconds: self.seconds,
+            rate: self.rate,
+            content_bytes: self.content_bytes,
+            expected: HashMap::new(),
+        }
+    }
+}
+
 #[derive(Deserialize, Clone)]
 struct Group {
     chat_id: String,
@@ -123,9 +143,12 @@ async fn open_all(plan: &Plan, tokens: &[String]) -> (Vec<Ws>, u64, f64) {
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     let failures = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(tokens.len());
+    // Only the dialing part of the plan: cloning the whole plan (every token)
+    // per connection made connecting N connections O(N^2).
+    let dial = Arc::new(plan.clone_settings());
     for (i, token) in tokens.iter().enumerate() {
         let (plan, token, sem, failures) =
-            (plan.clone(), token.clone(), sem.clone(), failures.clone());
+            (dial.clone(), token.clone(), sem.clone(), failures.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.expect("semaphore");
             for attempt in 0..50u64 {
