@@ -90,6 +90,10 @@ def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
+# How often the WAL is checkpointed into the database file.
+CHECKPOINT_INTERVAL_S = 0.2
+
+
 class SqliteStore:
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self.path = Path(path)
@@ -106,6 +110,25 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+        # Checkpoints (copying the WAL into the database file, with its own fsync) run on this
+        # thread, never inside a commit, so they add nothing to an ack's latency.
+        self._stop = threading.Event()
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="pychat-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        try:
+            while not self._stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    # PASSIVE: copies what no reader still needs, never waits for (or blocks) writers.
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error:
+                    continue  # e.g. busy: the next round catches up
+        finally:
+            conn.close()
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -122,6 +145,7 @@ class SqliteStore:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)
@@ -131,6 +155,9 @@ class SqliteStore:
         return _WriteTxn(self._conn())
 
     def close(self) -> None:
+        self._stop.set()
+        if self._checkpointer is not threading.current_thread():
+            self._checkpointer.join(timeout=5)
         with self._all_lock:
             for conn in self._all:
                 conn.close()
@@ -329,27 +356,11 @@ class SqliteStore:
         send_results: list[EngineResult] = []
         pointer_results: list[EngineResult] = []
         with self._write() as c:
-            last_seq: dict[str, int] = {}
+            # A few queries for the whole batch instead of two per chat: each chat's last seq and
+            # whether each sender is (still) a member.
+            last_seq = self._last_seqs(c, {s.chat_id for s in sends} | {p.chat_id for p in pointers})
+            members = self._memberships(c, {(s.sender_id, s.chat_id) for s in sends})
             touched: dict[str, int] = {}
-
-            members: dict[tuple[str, str], bool] = {}
-
-            def is_member(user_id: str, chat_id: str) -> bool:
-                key = (user_id, chat_id)
-                if key not in members:
-                    row = c.execute(
-                        "SELECT 1 FROM user_chats WHERE user_id = ? AND chat_id = ?", key
-                    ).fetchone()
-                    members[key] = row is not None
-                return members[key]
-
-            def chat_last(chat_id: str) -> int | None:
-                if chat_id not in last_seq:
-                    row = c.execute("SELECT last_seq FROM chats WHERE chat_id = ?", (chat_id,)).fetchone()
-                    if row is None:
-                        return None
-                    last_seq[chat_id] = row[0]
-                return last_seq[chat_id]
 
             # One lookup for the whole batch: which (chat, sender, client_msg_id) are stored already.
             existing = self._stored_already(c, sends)
@@ -360,11 +371,11 @@ class SqliteStore:
                 if dup:
                     send_results.append(("stored", dup[0], dup[1], dup[2], dup[3], True))
                     continue
-                last = chat_last(s.chat_id)
+                last = last_seq.get(s.chat_id)
                 if last is None:
                     send_results.append(("error", "not_found", "no such chat"))
                     continue
-                if not is_member(s.sender_id, s.chat_id):  # removed while the send was queued
+                if (s.sender_id, s.chat_id) not in members:  # removed while the send was queued
                     send_results.append(("error", "forbidden", "not a member of this chat"))
                     continue
                 attachments, error = self._resolve_attachments(c, s)
@@ -394,7 +405,7 @@ class SqliteStore:
                 [(last_seq[chat], at, chat) for chat, at in touched.items()],
             )
             for p in pointers:
-                pointer_results.append(self._move_pointer(c, p, chat_last(p.chat_id)))
+                pointer_results.append(self._move_pointer(c, p, last_seq.get(p.chat_id)))
             if seen:
                 c.executemany(
                     "UPDATE users SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE user_id = ?",
@@ -403,14 +414,44 @@ class SqliteStore:
         return send_results, pointer_results
 
     @staticmethod
+    def _last_seqs(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, int]:
+        """chat_id -> last seq of the chats that exist."""
+        ids = list(chat_ids)
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(c.execute(f"SELECT chat_id, last_seq FROM chats WHERE chat_id IN ({marks})", chunk))
+        return found
+
+    @staticmethod
+    def _memberships(c: sqlite3.Connection, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (user_id, chat_id) pairs that are memberships."""
+        items = list(pairs)
+        found: set[tuple[str, str]] = set()
+        for start in range(0, len(items), _CHUNK):
+            chunk = items[start : start + _CHUNK]
+            values = ",".join("(?, ?)" for _ in chunk)
+            params = [v for pair in chunk for v in pair]
+            # CROSS JOIN keeps this order: one primary-key seek per pair.
+            found.update(
+                c.execute(
+                    f"SELECT u.user_id, u.chat_id FROM (VALUES {values}) AS v CROSS JOIN user_chats u"
+                    " ON u.user_id = v.column1 AND u.chat_id = v.column2",
+                    params,
+                )
+            )
+        return found
+
+    @staticmethod
     def _stored_already(
         c: sqlite3.Connection, sends: list[SendRequest]
     ) -> dict[tuple[str, str, str], tuple[Any, ...]]:
         """(chat_id, sender_id, client_msg_id) -> (message_id, seq, created_at, attachments) of
         the sends that are stored already, found through the idempotency index in a few queries."""
         found: dict[tuple[str, str, str], tuple[Any, ...]] = {}
-        for start in range(0, len(sends), 300):
-            chunk = sends[start : start + 300]
+        for start in range(0, len(sends), _CHUNK):
+            chunk = sends[start : start + _CHUNK]
             values = ",".join("(?, ?, ?)" for _ in chunk)
             params = [v for s in chunk for v in (s.chat_id, s.sender_id, s.client_msg_id)]
             # CROSS JOIN keeps this order: one index seek per send, never a scan of messages.
@@ -532,6 +573,10 @@ class SqliteStore:
             .fetchall()
         )
         return [u for u, d, _ in rows if d >= seq], [u for u, _, r in rows if r >= seq]
+
+
+# Rows per batched lookup: 3 parameters each stays far below SQLite's 32,766.
+_CHUNK = 500
 
 
 class _WriteTxn:
