@@ -63,3 +63,30 @@ def test_a_failed_commit_never_leaves_the_write_transaction_open(tmp_path: Path)
     assert store.user_by_id("u9") is None
     store.create_user(User("u8", "u8", None, "scrypt$x", 1))  # the store still writes
     store.close()
+
+
+def test_a_batch_mixing_stored_retries_and_new_sends_keeps_original_acks_and_gap_free_seqs(
+    tmp_path: Path,
+) -> None:
+    # The fast path assumes nothing in a batch is stored yet; a stored retry (a resend after a
+    # restart) must undo that attempt and answer with the original message, numbering unchanged.
+    store = _store(tmp_path)
+    first, _ = store.append_batch([SendRequest("ua", "c1", f"k{i}", f"m{i}", []) for i in range(3)], [])
+    mixed, _ = store.append_batch(
+        [
+            SendRequest("ub", "c1", "new1", "n1", []),
+            SendRequest("ua", "c1", "k1", "m1 again", []),
+            SendRequest("ub", "c1", "new2", "n2", []),
+            SendRequest("ub", "c1", "new2", "n2 twice in one batch", []),
+        ],
+        [],
+    )
+    assert mixed[1] == (*first[1][:5], True), "the retry gets the original message"
+    assert [r[2] for r in mixed] == [4, 2, 5, 5], "the same key twice in a batch is one message"
+    assert mixed[3] == (*mixed[2][:5], True)
+    rows = store._conn().execute("SELECT seq, client_msg_id FROM messages ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == list(range(1, len(rows) + 1)), "no gap"
+    assert [r[1] for r in rows].count("k1") == 1
+    fresh, _ = store.append_batch([SendRequest("ua", "c1", "k9", "fast path", [])], [])
+    assert fresh[0][0] == "stored" and fresh[0][2] == rows[-1][0] + 1 and fresh[0][5] is False
+    store.close()

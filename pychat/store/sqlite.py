@@ -10,11 +10,12 @@ import contextlib
 import json
 import sqlite3
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pychat.errors import ApiError
-from pychat.ids import new_id, now_ms
+from pychat.ids import new_ids, now_ms
 from pychat.store import BacklogRow, Chat, EngineResult, PointerRequest, SendRequest, User
 
 SCHEMA_VERSION = 2
@@ -74,6 +75,7 @@ CREATE TABLE IF NOT EXISTS media (
 """
 
 _MESSAGE_COLUMNS = "chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id"
+_MESSAGE_MARKS = ", ".join("?" * len(_MESSAGE_COLUMNS.split(", ")))
 
 
 def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -353,53 +355,35 @@ class SqliteStore:
         pointers: list[PointerRequest],
         seen: list[tuple[str, int]] | None = None,
     ) -> tuple[list[EngineResult], list[EngineResult]]:
-        send_results: list[EngineResult] = []
         pointer_results: list[EngineResult] = []
         with self._write() as c:
             # A few queries for the whole batch instead of two per chat: each chat's last seq and
             # whether each sender is (still) a member.
             last_seq = self._last_seqs(c, {s.chat_id for s in sends} | {p.chat_id for p in pointers})
             members = self._memberships(c, {(s.sender_id, s.chat_id) for s in sends})
-            touched: dict[str, int] = {}
 
-            # One lookup for the whole batch: which (chat, sender, client_msg_id) are stored already.
-            existing = self._stored_already(c, sends)
             created_at = now_ms()  # one commit, one time
-            rows: list[tuple[Any, ...]] = []
-            for s in sends:
-                dup = existing.get((s.chat_id, s.sender_id, s.client_msg_id))
-                if dup:
-                    send_results.append(("stored", dup[0], dup[1], dup[2], dup[3], True))
-                    continue
-                last = last_seq.get(s.chat_id)
-                if last is None:
-                    send_results.append(("error", "not_found", "no such chat"))
-                    continue
-                if (s.sender_id, s.chat_id) not in members:  # removed while the send was queued
-                    send_results.append(("error", "forbidden", "not a member of this chat"))
-                    continue
-                attachments, error = self._resolve_attachments(c, s)
-                if error:
-                    send_results.append(error)
-                    continue
-                seq = last + 1
-                message_id = new_id("m")
-                rows.append(
-                    (
-                        s.chat_id,
-                        seq,
-                        message_id,
-                        s.sender_id,
-                        s.content,
-                        attachments,
-                        created_at,
-                        s.client_msg_id,
-                    )
+            message_ids = new_ids("m", len(sends))
+            # Retries the server has not seen since it started are rare (the gateway answers the
+            # rest from memory), so first assume none is stored: insert, and only if a row was
+            # ignored as a duplicate undo that and look every send up through the idempotency index.
+            plan = self._plan_sends(c, sends, dict(last_seq), members, {}, created_at, message_ids)
+            before = c.total_changes
+            c.execute("SAVEPOINT fresh")
+            c.executemany(
+                f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})", plan.rows
+            )
+            if c.total_changes - before == len(plan.rows):
+                c.execute("RELEASE fresh")
+            else:
+                c.execute("ROLLBACK TO fresh")
+                c.execute("RELEASE fresh")
+                existing = self._stored_already(c, sends)
+                plan = self._plan_sends(c, sends, dict(last_seq), members, existing, created_at, message_ids)
+                c.executemany(
+                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})", plan.rows
                 )
-                last_seq[s.chat_id] = seq
-                touched[s.chat_id] = created_at
-                send_results.append(("stored", message_id, seq, created_at, attachments, False))
-            c.executemany(f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            send_results, last_seq, touched = plan.results, plan.last_seq, plan.touched
             c.executemany(
                 "UPDATE chats SET last_seq = ?, last_activity = ? WHERE chat_id = ?",
                 [(last_seq[chat], at, chat) for chat, at in touched.items()],
@@ -412,6 +396,51 @@ class SqliteStore:
                     [(at, user_id) for user_id, at in seen],
                 )
         return send_results, pointer_results
+
+    def _plan_sends(
+        self,
+        c: sqlite3.Connection,
+        sends: list[SendRequest],
+        last_seq: dict[str, int],
+        members: set[tuple[str, str]],
+        existing: dict[tuple[str, str, str], tuple[Any, ...]],
+        created_at: int,
+        message_ids: list[str],
+    ) -> _SendPlan:
+        """Each send's result and row: stored already, refused, or the next seq of its chat."""
+        plan = _SendPlan(rows=[], results=[], last_seq=last_seq, touched={})
+        ids = iter(message_ids)
+        planned: dict[tuple[str, str, str], EngineResult] = {}  # the same key twice in one batch
+        for s in sends:
+            key = (s.chat_id, s.sender_id, s.client_msg_id)
+            dup = existing.get(key)
+            if dup:
+                plan.results.append(("stored", dup[0], dup[1], dup[2], dup[3], True))
+                continue
+            if key in planned:
+                plan.results.append((*planned[key][:5], True))
+                continue
+            last = last_seq.get(s.chat_id)
+            if last is None:
+                plan.results.append(("error", "not_found", "no such chat"))
+                continue
+            if (s.sender_id, s.chat_id) not in members:  # removed while the send was queued
+                plan.results.append(("error", "forbidden", "not a member of this chat"))
+                continue
+            attachments, error = self._resolve_attachments(c, s)
+            if error:
+                plan.results.append(error)
+                continue
+            seq = last + 1
+            message_id = next(ids)
+            plan.rows.append(
+                (s.chat_id, seq, message_id, s.sender_id, s.content, attachments, created_at, s.client_msg_id)
+            )
+            last_seq[s.chat_id] = seq
+            plan.touched[s.chat_id] = created_at
+            planned[key] = ("stored", message_id, seq, created_at, attachments, False)
+            plan.results.append(planned[key])
+        return plan
 
     @staticmethod
     def _last_seqs(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, int]:
@@ -573,6 +602,14 @@ class SqliteStore:
             .fetchall()
         )
         return [u for u, d, _ in rows if d >= seq], [u for u, _, r in rows if r >= seq]
+
+
+@dataclass
+class _SendPlan:
+    rows: list[tuple[Any, ...]]
+    results: list[EngineResult]
+    last_seq: dict[str, int]
+    touched: dict[str, int]
 
 
 # Rows per batched lookup: 3 parameters each stays far below SQLite's 32,766.
