@@ -206,20 +206,36 @@ def fanout(kind: str, receivers: int, messages: int) -> dict[str, Any]:
     return with_target(kind, receivers + 1, [list(range(receivers + 1))], 0, body)
 
 
-def latency(kind: str, groups: int, rate: float, seconds: float, idle_n: int) -> dict[str, Any]:
+def latency(
+    kind: str, groups: int, rate: float, seconds: float, idle_n: int, sweep: tuple[float, ...] = ()
+) -> dict[str, Any]:
+    """Open-loop latency at `rate`; then, against the same server, at each rate of `sweep`
+    (where p99 stays low and where it turns)."""
+
     def body(t: Target, ids: list[str], chats: list[str]) -> dict[str, Any]:
         plan_groups = [
             {"chat_id": c, "members": [t.token[ids[g * 10 + k]] for k in range(10)]}
             for g, c in enumerate(chats)
         ]
         idle_tokens = [t.token[u] for u in ids[groups * 10 :]]
-        return run_loadgen(
-            t.plan("latency", groups=plan_groups, rate=rate, seconds=seconds, tokens=idle_tokens)
-        )
+
+        def run(r: float, secs: float) -> dict[str, Any]:
+            cpu0, _ = proc_stats(t.pid)
+            out = run_loadgen(t.plan("latency", groups=plan_groups, rate=r, seconds=secs, tokens=idle_tokens))
+            return {**out, "server_cpu_s": round(proc_stats(t.pid)[0] - cpu0, 2)}
+
+        out = run(rate, seconds)
+        if sweep:
+            out["sweep"] = [run(r, SWEEP_SECONDS) for r in sweep]
+        return out
 
     return with_target(
         kind, groups * 10 + idle_n, [list(range(g * 10, g * 10 + 10)) for g in range(groups)], 0, body
     )
+
+
+# Seconds measured at each rate of the latency sweep.
+SWEEP_SECONDS = 5.0
 
 
 def persist(connections: int, seconds: float) -> dict[str, Any]:
@@ -254,14 +270,14 @@ SIZES = {
     "quick": {
         "idle": 2000,
         "fanout": (200, 2000),
-        "latency": (100, 2000.0, 3.0, 0),
+        "latency": (100, 2000.0, 3.0, 0, ()),
         "persist": (16, 3.0),
         "sync": (20, 100),
     },
     "full": {
         "idle": 19000,
         "fanout": (1000, 20000),
-        "latency": (1000, 20000.0, 10.0, 9000),
+        "latency": (1000, 20000.0, 10.0, 9000, (2000.0, 5000.0, 10000.0)),
         "persist": (64, 10.0),
         "sync": (100, 100),
     },
@@ -285,9 +301,9 @@ def main() -> None:
         r, m = size["fanout"]
         results["fanout"] = {"pychat": fanout("pychat", r, m), "baseline": fanout("naive", r, m // 10)}
     if "latency" in only:
-        g, rate, secs, idle_n = size["latency"]
+        g, rate, secs, idle_n, sweep = size["latency"]
         results["latency"] = {
-            "pychat": latency("pychat", g, rate, secs, idle_n),
+            "pychat": latency("pychat", g, rate, secs, idle_n, sweep),
             "baseline": latency("naive", min(g, 100), 2000.0, secs, 0),
         }
     if "persist" in only:
@@ -328,6 +344,11 @@ def summary(r: dict[str, Any]) -> str:
             f"{p['send_to_receive']['p50_ms']} / {p['send_to_receive']['p99_ms']} / {p['send_to_receive']['p999_ms']} | "
             f"{b['send_to_receive']['p50_ms']} / {b['send_to_receive']['p99_ms']} (at {b['rate']:.0f} msg/s) | - | {errs(p)} |"
         )
+        for x in p.get("sweep", []):
+            lines.append(
+                f"| latency: same, at {x['rate']:.0f} msg/s | "
+                f"{x['send_to_receive']['p50_ms']} / {x['send_to_receive']['p99_ms']} / {x['send_to_receive']['p999_ms']} | - | - | {errs(x)} |"
+            )
     if "persist" in r:
         p = r["persist"]["pychat"]
         lines.append(
@@ -375,11 +396,21 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax1.set_title(f"Against the baseline ({r['size']} run)")
     if "latency" in r:
         p = r["latency"]["pychat"]
-        qs = ["p50_ms", "p99_ms", "p999_ms", "max_ms"]
-        ax2.bar(qs, [p["send_to_receive"][q] for q in qs], color="#d8843b", label="send -> receive")
+        runs = sorted([p, *p.get("sweep", [])], key=lambda x: x["rate"])
+        for q, color in (("p50_ms", "#3b7dd8"), ("p99_ms", "#d8843b"), ("p999_ms", "#b03030")):
+            ax2.plot(
+                [x["rate"] for x in runs],
+                [x["send_to_receive"][q] for x in runs],
+                marker="o",
+                color=color,
+                label=q.removesuffix("_ms"),
+            )
+        ax2.set_xscale("log")
         ax2.set_yscale("log")
-        ax2.set_ylabel("ms")
-        ax2.set_title(f"Latency at {p['rate']:.0f} msg/s, {p['groups']} groups, {p['idle']} idle")
+        ax2.set_xlabel("messages/s (open loop)")
+        ax2.set_ylabel("send -> receive, ms")
+        ax2.legend()
+        ax2.set_title(f"Latency, {p['groups']} groups, {p['idle']} idle connections")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
