@@ -410,10 +410,7 @@ impl Hub {
                     ..
                 } => {
                     self.complete_send(key, content, result, now, &mut tickets);
-                    metrics::add(
-                        &self.counters.send_to_fanout_us,
-                        admitted.elapsed().as_micros() as u64,
-                    );
+                    metrics::observe_send(&self.counters, admitted.elapsed().as_micros() as u64);
                 }
                 EngineEvent::Pointer {
                     origin,

@@ -37,7 +37,28 @@ counters!(
     sends_timed,
     send_to_engine_us,
     send_to_fanout_us,
+    // Sends acked and fanned out within 1 / 5 / 20 / 100 ms of admission (cumulative, like
+    // histogram buckets): where the tail of the latency is spent, server side.
+    sends_fanned_out_within_1ms,
+    sends_fanned_out_within_5ms,
+    sends_fanned_out_within_20ms,
+    sends_fanned_out_within_100ms,
 );
+
+/// Counts a send's admission-to-fan-out time into the cumulative buckets.
+pub fn observe_send(c: &Counters, us: u64) {
+    add(&c.send_to_fanout_us, us);
+    for (limit, bucket) in [
+        (1_000, &c.sends_fanned_out_within_1ms),
+        (5_000, &c.sends_fanned_out_within_5ms),
+        (20_000, &c.sends_fanned_out_within_20ms),
+        (100_000, &c.sends_fanned_out_within_100ms),
+    ] {
+        if us <= limit {
+            inc(bucket);
+        }
+    }
+}
 
 pub fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);

@@ -46,6 +46,10 @@ struct Plan {
     rate: f64,
     #[serde(default = "default_content")]
     content_bytes: usize,
+    /// Latency: seconds between "ready" and the first scheduled send, so the
+    /// measurement starts after the server has digested the connect storm.
+    #[serde(default = "default_warmup")]
+    warmup_s: f64,
     #[serde(default)]
     expected: HashMap<String, u64>,
 }
@@ -65,6 +69,7 @@ impl Plan {
             seconds: self.seconds,
             rate: self.rate,
             content_bytes: self.content_bytes,
+            warmup_s: self.warmup_s,
             expected: HashMap::new(),
         }
     }
@@ -79,6 +84,10 @@ struct Group {
 
 fn default_window() -> usize {
     64
+}
+
+fn default_warmup() -> f64 {
+    0.5
 }
 
 fn default_content() -> usize {
@@ -416,7 +425,7 @@ async fn latency(plan: Plan) -> Value {
     let recv_h = Arc::new(Mutex::new((new_h(), new_h())));
     let ack_h = Arc::new(Mutex::new((new_h(), new_h())));
     let orders = Arc::new(Mutex::new(Order::default()));
-    let start_ns = now_ns() + 500_000_000;
+    let start_ns = now_ns() + (plan.warmup_s.max(0.1) * 1e9) as u64;
     let mut tasks = Vec::new();
     for mut ws in receivers {
         let (recv_h, orders) = (recv_h.clone(), orders.clone());
@@ -487,7 +496,11 @@ async fn latency(plan: Plan) -> Value {
                         };
                         let Some(f) = incoming(t.as_str()) else { continue };
                         if f.kind == "ack" {
-                            let i: u64 = f.client_msg_id.and_then(|s| s.parse().ok()).unwrap_or(0);
+                            let i: u64 = f
+                                .client_msg_id
+                                .and_then(|s| s.rsplit('-').next())
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(0);
                             if let Some((at, sent)) = scheduled.lock().await.remove(&i) {
                                 let now = now_ns();
                                 from_schedule.push( now.saturating_sub(at));
@@ -510,7 +523,8 @@ async fn latency(plan: Plan) -> Value {
                 }
                 let sent = now_ns();
                 scheduled.lock().await.insert(i, (at, sent));
-                let f = json!({"type": "send", "chat_id": chat, "client_msg_id": i.to_string(), "content": format!("{at}|{sent}|{body}")});
+                // Unique per run: a rerun against the same server must not be answered as retries.
+                let f = json!({"type": "send", "chat_id": chat, "client_msg_id": format!("{start_ns}-{i}"), "content": format!("{at}|{sent}|{body}")});
                 if sink.send(frame(&f)).await.is_err() {
                     break;
                 }
