@@ -16,7 +16,7 @@ def test_loadgen_fanout_counts_every_delivery_in_order() -> None:
 def test_loadgen_sync_and_persist_report_complete_runs() -> None:
     s = suite.sync(chats=3, per_chat=10)
     assert (s["messages"], s["chats"], s["lost"], s["duplicated"], s["out_of_order"]) == (30, 3, 0, 0, 0)
-    p = suite.persist(connections=2, seconds=0.5)
+    p = suite.persist(connections=2, seconds=0.5, repeats=2)
     assert p["acked"] == p["sent"] > 0 and (p["lost"], p["duplicated"], p["errors"]) == (0, 0, 0)
 
 

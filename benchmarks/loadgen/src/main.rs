@@ -545,6 +545,7 @@ async fn latency(plan: Plan) -> Value {
 }
 
 async fn persist(plan: Plan) -> Value {
+    let run = now_ns();
     let chats: Vec<String> = plan.groups.iter().map(|g| g.chat_id.clone()).collect();
     let tokens: Vec<String> = plan.groups.iter().map(|g| g.members[0].clone()).collect();
     let (conns, failures, _) = open_all(&plan, &tokens).await;
@@ -558,7 +559,8 @@ async fn persist(plan: Plan) -> Value {
             let mut seen = std::collections::HashSet::new();
             loop {
                 while Instant::now() < deadline && sent - acked < window {
-                    let f = json!({"type": "send", "chat_id": chat, "client_msg_id": sent.to_string(), "content": body});
+                    // Unique per run: a rerun against the same server must not be answered as retries.
+                    let f = json!({"type": "send", "chat_id": chat, "client_msg_id": format!("{run}-{sent}"), "content": body});
                     if ws.feed(frame(&f)).await.is_err() {
                         break;
                     }
@@ -571,15 +573,14 @@ async fn persist(plan: Plan) -> Value {
                 let Some(t) = next_text(&mut ws, Duration::from_secs(30)).await else {
                     break;
                 };
-                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
-                match v["type"].as_str() {
-                    Some("ack") => {
-                        if !seen.insert(v["client_msg_id"].as_str().unwrap_or("").to_owned()) {
+                match incoming(t.as_str()) {
+                    Some(f) if f.kind == "ack" => {
+                        if !seen.insert(f.client_msg_id.unwrap_or("").to_owned()) {
                             dup += 1;
                         }
                         acked += 1;
                     }
-                    Some("error") => errors += 1,
+                    Some(f) if f.kind == "error" => errors += 1,
                     _ => {}
                 }
             }
