@@ -469,14 +469,17 @@ async fn latency(plan: Plan) -> Value {
         }));
     }
     let interval_ns = (1e9 / per_group.max(1e-9)) as u64;
-    for (g, ws) in plan.groups.iter().zip(senders) {
+    let groups = plan.groups.len().max(1) as u64;
+    for (index, (g, ws)) in plan.groups.iter().zip(senders).enumerate() {
         let (chat, ack_h, body) = (
             g.chat_id.clone(),
             ack_h.clone(),
             "x".repeat(plan.content_bytes),
         );
         // Spread the groups' schedules over one interval.
-        let offset = interval_ns * (tasks.len() as u64 % 1000) / 1000;
+        // (By group index: an offset from the task count packed 100 groups' sends into the
+        // last tenth of the interval, i.e. bursts at ten times the nominal rate.)
+        let offset = interval_ns * index as u64 / groups;
         tasks.push(tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
             let scheduled: Arc<Mutex<HashMap<u64, (u64, u64)>>> = Arc::default();
