@@ -327,6 +327,9 @@ def main() -> None:
             "pychat": latency("pychat", g, rate, secs, idle_n, sweep),
             "baseline": latency("naive", min(g, 100), 2000.0, secs, 0),
         }
+        if not args.quick:
+            # The baseline's own shape (100 groups, 2,000 msg/s, no idle), for a like-for-like ratio.
+            results["latency"]["pychat_at_baseline"] = latency("pychat", min(g, 100), 2000.0, secs, 0)
     if "persist" in only:
         results["persist"] = {"pychat": persist(*size["persist"])}
     if "sync" in only:
@@ -365,6 +368,13 @@ def summary(r: dict[str, Any]) -> str:
             f"{p['send_to_receive']['p50_ms']} / {p['send_to_receive']['p99_ms']} / {p['send_to_receive']['p999_ms']} | "
             f"{b['send_to_receive']['p50_ms']} / {b['send_to_receive']['p99_ms']} (at {b['rate']:.0f} msg/s) | - | {errs(p)} |"
         )
+        if "pychat_at_baseline" in r["latency"]:
+            x = r["latency"]["pychat_at_baseline"]
+            lines.append(
+                f"| latency: like the baseline ({x['rate']:.0f} msg/s, {x['groups']} groups, {x['idle']} idle) | "
+                f"{x['send_to_receive']['p50_ms']} / {x['send_to_receive']['p99_ms']} / {x['send_to_receive']['p999_ms']} | "
+                f"{b['send_to_receive']['p50_ms']} / {b['send_to_receive']['p99_ms']} / {b['send_to_receive']['p999_ms']} | - | {errs(x)} |"
+            )
         for x in p.get("sweep", []):
             lines.append(
                 f"| latency: same, at {x['rate']:.0f} msg/s | "
