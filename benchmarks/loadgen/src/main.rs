@@ -427,8 +427,12 @@ async fn latency(plan: Plan) -> Value {
     let orders = Arc::new(Mutex::new(Order::default()));
     let start_ns = now_ns() + (plan.warmup_s.max(0.1) * 1e9) as u64;
     let mut tasks = Vec::new();
+    // Connections stay open until every task is done: a receiver that closed as soon as it had
+    // its messages made the server handle a wave of closes while others were still measuring
+    // (the latency tail of the last ~300 ms of each run).
+    let keep: Arc<std::sync::Mutex<Vec<Ws>>> = Arc::default();
     for mut ws in receivers {
-        let (recv_h, orders) = (recv_h.clone(), orders.clone());
+        let (recv_h, orders, keep) = (recv_h.clone(), orders.clone(), keep.clone());
         tasks.push(tokio::spawn(async move {
             // Raw samples per task, histograms only when merged: a histogram per
             // connection (18,000 of them) page-faulted in gigabytes.
@@ -466,6 +470,7 @@ async fn latency(plan: Plan) -> Value {
                 .lock()
                 .await
                 .merge(&order, per_sender.saturating_sub(got));
+            keep.lock().expect("not poisoned").push(ws);
         }));
     }
     let interval_ns = (1e9 / per_group.max(1e-9)) as u64;
@@ -480,15 +485,14 @@ async fn latency(plan: Plan) -> Value {
         // (By group index: an offset from the task count packed 100 groups' sends into the
         // last tenth of the interval, i.e. bursts at ten times the nominal rate.)
         let offset = interval_ns * index as u64 / groups;
+        let keep = keep.clone();
         tasks.push(tokio::spawn(async move {
             let (mut sink, mut stream) = ws.split();
             let scheduled: Arc<Mutex<HashMap<u64, (u64, u64)>>> = Arc::default();
             let reader = {
                 let (scheduled, ack_h) = (scheduled.clone(), ack_h.clone());
                 tokio::spawn(async move {
-                    // Raw samples per task, histograms only when merged: a histogram per
-            // connection (18,000 of them) page-faulted in gigabytes.
-            let (mut from_schedule, mut from_send) = (Vec::new(), Vec::new());
+                    let (mut from_schedule, mut from_send) = (Vec::new(), Vec::new());
                     let mut acks = 0;
                     while acks < per_sender {
                         // Pings are answered by the sender half's regular writes (they flush the pong).
@@ -515,6 +519,7 @@ async fn latency(plan: Plan) -> Value {
                     let mut h = ack_h.lock().await;
                     from_schedule.iter().for_each(|&v| record(&mut h.0, v));
                     from_send.iter().for_each(|&v| record(&mut h.1, v));
+                    stream
                 })
             };
             for i in 0..per_sender {
@@ -532,12 +537,17 @@ async fn latency(plan: Plan) -> Value {
                     break;
                 }
             }
-            let _ = reader.await;
+            if let Ok(stream) = reader.await {
+                if let Ok(ws) = sink.reunite(stream) {
+                    keep.lock().expect("not poisoned").push(ws);
+                }
+            }
         }));
     }
     for t in tasks {
         let _ = t.await;
     }
+    drop(keep);
     drop(idle_conns);
     let o = orders.lock().await;
     json!({"groups": plan.groups.len(), "rate": plan.rate, "seconds": plan.seconds, "idle": plan.tokens.len(),
