@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from pychat.client import ChatClient, ChatError
 from tests.conftest import Clients, ServerProcess
-from tests.wsraw import RawWs
+from tests.wsraw import RawWs, raw_upgrade
 
 
 def send_frame(chat_id: str, content: str, cmid: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -453,6 +454,49 @@ async def test_a_client_that_keeps_misbehaving_is_disconnected(
             codes.append((await ws.recv())["code"])
     assert codes[:20] == ["bad_request"] * 20
     assert ws.ws.close_reason == "too many bad frames"
+
+
+async def _close_code_after(server: ServerProcess, token: str, frame: bytes) -> tuple[int, bytes]:
+    """Sends one raw frame after the upgrade; returns the close code and reason the server sent."""
+    reader, writer = await raw_upgrade(server.ws_port, token)
+    writer.write(frame)
+    await writer.drain()
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                head = await reader.readexactly(2)
+                length = head[1] & 0x7F
+                if length == 126:
+                    length = int.from_bytes(await reader.readexactly(2), "big")
+                elif length == 127:
+                    length = int.from_bytes(await reader.readexactly(8), "big")
+                payload = await reader.readexactly(length)
+                if head[0] & 0x0F == 0x8:
+                    return int.from_bytes(payload[:2], "big"), payload[2:]
+    finally:
+        writer.close()
+
+
+def _client_frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
+    mask = os.urandom(4) if masked else b""
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if masked else payload
+    return bytes([0x80 | opcode, (0x80 if masked else 0) | len(payload)]) + mask + body
+
+
+async def test_websocket_protocol_violations_close_with_their_rfc_codes(
+    server: ServerProcess, clients: Clients
+) -> None:
+    alice = await clients.user("rfc")
+    # Not UTF-8: 1007. Unmasked client frame: 1002. Unknown opcode: 1002.
+    assert await _close_code_after(server, alice.token, _client_frame(0x1, b"\xff\xfe")) == (
+        1007,
+        b"text frame is not UTF-8",
+    )
+    assert (await _close_code_after(server, alice.token, _client_frame(0x1, b"{}", masked=False)))[0] == 1002
+    assert (await _close_code_after(server, alice.token, _client_frame(0x3, b"")))[0] == 1002
+    # The server keeps serving.
+    ws = await open_raw(server, alice)
+    await ws.close()
 
 
 async def test_frame_over_the_size_limit_is_refused(server: ServerProcess, clients: Clients) -> None:

@@ -773,7 +773,12 @@ impl<'a> ConnIo<'a> {
                     )));
                     self.conn.close(CloseReason::FrameTooLarge);
                 }
-                Err(_) => self.conn.close(CloseReason::ProtocolError),
+                Err(websocket::DecodeError::InvalidUtf8) => {
+                    self.conn.close(CloseReason::InvalidText)
+                }
+                Err(websocket::DecodeError::Protocol(_)) => {
+                    self.conn.close(CloseReason::ProtocolError)
+                }
             }
         }
         self.inbuf.drain(..at);
@@ -971,13 +976,14 @@ impl<'a> ConnIo<'a> {
             CloseReason::FrameTooLarge => websocket::CLOSE_TOO_BIG,
             CloseReason::ServerShutdown => websocket::CLOSE_AWAY,
             CloseReason::ProtocolError => websocket::CLOSE_PROTOCOL,
+            CloseReason::InvalidText => websocket::CLOSE_INVALID_DATA,
             CloseReason::HeartbeatTimeout => websocket::CLOSE_ERROR,
         };
         let said = async {
             if !matches!(reason, CloseReason::QueueOverflow | CloseReason::PeerClosed) {
                 // Frames queued before the close (e.g. the error that caused it) still go out.
                 let mut items = Vec::new();
-                while self.conn.take_queued(usize::MAX, &mut items) {}
+                self.conn.take_queued(usize::MAX, &mut items);
                 let mut frames = Vec::new();
                 for item in items {
                     self.stitcher.accept(item, &mut frames);

@@ -24,8 +24,10 @@ pub enum CloseReason {
     PeerClosed,
     WriteFailed,
     ServerShutdown,
-    /// The peer broke RFC 6455 (unmasked frame, bad UTF-8, unknown opcode...).
+    /// The peer broke RFC 6455 (unmasked frame, unknown opcode, ...).
     ProtocolError,
+    /// A text frame that is not UTF-8.
+    InvalidText,
 }
 
 impl CloseReason {
@@ -39,6 +41,7 @@ impl CloseReason {
             Self::WriteFailed => "write failed",
             Self::ServerShutdown => "server shutting down",
             Self::ProtocolError => "websocket protocol error",
+            Self::InvalidText => "text frame is not UTF-8",
         }
     }
 }
@@ -129,10 +132,6 @@ impl ConnHandle {
             *q = VecDeque::new();
         }
         !q.is_empty()
-    }
-
-    pub fn has_queued(&self) -> bool {
-        !self.queue.lock().is_empty()
     }
 
     /// Starts closing; the first reason given wins.

@@ -187,16 +187,6 @@ impl fmt::Display for DecodeError {
     }
 }
 
-impl DecodeError {
-    pub fn close_code(&self) -> u16 {
-        match self {
-            Self::TooLarge => CLOSE_TOO_BIG,
-            Self::InvalidUtf8 => CLOSE_INVALID_DATA,
-            Self::Protocol(_) => CLOSE_PROTOCOL,
-        }
-    }
-}
-
 /// Reassembles client messages from frames. Holds memory only while a
 /// fragmented message is in progress.
 #[derive(Debug)]
