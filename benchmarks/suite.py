@@ -65,20 +65,20 @@ def add_groups(data: Path, ids: list[str], groups: list[list[int]], messages: in
     for g, members in enumerate(groups):
         chat_id = f"g{g:06d}"
         chat_ids.append(chat_id)
-        db.execute(
+        chat_no = db.execute(
             "INSERT INTO chats (chat_id, kind, created_by, created_at, last_activity, last_seq) VALUES (?, 'group', ?, ?, ?, ?)",
             (chat_id, ids[members[0]], now, now, messages),
-        )
+        ).lastrowid
+        (sender_no,) = db.execute(
+            "SELECT user_no FROM users WHERE user_id = ?", (ids[members[0]],)
+        ).fetchone()
         db.executemany(
             "INSERT INTO user_chats (user_id, chat_id, joined_at) VALUES (?, ?, ?)",
             [(ids[m], chat_id, now) for m in members],
         )
         db.executemany(
-            "INSERT INTO messages (chat_id, seq, message_id, sender_id, content, created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (chat_id, s, f"m{g}-{s}", ids[members[0]], "x" * 64, now, f"pre{s}")
-                for s in range(1, messages + 1)
-            ],
+            "INSERT INTO messages (chat_no, seq, message_id, sender_no, content, created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(chat_no, s, f"m{g}-{s}", sender_no, "x" * 64, now, f"pre{s}") for s in range(1, messages + 1)],
         )
     db.execute("COMMIT")
     db.close()

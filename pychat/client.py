@@ -28,6 +28,8 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from pychat.ids import new_id
+
 # PROTOCOL.md's default limit; larger frames are refused by the server.
 MAX_FRAME_BYTES = 256 * 1024
 
@@ -366,7 +368,8 @@ class ChatClient:
         client_msg_id: str | None = None,
     ) -> asyncio.Future[dict[str, Any]]:
         """Queues a send; the future resolves with the `ack`."""
-        cmid = client_msg_id or uuid.uuid4().hex
+        # Time-ordered, so the store appends its idempotency key instead of dirtying a random page.
+        cmid = client_msg_id or new_id("")
         frame: dict[str, Any] = {
             "type": "send",
             "chat_id": chat_id,

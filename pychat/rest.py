@@ -11,7 +11,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -442,7 +441,7 @@ class RestApi:
         if retry_after is not None:
             raise RateLimited(retry_after)
         ack = await self.engine.send(
-            req.user_id, chat_id, client_msg_id or f"rest-{uuid.uuid4().hex}", content, attachments
+            req.user_id, chat_id, client_msg_id or new_id("rest-"), content, attachments
         )
         return ok(ack, 201)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from pychat.store import Chat, PointerRequest, SendRequest, User
@@ -90,3 +91,71 @@ def test_a_batch_mixing_stored_retries_and_new_sends_keeps_original_acks_and_gap
     fresh, _ = store.append_batch([SendRequest("ua", "c1", "k9", "fast path", [])], [])
     assert fresh[0][0] == "stored" and fresh[0][2] == rows[-1][0] + 1 and fresh[0][5] is False
     store.close()
+
+
+# The tables version 2 wrote (text ids in every message row), to check the upgrade in place.
+_V2_TABLES = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE users (user_id TEXT PRIMARY KEY, username TEXT NOT NULL, username_key TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL, display_name TEXT, created_at INTEGER NOT NULL, last_seen INTEGER);
+CREATE TABLE chats (chat_id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('direct', 'group')),
+    title TEXT, created_by TEXT NOT NULL, created_at INTEGER NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0,
+    last_activity INTEGER NOT NULL, direct_key TEXT UNIQUE);
+CREATE TABLE user_chats (user_id TEXT NOT NULL, chat_id TEXT NOT NULL, delivered_seq INTEGER NOT NULL DEFAULT 0,
+    read_seq INTEGER NOT NULL DEFAULT 0, joined_at INTEGER NOT NULL, PRIMARY KEY (user_id, chat_id)) WITHOUT ROWID;
+CREATE INDEX user_chats_by_chat ON user_chats (chat_id, user_id);
+CREATE TABLE messages (chat_id TEXT NOT NULL, seq INTEGER NOT NULL, message_id TEXT NOT NULL UNIQUE,
+    sender_id TEXT NOT NULL, content TEXT NOT NULL, attachments TEXT NOT NULL DEFAULT '[]',
+    created_at INTEGER NOT NULL, client_msg_id TEXT NOT NULL, PRIMARY KEY (chat_id, seq));
+CREATE UNIQUE INDEX messages_idempotency ON messages (chat_id, sender_id, client_msg_id);
+INSERT INTO meta VALUES ('schema_version', '2');
+INSERT INTO users VALUES ('ua', 'Ann', 'ann', 'scrypt$x', NULL, 1, 5), ('ub', 'Bob', 'bob', 'scrypt$y', 'B', 2, NULL);
+INSERT INTO chats VALUES ('c1', 'direct', NULL, 'ua', 3, 2, 4, 'ua|ub'), ('c2', 'group', 'G', 'ub', 3, 1, 4, NULL);
+INSERT INTO user_chats VALUES ('ua', 'c1', 2, 1, 3), ('ub', 'c1', 0, 0, 3), ('ub', 'c2', 1, 1, 3);
+INSERT INTO messages VALUES ('c1', 1, 'm-old-1', 'ua', 'hello', '[]', 4, 'k1'),
+    ('c1', 2, 'm-old-2', 'ub', 'hi', '[]', 4, 'k2'), ('c2', 1, 'm-old-3', 'ub', 'note', '[]', 4, 'k1');
+"""
+
+
+def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its_idempotency(
+    tmp_path: Path,
+) -> None:
+    db = sqlite3.connect(tmp_path / "t.db")
+    db.executescript(_V2_TABLES)
+    db.close()
+    store = SqliteStore(tmp_path / "t.db")
+    history, more = store.history("c1", None, None, 10)
+    assert not more
+    assert [(m["seq"], m["message_id"], m["sender_id"], m["content"]) for m in history] == [
+        (1, "m-old-1", "ua", "hello"),
+        (2, "m-old-2", "ub", "hi"),
+    ]
+    assert store.message_by_id("m-old-3") == {
+        "message_id": "m-old-3",
+        "chat_id": "c2",
+        "seq": 1,
+        "sender_id": "ub",
+        "content": "note",
+        "attachments": [],
+        "created_at": 4,
+        "client_msg_id": "k1",
+    }
+    assert store.user_by_id("ub") == User("ub", "Bob", "B", "scrypt$y", 2)
+    assert store.last_seen("ua") == 5
+    sends, _ = store.append_batch(
+        [SendRequest("ub", "c1", "k2", "hi again", []), SendRequest("ua", "c1", "k3", "new", [])], []
+    )
+    assert sends[0] == ("stored", "m-old-2", 2, 4, "[]", True), (
+        "a retry of an old send is answered, not stored"
+    )
+    assert sends[1][:3] == ("stored", sends[1][1], 3)
+    chats = {c["chat_id"]: c for c in store.list_chats("ub")}
+    assert chats["c1"]["last_message"]["content"] == "new" and chats["c1"]["unread"] == 2  # ua's 1 and 3
+    assert chats["c2"]["unread"] == 0 and chats["c2"]["title"] == "G"
+    tables = {r[0] for r in store._conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert not {t for t in tables if t.endswith("_v2")}
+    assert store._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    store.close()
+    again = SqliteStore(tmp_path / "t.db")  # reopening an upgraded store changes nothing
+    assert [m["seq"] for m in again.history("c1", None, None, 10)[0]] == [1, 2, 3]
+    again.close()

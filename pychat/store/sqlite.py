@@ -18,12 +18,17 @@ from pychat.errors import ApiError
 from pychat.ids import new_ids, now_ms
 from pychat.store import BacklogRow, Chat, EngineResult, PointerRequest, SendRequest, User
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
+# Messages name their chat and sender by the integer keys `chat_no` / `user_no` rather than
+# the 29-character text ids: every message row and both of its per-chat indexes get smaller,
+# so a batch dirties fewer pages (measured with the store alone, 64 chats, 600k messages:
+# 92k -> 121k durable msgs/s; 1,000 chats: 32k -> 42k). Text ids stay the public names.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
-    user_id TEXT PRIMARY KEY,
+    user_no INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL UNIQUE,
     username TEXT NOT NULL,
     username_key TEXT NOT NULL UNIQUE,
     password_hash TEXT NOT NULL,
@@ -32,7 +37,8 @@ CREATE TABLE IF NOT EXISTS users (
     last_seen INTEGER
 );
 CREATE TABLE IF NOT EXISTS chats (
-    chat_id TEXT PRIMARY KEY,
+    chat_no INTEGER PRIMARY KEY,
+    chat_id TEXT NOT NULL UNIQUE,
     kind TEXT NOT NULL CHECK (kind IN ('direct', 'group')),
     title TEXT,
     created_by TEXT NOT NULL,
@@ -51,18 +57,18 @@ CREATE TABLE IF NOT EXISTS user_chats (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS user_chats_by_chat ON user_chats (chat_id, user_id);
 CREATE TABLE IF NOT EXISTS messages (
-    chat_id TEXT NOT NULL,
+    chat_no INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     message_id TEXT NOT NULL UNIQUE,
-    sender_id TEXT NOT NULL,
+    sender_no INTEGER NOT NULL,
     content TEXT NOT NULL,
     attachments TEXT NOT NULL DEFAULT '[]',
     created_at INTEGER NOT NULL,
     client_msg_id TEXT NOT NULL,
-    PRIMARY KEY (chat_id, seq)
+    PRIMARY KEY (chat_no, seq)
 );
 -- Idempotency across restarts: one message per (chat, sender, client_msg_id).
-CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (chat_id, sender_id, client_msg_id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (chat_no, sender_no, client_msg_id);
 CREATE TABLE IF NOT EXISTS media (
     media_id TEXT PRIMARY KEY,
     uploader_id TEXT NOT NULL,
@@ -74,8 +80,37 @@ CREATE TABLE IF NOT EXISTS media (
 );
 """
 
-_MESSAGE_COLUMNS = "chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id"
+# Version 2 -> 3: the same rows, re-keyed (`user_no` / `chat_no` follow the old rowid order).
+_MIGRATE_V2 = """
+ALTER TABLE users RENAME TO users_v2;
+ALTER TABLE chats RENAME TO chats_v2;
+ALTER TABLE messages RENAME TO messages_v2;
+DROP INDEX IF EXISTS messages_idempotency;
+"""
+_COPY_V2 = """
+INSERT INTO users (user_id, username, username_key, password_hash, display_name, created_at, last_seen)
+    SELECT user_id, username, username_key, password_hash, display_name, created_at, last_seen
+    FROM users_v2 ORDER BY rowid;
+INSERT INTO chats (chat_id, kind, title, created_by, created_at, last_seq, last_activity, direct_key)
+    SELECT chat_id, kind, title, created_by, created_at, last_seq, last_activity, direct_key
+    FROM chats_v2 ORDER BY rowid;
+INSERT INTO messages (chat_no, seq, message_id, sender_no, content, attachments, created_at, client_msg_id)
+    SELECT c.chat_no, m.seq, m.message_id, u.user_no, m.content, m.attachments, m.created_at, m.client_msg_id
+    FROM messages_v2 m JOIN chats c ON c.chat_id = m.chat_id JOIN users u ON u.user_id = m.sender_id
+    ORDER BY m.rowid;
+DROP TABLE messages_v2;
+DROP TABLE chats_v2;
+DROP TABLE users_v2;
+"""
+
+_MESSAGE_COLUMNS = "chat_no, seq, message_id, sender_no, content, attachments, created_at, client_msg_id"
 _MESSAGE_MARKS = ", ".join("?" * len(_MESSAGE_COLUMNS.split(", ")))
+# A message as the API names it (text ids); `WHERE c.chat_id = ?` finds the chat first and then
+# reads its messages through the (chat_no, seq) key.
+_MESSAGE_SELECT = (
+    "SELECT c.chat_id, m.seq, m.message_id, u.user_id, m.content, m.attachments, m.created_at, m.client_msg_id"
+    " FROM messages m JOIN chats c ON c.chat_no = m.chat_no JOIN users u ON u.user_no = m.sender_no"
+)
 
 
 def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -108,14 +143,17 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        conn = self._conn()
-        with conn:
-            conn.executescript(SCHEMA)
-            self._migrate(conn)
-            conn.execute(
+        with self._write() as c:
+            copy_v2 = self._migrate(c)
+            for statement in SCHEMA.split(";"):
+                c.execute(statement)
+            c.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            if copy_v2:
+                for statement in _COPY_V2.split(";"):
+                    c.execute(statement)
         # Checkpoints (copying the WAL into the database file, with its own fsync) mostly run on
         # this thread, outside any commit. SQLite's own autocheckpoint stays on: it finds the
         # frames already copied, and it is what lets the WAL start over (without it the WAL grew
@@ -139,11 +177,20 @@ class SqliteStore:
             conn.close()
 
     @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        """Brings a database written by an older version up to this schema."""
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(users)")}
-        if "last_seen" not in columns:  # version 1
-            conn.execute("ALTER TABLE users ADD COLUMN last_seen INTEGER")
+    def _migrate(c: sqlite3.Connection) -> bool:
+        """Brings a database written by an older version towards this schema, in the same
+        transaction that creates it (a crash midway leaves the old version intact). True when
+        version 2 rows wait in the *_v2 tables to be copied once the new tables exist."""
+        user_columns = {row[1] for row in c.execute("PRAGMA table_info(users)")}
+        if not user_columns:
+            return False  # a new database
+        if "last_seen" not in user_columns:  # version 1
+            c.execute("ALTER TABLE users ADD COLUMN last_seen INTEGER")
+        if "user_no" not in user_columns:  # version 2: text ids in messages
+            for statement in _MIGRATE_V2.split(";"):
+                c.execute(statement)
+            return True
+        return False
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -270,22 +317,23 @@ class SqliteStore:
     def list_chats(self, user_id: str) -> list[dict[str, Any]]:
         c = self._conn()
         rows = c.execute(
-            "SELECT c.chat_id, c.kind, c.title, c.created_by, c.created_at, c.last_seq, uc.read_seq"
+            "SELECT c.chat_no, c.chat_id, c.kind, c.title, c.created_by, c.created_at, c.last_seq, uc.read_seq"
             " FROM user_chats uc JOIN chats c ON c.chat_id = uc.chat_id"
             " WHERE uc.user_id = ? ORDER BY c.last_activity DESC, c.chat_id",
             (user_id,),
         ).fetchall()
+        user_no = c.execute("SELECT user_no FROM users WHERE user_id = ?", (user_id,)).fetchone()
         out = []
-        for chat_id, kind, title, created_by, created_at, last_seq, read_seq in rows:
+        for chat_no, chat_id, kind, title, created_by, created_at, last_seq, read_seq in rows:
             chat = Chat(chat_id, kind, title, created_by, created_at, last_seq, self._members(c, chat_id))
             item = chat.to_json()
             last = c.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq = ?", (chat_id, last_seq)
+                f"{_MESSAGE_SELECT} WHERE m.chat_no = ? AND m.seq = ?", (chat_no, last_seq)
             ).fetchone()
             item["last_message"] = _message_json(last) if last else None
             (unread,) = c.execute(
-                "SELECT COUNT(*) FROM messages WHERE chat_id = ? AND seq > ? AND sender_id != ?",
-                (chat_id, read_seq, user_id),
+                "SELECT COUNT(*) FROM messages WHERE chat_no = ? AND seq > ? AND sender_no != ?",
+                (chat_no, read_seq, user_no[0] if user_no else -1),
             ).fetchone()
             item["unread"] = unread
             out.append(item)
@@ -365,15 +413,17 @@ class SqliteStore:
         with self._write() as c:
             # A few queries for the whole batch instead of two per chat: each chat's last seq and
             # whether each sender is (still) a member.
-            last_seq = self._last_seqs(c, {s.chat_id for s in sends} | {p.chat_id for p in pointers})
+            chats = self._chats(c, {s.chat_id for s in sends} | {p.chat_id for p in pointers})
+            last_seq = {chat_id: last for chat_id, (_, last) in chats.items()}
             members = self._memberships(c, {(s.sender_id, s.chat_id) for s in sends})
+            keys = _Keys({chat_id: no for chat_id, (no, _) in chats.items()}, members)
 
             created_at = now_ms()  # one commit, one time
             message_ids = new_ids("m", len(sends))
             # Retries the server has not seen since it started are rare (the gateway answers the
             # rest from memory), so first assume none is stored: insert, and only if a row was
             # ignored as a duplicate undo that and look every send up through the idempotency index.
-            plan = self._plan_sends(c, sends, dict(last_seq), members, {}, created_at, message_ids)
+            plan = self._plan_sends(c, sends, dict(last_seq), keys, {}, created_at, message_ids)
             before = c.total_changes
             c.execute("SAVEPOINT fresh")
             c.executemany(
@@ -384,15 +434,15 @@ class SqliteStore:
             else:
                 c.execute("ROLLBACK TO fresh")
                 c.execute("RELEASE fresh")
-                existing = self._stored_already(c, sends)
-                plan = self._plan_sends(c, sends, dict(last_seq), members, existing, created_at, message_ids)
+                existing = self._stored_already(c, sends, keys)
+                plan = self._plan_sends(c, sends, dict(last_seq), keys, existing, created_at, message_ids)
                 c.executemany(
                     f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})", plan.rows
                 )
             send_results, last_seq, touched = plan.results, plan.last_seq, plan.touched
             c.executemany(
-                "UPDATE chats SET last_seq = ?, last_activity = ? WHERE chat_id = ?",
-                [(last_seq[chat], at, chat) for chat, at in touched.items()],
+                "UPDATE chats SET last_seq = ?, last_activity = ? WHERE chat_no = ?",
+                [(last_seq[chat], at, keys.chat_no[chat]) for chat, at in touched.items()],
             )
             for p in pointers:
                 pointer_results.append(self._move_pointer(c, p, last_seq.get(p.chat_id)))
@@ -408,7 +458,7 @@ class SqliteStore:
         c: sqlite3.Connection,
         sends: list[SendRequest],
         last_seq: dict[str, int],
-        members: set[tuple[str, str]],
+        keys: _Keys,
         existing: dict[tuple[str, str, str], tuple[Any, ...]],
         created_at: int,
         message_ids: list[str],
@@ -430,7 +480,8 @@ class SqliteStore:
             if last is None:
                 plan.results.append(("error", "not_found", "no such chat"))
                 continue
-            if (s.sender_id, s.chat_id) not in members:  # removed while the send was queued
+            sender_no = keys.sender_no.get((s.sender_id, s.chat_id))
+            if sender_no is None:  # removed while the send was queued
                 plan.results.append(("error", "forbidden", "not a member of this chat"))
                 continue
             attachments, error = self._resolve_attachments(c, s)
@@ -440,7 +491,16 @@ class SqliteStore:
             seq = last + 1
             message_id = next(ids)
             plan.rows.append(
-                (s.chat_id, seq, message_id, s.sender_id, s.content, attachments, created_at, s.client_msg_id)
+                (
+                    keys.chat_no[s.chat_id],
+                    seq,
+                    message_id,
+                    sender_no,
+                    s.content,
+                    attachments,
+                    created_at,
+                    s.client_msg_id,
+                )
             )
             last_seq[s.chat_id] = seq
             plan.touched[s.chat_id] = created_at
@@ -449,51 +509,66 @@ class SqliteStore:
         return plan
 
     @staticmethod
-    def _last_seqs(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, int]:
-        """chat_id -> last seq of the chats that exist."""
+    def _chats(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, tuple[int, int]]:
+        """chat_id -> (chat_no, last seq) of the chats that exist."""
         ids = list(chat_ids)
-        found: dict[str, int] = {}
+        found: dict[str, tuple[int, int]] = {}
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            found.update(c.execute(f"SELECT chat_id, last_seq FROM chats WHERE chat_id IN ({marks})", chunk))
+            for chat_id, chat_no, last in c.execute(
+                f"SELECT chat_id, chat_no, last_seq FROM chats WHERE chat_id IN ({marks})", chunk
+            ):
+                found[chat_id] = (chat_no, last)
         return found
 
     @staticmethod
-    def _memberships(c: sqlite3.Connection, pairs: set[tuple[str, str]]) -> set[tuple[str, str]]:
-        """The (user_id, chat_id) pairs that are memberships."""
+    def _memberships(c: sqlite3.Connection, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """(user_id, chat_id) -> user_no of the pairs that are memberships."""
         items = list(pairs)
-        found: set[tuple[str, str]] = set()
+        found: dict[tuple[str, str], int] = {}
         for start in range(0, len(items), _CHUNK):
             chunk = items[start : start + _CHUNK]
             values = ",".join("(?, ?)" for _ in chunk)
             params = [v for pair in chunk for v in pair]
             # CROSS JOIN keeps this order: one primary-key seek per pair.
-            found.update(
-                c.execute(
-                    f"SELECT u.user_id, u.chat_id FROM (VALUES {values}) AS v CROSS JOIN user_chats u"
-                    " ON u.user_id = v.column1 AND u.chat_id = v.column2",
-                    params,
-                )
-            )
+            for user_id, chat_id, user_no in c.execute(
+                f"SELECT uc.user_id, uc.chat_id, u.user_no FROM (VALUES {values}) AS v"
+                " CROSS JOIN user_chats uc ON uc.user_id = v.column1 AND uc.chat_id = v.column2"
+                " JOIN users u ON u.user_id = uc.user_id",
+                params,
+            ):
+                found[(user_id, chat_id)] = user_no
         return found
 
     @staticmethod
     def _stored_already(
-        c: sqlite3.Connection, sends: list[SendRequest]
+        c: sqlite3.Connection, sends: list[SendRequest], keys: _Keys
     ) -> dict[tuple[str, str, str], tuple[Any, ...]]:
         """(chat_id, sender_id, client_msg_id) -> (message_id, seq, created_at, attachments) of
-        the sends that are stored already, found through the idempotency index in a few queries."""
+        the sends that are stored already, found through the idempotency index in a few queries.
+        (A message's sender is a member when it is stored: other sends cannot be retries.)"""
         found: dict[tuple[str, str, str], tuple[Any, ...]] = {}
-        for start in range(0, len(sends), _CHUNK):
-            chunk = sends[start : start + _CHUNK]
-            values = ",".join("(?, ?, ?)" for _ in chunk)
-            params = [v for s in chunk for v in (s.chat_id, s.sender_id, s.client_msg_id)]
+        known = [s for s in sends if (s.sender_id, s.chat_id) in keys.sender_no]
+        for start in range(0, len(known), _CHUNK):
+            chunk = known[start : start + _CHUNK]
+            values = ",".join("(?, ?, ?, ?, ?)" for _ in chunk)
+            params = [
+                v
+                for s in chunk
+                for v in (
+                    s.chat_id,
+                    s.sender_id,
+                    s.client_msg_id,
+                    keys.chat_no[s.chat_id],
+                    keys.sender_no[(s.sender_id, s.chat_id)],
+                )
+            ]
             # CROSS JOIN keeps this order: one index seek per send, never a scan of messages.
             for row in c.execute(
-                "SELECT m.chat_id, m.sender_id, m.client_msg_id, m.message_id, m.seq, m.created_at, m.attachments"
+                "SELECT v.column1, v.column2, v.column3, m.message_id, m.seq, m.created_at, m.attachments"
                 f" FROM (VALUES {values}) AS v CROSS JOIN messages m"
-                " ON m.chat_id = v.column1 AND m.sender_id = v.column2 AND m.client_msg_id = v.column3",
+                " ON m.chat_no = v.column4 AND m.sender_no = v.column5 AND m.client_msg_id = v.column3",
                 params,
             ):
                 found[(row[0], row[1], row[2])] = row[3:]
@@ -559,7 +634,7 @@ class SqliteStore:
                     continue  # only chats with something new cost a query
                 backlog.extend(
                     c.execute(
-                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq > ? ORDER BY seq",
+                        f"{_MESSAGE_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq",
                         (chat_id, cursor),
                     ).fetchall()
                 )
@@ -574,7 +649,7 @@ class SqliteStore:
         lo = after if after is not None else 0
         if after is not None and before is None:
             rows = c.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                f"{_MESSAGE_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
                 (chat_id, lo, limit + 1),
             ).fetchall()
             has_more = len(rows) > limit
@@ -582,8 +657,8 @@ class SqliteStore:
         else:
             hi = before if before is not None else 2**62
             rows = c.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq < ? AND seq > ?"
-                " ORDER BY seq DESC LIMIT ?",
+                f"{_MESSAGE_SELECT} WHERE c.chat_id = ? AND m.seq < ? AND m.seq > ?"
+                " ORDER BY m.seq DESC LIMIT ?",
                 (chat_id, hi, lo, limit + 1),
             ).fetchall()
             has_more = len(rows) > limit
@@ -591,11 +666,7 @@ class SqliteStore:
         return [_message_json(r) for r in rows], has_more
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
-        row = (
-            self._conn()
-            .execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ?", (message_id,))
-            .fetchone()
-        )
+        row = self._conn().execute(f"{_MESSAGE_SELECT} WHERE m.message_id = ?", (message_id,)).fetchone()
         return _message_json(row) if row else None
 
     def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
@@ -608,6 +679,15 @@ class SqliteStore:
             .fetchall()
         )
         return [u for u, d, _ in rows if d >= seq], [u for u, _, r in rows if r >= seq]
+
+
+@dataclass
+class _Keys:
+    """The integer keys a batch's rows use: its chats' `chat_no`, and the `user_no` of each
+    (sender, chat) that is a membership."""
+
+    chat_no: dict[str, int]
+    sender_no: dict[tuple[str, str], int]
 
 
 @dataclass
