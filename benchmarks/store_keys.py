@@ -3,7 +3,7 @@ growing to N messages), once per kind of client_msg_id, in the same run:
 
 - `time_ordered`: what the SDK and REST generate (`pychat.ids.new_id`: a millisecond
   timestamp, then random bits), so each (chat, sender)'s keys arrive in index order;
-- `counter`: "<run>-<n>" like the compiled load generator;
+- `counter`: "<run>-<n, zero-padded>" like the compiled load generator;
 - `uuid4`: random keys, what the SDK generated before: the baseline.
 
 Durable msgs/s (synchronous=FULL, one transaction per batch) overall and for the last
@@ -91,7 +91,7 @@ def main() -> None:
     total = args.messages or (100_000 if args.quick else 600_000)
     kinds: dict[str, Callable[[int], str]] = {
         "time_ordered": lambda n: new_id(""),
-        "counter": lambda n: f"r1-{n}",
+        "counter": lambda n: f"r1-{n:012d}",
         "uuid4": lambda n: uuid.uuid4().hex,
     }
     runs = [run(kind, key, total) for kind, key in kinds.items()]

@@ -275,6 +275,8 @@ def persist(connections: int, seconds: float, repeats: int) -> dict[str, Any]:
         return {
             **out,
             "mean_batch_events": round(sums.get("pychat_engine_batch_events_sum", 0.0) / max(count, 1), 1),
+            # After every run: the idempotency window is full (1,000,000 acked keys by default).
+            "server_rss_mib_after": round(proc_stats(t.pid)[1], 1),
         }
 
     return with_target("pychat", connections, [[i] for i in range(connections)], 0, body)

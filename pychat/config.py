@@ -41,6 +41,9 @@ class Config:
     # FULL: an acked message survives power loss too; NORMAL: survives a process kill only.
     sqlite_synchronous: str = "FULL"
     batch_max: int = 1024
+    # Acked sends the gateway answers a retry of from memory (~110 bytes each); older retries
+    # are answered by the store's idempotency index, for 24 h and across restarts.
+    idempotency_window: int = 1_000_000
     queue_capacity: int = 4096
     read_buffer_bytes: int = 4096
     runtime_threads: int = 2

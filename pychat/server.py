@@ -76,6 +76,7 @@ class Server:
             send_per_s=cfg.send_per_s,
             send_burst=cfg.send_burst,
             allowed_origins=cfg.origins,
+            window_capacity=cfg.idempotency_window,
         )
         for chat_id, kind, members in self.store.all_memberships():
             self.gateway.set_chat_members(chat_id, members, kind == "direct")

@@ -7,8 +7,10 @@ import asyncio
 import json
 import os
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from pychat.client import ChatClient, ChatError
@@ -155,6 +157,40 @@ async def test_retry_on_same_connection_new_connection_and_rest_is_one_message(
     assert other["seq"] == 3
     for ws in (ws1, ws2, bob_ws):
         await ws.close()
+
+
+async def test_a_retry_older_than_the_gateways_window_is_answered_by_the_store(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    # A window of 2 acked keys: the first send's key is long gone from memory when it is retried.
+    srv = server_factory({"PYCHAT_IDEMPOTENCY_WINDOW": "2"})
+    clients = Clients(srv)
+    alice, bob = await clients.user("wa"), await clients.user("wb")
+    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+    bob_ws = await open_raw(srv, bob)
+    ws = await open_raw(srv, alice)
+    for k in range(5):
+        await ws.send(send_frame(chat_id, f"m{k}", cmid=f"old-{k}"))
+    acks = await ws.collect("ack", 5)
+    await ws.send(send_frame(chat_id, "m0 again", cmid="old-0"))
+    assert await ws.until("ack") == acks[0]
+    rest = await alice.post_message(chat_id, "m1 again", client_msg_id="old-1")
+    assert rest == {k: acks[1][k] for k in ("message_id", "chat_id", "seq", "created_at")}
+    await ws.send(send_frame(chat_id, "new", cmid="fresh"))
+    fresh = await ws.until("ack")
+    assert fresh["seq"] == 6, "the retries were not stored again"
+    assert [m["seq"] for m in await bob_ws.collect("msg", 6)] == [1, 2, 3, 4, 5, 6]
+    page = await bob.history(chat_id)
+    assert [m["content"] for m in page["messages"]] == ["m0", "m1", "m2", "m3", "m4", "new"]
+    await ws.send(send_frame(chat_id, "new again", cmid="fresh"))  # the window's newest key
+    assert await ws.until("ack") == fresh
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{srv.url}/metrics")).text
+    assert "pychat_gateway_retries_answered_by_store_total 2" in metrics
+    assert "pychat_gateway_retries_answered_from_window_total 1" in metrics
+    await ws.close()
+    await bob_ws.close()
+    await clients.close()
 
 
 async def test_rest_send_is_delivered_live_over_websocket(server: ServerProcess, clients: Clients) -> None:

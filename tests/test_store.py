@@ -154,8 +154,41 @@ def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its
     assert chats["c2"]["unread"] == 0 and chats["c2"]["title"] == "G"
     tables = {r[0] for r in store._conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert not {t for t in tables if t.endswith("_v2")}
-    assert store._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+    assert store._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
     store.close()
     again = SqliteStore(tmp_path / "t.db")  # reopening an upgraded store changes nothing
     assert [m["seq"] for m in again.history("c1", None, None, 10)[0]] == [1, 2, 3]
     again.close()
+
+
+def test_a_version_3_database_gets_the_client_key_led_idempotency_index_and_keeps_answering_retries(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    first, _ = store.append_batch([SendRequest("ua", "c1", f"k{i}", f"m{i}", []) for i in range(3)], [])
+    c = store._conn()
+    # Put back what version 3 had: the same tables, the index led by the chat.
+    c.execute("DROP INDEX messages_by_client_key")
+    c.execute("CREATE UNIQUE INDEX messages_idempotency ON messages (chat_no, sender_no, client_msg_id)")
+    c.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    store.close()
+    upgraded = SqliteStore(tmp_path / "t.db")
+    c = upgraded._conn()
+    indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert "messages_idempotency" not in indexes and "messages_by_client_key" in indexes
+    assert [r[2] for r in c.execute("PRAGMA index_info(messages_by_client_key)")] == [
+        "client_msg_id",
+        "chat_no",
+        "sender_no",
+    ]
+    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    sends, _ = upgraded.append_batch(
+        [
+            SendRequest("ua", "c1", "k1", "again", []),
+            SendRequest("ub", "c1", "k1", "same key, other sender", []),
+        ],
+        [],
+    )
+    assert sends[0] == (*first[1][:5], True), "a retry from before the upgrade is answered"
+    assert sends[1][0] == "stored" and sends[1][2] == 4 and sends[1][5] is False
+    upgraded.close()

@@ -336,7 +336,7 @@ impl Hub {
             chat,
             client_msg_id: send.client_msg_id.into(),
         };
-        let admission = self.sequencer.lock().window.admit(key.clone(), origin);
+        let admission = self.sequencer.lock().window.admit(&key, origin);
         Ok(match admission {
             Admission::New => SendAdmission::Forward(EngineEvent::Send {
                 origin,
@@ -345,7 +345,10 @@ impl Hub {
                 attachments: send.attachments,
                 admitted: std::time::Instant::now(),
             }),
-            Admission::Duplicate(ack) => SendAdmission::Duplicate(ack),
+            Admission::Duplicate(ack) => {
+                metrics::inc(&self.counters.retries_answered_from_window);
+                SendAdmission::Duplicate(ack)
+            }
             Admission::InFlight => SendAdmission::InFlight,
         })
     }
@@ -450,8 +453,13 @@ impl Hub {
                 seq,
                 created_at,
                 attachments,
-                duplicate: _, // the order guard below decides whether it was fanned out
-            } => (message_id, seq, created_at, attachments),
+                duplicate, // the order guard below decides whether it was fanned out
+            } => {
+                if duplicate {
+                    metrics::inc(&self.counters.retries_answered_by_store);
+                }
+                (message_id, seq, created_at, attachments)
+            }
             other => {
                 let error = match other {
                     EngineResult::Failed(e) => e,
@@ -483,7 +491,7 @@ impl Hub {
         });
         let (waiters, fan_out) = {
             let mut seq_state = self.sequencer.lock();
-            let waiters = seq_state.window.complete(&key, Some(ack.clone()), now);
+            let waiters = seq_state.window.complete(&key, Some(&ack), now);
             // A store duplicate above the last seq fanned out was committed but never fanned
             // out (its batch failed after the commit, or the process restarted): fan it out now.
             let fan_out = seq_state.record_commit(&key.chat, seq).is_ok();

@@ -32,6 +32,10 @@ counters!(
     batch_events,
     presence_changes,
     presence_frames,
+    // Sends that repeated an acked one, answered with the original ack: from the gateway's
+    // idempotency window, or (older, or after a restart) by the store's index.
+    retries_answered_from_window,
+    retries_answered_by_store,
     // Microseconds summed over sends (divide by `sends_timed`): admitted by the
     // gateway -> taken by the engine -> acked and fanned out.
     sends_timed,

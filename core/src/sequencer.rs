@@ -13,8 +13,9 @@
 //! - ordering: a chat's messages are fanned out in strictly increasing `seq`;
 //!   `record_commit` refuses a seq at or below the last one fanned out.
 
-use std::collections::hash_map::Entry as MapEntry;
+use std::collections::hash_map::{Entry as MapEntry, RandomState};
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::protocol::Ack;
@@ -48,44 +49,118 @@ pub enum Admission {
     InFlight,
 }
 
+/// A key's 128-bit digest: two independently keyed SipHashes of (sender, chat,
+/// client_msg_id). The window keeps digests, not the strings: an accidental
+/// collision is as likely as a 128-bit random id repeating, and the keys are
+/// per process, so a client cannot aim for one.
+type Digest = u128;
+
+/// A message id as the window keeps it: inline when it fits (the store's ids are
+/// 29 bytes), so an acked entry costs no allocation.
 #[derive(Debug)]
-enum Entry {
-    Pending(Vec<Origin>),
-    Done(Arc<Ack>),
+enum StoredId {
+    Inline { len: u8, bytes: [u8; 30] },
+    Heap(Box<str>),
+}
+
+impl StoredId {
+    fn new(id: &str) -> Self {
+        let mut bytes = [0u8; 30];
+        match bytes.get_mut(..id.len()) {
+            Some(slot) => {
+                slot.copy_from_slice(id.as_bytes());
+                Self::Inline {
+                    len: id.len() as u8,
+                    bytes,
+                }
+            }
+            None => Self::Heap(id.into()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a &str whole, so the prefix is valid UTF-8.
+            Self::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or_default()
+            }
+            Self::Heap(s) => s,
+        }
+    }
+}
+
+/// What a repeated send is answered with (its chat and client_msg_id come from the retry).
+#[derive(Debug)]
+struct Acked {
+    digest: Digest,
+    at_ms: u64,
+    seq: u64,
+    created_at: u64,
+    message_id: StoredId,
 }
 
 /// Remembers recent sends by key. Bounded by `capacity` acked entries and by age.
+///
+/// Acked entries live in a ring in completion order (about 100 bytes each with the
+/// index, was ~450 with the strings and a shared `Ack`); the index maps the low half of
+/// a digest to a ring position and the ring entry confirms the full digest. Two keys
+/// sharing a low half only cost the older one its place: it falls through to the store,
+/// which answers every retry too.
 #[derive(Debug)]
 pub struct IdempotencyWindow {
-    entries: HashMap<IdemKey, Entry>,
-    /// Acked keys in the order they completed, with their completion time.
-    order: VecDeque<(IdemKey, u64)>,
+    pending: HashMap<Digest, Vec<Origin>, BuildHasherDefault<DigestHasher>>,
+    index: HashMap<u64, u64, BuildHasherDefault<DigestHasher>>,
+    ring: VecDeque<Acked>,
+    /// Ring position of `ring[0]`.
+    first: u64,
     capacity: usize,
     ttl_ms: u64,
+    keys: (RandomState, RandomState),
 }
 
 impl IdempotencyWindow {
     pub fn new(capacity: usize, ttl_ms: u64) -> Self {
         Self {
-            entries: HashMap::new(),
-            order: VecDeque::new(),
+            pending: HashMap::default(),
+            index: HashMap::default(),
+            ring: VecDeque::new(),
+            first: 0,
             capacity,
             ttl_ms,
+            keys: (RandomState::new(), RandomState::new()),
         }
     }
 
-    pub fn admit(&mut self, key: IdemKey, origin: Origin) -> Admission {
-        match self.entries.entry(key) {
-            MapEntry::Occupied(mut e) => match e.get_mut() {
-                Entry::Pending(waiters) => {
-                    // Once per retry: each attempt gets its own ack.
-                    waiters.push(origin);
-                    Admission::InFlight
-                }
-                Entry::Done(ack) => Admission::Duplicate(ack.clone()),
-            },
+    fn digest(&self, key: &IdemKey) -> Digest {
+        let parts = (&*key.sender, &*key.chat, &*key.client_msg_id);
+        (u128::from(self.keys.0.hash_one(parts)) << 64) | u128::from(self.keys.1.hash_one(parts))
+    }
+
+    fn acked(&self, digest: Digest) -> Option<&Acked> {
+        let pos = *self.index.get(&(digest as u64))?;
+        let entry = self.ring.get(usize::try_from(pos - self.first).ok()?)?;
+        (entry.digest == digest).then_some(entry)
+    }
+
+    pub fn admit(&mut self, key: &IdemKey, origin: Origin) -> Admission {
+        let digest = self.digest(key);
+        if let Some(a) = self.acked(digest) {
+            return Admission::Duplicate(Arc::new(Ack {
+                client_msg_id: key.client_msg_id.to_string(),
+                chat_id: key.chat.to_string(),
+                message_id: a.message_id.as_str().to_owned(),
+                seq: a.seq,
+                created_at: a.created_at,
+            }));
+        }
+        match self.pending.entry(digest) {
+            MapEntry::Occupied(mut e) => {
+                // Once per retry: each attempt gets its own ack.
+                e.get_mut().push(origin);
+                Admission::InFlight
+            }
             MapEntry::Vacant(e) => {
-                e.insert(Entry::Pending(vec![origin]));
+                e.insert(vec![origin]);
                 Admission::New
             }
         }
@@ -93,34 +168,77 @@ impl IdempotencyWindow {
 
     /// Records the store's answer and returns everyone who waited for it, the
     /// first attempt's origin first. An error forgets the key so a retry is new.
-    pub fn complete(&mut self, key: &IdemKey, ack: Option<Arc<Ack>>, now_ms: u64) -> Vec<Origin> {
-        let waiters = match self.entries.remove(key) {
-            Some(Entry::Pending(w)) => w,
-            Some(done @ Entry::Done(_)) => {
-                self.entries.insert(key.clone(), done);
-                return Vec::new();
-            }
-            None => Vec::new(),
-        };
+    pub fn complete(&mut self, key: &IdemKey, ack: Option<&Ack>, now_ms: u64) -> Vec<Origin> {
+        let digest = self.digest(key);
+        let waiters = self.pending.remove(&digest).unwrap_or_default();
         if let Some(ack) = ack {
-            self.entries.insert(key.clone(), Entry::Done(ack));
-            self.order.push_back((key.clone(), now_ms));
-            self.evict(now_ms);
+            self.remember(digest, ack, now_ms);
         }
         waiters
     }
 
+    fn remember(&mut self, digest: Digest, ack: &Ack, now_ms: u64) {
+        if self.acked(digest).is_none() {
+            let pos = self.first + self.ring.len() as u64;
+            self.ring.push_back(Acked {
+                digest,
+                at_ms: now_ms,
+                seq: ack.seq,
+                created_at: ack.created_at,
+                message_id: StoredId::new(&ack.message_id),
+            });
+            self.index.insert(digest as u64, pos);
+        }
+        self.evict(now_ms);
+    }
+
     fn evict(&mut self, now_ms: u64) {
-        while let Some((key, at)) = self.order.front() {
-            let expired = now_ms.saturating_sub(*at) >= self.ttl_ms;
-            if !expired && self.order.len() <= self.capacity {
+        while let Some(oldest) = self.ring.front() {
+            let expired = now_ms.saturating_sub(oldest.at_ms) >= self.ttl_ms;
+            if !expired && self.ring.len() <= self.capacity {
                 break;
             }
-            if let Some(Entry::Done(_)) = self.entries.get(key) {
-                self.entries.remove(key);
+            let low = oldest.digest as u64;
+            if self.index.get(&low) == Some(&self.first) {
+                self.index.remove(&low);
             }
-            self.order.pop_front();
+            self.ring.pop_front();
+            self.first += 1;
         }
+    }
+
+    /// Acked keys held now.
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+}
+
+/// The index's keys are halves of a keyed SipHash already: use them as their own hash.
+#[derive(Debug, Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in rather than panic.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64 ^ (n >> 64) as u64;
     }
 }
 
@@ -174,74 +292,74 @@ mod tests {
         }
     }
 
-    fn ack(seq: u64) -> Arc<Ack> {
-        Arc::new(Ack {
-            client_msg_id: "m".into(),
+    fn ack(cmid: &str, seq: u64) -> Ack {
+        Ack {
+            client_msg_id: cmid.into(),
             chat_id: "c1".into(),
             message_id: format!("id{seq}"),
             seq,
             created_at: 1,
-        })
+        }
     }
 
     #[test]
     fn retry_while_in_flight_waits_then_duplicate_gets_same_ack() {
         let mut w = IdempotencyWindow::new(10, 1_000);
-        assert_eq!(w.admit(key("a"), Origin::Conn(1)), Admission::New);
-        assert_eq!(w.admit(key("a"), Origin::Conn(2)), Admission::InFlight);
-        assert_eq!(w.admit(key("a"), Origin::Ticket(9)), Admission::InFlight);
-        let waiters = w.complete(&key("a"), Some(ack(1)), 0);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(2)), Admission::InFlight);
+        assert_eq!(w.admit(&key("a"), Origin::Ticket(9)), Admission::InFlight);
+        let waiters = w.complete(&key("a"), Some(&ack("a", 1)), 0);
         assert_eq!(
             waiters,
             vec![Origin::Conn(1), Origin::Conn(2), Origin::Ticket(9)]
         );
         assert_eq!(
-            w.admit(key("a"), Origin::Conn(3)),
-            Admission::Duplicate(ack(1))
+            w.admit(&key("a"), Origin::Conn(3)),
+            Admission::Duplicate(Arc::new(ack("a", 1)))
         );
     }
 
     #[test]
     fn same_client_msg_id_from_another_sender_or_chat_is_new() {
         let mut w = IdempotencyWindow::new(10, 1_000);
-        assert_eq!(w.admit(key("a"), Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(1)), Admission::New);
         let mut other = key("a");
         other.sender = "u2".into();
-        assert_eq!(w.admit(other, Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&other, Origin::Conn(1)), Admission::New);
         let mut other_chat = key("a");
         other_chat.chat = "c2".into();
-        assert_eq!(w.admit(other_chat, Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&other_chat, Origin::Conn(1)), Admission::New);
     }
 
     #[test]
     fn error_forgets_the_key() {
         let mut w = IdempotencyWindow::new(10, 1_000);
-        w.admit(key("a"), Origin::Conn(1));
+        w.admit(&key("a"), Origin::Conn(1));
         assert_eq!(w.complete(&key("a"), None, 0), vec![Origin::Conn(1)]);
-        assert_eq!(w.admit(key("a"), Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(1)), Admission::New);
     }
 
     #[test]
     fn evicts_by_capacity_and_age_but_never_pending() {
         let mut w = IdempotencyWindow::new(2, 1_000);
         for (i, k) in ["a", "b", "c"].iter().enumerate() {
-            w.admit(key(k), Origin::Conn(1));
-            w.complete(&key(k), Some(ack(i as u64 + 1)), 10);
+            w.admit(&key(k), Origin::Conn(1));
+            w.complete(&key(k), Some(&ack(k, i as u64 + 1)), 10);
         }
         assert_eq!(
-            w.admit(key("a"), Origin::Conn(1)),
+            w.admit(&key("a"), Origin::Conn(1)),
             Admission::New,
             "oldest evicted by capacity"
         );
         assert!(matches!(
-            w.admit(key("c"), Origin::Conn(1)),
+            w.admit(&key("c"), Origin::Conn(1)),
             Admission::Duplicate(_)
         ));
         // "a" is pending now; completing "d" far in the future expires b and c, not a.
-        w.admit(key("d"), Origin::Conn(1));
-        w.complete(&key("d"), Some(ack(4)), 5_000);
-        assert_eq!(w.admit(key("b"), Origin::Conn(1)), Admission::New);
-        assert_eq!(w.admit(key("a"), Origin::Conn(2)), Admission::InFlight);
+        w.admit(&key("d"), Origin::Conn(1));
+        w.complete(&key("d"), Some(&ack("d", 4)), 5_000);
+        assert_eq!(w.admit(&key("b"), Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(2)), Admission::InFlight);
     }
 
     #[test]
@@ -253,5 +371,45 @@ mod tests {
         assert_eq!(s.record_commit(&c, 2).unwrap_err().last, 2);
         assert!(s.record_commit(&c, 1).is_err());
         assert!(s.record_commit(&"c2".into(), 1).is_ok());
+    }
+
+    #[test]
+    fn message_ids_of_any_length_come_back_whole() {
+        let mut w = IdempotencyWindow::new(10, 1_000);
+        for (cmid, id) in [
+            ("short", "m1"),
+            ("store", "m0193a1b2c3d4e5f60718293a4b5c"),
+            ("long", &"x".repeat(300)[..]),
+        ] {
+            let mut a = ack(cmid, 7);
+            a.message_id = id.to_owned();
+            w.admit(&key(cmid), Origin::Conn(1));
+            w.complete(&key(cmid), Some(&a), 0);
+            assert_eq!(
+                w.admit(&key(cmid), Origin::Conn(2)),
+                Admission::Duplicate(Arc::new(a))
+            );
+        }
+        assert_eq!(w.len(), 3);
+    }
+
+    #[test]
+    fn digests_sharing_the_index_slot_never_answer_for_each_other() {
+        let mut w = IdempotencyWindow::new(10, 1_000);
+        let older: Digest = (1 << 64) | 42;
+        let newer: Digest = (2 << 64) | 42;
+        w.remember(older, &ack("x", 1), 0);
+        w.remember(newer, &ack("y", 2), 0);
+        assert_eq!(w.acked(newer).map(|a| a.seq), Some(2));
+        assert!(
+            w.acked(older).is_none(),
+            "the older one falls through to the store"
+        );
+        // Evicting the older ring entry leaves the newer one's slot alone.
+        let mut small = IdempotencyWindow::new(1, 1_000);
+        small.remember(older, &ack("x", 1), 0);
+        small.remember(newer, &ack("y", 2), 0);
+        assert_eq!(small.len(), 1);
+        assert_eq!(small.acked(newer).map(|a| a.seq), Some(2));
     }
 }

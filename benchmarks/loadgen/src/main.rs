@@ -368,7 +368,7 @@ async fn fanout(plan: Plan) -> Value {
     let (mut sent, mut acked) = (0u64, 0u64);
     while acked < m {
         while sent < m && sent - acked < plan.window as u64 {
-            let f = json!({"type": "send", "chat_id": plan.chat_id, "client_msg_id": format!("f{sent}"), "content": body});
+            let f = json!({"type": "send", "chat_id": plan.chat_id, "client_msg_id": format!("f{sent:012}"), "content": body});
             sender.feed(frame(&f)).await.expect("send");
             sent += 1;
         }
@@ -532,7 +532,7 @@ async fn latency(plan: Plan) -> Value {
                 let sent = now_ns();
                 scheduled.lock().await.insert(i, (at, sent));
                 // Unique per run: a rerun against the same server must not be answered as retries.
-                let f = json!({"type": "send", "chat_id": chat, "client_msg_id": format!("{start_ns}-{i}"), "content": format!("{at}|{sent}|{body}")});
+                let f = json!({"type": "send", "chat_id": chat, "client_msg_id": format!("{start_ns}-{i:012}"), "content": format!("{at}|{sent}|{body}")});
                 if sink.send(frame(&f)).await.is_err() {
                     break;
                 }
@@ -573,7 +573,7 @@ async fn persist(plan: Plan) -> Value {
             loop {
                 while Instant::now() < deadline && sent - acked < window {
                     // Unique per run: a rerun against the same server must not be answered as retries.
-                    let f = json!({"type": "send", "chat_id": chat, "client_msg_id": format!("{run}-{sent}"), "content": body});
+                    let f = json!({"type": "send", "chat_id": chat, "client_msg_id": format!("{run}-{sent:012}"), "content": body});
                     if ws.feed(frame(&f)).await.is_err() {
                         break;
                     }
