@@ -248,6 +248,23 @@ WARMUP_S = 3.0
 SWEEP_SECONDS = 5.0
 
 
+# Frames on the wire per message in the latency scenario: the send, its ack and 9 msgs.
+FRAMES_PER_MESSAGE = 11
+
+
+def floor(rates: tuple[float, ...], pairs: int, seconds: float) -> list[dict[str, Any]]:
+    """Loopback TCP alone, no server: the load generator writes the frames a latency run puts
+    on the wire (one write per frame, round-robin over `pairs` connections whose both ends it
+    holds) and reads them back. Its CPU and latency at each rate are the floor under any
+    server's figure on these cores."""
+    runs = []
+    for rate in rates:
+        plan = {"scenario": "floor", "server": "127.0.0.1:1", "pairs": pairs, "seconds": seconds}
+        out = run_loadgen({**plan, "rate": rate * FRAMES_PER_MESSAGE})
+        runs.append({"messages_per_s": rate, **out})
+    return runs
+
+
 def persist(connections: int, seconds: float, repeats: int) -> dict[str, Any]:
     """Durable acks per second: the median of `repeats` runs against one server (this figure
     moves by +-5% from run to run on a shared machine)."""
@@ -298,6 +315,7 @@ SIZES = {
         "latency": (100, 2000.0, 3.0, 0, ()),
         "persist": (16, 3.0, 1),
         "sync": (20, 100),
+        "floor": (500, 1.0),
     },
     "full": {
         "idle": 19000,
@@ -305,6 +323,8 @@ SIZES = {
         "latency": (1000, 20000.0, 10.0, 9000, (2000.0, 5000.0, 10000.0)),
         "persist": (64, 6.0, 3),
         "sync": (100, 100),
+        # 9,000 connections, both ends in one process: 18,000 of its 20,000 files.
+        "floor": (9000, 5.0),
     },
 }
 
@@ -334,6 +354,7 @@ def main() -> None:
         if not args.quick:
             # The baseline's own shape (100 groups, 2,000 msg/s, no idle), for a like-for-like ratio.
             results["latency"]["pychat_at_baseline"] = latency("pychat", min(g, 100), 2000.0, secs, 0)
+        results["latency"]["floor"] = floor((*sweep, rate), *size["floor"])
     if "persist" in only:
         results["persist"] = {"pychat": persist(*size["persist"])}
     if "sync" in only:
@@ -383,6 +404,14 @@ def summary(r: dict[str, Any]) -> str:
             lines.append(
                 f"| latency: same, at {x['rate']:.0f} msg/s | "
                 f"{x['send_to_receive']['p50_ms']} / {x['send_to_receive']['p99_ms']} / {x['send_to_receive']['p999_ms']} | - | - | {errs(x)} |"
+            )
+        for x in r["latency"].get("floor", []):
+            w = x["write_to_read"]
+            lines.append(
+                f"| floor, no server: loopback TCP alone at {x['rate']:,.0f} frames/s (= {x['messages_per_s']:.0f} msg/s x {FRAMES_PER_MESSAGE}), "
+                f"{x['pairs']} connections: p50 / p99 / p99.9 ms; cores busy; CPU per frame | "
+                f"{w['p50_ms']} / {w['p99_ms']} / {w['p999_ms']}; {x['cores_busy']:.2f} cores; {x['cpu_us_per_delivery']:.1f} us "
+                f"({x['cpu_system_s'] / max(x['cpu_user_s'] + x['cpu_system_s'], 1e-9):.0%} kernel) | - | - | {errs(x)} |"
             )
     if "persist" in r:
         p = r["persist"]["pychat"]
@@ -439,6 +468,16 @@ def plot(r: dict[str, Any], path: Path) -> None:
                 marker="o",
                 color=color,
                 label=q.removesuffix("_ms"),
+            )
+        floor_runs = sorted(r["latency"].get("floor", []), key=lambda x: x["messages_per_s"])
+        if floor_runs:
+            ax2.plot(
+                [x["messages_per_s"] for x in floor_runs],
+                [x["write_to_read"]["p99_ms"] for x in floor_runs],
+                marker="x",
+                linestyle="--",
+                color="#777",
+                label="p99 of loopback TCP alone",
             )
         ax2.set_xscale("log")
         ax2.set_yscale("log")

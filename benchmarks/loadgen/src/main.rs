@@ -22,6 +22,8 @@ use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+mod floor;
+
 type Ws = WebSocketStream<TcpStream>;
 
 #[derive(Deserialize, Clone)]
@@ -52,6 +54,9 @@ struct Plan {
     warmup_s: f64,
     #[serde(default)]
     expected: HashMap<String, u64>,
+    /// Floor: connections whose both ends this process holds.
+    #[serde(default)]
+    pairs: usize,
 }
 
 impl Plan {
@@ -71,6 +76,7 @@ impl Plan {
             content_bytes: self.content_bytes,
             warmup_s: self.warmup_s,
             expected: HashMap::new(),
+            pairs: self.pairs,
         }
     }
 }
@@ -657,6 +663,7 @@ fn main() {
             "latency" => latency(plan).await,
             "persist" => persist(plan).await,
             "sync" => sync_scenario(plan).await,
+            "floor" => floor::floor(plan).await,
             other => json!({"error": format!("unknown scenario {other}")}),
         }
     });
