@@ -45,6 +45,8 @@ class Config:
     # are answered by the store's idempotency index, for 24 h and across restarts.
     idempotency_window: int = 1_000_000
     queue_capacity: int = 4096
+    # Events waiting for the engine; when full, connections stop reading until there is room.
+    engine_queue_capacity: int = 16384
     read_buffer_bytes: int = 4096
     runtime_threads: int = 2
     max_bad_frames: int = 20

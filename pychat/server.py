@@ -59,6 +59,7 @@ class Server:
             secret=secret,
             heartbeat_s=cfg.heartbeat_s,
             queue_capacity=cfg.queue_capacity,
+            engine_queue_capacity=cfg.engine_queue_capacity,
             read_buffer_bytes=cfg.read_buffer_bytes,
             runtime_threads=cfg.runtime_threads,
             max_bad_frames=cfg.max_bad_frames,

@@ -193,6 +193,46 @@ async def test_a_retry_older_than_the_gateways_window_is_answered_by_the_store(
     await clients.close()
 
 
+async def test_a_full_engine_queue_pauses_reading_and_loses_nothing(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    # Room for 2 events: bursts from several connections keep finding the queue full, so each
+    # stops reading until the engine takes a batch, then carries on where it stopped.
+    srv = server_factory({"PYCHAT_ENGINE_QUEUE_CAPACITY": "2", "PYCHAT_SEND_BURST": "1000"})
+    clients = Clients(srv)
+    reader = await clients.user("bq")
+    senders = [await clients.user(f"bq{i}") for i in range(4)]
+    chat_id = (await senders[0].create_group("q", [reader.user_id, *(s.user_id for s in senders[1:])]))[
+        "chat_id"
+    ]
+    reader_ws = await open_raw(srv, reader)
+    sockets = [await open_raw(srv, s) for s in senders]
+
+    async def burst(ws: RawWs, who: int) -> list[dict[str, Any]]:
+        for k in range(150):
+            await ws.send(send_frame(chat_id, f"{who}:{k}"))
+        return await ws.collect("ack", 150, timeout=60)
+
+    acks = await asyncio.gather(*(burst(ws, i) for i, ws in enumerate(sockets)))
+    assert sorted(a["seq"] for per in acks for a in per) == list(range(1, 601))
+    for per in acks:  # each sender's messages were stored in the order it sent them
+        assert [a["seq"] for a in per] == sorted(a["seq"] for a in per)
+    got = await reader_ws.collect("msg", 600, timeout=60)
+    assert [m["seq"] for m in got] == list(range(1, 601))
+    for ws, own in zip(sockets, acks, strict=True):  # and every sender gets the others' messages
+        seqs = [m["seq"] for m in await ws.collect("msg", 450, timeout=60)]
+        assert seqs == sorted(seqs) and sorted(seqs + [a["seq"] for a in own]) == list(range(1, 601))
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{srv.url}/metrics")).text
+    waits = next(
+        ln for ln in metrics.splitlines() if ln.startswith("pychat_gateway_engine_queue_full_waits_total ")
+    )
+    assert int(float(waits.split()[1])) > 0, "the bursts did meet a full queue"
+    for ws in [reader_ws, *sockets]:
+        await ws.close()
+    await clients.close()
+
+
 async def test_rest_send_is_delivered_live_over_websocket(server: ServerProcess, clients: Clients) -> None:
     alice, bob = await clients.user("ra"), await clients.user("rb")
     chat_id = (await alice.create_direct(bob.user_id))["chat_id"]

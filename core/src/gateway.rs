@@ -6,10 +6,13 @@
 //! buffer exists unless bytes are in flight, the send queue is an empty deque,
 //! and heartbeats come from one sweep task instead of a timer per connection.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -517,8 +520,13 @@ async fn serve_connection(
     handshake_permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let upgraded =
-        tokio::time::timeout(Duration::from_secs(10), upgrade(&shared, &mut stream)).await;
+    // Boxed: the handshake's state (its buffer, the timer) exists only while it runs, not in
+    // every connection's task for its whole life.
+    let upgraded = Box::pin(tokio::time::timeout(
+        Duration::from_secs(10),
+        upgrade(&shared, &mut stream),
+    ))
+    .await;
     drop(handshake_permit);
     match upgraded {
         Ok(Some((user, leftover))) => run_connection(shared, stream, user.into(), leftover).await,
@@ -597,7 +605,7 @@ async fn heartbeat_sweep(shared: Arc<Shared>) {
                 c.close(CloseReason::WriteFailed);
             } else if c.id % slices == sweep % slices {
                 c.ping_due.store(true, Ordering::Relaxed);
-                c.wakeup.notify_one();
+                c.wake();
             }
         });
     }
@@ -625,6 +633,7 @@ async fn run_connection(
         now_ms(),
         shared.config.heartbeat_s,
     )));
+    drop(session_id);
     if let Some(seen) = hub.connect(conn.clone(), now_ms()) {
         persist_side_path(&shared, seen);
     }
@@ -637,10 +646,13 @@ async fn run_connection(
     metrics::inc(&hub.counters.connections_closed);
 }
 
+type Permit<'a> = Result<mpsc::Permit<'a, EngineEvent>, mpsc::error::SendError<()>>;
+type Reserve<'a> = Pin<Box<dyn Future<Output = Permit<'a>> + Send + 'a>>;
+
 /// What woke a connection's task.
 enum Wake<'a> {
     Closed,
-    EngineRoom(Result<mpsc::Permit<'a, EngineEvent>, mpsc::error::SendError<()>>),
+    EngineRoom(Permit<'a>),
     Writable(io::Result<()>),
     Queued,
     Readable(io::Result<()>),
@@ -665,6 +677,8 @@ struct ConnIo<'a> {
     /// An event the engine's queue had no room for: reading waits until it is
     /// handed over (backpressure on this connection only).
     blocked: Option<Box<EngineEvent>>,
+    /// Waiting for room in the engine's queue, only while `blocked`.
+    room: Option<Reserve<'a>>,
     /// The close code to answer with, once the peer sent its close frame.
     peer_close: Option<u16>,
 }
@@ -686,6 +700,7 @@ impl<'a> ConnIo<'a> {
             requests: TokenBucket::new(REQUESTS_PER_S, REQUESTS_BURST, now),
             strikes: 0,
             blocked: None,
+            room: None,
             peer_close: None,
         }
     }
@@ -696,20 +711,7 @@ impl<'a> ConnIo<'a> {
 
     async fn run(&mut self, stream: &TcpStream) {
         while !self.conn.is_closing() {
-            let shared = self.shared;
-            let wake = {
-                let conn = &*self.conn;
-                let writing = self.writing();
-                let blocked = self.blocked.is_some();
-                tokio::select! {
-                    biased;
-                    _ = conn.closed() => Wake::Closed,
-                    p = shared.events.reserve(), if blocked => Wake::EngineRoom(p),
-                    r = stream.writable(), if writing => Wake::Writable(r),
-                    _ = conn.wakeup.notified(), if !writing => Wake::Queued,
-                    r = stream.readable(), if !blocked => Wake::Readable(r),
-                }
-            };
+            let wake = self.next_wake(stream).await;
             match wake {
                 Wake::Closed => return,
                 Wake::EngineRoom(Ok(permit)) => {
@@ -730,6 +732,42 @@ impl<'a> ConnIo<'a> {
                 }
             }
         }
+    }
+
+    /// What the task does next, in this order: close, hand the blocked event to the
+    /// engine, finish writing, drain the queue, read. Polled by hand rather than
+    /// with `select!` over futures, so an idle connection's task holds no waiting
+    /// future: only its waker, in the handle and in the socket's readiness.
+    fn next_wake<'s>(&'s mut self, stream: &'s TcpStream) -> impl Future<Output = Wake<'a>> + 's {
+        let shared = self.shared;
+        let (writing, blocked) = (self.writing(), self.blocked.is_some());
+        let (conn, room) = (&*self.conn, &mut self.room);
+        std::future::poll_fn(move |cx| {
+            conn.register(cx.waker());
+            if conn.is_closing() {
+                return Poll::Ready(Wake::Closed);
+            }
+            if blocked {
+                let reserve = room.get_or_insert_with(|| Box::pin(shared.events.reserve()));
+                if let Poll::Ready(permit) = reserve.as_mut().poll(cx) {
+                    *room = None;
+                    return Poll::Ready(Wake::EngineRoom(permit));
+                }
+            }
+            if writing {
+                if let Poll::Ready(r) = stream.poll_write_ready(cx) {
+                    return Poll::Ready(Wake::Writable(r));
+                }
+            } else if conn.take_wakeup() {
+                return Poll::Ready(Wake::Queued);
+            }
+            if !blocked {
+                if let Poll::Ready(r) = stream.poll_read_ready(cx) {
+                    return Poll::Ready(Wake::Readable(r));
+                }
+            }
+            Poll::Pending
+        })
     }
 
     fn read(&mut self, stream: &TcpStream) {
@@ -896,6 +934,7 @@ impl<'a> ConnIo<'a> {
         match self.shared.events.try_send(ev) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(ev)) => {
+                metrics::inc(&self.shared.hub.counters.engine_queue_full_waits);
                 self.blocked = Some(Box::new(ev));
                 Ok(())
             }
@@ -931,7 +970,7 @@ impl<'a> ConnIo<'a> {
         }
         if more {
             // Come back for the rest once this is written (others get a turn first).
-            self.conn.wakeup.notify_one();
+            self.conn.wake();
         }
         self.write_out(stream);
     }

@@ -30,6 +30,8 @@ counters!(
     deliveries,
     batches,
     batch_events,
+    // A connection found the engine's queue full and stopped reading until it had room.
+    engine_queue_full_waits,
     presence_changes,
     presence_frames,
     // Sends that repeated an acked one, answered with the original ack: from the gateway's

@@ -7,9 +7,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::Notify;
 
 use crate::outbox::Outgoing;
 use crate::sequencer::{ConnId, UserId};
@@ -64,11 +64,13 @@ pub struct ConnHandle {
     /// memory while empty, which is what an idle connection's queue is.
     queue: Mutex<VecDeque<Outgoing>>,
     capacity: usize,
-    /// Wakes the connection's task: something was queued, or a ping is due.
-    pub wakeup: Notify,
+    /// The connection's task, woken when something was queued, a ping is due or
+    /// it should close. A waker and a flag instead of `Notify`s: the task polls
+    /// them by hand, so an idle connection stores no waiting future.
+    waker: Mutex<Option<Waker>>,
+    woken: AtomicBool,
     closing: AtomicBool,
     reason: Mutex<Option<CloseReason>>,
-    closed: Notify,
     /// Milliseconds (gateway clock) of the last frame received from the peer.
     pub last_seen_ms: AtomicU64,
     /// Gateway clock when a write last found the socket full and not yet
@@ -80,9 +82,6 @@ pub struct ConnHandle {
     pub sync_pending: AtomicBool,
 }
 
-/// A deque that grew past this during a burst is given back once drained.
-const KEEP_QUEUE_CAPACITY: usize = 64;
-
 impl ConnHandle {
     pub fn new(id: ConnId, user: UserId, capacity: usize, now_ms: u64) -> Self {
         Self {
@@ -90,10 +89,10 @@ impl ConnHandle {
             user,
             queue: Mutex::new(VecDeque::new()),
             capacity: capacity.max(1),
-            wakeup: Notify::new(),
+            waker: Mutex::new(None),
+            woken: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             reason: Mutex::new(None),
-            closed: Notify::new(),
             last_seen_ms: AtomicU64::new(now_ms),
             write_stalled_since_ms: AtomicU64::new(0),
             ping_due: AtomicBool::new(false),
@@ -118,9 +117,32 @@ impl ConnHandle {
         };
         // The task drains everything it finds, so only the first item needs a wakeup.
         if was_empty {
-            self.wakeup.notify_one();
+            self.wake();
         }
         Push::Queued
+    }
+
+    /// Tells the task to look at the queue (and the ping and close flags).
+    pub fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        let waker = self.waker.lock().take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The task's waker, for `wake` and `close`; registered before the task
+    /// checks the flags, so a wake in between is never lost.
+    pub fn register(&self, waker: &Waker) {
+        let mut slot = self.waker.lock();
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    /// Whether `wake` was called since the last time this returned true.
+    pub fn take_wakeup(&self) -> bool {
+        self.woken.swap(false, Ordering::AcqRel)
     }
 
     /// Moves up to `max` queued items into `out`; returns whether more remain.
@@ -128,7 +150,8 @@ impl ConnHandle {
         let mut q = self.queue.lock();
         let n = q.len().min(max);
         out.extend(q.drain(..n));
-        if q.is_empty() && q.capacity() > KEEP_QUEUE_CAPACITY {
+        if q.is_empty() {
+            // An idle connection's queue holds no memory (one allocation per burst instead).
             *q = VecDeque::new();
         }
         !q.is_empty()
@@ -143,7 +166,7 @@ impl ConnHandle {
             }
         }
         self.closing.store(true, Ordering::Release);
-        self.closed.notify_waiters();
+        self.wake();
     }
 
     pub fn is_closing(&self) -> bool {
@@ -152,19 +175,6 @@ impl ConnHandle {
 
     pub fn close_reason(&self) -> Option<CloseReason> {
         *self.reason.lock()
-    }
-
-    /// Resolves once `close` has been called.
-    pub async fn closed(&self) {
-        loop {
-            let notified = self.closed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_closing() {
-                return;
-            }
-            notified.await;
-        }
     }
 }
 
@@ -309,7 +319,14 @@ mod tests {
         rt.block_on(async {
             let waiter = {
                 let c = c.clone();
-                tokio::spawn(async move { c.closed().await })
+                tokio::spawn(std::future::poll_fn(move |cx| {
+                    c.register(cx.waker());
+                    if c.is_closing() {
+                        std::task::Poll::Ready(())
+                    } else {
+                        std::task::Poll::Pending
+                    }
+                }))
             };
             tokio::task::yield_now().await;
             c.close(CloseReason::HeartbeatTimeout);
