@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from pychat.store import Chat, PointerRequest, SendRequest, User
-from pychat.store.sqlite import SqliteStore
+from pychat.store.sqlite import SqliteStore, _stored_lookup_sql
 
 
 def _store(tmp_path: Path) -> SqliteStore:
@@ -182,6 +182,9 @@ def test_a_version_3_database_gets_the_client_key_led_idempotency_index_and_keep
         "sender_no",
     ]
     assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + _stored_lookup_sql(2), ["x"] * 10)]
+    assert any("USING INDEX messages_by_client_key" in step for step in plan), plan
+    assert not any(step.startswith("SCAN m") for step in plan), plan
     sends, _ = upgraded.append_batch(
         [
             SendRequest("ua", "c1", "k1", "again", []),
@@ -192,3 +195,20 @@ def test_a_version_3_database_gets_the_client_key_led_idempotency_index_and_keep
     assert sends[0] == (*first[1][:5], True), "a retry from before the upgrade is answered"
     assert sends[1][0] == "stored" and sends[1][2] == 4 and sends[1][5] is False
     upgraded.close()
+
+
+def test_a_version_1_database_without_last_seen_is_upgraded_too(tmp_path: Path) -> None:
+    v1 = _V2_TABLES.replace(", last_seen INTEGER)", ")").replace(
+        "('ua', 'Ann', 'ann', 'scrypt$x', NULL, 1, 5), ('ub', 'Bob', 'bob', 'scrypt$y', 'B', 2, NULL)",
+        "('ua', 'Ann', 'ann', 'scrypt$x', NULL, 1), ('ub', 'Bob', 'bob', 'scrypt$y', 'B', 2)",
+    )
+    assert v1 != _V2_TABLES and "last_seen" not in v1
+    db = sqlite3.connect(tmp_path / "t.db")
+    db.executescript(v1)
+    db.close()
+    store = SqliteStore(tmp_path / "t.db")
+    assert [m["message_id"] for m in store.history("c1", None, None, 10)[0]] == ["m-old-1", "m-old-2"]
+    assert store.last_seen("ua") is None
+    sends, _ = store.append_batch([SendRequest("ua", "c1", "k1", "again", [])], [])
+    assert sends[0] == ("stored", "m-old-1", 1, 4, "[]", True)
+    store.close()

@@ -713,7 +713,7 @@ impl<'a> ConnIo<'a> {
         while !self.conn.is_closing() {
             let wake = self.next_wake(stream).await;
             match wake {
-                Wake::Closed => return,
+                Wake::Closed => break,
                 Wake::EngineRoom(Ok(permit)) => {
                     permit.send(*self.blocked.take().expect("branch runs only when blocked"));
                     // Frames already read and waiting behind the blocked one.
@@ -731,6 +731,16 @@ impl<'a> ConnIo<'a> {
                     self.conn.close(CloseReason::PeerClosed)
                 }
             }
+        }
+        // A send parked for room in the engine's queue when the connection closed (heartbeat,
+        // send-queue overflow, shutdown) is refused: its key must not stay in flight, where
+        // every later retry of it would wait for an answer that never comes.
+        self.room = None;
+        if let Some(ev) = self.blocked.take() {
+            self.refuse_forward(
+                *ev,
+                "connection closed before the request reached the engine",
+            );
         }
     }
 

@@ -559,7 +559,6 @@ class SqliteStore:
         known = [s for s in sends if (s.sender_id, s.chat_id) in keys.sender_no]
         for start in range(0, len(known), _CHUNK):
             chunk = known[start : start + _CHUNK]
-            values = ",".join("(?, ?, ?, ?, ?)" for _ in chunk)
             params = [
                 v
                 for s in chunk
@@ -571,13 +570,7 @@ class SqliteStore:
                     keys.sender_no[(s.sender_id, s.chat_id)],
                 )
             ]
-            # CROSS JOIN keeps this order: one index seek per send, never a scan of messages.
-            for row in c.execute(
-                "SELECT v.column1, v.column2, v.column3, m.message_id, m.seq, m.created_at, m.attachments"
-                f" FROM (VALUES {values}) AS v CROSS JOIN messages m"
-                " ON m.chat_no = v.column4 AND m.sender_no = v.column5 AND m.client_msg_id = v.column3",
-                params,
-            ):
+            for row in c.execute(_stored_lookup_sql(len(chunk)), params):
                 found[(row[0], row[1], row[2])] = row[3:]
         return found
 
@@ -703,6 +696,17 @@ class _SendPlan:
     results: list[EngineResult]
     last_seq: dict[str, int]
     touched: dict[str, int]
+
+
+def _stored_lookup_sql(n: int) -> str:
+    """The lookup of `n` sends (chat_id, sender_id, client_msg_id, chat_no, sender_no) through the
+    idempotency index; CROSS JOIN keeps this order: one index seek per send, never a scan."""
+    values = ",".join("(?, ?, ?, ?, ?)" for _ in range(n))
+    return (
+        "SELECT v.column1, v.column2, v.column3, m.message_id, m.seq, m.created_at, m.attachments"
+        f" FROM (VALUES {values}) AS v CROSS JOIN messages m"
+        " ON m.client_msg_id = v.column3 AND m.chat_no = v.column4 AND m.sender_no = v.column5"
+    )
 
 
 # Rows per batched lookup: 3 parameters each stays far below SQLite's 32,766.
