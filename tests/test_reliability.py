@@ -4,6 +4,7 @@ slow consumer that must not hurt anyone else. (Crash chaos: test_chaos.py.)"""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,4 +80,36 @@ async def test_a_slow_consumer_is_cut_off_and_nobody_else_notices(server_factory
     stuck_writer.close()
     await sender.close()
     await reader.close()
+    await clients.close()
+
+
+async def test_a_send_parked_when_its_connection_is_dropped_can_be_retried(server_factory: Factory) -> None:
+    # The engine stalls (another process holds SQLite's write lock), its queue (1 event) fills,
+    # the connection stops reading with a send parked and is dropped by the heartbeat. The
+    # parked send must be given up, not left "in flight": a retry from another connection gets
+    # an ack once the engine runs again, and every key is stored once.
+    srv = server_factory({"PYCHAT_ENGINE_QUEUE_CAPACITY": "1", "PYCHAT_HEARTBEAT_S": "1"})
+    clients = Clients(srv)
+    alice, bob = await clients.user("park"), await clients.user("parkb")
+    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+    first = await open_raw(srv, alice)
+    lock = sqlite3.connect(srv.data_dir / "pychat.db", isolation_level=None, timeout=10)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        for k in range(4):
+            await first.send(send_frame(chat_id, f"m{k}", cmid=f"park-{k}"))
+        # Silent for twice the heartbeat (it reads nothing while a send is parked): dropped.
+        await asyncio.sleep(3.5)
+        assert first.ws.state.name == "CLOSED"
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    second = await open_raw(srv, alice)
+    for k in range(4):
+        await second.send(send_frame(chat_id, f"m{k} again", cmid=f"park-{k}"))
+    acks = await second.collect("ack", 4, timeout=20)
+    assert sorted(a["client_msg_id"] for a in acks) == [f"park-{k}" for k in range(4)]
+    page = await bob.history(chat_id)
+    assert sorted(m["client_msg_id"] for m in page["messages"]) == [f"park-{k}" for k in range(4)]
+    await second.close()
     await clients.close()
