@@ -98,8 +98,12 @@ async def test_a_send_parked_when_its_connection_is_dropped_can_be_retried(serve
     try:
         for k in range(4):
             await first.send(send_frame(chat_id, f"m{k}", cmid=f"park-{k}"))
-        # Silent for twice the heartbeat (it reads nothing while a send is parked): dropped.
-        await asyncio.sleep(3.5)
+        # Silent for twice the heartbeat (it reads nothing while a send is parked): dropped,
+        # well before the engine's 10 s busy timeout would fail its transaction.
+        for _ in range(80):
+            if first.ws.state.name == "CLOSED":
+                break
+            await asyncio.sleep(0.1)
         assert first.ws.state.name == "CLOSED"
     finally:
         lock.execute("ROLLBACK")
@@ -111,5 +115,11 @@ async def test_a_send_parked_when_its_connection_is_dropped_can_be_retried(serve
     assert sorted(a["client_msg_id"] for a in acks) == [f"park-{k}" for k in range(4)]
     page = await bob.history(chat_id)
     assert sorted(m["client_msg_id"] for m in page["messages"]) == [f"park-{k}" for k in range(4)]
+    async with httpx.AsyncClient() as http:
+        metrics = (await http.get(f"{srv.url}/metrics")).text
+    parked = next(
+        ln for ln in metrics.splitlines() if ln.startswith("pychat_gateway_engine_queue_full_waits_total ")
+    )
+    assert float(parked.split()[1]) >= 1, "a send was parked"
     await second.close()
     await clients.close()
