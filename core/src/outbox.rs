@@ -11,10 +11,10 @@
 //! backlog's snapshot; they are written only if the backlog did not cover them.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasherDefault, Hasher};
 
 use bytes::Bytes;
 
+use crate::fasthash::FastHash;
 use crate::sequencer::ChatId;
 
 /// One item of a connection's bounded send queue.
@@ -41,39 +41,16 @@ pub enum Outgoing {
 /// de-duplication against its backlog; past this many, they are not tracked.
 const MAX_PRE_SYNC_TRACKED: usize = 4096;
 
-/// Hashes chat ids for the per-connection maps: 8 bytes per step, no per-map
-/// random state. Chat ids are made by the server, so nobody can pick colliding
-/// ones; what matters here is a cheap lookup per delivery and a small idle state.
-#[derive(Debug, Default)]
-pub struct ChatHasher(u64);
-
-impl Hasher for ChatHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
-                .wrapping_mul(0x517c_c1b7_2722_0a95);
-        }
-    }
-}
-
-type ChatHash = BuildHasherDefault<ChatHasher>;
-
 /// The writer's per-connection stitching state. Empty (no allocation) until
 /// the connection receives its first message; 56 bytes in every connection's task.
 #[derive(Debug, Default)]
 #[allow(clippy::box_collection)] // boxed on purpose: 8 bytes inline instead of 48 and 24
 pub struct Stitcher {
     /// Highest seq written per chat.
-    written: HashMap<ChatId, u64, ChatHash>,
+    written: HashMap<ChatId, u64, FastHash>,
     /// Messages written live before the first `sync` was answered (boxed: most
     /// connections sync first and never need it).
-    pre_sync: Option<Box<HashSet<(ChatId, u64), ChatHash>>>,
+    pre_sync: Option<Box<HashSet<(ChatId, u64), FastHash>>>,
     synced_once: bool,
     /// `Some` while a `sync` is being answered: live messages held back.
     held: Option<Box<Vec<(ChatId, u64, Bytes)>>>,

@@ -15,9 +15,10 @@
 
 use std::collections::hash_map::{Entry as MapEntry, RandomState};
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use crate::fasthash::FastHash;
 use crate::protocol::Ack;
 
 pub type UserId = Arc<str>;
@@ -108,8 +109,8 @@ struct Acked {
 /// which answers every retry too.
 #[derive(Debug)]
 pub struct IdempotencyWindow {
-    pending: HashMap<Digest, Vec<Origin>, BuildHasherDefault<DigestHasher>>,
-    index: HashMap<u64, u64, BuildHasherDefault<DigestHasher>>,
+    pending: HashMap<Digest, Vec<Origin>, FastHash>,
+    index: HashMap<u64, u64, FastHash>,
     ring: VecDeque<Acked>,
     /// Ring position of `ring[0]`.
     first: u64,
@@ -208,37 +209,9 @@ impl IdempotencyWindow {
     }
 
     /// Acked keys held now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.ring.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
-    }
-}
-
-/// The index's keys are halves of a keyed SipHash already: use them as their own hash.
-#[derive(Debug, Default)]
-pub struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only u64 keys are hashed here; fold anything else in rather than panic.
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn write_u128(&mut self, n: u128) {
-        self.0 = n as u64 ^ (n >> 64) as u64;
     }
 }
 
