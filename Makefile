@@ -10,6 +10,20 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 ARGS ?=
 
+# Tests and benchmarks hold thousands of sockets, and each recipe line runs in its own shell, so
+# the line that runs them raises its open-files limit first: `$(call nofile,N) cmd` raises the soft
+# limit to the hard one, or stops with a message when the hard limit is below N, the fewest files
+# cmd needs (only root can raise a hard limit). N: 4,096 for the tests and the small runs, 16,384
+# for the 15,000-socket reconnect storm, 19,500 for `make bench` (one process holds 19,000 sockets).
+nofile = hard=$$(ulimit -Hn); \
+	if [ "$$hard" != unlimited ] && [ "$$hard" -lt $(1) ]; then \
+		echo "make $@: needs $(1) open files, but the hard limit (ulimit -Hn) is $$hard;" \
+			"raise it as root (LimitNOFILE= in a systemd unit, nofile in /etc/security/limits.conf)" >&2; \
+		exit 1; \
+	fi; \
+	if [ "$$hard" = unlimited ]; then hard=$(1); fi; \
+	ulimit -Sn $$hard || { echo "make $@: could not raise the open-files soft limit to $$hard" >&2; exit 1; };
+
 .PHONY: help serve test test-rust test-py build-dev lint fmt clean fuzz chaos bench bench-quick loadgen loadtest
 
 help: ## list the targets
@@ -34,7 +48,7 @@ test-rust: ## Rust unit tests
 	cargo test -q
 
 test-py: loadgen ## Python tests against real servers on 127.0.0.1
-	$(BIN)/pytest -q $(ARGS)
+	$(call nofile,4096) $(BIN)/pytest -q $(ARGS)
 
 lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
 	cargo fmt --check
@@ -53,17 +67,17 @@ $(VENV)/.bench: requirements-bench.txt $(VENV)/.deps
 	touch $@
 
 bench-quick: build-dev loadgen $(VENV)/.bench ## every benchmark scenario, small (about a minute), against the naive baseline
-	$(PY) benchmarks/suite.py --quick
+	$(call nofile,4096) $(PY) benchmarks/suite.py --quick
 
 bench: build-dev loadgen $(VENV)/.bench ## the benchmark suite at the performance targets' sizes (about 10 minutes)
-	$(PY) benchmarks/suite.py
+	$(call nofile,19500) $(PY) benchmarks/suite.py
 
 $(VENV)/.loadtest: requirements-loadtest.txt $(VENV)/.deps
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-loadtest.txt
 	touch $@
 
 loadtest: build-dev $(VENV)/.loadtest ## Locust users (WebSocket + REST) headless against a local server; CSV stats
-	$(PY) loadtest/run.py $(ARGS)
+	$(call nofile,4096) $(PY) loadtest/run.py $(ARGS)
 
 fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST API (schemathesis), hypothesis
 	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --release -q --test fuzz_protocol
@@ -71,8 +85,8 @@ fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST
 	PYCHAT_FUZZ_EXAMPLES=$${PYCHAT_FUZZ_EXAMPLES:-300} PYCHAT_FUZZ_SEED= $(BIN)/pytest -q -s tests/test_fuzz_api.py
 
 chaos: build-dev ## long reliability runs: 25 SIGKILLs under load, and a 15,000-connection reconnect storm
-	$(PY) -m tests.chaos --kills $${KILLS:-25}
-	$(PY) benchmarks/reconnect_storm.py --connections $${STORM:-15000}
+	$(call nofile,4096) $(PY) -m tests.chaos --kills $${KILLS:-25}
+	$(call nofile,16384) $(PY) benchmarks/reconnect_storm.py --connections $${STORM:-15000}
 
 fmt: $(VENV)/.deps ## format Rust and Python
 	cargo fmt

@@ -1,7 +1,7 @@
 """pychat: a Rust-accelerated Python chat engine.
 
 Public API: `Server` (run a node), `Config`/`load_config`, and the client SDK in
-`pychat.client`. Nothing imports `pychat._core` but the modules that wrap it.
+`pychat.client`. Only `pychat.gateway` imports the Rust extension `pychat._core`.
 """
 
 from __future__ import annotations

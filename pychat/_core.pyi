@@ -2,7 +2,21 @@
 
 from typing import Any, final
 
-__all__ = ["Gateway", "GatewayError", "TokenError", "sign_token", "verify_token"]
+__all__ = [
+    "ERROR_CODES",
+    "Gateway",
+    "GatewayError",
+    "TokenError",
+    "frame_limit_defaults",
+    "gateway_defaults",
+    "sign_token",
+    "verify_token",
+]
+
+ERROR_CODES: list[str]
+
+def gateway_defaults() -> dict[str, int | float]: ...
+def frame_limit_defaults() -> dict[str, int]: ...
 
 class GatewayError(Exception):
     """A request refused by the gateway: args are (code, message)."""
@@ -20,34 +34,17 @@ class Gateway:
         host: str,
         port: int,
         secret: bytes,
-        heartbeat_s: int = 25,
-        queue_capacity: int = 4096,
-        read_buffer_bytes: int = 4096,
-        runtime_threads: int = 2,
-        engine_queue_capacity: int = 16384,
-        window_capacity: int = 1000000,
-        window_ttl_s: int = 86400,
-        max_bad_frames: int = 20,
-        max_frame_bytes: int = 262144,
-        max_content_bytes: int = 65536,
-        max_attachments: int = 10,
-        max_subscribe: int = 1000,
-        typing_ttl_ms: int = 6000,
-        typing_min_interval_ms: int = 2000,
-        presence_grace_ms: int = 5000,
-        tick_ms: int = 200,
-        upgrades_per_s: float = 2000.0,
-        upgrade_burst: float = 4000.0,
-        max_connections: int = 0,
-        send_per_s: float = 200.0,
-        send_burst: float = 400.0,
+        settings: dict[str, int | float],
+        limits: dict[str, int],
         allowed_origins: list[str] = ...,
-    ) -> Gateway: ...
+    ) -> Gateway:
+        """`settings` and `limits`: any of `gateway_defaults()` / `frame_limit_defaults()`."""
+
     @property
     def port(self) -> int: ...
     def next_batch(self, max_events: int, timeout_ms: int) -> list[tuple[Any, ...]] | None:
         """Events: ("send", user, chat, client_msg_id, content, [media_id]),
-        ("delivered"|"read", user, chat, seq), ("sync", user, [(chat, seq)]),
+        ("delivered"|"read", user, chat, seq), ("sync", user, [(chat, seq)], conn, ref),
         ("seen", user, last_seen_ms), ("presence.query", viewer, [user_id])."""
 
     def complete_batch(self, results: list[tuple[Any, ...]]) -> None:
@@ -72,6 +69,11 @@ class Gateway:
     def presence_of(self, user_id: str, stored_last_seen: int | None = None) -> tuple[bool, int | None]: ...
     def connection_count(self) -> int: ...
     def counters(self) -> list[tuple[str, int]]: ...
+    def sync_rows(self, conn: int, rows: list[tuple[str, int, str, str, str, str, int, str | None]]) -> str:
+        """One page of a sync backlog: "queued", "full" (hand it again later) or "closed"."""
+
+    def sync_end(self, conn: int, reference: str | None, chats: list[tuple[str, int]]) -> None: ...
+    def sync_failed(self, conn: int, reference: str | None, code: str, message: str) -> None: ...
     def shutdown(self) -> None: ...
 
 def sign_token(secret: bytes, user_id: str, expires_at_ms: int) -> str: ...

@@ -9,8 +9,8 @@ import hmac
 import re
 import secrets
 
-from pychat import _core
 from pychat.errors import ApiError
+from pychat.gateway import TokenError, sign_token, verify_token
 from pychat.ids import now_ms
 
 # scrypt cost: about 50 ms and 16 MiB per hash on one core.
@@ -57,11 +57,11 @@ class TokenIssuer:
 
     def issue(self, user_id: str) -> tuple[str, int]:
         expires_at = now_ms() + self._ttl_ms
-        return _core.sign_token(self._secret, user_id, expires_at), expires_at
+        return sign_token(self._secret, user_id, expires_at), expires_at
 
     def user_of(self, token: str) -> str:
         """The token's user id, or ApiError(unauthorized)."""
         try:
-            return _core.verify_token(self._secret, token, now_ms())
-        except _core.TokenError as e:
+            return verify_token(self._secret, token, now_ms())
+        except TokenError as e:
             raise ApiError("unauthorized", f"invalid token: {e}") from None

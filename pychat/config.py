@@ -11,19 +11,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pychat.gateway import FRAME_LIMIT_DEFAULTS, GATEWAY_DEFAULTS
+
+# Settings the Rust gateway enforces take their defaults from it (`pychat.gateway`): one copy.
+_G = GATEWAY_DEFAULTS
+_L = FRAME_LIMIT_DEFAULTS
+
 
 @dataclass
 class Limits:
-    max_content_bytes: int = 64 * 1024
-    max_attachments: int = 10
-    max_frame_bytes: int = 256 * 1024
+    max_content_bytes: int = _L["max_content_bytes"]
+    max_attachments: int = _L["max_attachments"]
+    max_frame_bytes: int = _L["max_frame_bytes"]
+    max_client_msg_id_bytes: int = _L["max_client_msg_id_bytes"]
+    max_id_bytes: int = _L["max_id_bytes"]
+    max_sync_chats: int = _L["max_sync_chats"]
     max_upload_bytes: int = 100 * 1024 * 1024
     max_request_bytes: int = 1024 * 1024
     max_group_members: int = 10_000
     username_min: int = 3
     username_max: int = 32
     history_max: int = 200
-    max_subscribe: int = 1000
+    max_subscribe: int = _L["max_subscribe"]
+
+    def for_gateway(self) -> dict[str, int]:
+        """The limits the gateway enforces, by their names there."""
+        return {name: getattr(self, name) for name in FRAME_LIMIT_DEFAULTS}
 
 
 @dataclass
@@ -37,36 +50,60 @@ class Config:
     # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
     secret_key: str = ""
     token_ttl_s: int = 7 * 24 * 3600
-    heartbeat_s: int = 25
+    heartbeat_s: int = int(_G["heartbeat_s"])
     # FULL: an acked message survives power loss too; NORMAL: survives a process kill only.
     sqlite_synchronous: str = "FULL"
     batch_max: int = 1024
     # Acked sends the gateway answers a retry of from memory (~110 bytes each); older retries
     # are answered by the store's idempotency index, for 24 h and across restarts.
-    idempotency_window: int = 1_000_000
-    queue_capacity: int = 4096
+    idempotency_window: int = int(_G["idempotency_window"])
+    idempotency_ttl_ms: int = int(_G["idempotency_ttl_ms"])
+    # A retry of a send still in flight after this is told `unavailable` (its batch was lost).
+    in_flight_deadline_ms: int = int(_G["in_flight_deadline_ms"])
+    # Frames queued for a connection before it is closed as too slow (a sync backlog fills
+    # at most half of it and waits for room).
+    queue_capacity: int = int(_G["queue_capacity"])
+    # Live messages held back while a connection's `sync` is answered; past it they are dropped
+    # and the sync runs again from the store (no gap, no growth).
+    sync_hold_capacity: int = int(_G["sync_hold_capacity"])
     # Events waiting for the engine; when full, connections stop reading until there is room.
-    engine_queue_capacity: int = 16384
-    read_buffer_bytes: int = 4096
-    runtime_threads: int = 2
-    max_bad_frames: int = 20
+    engine_queue_capacity: int = int(_G["engine_queue_capacity"])
+    read_buffer_bytes: int = int(_G["read_buffer_bytes"])
+    runtime_threads: int = int(_G["runtime_threads"])
+    max_bad_frames: int = int(_G["max_bad_frames"])
     # Presence and typing (side paths in the gateway; never wait for the store).
-    presence_grace_ms: int = 5000
-    typing_ttl_ms: int = 6000
-    typing_min_interval_ms: int = 2000
-    side_tick_ms: int = 200
+    presence_grace_ms: int = int(_G["presence_grace_ms"])
+    typing_ttl_ms: int = int(_G["typing_ttl_ms"])
+    typing_min_interval_ms: int = int(_G["typing_min_interval_ms"])
+    side_tick_ms: int = int(_G["side_tick_ms"])
     # Overload and abuse: answered with `rate_limited` and `retry_after_ms`.
-    upgrades_per_s: int = 2000
-    upgrade_burst: int = 4000
-    max_connections: int = 0  # 0: bounded by the process's file limit only
-    send_per_s: int = 200  # per WebSocket connection, and per user over REST
-    send_burst: int = 400
+    upgrades_per_s: float = _G["upgrades_per_s"]
+    upgrade_burst: float = _G["upgrade_burst"]
+    max_connections: int = int(_G["max_connections"])  # 0: bounded by the process's file limit only
+    # Sockets in their upgrade at once, in all and per client address, and how long one may take.
+    max_handshakes: int = int(_G["max_handshakes"])
+    handshakes_per_address: int = int(_G["handshakes_per_address"])
+    handshake_timeout_ms: int = int(_G["handshake_timeout_ms"])
+    send_per_s: float = _G["send_per_s"]  # per WebSocket connection, and per user over REST
+    send_burst: float = _G["send_burst"]
+    # Other frames (sync, read/delivered, typing, presence.subscribe) per connection.
+    requests_per_s: float = _G["requests_per_s"]
+    requests_burst: float = _G["requests_burst"]
     login_per_min: int = 10  # attempts per username
     login_failures_per_min: int = 60  # failed attempts per client address
+    # Registrations (POST /api/users) per client address, also the burst: each costs a ~50 ms
+    # password hash, so one address can keep at most a tenth of a core busy with them.
+    register_per_min: int = 120
+    # Threads REST handlers read the store on (writes have two of their own), off the event loop.
+    rest_threads: int = 8
     # Browser origins allowed to open the WebSocket or call REST, comma-separated; empty: any.
     allowed_origins: str = ""
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+
+    def for_gateway(self) -> dict[str, int | float]:
+        """The gateway's settings, by their names there."""
+        return {name: getattr(self, name) for name in GATEWAY_DEFAULTS}
 
     @property
     def origins(self) -> list[str]:
@@ -93,6 +130,8 @@ class Config:
 def _coerce(kind: Any, raw: Any, name: str) -> Any:
     if kind in (int, "int"):
         return int(raw)
+    if kind in (float, "float"):
+        return float(raw)
     if kind in (Path, "Path"):
         return Path(raw)
     if kind in (str, "str"):

@@ -19,10 +19,11 @@ import threading
 import time
 from typing import Any
 
-from pychat import _core
 from pychat.errors import ApiError
+from pychat.gateway import Gateway, GatewayError
 from pychat.metrics import Metrics
 from pychat.store import EngineResult, PointerRequest, SendRequest, Store
+from pychat.sync import SyncStreamer
 
 log = logging.getLogger("pychat.engine")
 
@@ -31,7 +32,7 @@ TICKET_TIMEOUT_S = 30.0
 
 
 class Engine:
-    def __init__(self, gateway: _core.Gateway, store: Store, metrics: Metrics, batch_max: int = 1024) -> None:
+    def __init__(self, gateway: Gateway, store: Store, metrics: Metrics, batch_max: int = 1024) -> None:
         self.gateway = gateway
         self.store = store
         self.metrics = metrics
@@ -40,15 +41,21 @@ class Engine:
         self._waiting: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._syncs: SyncStreamer | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._syncs = SyncStreamer(self.gateway, self.store, loop)
         self._thread = threading.Thread(target=self._run, name="pychat-engine", daemon=True)
         self._thread.start()
 
     def join(self, timeout: float = 5.0) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+    async def stop_syncs(self) -> None:
+        if self._syncs is not None:
+            await self._syncs.stop()
 
     @property
     def alive(self) -> bool:
@@ -89,7 +96,7 @@ class Engine:
         results: list[EngineResult | None] = [None] * len(events)
         sends: list[tuple[int, SendRequest]] = []
         pointers: list[tuple[int, PointerRequest]] = []
-        syncs: list[tuple[int, str, dict[str, int]]] = []
+        syncs: list[tuple[int, str, dict[str, int], int, str | None]] = []
         seen: list[tuple[int, tuple[str, int]]] = []
         queries: list[tuple[int, str, list[str]]] = []
         for i, ev in enumerate(events):
@@ -99,7 +106,7 @@ class Engine:
             elif kind in ("delivered", "read"):
                 pointers.append((i, PointerRequest(ev[1], ev[2], kind, ev[3])))
             elif kind == "sync":
-                syncs.append((i, ev[1], dict(ev[2])))
+                syncs.append((i, ev[1], dict(ev[2]), ev[3], ev[4]))
             elif kind == "seen":
                 seen.append((i, (ev[1], ev[2])))
             elif kind == "presence.query":
@@ -142,14 +149,13 @@ class Engine:
             except Exception:
                 log.exception("presence query failed")
                 results[i] = ("error", "unavailable", "presence lookup failed; retry")
-        # Read after this batch's commit, so a backlog covers everything fanned out before it.
-        for i, user_id, since in syncs:
-            try:
-                backlog, chats = self.store.sync_backlog(user_id, since)
-                results[i] = ("synced", backlog, chats)
-            except Exception:
-                log.exception("sync failed")
-                results[i] = ("error", "unavailable", "sync failed; retry")
+        # Streamed off this thread, page by page (pychat.sync): a big backlog never holds up a batch.
+        for i, user_id, since, conn, reference in syncs:
+            if self._syncs is None:
+                results[i] = ("error", "unavailable", "the server is starting; retry")
+                continue
+            self._syncs.start(conn, user_id, since, reference)
+            results[i] = ("deferred",)
         return [r if r is not None else ("error", "internal", "no result") for r in results]
 
     def _resolve(self, tickets: list[tuple[int, tuple[Any, ...]]]) -> None:
@@ -185,7 +191,7 @@ class Engine:
             done = self.gateway.submit_send(ticket, user_id, chat_id, client_msg_id, content, attachments)
         except BaseException as e:
             self._waiting.pop(ticket, None)
-            if isinstance(e, _core.GatewayError):
+            if isinstance(e, GatewayError):
                 raise ApiError(str(e.args[0]), str(e.args[1])) from None
             raise
         if done is not None:
@@ -203,7 +209,7 @@ class Engine:
             self.gateway.submit_pointer(ticket, user_id, chat_id, kind, seq)
         except BaseException as e:
             self._waiting.pop(ticket, None)
-            if isinstance(e, _core.GatewayError):
+            if isinstance(e, GatewayError):
                 raise ApiError(str(e.args[0]), str(e.args[1])) from None
             raise
         _, delivered, read = await self._wait(ticket, fut)

@@ -7,20 +7,23 @@ chat, message and receipt read checks membership first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
-from pychat import __version__, _core
+from pychat import __version__
 from pychat.auth import DUMMY_HASH, USERNAME, TokenIssuer, hash_password, verify_password
 from pychat.config import Config
 from pychat.engine import Engine
 from pychat.errors import ApiError, RateLimited
+from pychat.gateway import Gateway
 from pychat.ids import new_id, now_ms
 from pychat.metrics import Metrics
 from pychat.presence import Presence
@@ -28,6 +31,8 @@ from pychat.ratelimit import RateLimiter
 from pychat.store import Chat, Store, User
 
 log = logging.getLogger("pychat.rest")
+
+T = TypeVar("T")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -109,16 +114,22 @@ Handler = Callable[[Request], Awaitable[Response]]
 # The largest seq a client can name (JSON numbers stay exact up to 2**53 - 1).
 MAX_SEQ = 2**53 - 1
 
+# Threads for REST's store writes. SQLite takes one writer at a time, so more would only wait for
+# its lock; they are apart from the read threads so that reads never queue behind such waits.
+WRITE_THREADS = 2
+
 
 class RestApi:
-    """The ASGI application."""
+    """The ASGI application. Handlers run on the event loop but never call the store there:
+    every store call goes through `_store_call` to a thread (SQLite blocks, up to its busy timeout
+    while the engine or another process holds the write lock)."""
 
     def __init__(
         self,
         config: Config,
         store: Store,
         engine: Engine,
-        gateway: _core.Gateway,
+        gateway: Gateway,
         presence: Presence,
         issuer: TokenIssuer,
         metrics: Metrics,
@@ -133,6 +144,13 @@ class RestApi:
         )  # failures per username+address
         self.login_failures = RateLimiter(config.login_failures_per_min / 60, config.login_failures_per_min)
         self.send_limit = RateLimiter(config.send_per_s, config.send_burst)
+        self.register_limit = RateLimiter(config.register_per_min / 60, config.register_per_min)
+        self._reads = ThreadPoolExecutor(max(1, config.rest_threads), thread_name_prefix="pychat-rest")
+        self._writes = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="pychat-rest-write")
+        # One member change at a time, from its checks to telling the gateway: with the store
+        # calls on threads, two changes could otherwise publish their member lists out of order
+        # (a removed member kept in the gateway's cache) or both pass the group-size check.
+        self._member_changes = asyncio.Lock()
         self.issuer = issuer
         self.metrics = metrics
         # (method, pattern, handler, needs_auth, route label)
@@ -174,6 +192,7 @@ class RestApi:
                 if message["type"] == "lifespan.startup":
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    await self.close()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
@@ -253,10 +272,21 @@ class RestApi:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
+    async def close(self) -> None:
+        """Stops the store threads: queued calls are dropped, running ones finish (the store is
+        closed after this)."""
+        for pool in (self._reads, self._writes):
+            await asyncio.to_thread(functools.partial(pool.shutdown, wait=True, cancel_futures=True))
+
     # helpers
 
-    def _member_chat(self, chat_id: str, user_id: str) -> Chat:
-        chat = self.store.get_chat(chat_id)
+    async def _store_call(self, call: Callable[..., T], *args: Any, write: bool = False) -> T:
+        """`call(*args)` (a store call, or one that reads the store) on a REST store thread."""
+        pool = self._writes if write else self._reads
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call, *args))
+
+    async def _member_chat(self, chat_id: str, user_id: str) -> Chat:
+        chat = await self._store_call(self.store.get_chat, chat_id)
         if chat is None:
             raise ApiError("not_found", "no such chat")
         if user_id not in chat.members:
@@ -285,11 +315,15 @@ class RestApi:
             )
         if len(password) < 8:
             raise ApiError("bad_request", "password must be at least 8 characters")
-        if self.store.user_by_name(username) is not None:
+        # Every well-formed attempt costs the address a token: each one may cost a slow hash.
+        retry_after = self.register_limit.check(req.client)
+        if retry_after is not None:
+            raise RateLimited(retry_after)
+        if await self._store_call(self.store.user_by_name, username) is not None:
             raise ApiError("conflict", "username is taken")
         password_hash = await asyncio.to_thread(hash_password, password)
         user = User(new_id("u"), username, display_name, password_hash, now_ms())
-        self.store.create_user(user)
+        await self._store_call(self.store.create_user, user, write=True)
         return ok(user.public(), 201)
 
     async def login(self, req: Request) -> Response:
@@ -303,7 +337,7 @@ class RestApi:
         blocked = self.login_limit.blocked(key) or self.login_failures.blocked(req.client)
         if blocked:
             raise RateLimited(blocked)
-        user = self.store.user_by_name(username)
+        user = await self._store_call(self.store.user_by_name, username)
         stored_hash = user.password_hash if user else DUMMY_HASH
         valid = await asyncio.to_thread(verify_password, password, stored_hash)
         if user is None or not valid:
@@ -340,7 +374,7 @@ class RestApi:
 
     async def healthz(self, req: Request) -> Response:
         try:
-            store_ok = self.store.ping()
+            store_ok = await self._store_call(self.store.ping)
         except Exception:
             store_ok = False
         if not store_ok:
@@ -371,55 +405,57 @@ class RestApi:
                 raise ApiError("too_large", f"a group has at most {lim.max_group_members} members")
         else:
             raise ApiError("bad_request", '`kind` must be "direct" or "group"')
-        missing = set(members) - self.store.existing_users(members)
+        missing = set(members) - await self._store_call(self.store.existing_users, members)
         if missing:
             raise ApiError("not_found", f"no such user: {sorted(missing)[0]}")
         direct_key = "|".join(sorted(members)) if kind == "direct" else None
         chat = Chat(new_id("c"), kind, title, req.user_id, now_ms(), 0, members)
-        chat, created = self.store.create_chat(chat, direct_key)
+        chat, created = await self._store_call(self.store.create_chat, chat, direct_key, write=True)
         if created:
             self._publish_chat(chat)
         return ok(chat.to_json(), 201 if created else 200)
 
     async def list_chats(self, req: Request) -> Response:
-        return ok({"chats": self.store.list_chats(req.user_id)})
+        return ok({"chats": await self._store_call(self.store.list_chats, req.user_id)})
 
     async def get_chat(self, req: Request) -> Response:
-        return ok(self._member_chat(req.params["chat_id"], req.user_id).to_json())
+        return ok((await self._member_chat(req.params["chat_id"], req.user_id)).to_json())
 
     async def add_member(self, req: Request) -> Response:
-        chat = self._member_chat(req.params["chat_id"], req.user_id)
-        body = req.json()
-        user_id = _string(body, "user_id", max_len=128)
-        assert user_id is not None
-        if chat.kind != "group":
-            raise ApiError("bad_request", "members can be added to group chats only")
-        if user_id in chat.members:
-            return ok(chat.to_json())
-        if len(chat.members) >= self.config.limits.max_group_members:
-            raise ApiError("too_large", "the group is full")
-        if not self.store.existing_users([user_id]):
-            raise ApiError("not_found", "no such user")
-        self.store.add_member(chat.chat_id, user_id)
-        updated = self.store.get_chat(chat.chat_id)
-        assert updated is not None
-        self._publish_chat(updated)
-        return ok(updated.to_json())
+        async with self._member_changes:
+            chat = await self._member_chat(req.params["chat_id"], req.user_id)
+            body = req.json()
+            user_id = _string(body, "user_id", max_len=128)
+            assert user_id is not None
+            if chat.kind != "group":
+                raise ApiError("bad_request", "members can be added to group chats only")
+            if user_id in chat.members:
+                return ok(chat.to_json())
+            if len(chat.members) >= self.config.limits.max_group_members:
+                raise ApiError("too_large", "the group is full")
+            if not await self._store_call(self.store.existing_users, [user_id]):
+                raise ApiError("not_found", "no such user")
+            await self._store_call(self.store.add_member, chat.chat_id, user_id, write=True)
+            updated = await self._store_call(self.store.get_chat, chat.chat_id)
+            assert updated is not None
+            self._publish_chat(updated)
+            return ok(updated.to_json())
 
     async def remove_member(self, req: Request) -> Response:
-        chat = self._member_chat(req.params["chat_id"], req.user_id)
-        target = req.params["user_id"]
-        if target != req.user_id and req.user_id != chat.created_by:
-            raise ApiError("forbidden", "only the group's creator may remove others")
-        if chat.kind != "group":
-            raise ApiError("bad_request", "the members of a direct chat are fixed")
-        if target not in chat.members:
-            raise ApiError("not_found", "not a member of this chat")
-        self.store.remove_member(chat.chat_id, target)
-        updated = self.store.get_chat(chat.chat_id)
-        assert updated is not None
-        self._publish_chat(updated, also=[target])
-        return Response(204)
+        async with self._member_changes:
+            chat = await self._member_chat(req.params["chat_id"], req.user_id)
+            target = req.params["user_id"]
+            if target != req.user_id and req.user_id != chat.created_by:
+                raise ApiError("forbidden", "only the group's creator may remove others")
+            if chat.kind != "group":
+                raise ApiError("bad_request", "the members of a direct chat are fixed")
+            if target not in chat.members:
+                raise ApiError("not_found", "not a member of this chat")
+            await self._store_call(self.store.remove_member, chat.chat_id, target, write=True)
+            updated = await self._store_call(self.store.get_chat, chat.chat_id)
+            assert updated is not None
+            self._publish_chat(updated, also=[target])
+            return Response(204)
 
     async def post_message(self, req: Request) -> Response:
         body = req.json()
@@ -446,38 +482,38 @@ class RestApi:
         return ok(ack, 201)
 
     async def history(self, req: Request) -> Response:
-        chat = self._member_chat(req.params["chat_id"], req.user_id)
+        chat = await self._member_chat(req.params["chat_id"], req.user_id)
         big = MAX_SEQ
         before = req.int_query("before", 0, big)
         after = req.int_query("after", 0, big)
         limit = req.int_query("limit", 1, self.config.limits.history_max, default=50)
         assert limit is not None
-        messages, has_more = self.store.history(chat.chat_id, before, after, limit)
+        messages, has_more = await self._store_call(self.store.history, chat.chat_id, before, after, limit)
         return ok({"messages": messages, "has_more": has_more})
 
     async def mark_read(self, req: Request) -> Response:
-        message = self.store.message_by_id(req.params["message_id"])
+        message = await self._store_call(self.store.message_by_id, req.params["message_id"])
         if message is None:
             raise ApiError("not_found", "no such message")
-        self._member_chat(message["chat_id"], req.user_id)
+        await self._member_chat(message["chat_id"], req.user_id)
         _, read = await self.engine.move_pointer(req.user_id, message["chat_id"], "read", message["seq"])
         return ok({"chat_id": message["chat_id"], "seq": read})
 
     async def receipts(self, req: Request) -> Response:
-        chat = self._member_chat(req.params["chat_id"], req.user_id)
+        chat = await self._member_chat(req.params["chat_id"], req.user_id)
         seq = req.int_query("seq", 1, MAX_SEQ)
         if seq is None:
             raise ApiError("bad_request", "`seq` is required")
-        delivered, read = self.store.receipts(chat.chat_id, seq)
+        delivered, read = await self._store_call(self.store.receipts, chat.chat_id, seq)
         return ok({"delivered": delivered, "read": read})
 
     async def get_presence(self, req: Request) -> Response:
         user_id = req.params["user_id"]
-        if not self.presence.may_follow(req.user_id, user_id):
-            if self.store.user_by_id(user_id) is None:
+        if not await self._store_call(self.presence.may_follow, req.user_id, user_id):
+            if await self._store_call(self.store.user_by_id, user_id) is None:
                 raise ApiError("not_found", "no such user")
             raise ApiError("forbidden", "you share no chat with this user")
-        return ok(self.presence.status(user_id))
+        return ok(await self._store_call(self.presence.status, user_id))
 
     async def not_yet(self, req: Request) -> Response:
         raise ApiError("unavailable", f"{req.path} is not available in this version yet")

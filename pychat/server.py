@@ -14,10 +14,10 @@ import signal
 import socket
 import time
 
-from pychat import _core
 from pychat.auth import TokenIssuer
 from pychat.config import Config
 from pychat.engine import Engine
+from pychat.gateway import Gateway
 from pychat.metrics import Metrics
 from pychat.presence.local import LocalPresence
 from pychat.rest import RestApi
@@ -52,32 +52,13 @@ class Server:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = SqliteStore(cfg.db_path, cfg.sqlite_synchronous)
         secret = cfg.secret_bytes()
-        lim = cfg.limits
-        self.gateway = _core.Gateway(
+        self.gateway = Gateway(
             host=cfg.host,
             port=cfg.ws_port,
             secret=secret,
-            heartbeat_s=cfg.heartbeat_s,
-            queue_capacity=cfg.queue_capacity,
-            engine_queue_capacity=cfg.engine_queue_capacity,
-            read_buffer_bytes=cfg.read_buffer_bytes,
-            runtime_threads=cfg.runtime_threads,
-            max_bad_frames=cfg.max_bad_frames,
-            max_frame_bytes=lim.max_frame_bytes,
-            max_content_bytes=lim.max_content_bytes,
-            max_attachments=lim.max_attachments,
-            max_subscribe=lim.max_subscribe,
-            typing_ttl_ms=cfg.typing_ttl_ms,
-            typing_min_interval_ms=cfg.typing_min_interval_ms,
-            presence_grace_ms=cfg.presence_grace_ms,
-            tick_ms=cfg.side_tick_ms,
-            upgrades_per_s=cfg.upgrades_per_s,
-            upgrade_burst=cfg.upgrade_burst,
-            max_connections=cfg.max_connections,
-            send_per_s=cfg.send_per_s,
-            send_burst=cfg.send_burst,
+            settings=cfg.for_gateway(),
+            limits=cfg.limits.for_gateway(),
             allowed_origins=cfg.origins,
-            window_capacity=cfg.idempotency_window,
         )
         for chat_id, kind, members in self.store.all_memberships():
             self.gateway.set_chat_members(chat_id, members, kind == "direct")
@@ -128,6 +109,7 @@ class Server:
                 await asyncio.wait_for(self._http_task, 10)
         self.gateway.shutdown()
         await asyncio.to_thread(self.engine.join)
+        await self.engine.stop_syncs()
         self.store.close()
         self._stopped.set()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 
 from pychat.client import ChatClient, ChatError
 from tests.conftest import Clients, ServerProcess
-from tests.wsraw import RawWs, raw_upgrade
+from tests.wsraw import RawWs, client_frame, raw_upgrade
 
 
 def send_frame(chat_id: str, content: str, cmid: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -558,23 +557,17 @@ async def _close_code_after(server: ServerProcess, token: str, frame: bytes) -> 
         writer.close()
 
 
-def _client_frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
-    mask = os.urandom(4) if masked else b""
-    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if masked else payload
-    return bytes([0x80 | opcode, (0x80 if masked else 0) | len(payload)]) + mask + body
-
-
 async def test_websocket_protocol_violations_close_with_their_rfc_codes(
     server: ServerProcess, clients: Clients
 ) -> None:
     alice = await clients.user("rfc")
     # Not UTF-8: 1007. Unmasked client frame: 1002. Unknown opcode: 1002.
-    assert await _close_code_after(server, alice.token, _client_frame(0x1, b"\xff\xfe")) == (
+    assert await _close_code_after(server, alice.token, client_frame(0x1, b"\xff\xfe")) == (
         1007,
         b"text frame is not UTF-8",
     )
-    assert (await _close_code_after(server, alice.token, _client_frame(0x1, b"{}", masked=False)))[0] == 1002
-    assert (await _close_code_after(server, alice.token, _client_frame(0x3, b"")))[0] == 1002
+    assert (await _close_code_after(server, alice.token, client_frame(0x1, b"{}", masked=False)))[0] == 1002
+    assert (await _close_code_after(server, alice.token, client_frame(0x3, b"")))[0] == 1002
     # The server keeps serving.
     ws = await open_raw(server, alice)
     await ws.close()

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from pychat.store import Chat, PointerRequest, SendRequest, User
-from pychat.store.sqlite import SqliteStore, _stored_lookup_sql
+from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore, _stored_lookup_sql
 
 
 def _store(tmp_path: Path) -> SqliteStore:
@@ -154,7 +154,9 @@ def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its
     assert chats["c2"]["unread"] == 0 and chats["c2"]["title"] == "G"
     tables = {r[0] for r in store._conn().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert not {t for t in tables if t.endswith("_v2")}
-    assert store._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    assert store._conn().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     store.close()
     again = SqliteStore(tmp_path / "t.db")  # reopening an upgraded store changes nothing
     assert [m["seq"] for m in again.history("c1", None, None, 10)[0]] == [1, 2, 3]
@@ -181,7 +183,9 @@ def test_a_version_3_database_gets_the_client_key_led_idempotency_index_and_keep
         "chat_no",
         "sender_no",
     ]
-    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
+    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
     plan = [r[3] for r in c.execute("EXPLAIN QUERY PLAN " + _stored_lookup_sql(2), ["x"] * 10)]
     assert any("USING INDEX messages_by_client_key" in step for step in plan), plan
     assert not any(step.startswith("SCAN m") for step in plan), plan

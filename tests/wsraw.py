@@ -37,6 +37,20 @@ async def raw_upgrade(
     return reader, writer
 
 
+def client_frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
+    """One client frame by hand (FIN set), masked as RFC 6455 requires unless told not to."""
+    n = len(payload)
+    if n < 126:
+        length = bytes([(0x80 if masked else 0) | n])
+    elif n < 1 << 16:
+        length = bytes([(0x80 if masked else 0) | 126]) + n.to_bytes(2, "big")
+    else:
+        length = bytes([(0x80 if masked else 0) | 127]) + n.to_bytes(8, "big")
+    mask = os.urandom(4) if masked else b""
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if masked else payload
+    return bytes([0x80 | opcode]) + length + mask + body
+
+
 class RawWs:
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
         self.ws = ws

@@ -62,7 +62,7 @@ pub enum EngineEvent {
     },
 }
 
-/// One message of a `sync` backlog, as the store returned it.
+/// One message of a `sync` backlog, as the store returned it (each chat's rows in seq order).
 #[derive(Debug)]
 pub struct BacklogRow {
     pub chat_id: String,
@@ -94,10 +94,9 @@ pub enum EngineResult {
         moved_delivered: bool,
         moved_read: bool,
     },
-    Synced {
-        backlog: Vec<BacklogRow>,
-        chats: Vec<(String, u64)>,
-    },
+    /// The engine answers this event later, by other calls (a `sync` is streamed in pages
+    /// through `Hub::sync_rows` and ended by `Hub::sync_end`).
+    Deferred,
     /// For a `PresenceQuery`: (user_id, may follow, stored last_seen).
     PresenceInfo(Vec<(String, bool, Option<u64>)>),
     Done,
@@ -141,6 +140,34 @@ impl Default for SidePathConfig {
     }
 }
 
+/// The idempotency window's bounds (see `sequencer::IdempotencyWindow`).
+#[derive(Debug, Clone)]
+pub struct WindowConfig {
+    pub capacity: usize,
+    pub ttl_ms: u64,
+    pub in_flight_deadline_ms: u64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 1_000_000,
+            ttl_ms: 24 * 3600 * 1000,
+            in_flight_deadline_ms: crate::sequencer::IN_FLIGHT_DEADLINE_MS,
+        }
+    }
+}
+
+/// What became of a page of a `sync` backlog handed to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncPush {
+    Queued,
+    /// The connection's queue has no room for the page now: hand it again later.
+    Full,
+    /// The connection is gone or closing: stop reading its backlog.
+    Closed,
+}
+
 pub struct Hub {
     pub limits: Limits,
     pub registry: ConnectionRegistry,
@@ -153,20 +180,15 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(limits: Limits, window_capacity: usize, window_ttl_ms: u64) -> Self {
-        Self::with_side_paths(
-            limits,
-            window_capacity,
-            window_ttl_ms,
-            SidePathConfig::default(),
-        )
+        let window = WindowConfig {
+            capacity: window_capacity,
+            ttl_ms: window_ttl_ms,
+            ..WindowConfig::default()
+        };
+        Self::with_config(limits, window, SidePathConfig::default())
     }
 
-    pub fn with_side_paths(
-        limits: Limits,
-        window_capacity: usize,
-        window_ttl_ms: u64,
-        side: SidePathConfig,
-    ) -> Self {
+    pub fn with_config(limits: Limits, window: WindowConfig, side: SidePathConfig) -> Self {
         Self {
             typing: Mutex::new(TypingTracker::new(
                 side.typing_ttl_ms,
@@ -176,7 +198,11 @@ impl Hub {
             limits,
             registry: ConnectionRegistry::default(),
             members: MembershipCache::default(),
-            sequencer: Mutex::new(Sequencer::new(window_capacity, window_ttl_ms)),
+            sequencer: Mutex::new(Sequencer::new(
+                window.capacity,
+                window.ttl_ms,
+                window.in_flight_deadline_ms,
+            )),
             counters: Counters::default(),
         }
     }
@@ -311,6 +337,10 @@ impl Hub {
         Ok((id, members))
     }
 
+    /// Admits a `send`: checks the chat, the sizes and the idempotency window. A sender
+    /// who is no longer a member is still admitted, so that a retry of a send it made while
+    /// it was one gets the original ack (from the window, or from the store, which refuses
+    /// anything else with `forbidden`); a user who never was one gets nothing but that.
     pub fn admit_send(
         &self,
         origin: Origin,
@@ -319,7 +349,9 @@ impl Hub {
     ) -> Result<SendAdmission, FrameError> {
         let reference = Some(send.client_msg_id.clone());
         let (chat, _) = self
-            .member_chat(user, &send.chat_id)
+            .members
+            .get(&send.chat_id)
+            .ok_or_else(|| FrameError::new(ErrorCode::NotFound, "no such chat"))
             .map_err(|e| e.with_ref(reference.clone()))?;
         if send.content.len() > self.limits.max_content_bytes {
             return Err(
@@ -336,7 +368,7 @@ impl Hub {
             chat,
             client_msg_id: send.client_msg_id.into(),
         };
-        let admission = self.sequencer.lock().window.admit(&key, origin);
+        let admission = self.sequencer.lock().window.admit(&key, origin, now_ms());
         Ok(match admission {
             Admission::New => SendAdmission::Forward(EngineEvent::Send {
                 origin,
@@ -350,6 +382,22 @@ impl Hub {
                 SendAdmission::Duplicate(ack)
             }
             Admission::InFlight => SendAdmission::InFlight,
+            Admission::Stale(waiters) => {
+                metrics::inc(&self.counters.sends_in_flight_expired);
+                let error = FrameError::new(
+                    ErrorCode::Unavailable,
+                    "an earlier attempt of this send was lost before it was stored; retry",
+                )
+                .with_ref(reference);
+                let mut error = error;
+                error.retry_after_ms = Some(100);
+                for w in waiters {
+                    if let Origin::Conn(c) = w {
+                        self.push_to(c, Outgoing::Frame(error.encode()));
+                    }
+                }
+                return Err(error);
+            }
         })
     }
 
@@ -617,54 +665,69 @@ impl Hub {
         }
     }
 
+    /// The engine's answer to a `sync` event: nothing now when it streams the backlog
+    /// (`Deferred`), or an error that ends the sync.
     fn complete_sync(&self, conn: ConnId, reference: Option<String>, result: EngineResult) {
         match result {
-            EngineResult::Synced { backlog, chats } => {
-                let items = backlog
-                    .iter()
-                    .map(|row| {
-                        let frame = protocol::encode_msg(&StoredMessage {
-                            chat_id: &row.chat_id,
-                            seq: row.seq,
-                            message_id: &row.message_id,
-                            sender_id: &row.sender_id,
-                            content: &row.content,
-                            attachments: &row.attachments,
-                            created_at: row.created_at,
-                            client_msg_id: row.client_msg_id.as_deref(),
-                        });
-                        (ChatId::from(row.chat_id.as_str()), row.seq, frame)
-                    })
-                    .collect();
-                let synced = protocol::encode_synced(
-                    chats.iter().map(|(c, s)| (c.as_str(), *s)),
-                    reference.as_deref(),
-                );
-                self.push_to(conn, Outgoing::Backlog(items));
-                self.push_to(
-                    conn,
-                    Outgoing::SyncEnd {
-                        frame: synced,
-                        ok: true,
-                    },
-                );
-            }
-            other => {
-                let e = match other {
-                    EngineResult::Failed(e) => e,
-                    _ => FrameError::new(
-                        ErrorCode::Internal,
-                        "engine answered a sync with another kind of result",
-                    ),
-                };
-                let frame = e.with_ref(reference).encode();
-                self.push_to(conn, Outgoing::SyncEnd { frame, ok: false });
-            }
+            EngineResult::Deferred => {}
+            EngineResult::Failed(e) => self.sync_failed(conn, reference.as_deref(), e),
+            _ => self.sync_failed(
+                conn,
+                reference.as_deref(),
+                FrameError::new(
+                    ErrorCode::Internal,
+                    "engine answered a sync with another kind of result",
+                ),
+            ),
         }
-        if let Some(c) = self.registry.get(conn) {
-            c.sync_pending
-                .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Queues one page of a `sync` backlog on the connection, whole or not at all: only
+    /// while it fits in half of its queue (the backlog counts against `queue_capacity`, so
+    /// a returning user's history is never held in memory beyond that, and live messages
+    /// keep the other half).
+    pub fn sync_rows(&self, conn: ConnId, rows: &[BacklogRow]) -> SyncPush {
+        let Some(c) = self.registry.get(conn) else {
+            return SyncPush::Closed;
+        };
+        if c.is_closing() {
+            return SyncPush::Closed;
         }
+        if !c.has_room_for_backlog(rows.len()) {
+            return SyncPush::Full;
+        }
+        let items = rows.iter().map(|row| Outgoing::Backlog {
+            chat: ChatId::from(row.chat_id.as_str()),
+            seq: row.seq,
+            frame: protocol::encode_msg(&StoredMessage {
+                chat_id: &row.chat_id,
+                seq: row.seq,
+                message_id: &row.message_id,
+                sender_id: &row.sender_id,
+                content: &row.content,
+                attachments: &row.attachments,
+                created_at: row.created_at,
+                client_msg_id: row.client_msg_id.as_deref(),
+            }),
+        });
+        metrics::add(&self.counters.sync_rows, rows.len() as u64);
+        match c.push_all(items) {
+            Push::Queued => SyncPush::Queued,
+            Push::Overflow | Push::Closed => SyncPush::Closed,
+        }
+    }
+
+    /// Ends a `sync` answer with its `synced` frame (each chat's last seq as read).
+    pub fn sync_end(&self, conn: ConnId, reference: Option<&str>, chats: &[(String, u64)]) {
+        let frame = protocol::encode_synced(chats.iter().map(|(c, s)| (c.as_str(), *s)), reference);
+        self.push_to(conn, Outgoing::SyncEnd { frame, ok: true });
+    }
+
+    /// Ends a `sync` answer with an error (what was streamed stays written; a retry
+    /// repeats none of it).
+    pub fn sync_failed(&self, conn: ConnId, reference: Option<&str>, error: FrameError) {
+        let frame = error.with_ref(reference.map(str::to_owned)).encode();
+        self.push_to(conn, Outgoing::SyncEnd { frame, ok: false });
     }
 }
 
@@ -783,15 +846,14 @@ mod tests {
     }
 
     #[test]
-    fn non_member_and_unknown_chat_are_refused() {
+    fn unknown_chat_is_refused_and_a_non_members_send_is_left_to_the_store() {
         let hub = hub();
-        let e = hub
-            .admit_send(Origin::Conn(1), &"z".into(), send("x"))
-            .unwrap_err();
-        assert_eq!(
-            (e.code, e.reference.as_deref()),
-            (ErrorCode::Forbidden, Some("x"))
-        );
+        // It may be the retry of a send made while a member (the store answers it, or
+        // refuses it with `forbidden`).
+        assert!(matches!(
+            hub.admit_send(Origin::Conn(1), &"z".into(), send("x")),
+            Ok(SendAdmission::Forward(_))
+        ));
         let mut s = send("y");
         s.chat_id = "nope".into();
         assert_eq!(
@@ -861,10 +923,14 @@ mod tests {
 
     #[test]
     fn presence_goes_to_online_direct_partners_after_grace_and_typing_stops_on_last_close() {
-        let hub = Hub::with_side_paths(
+        let window = WindowConfig {
+            capacity: 10,
+            ttl_ms: 1_000,
+            ..WindowConfig::default()
+        };
+        let hub = Hub::with_config(
             Limits::default(),
-            10,
-            1_000,
+            window,
             SidePathConfig {
                 typing_ttl_ms: 6_000,
                 typing_min_interval_ms: 2_000,
@@ -899,5 +965,79 @@ mod tests {
         assert!(matches!(&seen[..], [EngineEvent::Seen { at: 2_000, .. }]));
         assert_eq!(drain(&b), ["presence"]);
         assert_eq!(hub.presence_view("a", Some(10)), (false, Some(2_000)));
+    }
+
+    fn row(seq: u64) -> BacklogRow {
+        BacklogRow {
+            chat_id: "c1".into(),
+            seq,
+            message_id: format!("m{seq}"),
+            sender_id: "b".into(),
+            content: "hi".into(),
+            attachments: RawValue::from_string("[]".into()).unwrap(),
+            created_at: 1,
+            client_msg_id: None,
+        }
+    }
+
+    #[test]
+    fn a_sync_page_is_queued_only_while_the_connection_has_room_for_it() {
+        let hub = hub();
+        let a = connect(&hub, 1, "a"); // queue capacity 16: a backlog may fill 8
+        let page: Vec<BacklogRow> = (1..=4).map(row).collect();
+        assert_eq!(hub.sync_rows(1, &page), SyncPush::Queued);
+        assert_eq!(hub.sync_rows(1, &page), SyncPush::Queued);
+        assert_eq!(hub.sync_rows(1, &page), SyncPush::Full, "4 + 4 + 4 > 8");
+        let mut items = Vec::new();
+        a.take_queued(usize::MAX, &mut items);
+        assert_eq!(items.len(), 8);
+        let big: Vec<BacklogRow> = (1..=40).map(row).collect();
+        assert_eq!(
+            hub.sync_rows(1, &big),
+            SyncPush::Queued,
+            "an empty queue takes any page"
+        );
+        a.take_queued(usize::MAX, &mut items);
+        assert_eq!(hub.sync_rows(1, &page), SyncPush::Queued);
+        assert_eq!(
+            hub.sync_rows(99, &page),
+            SyncPush::Closed,
+            "no such connection"
+        );
+        a.close(crate::registry::CloseReason::PeerClosed);
+        assert_eq!(hub.sync_rows(1, &page), SyncPush::Closed);
+    }
+
+    #[test]
+    fn a_retry_after_the_in_flight_deadline_is_told_unavailable_with_every_earlier_waiter() {
+        let window = WindowConfig {
+            capacity: 10,
+            ttl_ms: 60_000,
+            in_flight_deadline_ms: 0,
+        };
+        let hub = Hub::with_config(Limits::default(), window, SidePathConfig::default());
+        hub.members.set("c1".into(), vec!["a".into()]);
+        let a = connect(&hub, 1, "a");
+        assert!(matches!(
+            hub.admit_send(Origin::Conn(1), &"a".into(), send("x")),
+            Ok(SendAdmission::Forward(_))
+        ));
+        // The batch carrying it is lost; a retry past the deadline is refused, not parked.
+        let e = hub
+            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
+            .unwrap_err();
+        assert_eq!(
+            (e.code, e.reference.as_deref()),
+            (ErrorCode::Unavailable, Some("x"))
+        );
+        assert_eq!(
+            drain(&a),
+            ["error"],
+            "the first attempt's waiter hears it too"
+        );
+        assert!(matches!(
+            hub.admit_send(Origin::Conn(1), &"a".into(), send("x")),
+            Ok(SendAdmission::Forward(_))
+        ));
     }
 }

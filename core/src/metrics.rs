@@ -32,6 +32,20 @@ counters!(
     batch_events,
     // A connection found the engine's queue full and stopped reading until it had room.
     engine_queue_full_waits,
+    // A retry found its first attempt in flight past the deadline (its batch was lost).
+    sends_in_flight_expired,
+    // Backlog rows streamed to syncing connections; syncs run again because the live
+    // messages held meanwhile overflowed; syncs whose connection was closed for that.
+    sync_rows,
+    sync_restarts,
+    sync_gave_up,
+    // Sockets whose upgrade request did not arrive in time; sockets refused before any
+    // request was read because their address (or everyone) had too many handshakes open.
+    handshake_timeouts,
+    handshakes_refused_per_address,
+    handshakes_refused_busy,
+    // Pings answered by a pong already waiting to be written (one pong for them all).
+    pongs_coalesced,
     presence_changes,
     presence_frames,
     // Sends that repeated an acked one, answered with the original ack: from the gateway's

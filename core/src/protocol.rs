@@ -21,6 +21,19 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in PROTOCOL.md's order (Python's error table is checked against it).
+    pub const ALL: [Self; 9] = [
+        Self::BadRequest,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::Conflict,
+        Self::TooLarge,
+        Self::RateLimited,
+        Self::Unavailable,
+        Self::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::BadRequest => "bad_request",
@@ -36,18 +49,7 @@ impl ErrorCode {
     }
 
     pub fn parse(code: &str) -> Option<Self> {
-        Some(match code {
-            "bad_request" => Self::BadRequest,
-            "unauthorized" => Self::Unauthorized,
-            "forbidden" => Self::Forbidden,
-            "not_found" => Self::NotFound,
-            "conflict" => Self::Conflict,
-            "too_large" => Self::TooLarge,
-            "rate_limited" => Self::RateLimited,
-            "unavailable" => Self::Unavailable,
-            "internal" => Self::Internal,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|c| c.as_str() == code)
     }
 }
 

@@ -78,7 +78,8 @@ pub struct ConnHandle {
     pub write_stalled_since_ms: AtomicU64,
     /// The heartbeat sweep asks the connection's task to send a ping.
     pub ping_due: AtomicBool,
-    /// A `sync` of this connection is with the engine (one at a time).
+    /// A `sync` of this connection is being answered (one at a time): set by the reader,
+    /// cleared by the connection's task once the answer's end is written.
     pub sync_pending: AtomicBool,
 }
 
@@ -116,6 +117,31 @@ impl ConnHandle {
             q.len() == 1
         };
         // The task drains everything it finds, so only the first item needs a wakeup.
+        if was_empty {
+            self.wake();
+        }
+        Push::Queued
+    }
+
+    /// Whether a `sync` backlog page of `n` items may be queued now: it may fill half of
+    /// the queue (an empty queue takes any page), so live traffic keeps the other half.
+    pub fn has_room_for_backlog(&self, n: usize) -> bool {
+        let len = self.queue.lock().len();
+        len == 0 || len + n <= self.capacity / 2
+    }
+
+    /// Queues a page of items at once (a `sync` backlog page, after `has_room_for_backlog`).
+    /// Never closes the connection.
+    pub fn push_all(&self, items: impl IntoIterator<Item = Outgoing>) -> Push {
+        if self.is_closing() {
+            return Push::Closed;
+        }
+        let was_empty = {
+            let mut q = self.queue.lock();
+            let was_empty = q.is_empty();
+            q.extend(items);
+            was_empty && !q.is_empty()
+        };
         if was_empty {
             self.wake();
         }

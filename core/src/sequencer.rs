@@ -48,6 +48,11 @@ pub enum Admission {
     Duplicate(Arc<Ack>),
     /// The first attempt is still being stored; the origin will get its result.
     InFlight,
+    /// The first attempt has been in flight past the deadline (its batch was lost between
+    /// the gateway and the engine): the key is forgotten, and these origins (the earlier
+    /// waiters) and the retry get `unavailable`; the next retry is new (the store still
+    /// answers it with the original ack if the lost attempt was stored after all).
+    Stale(Vec<Origin>),
 }
 
 /// A key's 128-bit digest: two independently keyed SipHashes of (sender, chat,
@@ -109,18 +114,30 @@ struct Acked {
 /// which answers every retry too.
 #[derive(Debug)]
 pub struct IdempotencyWindow {
-    pending: HashMap<Digest, Vec<Origin>, FastHash>,
+    pending: HashMap<Digest, Pending, FastHash>,
     index: HashMap<u64, u64, FastHash>,
     ring: VecDeque<Acked>,
     /// Ring position of `ring[0]`.
     first: u64,
     capacity: usize,
     ttl_ms: u64,
+    in_flight_deadline_ms: u64,
     keys: (RandomState, RandomState),
 }
 
+/// A send admitted and not yet answered by the store.
+#[derive(Debug)]
+struct Pending {
+    since_ms: u64,
+    waiters: Vec<Origin>,
+}
+
+/// How long a send may stay in flight before a retry of it is told `unavailable` (and
+/// its key forgotten); far above a healthy batch's time (the REST wait is 30 s too).
+pub const IN_FLIGHT_DEADLINE_MS: u64 = 30_000;
+
 impl IdempotencyWindow {
-    pub fn new(capacity: usize, ttl_ms: u64) -> Self {
+    pub fn new(capacity: usize, ttl_ms: u64, in_flight_deadline_ms: u64) -> Self {
         Self {
             pending: HashMap::default(),
             index: HashMap::default(),
@@ -128,6 +145,7 @@ impl IdempotencyWindow {
             first: 0,
             capacity,
             ttl_ms,
+            in_flight_deadline_ms,
             keys: (RandomState::new(), RandomState::new()),
         }
     }
@@ -143,7 +161,7 @@ impl IdempotencyWindow {
         (entry.digest == digest).then_some(entry)
     }
 
-    pub fn admit(&mut self, key: &IdemKey, origin: Origin) -> Admission {
+    pub fn admit(&mut self, key: &IdemKey, origin: Origin, now_ms: u64) -> Admission {
         let digest = self.digest(key);
         if let Some(a) = self.acked(digest) {
             return Admission::Duplicate(Arc::new(Ack {
@@ -155,13 +173,21 @@ impl IdempotencyWindow {
             }));
         }
         match self.pending.entry(digest) {
+            MapEntry::Occupied(e)
+                if now_ms.saturating_sub(e.get().since_ms) >= self.in_flight_deadline_ms =>
+            {
+                Admission::Stale(e.remove().waiters)
+            }
             MapEntry::Occupied(mut e) => {
                 // Once per retry: each attempt gets its own ack.
-                e.get_mut().push(origin);
+                e.get_mut().waiters.push(origin);
                 Admission::InFlight
             }
             MapEntry::Vacant(e) => {
-                e.insert(vec![origin]);
+                e.insert(Pending {
+                    since_ms: now_ms,
+                    waiters: vec![origin],
+                });
                 Admission::New
             }
         }
@@ -171,7 +197,11 @@ impl IdempotencyWindow {
     /// first attempt's origin first. An error forgets the key so a retry is new.
     pub fn complete(&mut self, key: &IdemKey, ack: Option<&Ack>, now_ms: u64) -> Vec<Origin> {
         let digest = self.digest(key);
-        let waiters = self.pending.remove(&digest).unwrap_or_default();
+        let waiters = self
+            .pending
+            .remove(&digest)
+            .map(|p| p.waiters)
+            .unwrap_or_default();
         if let Some(ack) = ack {
             self.remember(digest, ack, now_ms);
         }
@@ -231,9 +261,9 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
-    pub fn new(window_capacity: usize, window_ttl_ms: u64) -> Self {
+    pub fn new(window_capacity: usize, window_ttl_ms: u64, in_flight_deadline_ms: u64) -> Self {
         Self {
-            window: IdempotencyWindow::new(window_capacity, window_ttl_ms),
+            window: IdempotencyWindow::new(window_capacity, window_ttl_ms, in_flight_deadline_ms),
             last_fanned_out: HashMap::new(),
         }
     }
@@ -277,67 +307,70 @@ mod tests {
 
     #[test]
     fn retry_while_in_flight_waits_then_duplicate_gets_same_ack() {
-        let mut w = IdempotencyWindow::new(10, 1_000);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(1)), Admission::New);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(2)), Admission::InFlight);
-        assert_eq!(w.admit(&key("a"), Origin::Ticket(9)), Admission::InFlight);
+        let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(2), 0), Admission::InFlight);
+        assert_eq!(
+            w.admit(&key("a"), Origin::Ticket(9), 0),
+            Admission::InFlight
+        );
         let waiters = w.complete(&key("a"), Some(&ack("a", 1)), 0);
         assert_eq!(
             waiters,
             vec![Origin::Conn(1), Origin::Conn(2), Origin::Ticket(9)]
         );
         assert_eq!(
-            w.admit(&key("a"), Origin::Conn(3)),
+            w.admit(&key("a"), Origin::Conn(3), 0),
             Admission::Duplicate(Arc::new(ack("a", 1)))
         );
     }
 
     #[test]
     fn same_client_msg_id_from_another_sender_or_chat_is_new() {
-        let mut w = IdempotencyWindow::new(10, 1_000);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(1)), Admission::New);
+        let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
         let mut other = key("a");
         other.sender = "u2".into();
-        assert_eq!(w.admit(&other, Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&other, Origin::Conn(1), 0), Admission::New);
         let mut other_chat = key("a");
         other_chat.chat = "c2".into();
-        assert_eq!(w.admit(&other_chat, Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&other_chat, Origin::Conn(1), 0), Admission::New);
     }
 
     #[test]
     fn error_forgets_the_key() {
-        let mut w = IdempotencyWindow::new(10, 1_000);
-        w.admit(&key("a"), Origin::Conn(1));
+        let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
+        w.admit(&key("a"), Origin::Conn(1), 0);
         assert_eq!(w.complete(&key("a"), None, 0), vec![Origin::Conn(1)]);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(1)), Admission::New);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
     }
 
     #[test]
     fn evicts_by_capacity_and_age_but_never_pending() {
-        let mut w = IdempotencyWindow::new(2, 1_000);
+        let mut w = IdempotencyWindow::new(2, 1_000, 5_000);
         for (i, k) in ["a", "b", "c"].iter().enumerate() {
-            w.admit(&key(k), Origin::Conn(1));
+            w.admit(&key(k), Origin::Conn(1), 0);
             w.complete(&key(k), Some(&ack(k, i as u64 + 1)), 10);
         }
         assert_eq!(
-            w.admit(&key("a"), Origin::Conn(1)),
+            w.admit(&key("a"), Origin::Conn(1), 0),
             Admission::New,
             "oldest evicted by capacity"
         );
         assert!(matches!(
-            w.admit(&key("c"), Origin::Conn(1)),
+            w.admit(&key("c"), Origin::Conn(1), 0),
             Admission::Duplicate(_)
         ));
         // "a" is pending now; completing "d" far in the future expires b and c, not a.
-        w.admit(&key("d"), Origin::Conn(1));
+        w.admit(&key("d"), Origin::Conn(1), 0);
         w.complete(&key("d"), Some(&ack("d", 4)), 5_000);
-        assert_eq!(w.admit(&key("b"), Origin::Conn(1)), Admission::New);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(2)), Admission::InFlight);
+        assert_eq!(w.admit(&key("b"), Origin::Conn(1), 0), Admission::New);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(2), 0), Admission::InFlight);
     }
 
     #[test]
     fn fan_out_order_guard() {
-        let mut s = Sequencer::new(10, 1_000);
+        let mut s = Sequencer::new(10, 1_000, 5_000);
         let c: ChatId = "c1".into();
         assert!(s.record_commit(&c, 1).is_ok());
         assert!(s.record_commit(&c, 2).is_ok());
@@ -348,7 +381,7 @@ mod tests {
 
     #[test]
     fn message_ids_of_any_length_come_back_whole() {
-        let mut w = IdempotencyWindow::new(10, 1_000);
+        let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
         for (cmid, id) in [
             ("short", "m1"),
             ("store", "m0193a1b2c3d4e5f60718293a4b5c"),
@@ -356,10 +389,10 @@ mod tests {
         ] {
             let mut a = ack(cmid, 7);
             a.message_id = id.to_owned();
-            w.admit(&key(cmid), Origin::Conn(1));
+            w.admit(&key(cmid), Origin::Conn(1), 0);
             w.complete(&key(cmid), Some(&a), 0);
             assert_eq!(
-                w.admit(&key(cmid), Origin::Conn(2)),
+                w.admit(&key(cmid), Origin::Conn(2), 0),
                 Admission::Duplicate(Arc::new(a))
             );
         }
@@ -368,7 +401,7 @@ mod tests {
 
     #[test]
     fn digests_sharing_the_index_slot_never_answer_for_each_other() {
-        let mut w = IdempotencyWindow::new(10, 1_000);
+        let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
         let older: Digest = (1 << 64) | 42;
         let newer: Digest = (2 << 64) | 42;
         w.remember(older, &ack("x", 1), 0);
@@ -379,10 +412,32 @@ mod tests {
             "the older one falls through to the store"
         );
         // Evicting the older ring entry leaves the newer one's slot alone.
-        let mut small = IdempotencyWindow::new(1, 1_000);
+        let mut small = IdempotencyWindow::new(1, 1_000, 5_000);
         small.remember(older, &ack("x", 1), 0);
         small.remember(newer, &ack("y", 2), 0);
         assert_eq!(small.len(), 1);
         assert_eq!(small.acked(newer).map(|a| a.seq), Some(2));
+    }
+
+    #[test]
+    fn a_send_in_flight_past_the_deadline_is_forgotten_and_its_retry_told_unavailable() {
+        let mut w = IdempotencyWindow::new(10, 1_000_000, 5_000);
+        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
+        // Its batch is lost: no completion ever comes.
+        assert_eq!(
+            w.admit(&key("a"), Origin::Conn(2), 4_999),
+            Admission::InFlight
+        );
+        assert_eq!(
+            w.admit(&key("a"), Origin::Conn(3), 5_000),
+            Admission::Stale(vec![Origin::Conn(1), Origin::Conn(2)])
+        );
+        // The next retry goes to the engine again (the store answers it if it was stored).
+        assert_eq!(w.admit(&key("a"), Origin::Conn(3), 5_001), Admission::New);
+        // A late answer of the lost attempt finds nobody waiting and changes nothing.
+        assert_eq!(
+            w.complete(&key("a"), Some(&ack("a", 1)), 5_002),
+            vec![Origin::Conn(3)]
+        );
     }
 }

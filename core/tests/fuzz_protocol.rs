@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use _core::outbox::{Outgoing, Stitcher};
+use _core::outbox::{Outgoing, Stitched, Stitcher, SyncRequest};
 use _core::protocol::{parse_client_frame, ClientFrame, ErrorCode, Limits};
 use _core::sequencer::ChatId;
 use bytes::Bytes;
@@ -113,9 +113,13 @@ proptest! {
 enum Step {
     /// A message committed in chat `n` and fanned out live.
     Live(u8),
-    /// The client asks for sync (`SyncBegin` queued) with this cursor for every chat.
+    /// The client asks for sync (`SyncBegin` queued) with this cursor for every chat;
+    /// ignored while a sync is open (the gateway answers one at a time).
     SyncRequest(u8),
-    /// The engine answers the oldest open sync: backlog of everything committed so far above the cursor.
+    /// The engine streams one page (at most 2 rows of one chat) of the open sync's pass,
+    /// read at this moment (later pages see later commits).
+    SyncPage,
+    /// The engine streams the rest of the open pass and ends it.
     SyncAnswer,
 }
 
@@ -124,53 +128,95 @@ fn arb_script() -> impl Strategy<Value = Vec<Step>> {
         prop_oneof![
             6 => (0u8..3).prop_map(Step::Live),
             1 => (0u8..4).prop_map(Step::SyncRequest),
+            2 => Just(Step::SyncPage),
             1 => Just(Step::SyncAnswer),
         ],
-        0..80,
+        0..120,
     )
 }
+
+/// Held live messages at most during a sync: small, so restarts happen often.
+const HELD_CAP: usize = 3;
 
 proptest! {
     #[test]
     fn stitching_writes_each_message_once_and_gap_free_after_sync(script in arb_script()) {
         let chats: Vec<ChatId> = (0..3).map(|i| ChatId::from(format!("c{i}"))).collect();
-        let mut committed: HashMap<usize, u64> = HashMap::new();
-        // Per open sync, the cursor per chat: what a truthful client can claim to have then.
-        let mut open_syncs: Vec<[u64; 3]> = Vec::new();
+        let mut committed = [0u64; 3];
+        // The open sync's pass: per chat, the last row streamed (from the pass's cursor) and
+        // whether the chat's reading is finished.
+        let mut pass: Option<[(u64, bool); 3]> = None;
         let mut stitcher = Stitcher::default();
         let mut out = Vec::new();
         let frame = |chat: usize, seq: u64| Bytes::from(format!("{chat}:{seq}"));
-        let mut feed = |item: Outgoing, out: &mut Vec<Bytes>| stitcher.accept(item, out);
+        let row = |c: usize, seq: u64| Outgoing::Backlog { chat: chats[c].clone(), seq, frame: frame(c, seq) };
         for step in &script {
+            let mut results = Vec::new();
             match step {
                 Step::Live(c) => {
                     let c = *c as usize;
-                    let seq = committed.entry(c).or_insert(0);
-                    *seq += 1;
-                    feed(Outgoing::Msg { chat: chats[c].clone(), seq: *seq, frame: frame(c, *seq) }, &mut out);
+                    committed[c] += 1;
+                    let msg = Outgoing::Msg { chat: chats[c].clone(), seq: committed[c], frame: frame(c, committed[c]) };
+                    results.push(stitcher.accept(msg, &mut out, HELD_CAP));
                 }
                 Step::SyncRequest(cursor) => {
-                    open_syncs.push(std::array::from_fn(|c| (*cursor as u64).min(committed.get(&c).copied().unwrap_or(0))));
-                    feed(Outgoing::SyncBegin, &mut out);
-                }
-                Step::SyncAnswer => {
-                    if open_syncs.is_empty() {
+                    if pass.is_some() {
                         continue;
                     }
-                    let cursors = open_syncs.remove(0);
+                    let cursors: [u64; 3] = std::array::from_fn(|c| (*cursor as u64).min(committed[c]));
                     // Markers for the check below: per chat, the client said it had everything up to its cursor.
                     for (c, had) in cursors.iter().enumerate() {
                         out.push(Bytes::from(format!("|{c}={had}")));
                     }
-                    let mut backlog = Vec::new();
-                    for (c, last) in &committed {
-                        for seq in cursors[*c] + 1..=*last {
-                            backlog.push((chats[*c].clone(), seq, frame(*c, seq)));
+                    let since = cursors.iter().enumerate().map(|(c, s)| (chats[c].to_string(), *s)).collect();
+                    let begin = Outgoing::SyncBegin(Box::new(SyncRequest { since, reference: None }));
+                    results.push(stitcher.accept(begin, &mut out, HELD_CAP));
+                    pass = Some(cursors.map(|c| (c, false)));
+                }
+                Step::SyncPage => {
+                    let Some(progress) = pass.as_mut() else { continue };
+                    // Like the engine: a chat is read page by page until a page reaches its end,
+                    // then never again in this pass (later commits are held or come live).
+                    if let Some(c) = (0..3).find(|&c| !progress[c].1) {
+                        let to = committed[c].min(progress[c].0 + 2);
+                        for seq in progress[c].0 + 1..=to {
+                            results.push(stitcher.accept(row(c, seq), &mut out, HELD_CAP));
+                        }
+                        progress[c] = (to, to == committed[c]);
+                    }
+                }
+                Step::SyncAnswer => {
+                    let Some(progress) = pass.take() else { continue };
+                    for (c, (from, finished)) in progress.into_iter().enumerate() {
+                        if !finished {
+                            for seq in from + 1..=committed[c] {
+                                results.push(stitcher.accept(row(c, seq), &mut out, HELD_CAP));
+                            }
                         }
                     }
-                    feed(Outgoing::Backlog(backlog), &mut out);
-                    feed(Outgoing::SyncEnd { frame: Bytes::from_static(b"synced"), ok: true }, &mut out);
+                    let end = Outgoing::SyncEnd { frame: Bytes::from_static(b"synced"), ok: true };
+                    results.push(stitcher.accept(end, &mut out, HELD_CAP));
                 }
+            }
+            prop_assert!(stitcher.held_len() <= HELD_CAP);
+            let mut closed = false;
+            for r in results {
+                match r {
+                    Stitched::Restart(again) => {
+                        // The engine runs the sync again from the cursors asked for.
+                        let cursor = |c: usize| again.since.iter().find(|(id, _)| *id == *chats[c]).map(|(_, s)| *s);
+                        pass = Some(std::array::from_fn(|c| (cursor(c).expect("every chat keeps a cursor").min(committed[c]), false)));
+                    }
+                    Stitched::GiveUp => {
+                        // The connection is closed; nothing more is written on it.
+                        closed = true;
+                        break;
+                    }
+                    Stitched::Nothing | Stitched::SyncDone => {}
+                }
+            }
+            if closed {
+                break;
             }
         }
         let text: Vec<String> = out.iter().map(|b| String::from_utf8(b.to_vec()).unwrap()).collect();
@@ -178,7 +224,7 @@ proptest! {
         for t in text.iter().filter(|t| t.contains(':')) {
             prop_assert!(seen.insert(t.clone()), "{t} written twice: {text:?}");
         }
-        // After the first completed sync, each chat's messages are strictly increasing with no gap
+        // After the first sync request, each chat's messages are strictly increasing with no gap
         // (above what the client declared it had).
         if let Some(first) = text.iter().position(|t| t.starts_with('|')) {
             let mut last: HashMap<String, u64> = HashMap::new();

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pychat import _core
+from pychat.gateway import Gateway
 from pychat.store import Store
 
 
 class LocalPresence:
-    def __init__(self, gateway: _core.Gateway, store: Store) -> None:
+    def __init__(self, gateway: Gateway, store: Store) -> None:
         self.gateway = gateway
         self.store = store
 

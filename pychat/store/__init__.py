@@ -61,7 +61,7 @@ class PointerRequest(NamedTuple):
 # Results handed to the gateway, one per request (see pychat/_core.pyi):
 #   ("stored", message_id, seq, created_at, attachments_json, duplicate)
 #   ("pointer", delivered_seq, read_seq, moved_delivered, moved_read)
-#   ("synced", backlog_rows, [(chat_id, last_seq), ...])
+#   ("deferred",)  -- a sync: its backlog is streamed in pages (see pychat.sync)
 #   ("error", code, message)
 EngineResult = tuple[Any, ...]
 # (chat_id, seq, message_id, sender_id, content, attachments_json, created_at, client_msg_id)
@@ -114,9 +114,12 @@ class Store(Protocol):
 
     def last_seen_many(self, user_ids: list[str]) -> dict[str, int | None]: ...
 
-    def sync_backlog(
-        self, user_id: str, since: dict[str, int]
-    ) -> tuple[list[BacklogRow], list[tuple[str, int]]]: ...
+    def sync_chats(self, user_id: str, since: dict[str, int]) -> list[tuple[str, int, int]]:
+        """(chat_id, cursor, last_seq) of each of the user's chats; the cursor is `since`'s
+        entry for the chat, or else the user's read pointer."""
+
+    def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
+        """Up to `limit` messages of the chat with seq > `after`, in seq order."""
 
     def history(
         self, chat_id: str, before: int | None, after: int | None, limit: int

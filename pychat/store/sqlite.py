@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -18,7 +19,9 @@ from pychat.errors import ApiError
 from pychat.ids import new_ids, now_ms
 from pychat.store import BacklogRow, Chat, EngineResult, PointerRequest, SendRequest, User
 
-SCHEMA_VERSION = 4
+log = logging.getLogger("pychat.store")
+
+SCHEMA_VERSION = 5
 
 # Messages name their chat and sender by the integer keys `chat_no` / `user_no` rather than
 # the 29-character text ids: every message row and both of its per-chat indexes get smaller,
@@ -57,6 +60,15 @@ CREATE TABLE IF NOT EXISTS user_chats (
     PRIMARY KEY (user_id, chat_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS user_chats_by_chat ON user_chats (chat_id, user_id);
+-- The pointers of those who left a chat, given back if they are added again: a pointer never
+-- moves back, and a sync after re-joining starts where the member had read to (schema 4 -> 5).
+CREATE TABLE IF NOT EXISTS former_members (
+    user_id TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    delivered_seq INTEGER NOT NULL,
+    read_seq INTEGER NOT NULL,
+    PRIMARY KEY (user_id, chat_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS messages (
     chat_no INTEGER NOT NULL,
     seq INTEGER NOT NULL,
@@ -115,6 +127,21 @@ _MESSAGE_MARKS = ", ".join("?" * len(_MESSAGE_COLUMNS.split(", ")))
 _MESSAGE_SELECT = (
     "SELECT c.chat_id, m.seq, m.message_id, u.user_id, m.content, m.attachments, m.created_at, m.client_msg_id"
     " FROM messages m JOIN chats c ON c.chat_no = m.chat_no JOIN users u ON u.user_no = m.sender_no"
+)
+
+# The rows of `list_chats`: chat, unread count, then the last message's columns as in
+# `_MESSAGE_SELECT` after its chat_id (all NULL without messages). The last message is one
+# primary-key seek; the unread count one range of the same key, both inside this one statement.
+_LIST_CHATS = (
+    "SELECT c.chat_id, c.kind, c.title, c.created_by, c.created_at, c.last_seq,"
+    " (SELECT COUNT(*) FROM messages n WHERE n.chat_no = c.chat_no AND n.seq > uc.read_seq"
+    "  AND n.sender_no != COALESCE(me.user_no, -1)),"
+    " m.seq, m.message_id, u.user_id, m.content, m.attachments, m.created_at, m.client_msg_id"
+    " FROM user_chats uc JOIN chats c ON c.chat_id = uc.chat_id"
+    " LEFT JOIN users me ON me.user_id = uc.user_id"
+    " LEFT JOIN messages m ON m.chat_no = c.chat_no AND m.seq = c.last_seq"
+    " LEFT JOIN users u ON u.user_no = m.sender_no"
+    " WHERE uc.user_id = ? ORDER BY c.last_activity DESC, c.chat_id"
 )
 
 
@@ -322,40 +349,60 @@ class SqliteStore:
         return self._get_chat(self._conn(), chat_id)
 
     def list_chats(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's chats, newest activity first, each with its members, last message and unread
+        count (messages above the read pointer, the user's own not counted): two queries on one
+        snapshot, whatever the number of chats."""
         c = self._conn()
-        rows = c.execute(
-            "SELECT c.chat_no, c.chat_id, c.kind, c.title, c.created_by, c.created_at, c.last_seq, uc.read_seq"
-            " FROM user_chats uc JOIN chats c ON c.chat_id = uc.chat_id"
-            " WHERE uc.user_id = ? ORDER BY c.last_activity DESC, c.chat_id",
-            (user_id,),
-        ).fetchall()
-        user_no = c.execute("SELECT user_no FROM users WHERE user_id = ?", (user_id,)).fetchone()
+        c.execute("BEGIN")
+        try:
+            rows = c.execute(_LIST_CHATS, (user_id,)).fetchall()
+            members: dict[str, list[str]] = {}
+            for chat_id, member in c.execute(
+                "SELECT theirs.chat_id, theirs.user_id FROM user_chats mine"
+                " JOIN user_chats theirs ON theirs.chat_id = mine.chat_id"
+                " WHERE mine.user_id = ? ORDER BY theirs.joined_at, theirs.user_id",
+                (user_id,),
+            ):
+                members.setdefault(chat_id, []).append(member)
+        finally:
+            c.execute("COMMIT")
         out = []
-        for chat_no, chat_id, kind, title, created_by, created_at, last_seq, read_seq in rows:
-            chat = Chat(chat_id, kind, title, created_by, created_at, last_seq, self._members(c, chat_id))
+        for row in rows:
+            chat_id, kind, title, created_by, created_at, last_seq, unread = row[:7]
+            chat = Chat(chat_id, kind, title, created_by, created_at, last_seq, members.get(chat_id, []))
             item = chat.to_json()
-            last = c.execute(
-                f"{_MESSAGE_SELECT} WHERE m.chat_no = ? AND m.seq = ?", (chat_no, last_seq)
-            ).fetchone()
-            item["last_message"] = _message_json(last) if last else None
-            (unread,) = c.execute(
-                "SELECT COUNT(*) FROM messages WHERE chat_no = ? AND seq > ? AND sender_no != ?",
-                (chat_no, read_seq, user_no[0] if user_no else -1),
-            ).fetchone()
+            last = (chat_id, *row[7:])
+            item["last_message"] = _message_json(last) if last[2] is not None else None
             item["unread"] = unread
             out.append(item)
         return out
 
     def add_member(self, chat_id: str, user_id: str) -> bool:
+        """Adds a member; one who was a member before gets its delivered and read pointers back."""
         with self._write() as c:
+            former = c.execute(
+                "SELECT delivered_seq, read_seq FROM former_members WHERE user_id = ? AND chat_id = ?",
+                (user_id, chat_id),
+            ).fetchone()
+            delivered, read = former or (0, 0)
             cur = c.execute(
-                "INSERT OR IGNORE INTO user_chats (user_id, chat_id, joined_at) VALUES (?, ?, ?)",
-                (user_id, chat_id, now_ms()),
+                "INSERT OR IGNORE INTO user_chats (user_id, chat_id, delivered_seq, read_seq, joined_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (user_id, chat_id, delivered, read, now_ms()),
             )
+            if cur.rowcount == 1 and former:
+                c.execute("DELETE FROM former_members WHERE user_id = ? AND chat_id = ?", (user_id, chat_id))
             return cur.rowcount == 1
 
     def remove_member(self, chat_id: str, user_id: str) -> bool:
+        """Removes a member, keeping its pointers for `add_member` to give back."""
         with self._write() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO former_members (user_id, chat_id, delivered_seq, read_seq)"
+                " SELECT user_id, chat_id, delivered_seq, read_seq FROM user_chats"
+                " WHERE user_id = ? AND chat_id = ?",
+                (user_id, chat_id),
+            )
             cur = c.execute("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?", (user_id, chat_id))
             return cur.rowcount == 1
 
@@ -416,6 +463,8 @@ class SqliteStore:
         pointers: list[PointerRequest],
         seen: list[tuple[str, int]] | None = None,
     ) -> tuple[list[EngineResult], list[EngineResult]]:
+        """Stores the batch in one transaction. Each send is answered on its own: a send that
+        cannot be stored gets an error while the others are stored, numbered without a gap."""
         pointer_results: list[EngineResult] = []
         with self._write() as c:
             # A few queries for the whole batch instead of two per chat: each chat's last seq and
@@ -423,28 +472,26 @@ class SqliteStore:
             chats = self._chats(c, {s.chat_id for s in sends} | {p.chat_id for p in pointers})
             last_seq = {chat_id: last for chat_id, (_, last) in chats.items()}
             members = self._memberships(c, {(s.sender_id, s.chat_id) for s in sends})
-            keys = _Keys({chat_id: no for chat_id, (no, _) in chats.items()}, members)
+            # Senders who have left one of the chats (rare): a retry of what they sent while members
+            # is answered from the idempotency index, anything else is refused.
+            outsiders = [s for s in sends if s.chat_id in chats and (s.sender_id, s.chat_id) not in members]
+            keys = _Keys(
+                {chat_id: no for chat_id, (no, _) in chats.items()},
+                members,
+                self._user_nos(c, {s.sender_id for s in outsiders}),
+            )
 
             created_at = now_ms()  # one commit, one time
             message_ids = new_ids("m", len(sends))
             # Retries the server has not seen since it started are rare (the gateway answers the
-            # rest from memory), so first assume none is stored: insert, and only if a row was
-            # ignored as a duplicate undo that and look every send up through the idempotency index.
-            plan = self._plan_sends(c, sends, dict(last_seq), keys, {}, created_at, message_ids)
-            before = c.total_changes
-            c.execute("SAVEPOINT fresh")
-            c.executemany(
-                f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})", plan.rows
-            )
-            if c.total_changes - before == len(plan.rows):
-                c.execute("RELEASE fresh")
-            else:
-                c.execute("ROLLBACK TO fresh")
-                c.execute("RELEASE fresh")
+            # rest from memory), so first assume none is stored: insert all in one statement, and
+            # only if a row did not go in undo that and store send by send (`_insert_one`).
+            stored_before = self._stored_already(c, outsiders, keys) if outsiders else {}
+            plan = self._plan_sends(c, sends, dict(last_seq), keys, stored_before, created_at, message_ids)
+            if not self._insert_fresh(c, plan.rows):
                 existing = self._stored_already(c, sends, keys)
-                plan = self._plan_sends(c, sends, dict(last_seq), keys, existing, created_at, message_ids)
-                c.executemany(
-                    f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})", plan.rows
+                plan = self._plan_sends(
+                    c, sends, dict(last_seq), keys, existing, created_at, message_ids, one_by_one=True
                 )
             send_results, last_seq, touched = plan.results, plan.last_seq, plan.touched
             c.executemany(
@@ -460,6 +507,24 @@ class SqliteStore:
                 )
         return send_results, pointer_results
 
+    @staticmethod
+    def _insert_fresh(c: sqlite3.Connection, rows: list[list[Any]]) -> bool:
+        """Inserts every row in one statement; False, with nothing inserted, if any row was
+        refused (stored already, or any other conflict)."""
+        before = c.total_changes
+        c.execute("SAVEPOINT fresh")
+        try:
+            c.executemany(
+                f"INSERT OR IGNORE INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})", rows
+            )
+            inserted_all = c.total_changes - before == len(rows)
+        except sqlite3.IntegrityError:  # e.g. a constraint OR IGNORE does not cover
+            inserted_all = False
+        if not inserted_all:
+            c.execute("ROLLBACK TO fresh")
+        c.execute("RELEASE fresh")
+        return inserted_all
+
     def _plan_sends(
         self,
         c: sqlite3.Connection,
@@ -469,8 +534,11 @@ class SqliteStore:
         existing: dict[tuple[str, str, str], tuple[Any, ...]],
         created_at: int,
         message_ids: list[str],
+        one_by_one: bool = False,
     ) -> _SendPlan:
-        """Each send's result and row: stored already, refused, or the next seq of its chat."""
+        """Each send's result and row: stored already, refused, or the next seq of its chat.
+        `one_by_one` also inserts each row as it is planned, so a row the store refuses takes no
+        seq: the chat's later sends move down and its numbering stays gap-free."""
         plan = _SendPlan(rows=[], results=[], last_seq=last_seq, touched={})
         ids = iter(message_ids)
         planned: dict[tuple[str, str, str], EngineResult] = {}  # the same key twice in one batch
@@ -488,32 +556,81 @@ class SqliteStore:
                 plan.results.append(("error", "not_found", "no such chat"))
                 continue
             sender_no = keys.sender_no.get((s.sender_id, s.chat_id))
-            if sender_no is None:  # removed while the send was queued
+            if sender_no is None:  # removed while the send was queued, or before a retry
                 plan.results.append(("error", "forbidden", "not a member of this chat"))
                 continue
             attachments, error = self._resolve_attachments(c, s)
             if error:
                 plan.results.append(error)
                 continue
-            seq = last + 1
-            message_id = next(ids)
-            plan.rows.append(
-                (
-                    keys.chat_no[s.chat_id],
-                    seq,
-                    message_id,
-                    sender_no,
-                    s.content,
-                    attachments,
-                    created_at,
-                    s.client_msg_id,
-                )
-            )
+            row: list[Any] = [
+                keys.chat_no[s.chat_id],
+                last + 1,
+                next(ids),
+                sender_no,
+                s.content,
+                attachments,
+                created_at,
+                s.client_msg_id,
+            ]
+            if one_by_one:
+                refused = self._insert_one(c, row)
+                if refused is not None:
+                    plan.results.append(refused)
+                    if refused[0] == "stored":
+                        planned[key] = refused
+                    continue
+            seq, message_id = row[1], row[2]  # `_insert_one` may have changed them
+            plan.rows.append(row)
             last_seq[s.chat_id] = seq
             plan.touched[s.chat_id] = created_at
             planned[key] = ("stored", message_id, seq, created_at, attachments, False)
             plan.results.append(planned[key])
         return plan
+
+    @staticmethod
+    def _insert_one(c: sqlite3.Connection, row: list[Any]) -> EngineResult | None:
+        """Inserts one message row in a savepoint of its own. Repairs what can be repaired safely
+        and tries again: a message_id taken draws a new one; a seq taken (the chat's last_seq fell
+        behind its messages, e.g. an old backup of `chats` restored) continues after the chat's
+        highest stored seq, so no seq is ever used twice. None: stored (`row` holds the id and seq
+        it was stored with); else the send's result: the stored original, or an error."""
+        chat_no, _, _, sender_no, _, _, _, client_msg_id = row
+        for _ in range(_REPAIRS):
+            c.execute("SAVEPOINT one")
+            try:
+                c.execute(f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})", row)
+            except sqlite3.IntegrityError as e:
+                c.execute("ROLLBACK TO one")
+                c.execute("RELEASE one")
+                failure = e
+            else:
+                c.execute("RELEASE one")
+                return None
+            original = c.execute(
+                "SELECT message_id, seq, created_at, attachments FROM messages"
+                " WHERE client_msg_id = ? AND chat_no = ? AND sender_no = ?",
+                (client_msg_id, chat_no, sender_no),
+            ).fetchone()
+            if original is not None:
+                return ("stored", *original, True)
+            if c.execute("SELECT 1 FROM messages WHERE message_id = ?", (row[2],)).fetchone():
+                log.warning("message id %s is taken; drawing another", row[2])
+                row[2] = new_ids("m", 1)[0]
+                continue
+            (top,) = c.execute("SELECT MAX(seq) FROM messages WHERE chat_no = ?", (chat_no,)).fetchone()
+            if top is not None and top >= row[1]:
+                log.warning(
+                    "chat %s: seq %d is taken (last_seq is behind its messages); continuing after %d",
+                    chat_no,
+                    row[1],
+                    top,
+                )
+                row[1] = top + 1
+                continue
+            break
+        log.error("a message of chat %s could not be stored: %s", chat_no, failure)
+        return ("error", "internal", "the store refused this message; it was not stored")
 
     @staticmethod
     def _chats(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, tuple[int, int]]:
@@ -549,26 +666,31 @@ class SqliteStore:
         return found
 
     @staticmethod
+    def _user_nos(c: sqlite3.Connection, user_ids: set[str]) -> dict[str, int]:
+        """user_id -> user_no of the users that exist."""
+        ids = list(user_ids)
+        found: dict[str, int] = {}
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            found.update(c.execute(f"SELECT user_id, user_no FROM users WHERE user_id IN ({marks})", chunk))
+        return found
+
+    @staticmethod
     def _stored_already(
         c: sqlite3.Connection, sends: list[SendRequest], keys: _Keys
     ) -> dict[tuple[str, str, str], tuple[Any, ...]]:
         """(chat_id, sender_id, client_msg_id) -> (message_id, seq, created_at, attachments) of
-        the sends that are stored already, found through the idempotency index in a few queries.
-        (A message's sender is a member when it is stored: other sends cannot be retries.)"""
+        the sends that are stored already, found through the idempotency index in a few queries;
+        also those of senders who have left the chat since (`keys.former_no`)."""
         found: dict[tuple[str, str, str], tuple[Any, ...]] = {}
-        known = [s for s in sends if (s.sender_id, s.chat_id) in keys.sender_no]
+        known = [(s, no) for s in sends if (no := keys.user_no(s)) is not None]
         for start in range(0, len(known), _CHUNK):
             chunk = known[start : start + _CHUNK]
             params = [
                 v
-                for s in chunk
-                for v in (
-                    s.chat_id,
-                    s.sender_id,
-                    s.client_msg_id,
-                    keys.chat_no[s.chat_id],
-                    keys.sender_no[(s.sender_id, s.chat_id)],
-                )
+                for s, sender_no in chunk
+                for v in (s.chat_id, s.sender_id, s.client_msg_id, keys.chat_no[s.chat_id], sender_no)
             ]
             for row in c.execute(_stored_lookup_sql(len(chunk)), params):
                 found[(row[0], row[1], row[2])] = row[3:]
@@ -616,31 +738,30 @@ class SqliteStore:
             )
         return ("pointer", new_delivered, new_read, moved_d, moved_r)
 
-    def sync_backlog(
-        self, user_id: str, since: dict[str, int]
-    ) -> tuple[list[BacklogRow], list[tuple[str, int]]]:
-        c = self._conn()
-        c.execute("BEGIN")  # one snapshot for the pointers and the messages
-        try:
-            chats = c.execute(
+    def sync_chats(self, user_id: str, since: dict[str, int]) -> list[tuple[str, int, int]]:
+        """(chat_id, cursor, last_seq) of each of the user's chats: the cursor is the client's
+        (`since`) or else the user's read pointer."""
+        rows = (
+            self._conn()
+            .execute(
                 "SELECT uc.chat_id, uc.read_seq, c.last_seq FROM user_chats uc"
                 " JOIN chats c ON c.chat_id = uc.chat_id WHERE uc.user_id = ?",
                 (user_id,),
-            ).fetchall()
-            backlog: list[BacklogRow] = []
-            for chat_id, read_seq, last in chats:
-                cursor = since.get(chat_id, read_seq)
-                if last <= cursor:
-                    continue  # only chats with something new cost a query
-                backlog.extend(
-                    c.execute(
-                        f"{_MESSAGE_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq",
-                        (chat_id, cursor),
-                    ).fetchall()
-                )
-        finally:
-            c.execute("COMMIT")
-        return backlog, [(chat_id, last) for chat_id, _, last in chats]
+            )
+            .fetchall()
+        )
+        return [(chat_id, since.get(chat_id, read_seq), last) for chat_id, read_seq, last in rows]
+
+    def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
+        """Up to `limit` messages of the chat with seq > `after`, in seq order."""
+        return (
+            self._conn()
+            .execute(
+                f"{_MESSAGE_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+                (chat_id, after, limit),
+            )
+            .fetchall()
+        )
 
     def history(
         self, chat_id: str, before: int | None, after: int | None, limit: int
@@ -684,15 +805,24 @@ class SqliteStore:
 @dataclass
 class _Keys:
     """The integer keys a batch's rows use: its chats' `chat_no`, and the `user_no` of each
-    (sender, chat) that is a membership."""
+    (sender, chat) that is a membership; `former_no` has the `user_no` of senders who are not
+    (any longer) members of the chat they send to, for finding what they sent while they were."""
 
     chat_no: dict[str, int]
     sender_no: dict[tuple[str, str], int]
+    former_no: dict[str, int]
+
+    def user_no(self, s: SendRequest) -> int | None:
+        """The sender's user_no if its send can be a retry of a stored one (the chat exists)."""
+        if s.chat_id not in self.chat_no:
+            return None
+        no = self.sender_no.get((s.sender_id, s.chat_id))
+        return no if no is not None else self.former_no.get(s.sender_id)
 
 
 @dataclass
 class _SendPlan:
-    rows: list[tuple[Any, ...]]
+    rows: list[list[Any]]
     results: list[EngineResult]
     last_seq: dict[str, int]
     touched: dict[str, int]
@@ -711,6 +841,10 @@ def _stored_lookup_sql(n: int) -> str:
 
 # Rows per batched lookup: 3 parameters each stays far below SQLite's 32,766.
 _CHUNK = 500
+
+# Attempts to store one message on the slow path: a taken message_id and a taken seq are each
+# repaired, then tried again (a freshly drawn id has 64 random bits: colliding twice is not expected).
+_REPAIRS = 4
 
 
 class _WriteTxn:

@@ -7,10 +7,11 @@ use parking_lot::Mutex;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 use serde_json::value::RawValue;
 
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::hub::{BacklogRow, EngineEvent, EngineResult, SidePathConfig, TicketOutcome};
+use crate::hub::{BacklogRow, EngineEvent, EngineResult, SyncPush, TicketOutcome};
 use crate::protocol::{Ack, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
 use crate::sequencer::UserId;
 use crate::token::TokenVerifier;
@@ -41,6 +42,73 @@ fn ack_tuple(ack: &Ack) -> (&'static str, String, u64, u64) {
     ("ack", ack.message_id.clone(), ack.seq, ack.created_at)
 }
 
+/// The gateway's settings as Python names them: each name, its Rust field, and its type.
+/// `gateway_defaults()` reads this table off `GatewayConfig::default()` (the only defaults),
+/// and `Gateway(settings=...)` writes it; Python's configuration takes its defaults from the
+/// first, so a setting is declared once.
+macro_rules! settings_table {
+    ($defaults:ident, $apply:ident, $root:ident: $root_ty:ty, { $($name:ident : $ty:ty => $($path:ident).+),* $(,)? }) => {
+        fn $defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+            let $root = <$root_ty>::default();
+            let d = PyDict::new(py);
+            $( d.set_item(stringify!($name), $root.$($path).+.clone())?; )*
+            Ok(d)
+        }
+
+        fn $apply($root: &mut $root_ty, values: &Bound<'_, PyDict>) -> PyResult<()> {
+            for (key, value) in values.iter() {
+                let key: String = key.extract()?;
+                match key.as_str() {
+                    $( stringify!($name) => {
+                        $root.$($path).+ = value.extract::<$ty>().map_err(|e| {
+                            PyValueError::new_err(format!("setting {key}: {e}"))
+                        })?;
+                    } )*
+                    _ => return Err(PyValueError::new_err(format!("unknown gateway setting {key:?}"))),
+                }
+            }
+            Ok(())
+        }
+    };
+}
+
+settings_table!(gateway_setting_defaults, apply_gateway_settings, c: GatewayConfig, {
+    heartbeat_s: u64 => heartbeat_s,
+    queue_capacity: usize => queue_capacity,
+    sync_hold_capacity: usize => sync_hold_capacity,
+    read_buffer_bytes: usize => read_buffer_bytes,
+    runtime_threads: usize => runtime_threads,
+    engine_queue_capacity: usize => engine_queue_capacity,
+    idempotency_window: usize => window.capacity,
+    idempotency_ttl_ms: u64 => window.ttl_ms,
+    in_flight_deadline_ms: u64 => window.in_flight_deadline_ms,
+    max_bad_frames: u32 => max_bad_frames,
+    side_tick_ms: u64 => tick_ms,
+    typing_ttl_ms: u64 => side_paths.typing_ttl_ms,
+    typing_min_interval_ms: u64 => side_paths.typing_min_interval_ms,
+    presence_grace_ms: u64 => side_paths.presence_grace_ms,
+    upgrades_per_s: f64 => upgrades_per_s,
+    upgrade_burst: f64 => upgrade_burst,
+    max_connections: usize => max_connections,
+    max_handshakes: usize => max_handshakes,
+    handshakes_per_address: usize => handshakes_per_address,
+    handshake_timeout_ms: u64 => handshake_timeout_ms,
+    send_per_s: f64 => send_per_s,
+    send_burst: f64 => send_burst,
+    requests_per_s: f64 => requests_per_s,
+    requests_burst: f64 => requests_burst,
+});
+
+settings_table!(limit_defaults, apply_limits, l: Limits, {
+    max_frame_bytes: usize => max_frame_bytes,
+    max_content_bytes: usize => max_content_bytes,
+    max_attachments: usize => max_attachments,
+    max_client_msg_id_bytes: usize => max_client_msg_id_bytes,
+    max_id_bytes: usize => max_id_bytes,
+    max_sync_chats: usize => max_sync_chats,
+    max_subscribe: usize => max_subscribe,
+});
+
 /// The running WebSocket gateway (see `pychat._core.pyi`).
 #[pyclass(name = "Gateway", frozen, module = "pychat._core")]
 struct PyGateway {
@@ -51,75 +119,27 @@ struct PyGateway {
 #[pymethods]
 impl PyGateway {
     #[new]
-    #[pyo3(signature = (*, host, port, secret, heartbeat_s=25, queue_capacity=4096, read_buffer_bytes=4096,
-        runtime_threads=2, engine_queue_capacity=16384, window_capacity=1_000_000, window_ttl_s=86400,
-        max_bad_frames=20, max_frame_bytes=262144, max_content_bytes=65536, max_attachments=10,
-        max_subscribe=1000, typing_ttl_ms=6000, typing_min_interval_ms=2000, presence_grace_ms=5000,
-        tick_ms=200, upgrades_per_s=2000.0, upgrade_burst=4000.0, max_connections=0, send_per_s=200.0,
-        send_burst=400.0, allowed_origins=Vec::new()))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (*, host, port, secret, settings, limits, allowed_origins=Vec::new()))]
     fn new(
         host: String,
         port: u16,
         secret: Vec<u8>,
-        heartbeat_s: u64,
-        queue_capacity: usize,
-        read_buffer_bytes: usize,
-        runtime_threads: usize,
-        engine_queue_capacity: usize,
-        window_capacity: usize,
-        window_ttl_s: u64,
-        max_bad_frames: u32,
-        max_frame_bytes: usize,
-        max_content_bytes: usize,
-        max_attachments: usize,
-        max_subscribe: usize,
-        typing_ttl_ms: u64,
-        typing_min_interval_ms: u64,
-        presence_grace_ms: u64,
-        tick_ms: u64,
-        upgrades_per_s: f64,
-        upgrade_burst: f64,
-        max_connections: usize,
-        send_per_s: f64,
-        send_burst: f64,
+        settings: &Bound<'_, PyDict>,
+        limits: &Bound<'_, PyDict>,
         allowed_origins: Vec<String>,
     ) -> PyResult<Self> {
         if secret.len() < 16 {
             return Err(PyValueError::new_err("secret must be at least 16 bytes"));
         }
-        let config = GatewayConfig {
+        let mut config = GatewayConfig {
             host,
             port,
             secret,
-            heartbeat_s,
-            queue_capacity,
-            read_buffer_bytes,
-            runtime_threads,
-            engine_queue_capacity,
-            window_capacity,
-            window_ttl_ms: window_ttl_s.saturating_mul(1000),
-            max_bad_frames,
-            limits: Limits {
-                max_frame_bytes,
-                max_content_bytes,
-                max_attachments,
-                max_subscribe,
-                ..Limits::default()
-            },
-            side_paths: SidePathConfig {
-                typing_ttl_ms,
-                typing_min_interval_ms,
-                presence_grace_ms,
-            },
-            tick_ms,
-            upgrades_per_s,
-            upgrade_burst,
-            max_connections,
-            send_per_s,
-            send_burst,
             allowed_origins,
+            ..GatewayConfig::default()
         };
+        apply_gateway_settings(&mut config, settings)?;
+        apply_limits(&mut config.limits, limits)?;
         let inner = Gateway::start(config)
             .map_err(|e| PyOSError::new_err(format!("gateway failed to start: {e}")))?;
         Ok(Self {
@@ -152,52 +172,17 @@ impl PyGateway {
         if batch.is_empty() && !self.inner.is_running() {
             return Ok(None);
         }
-        let mut out = Vec::with_capacity(batch.len());
-        for ev in &batch {
-            let obj = match ev {
-                EngineEvent::Send {
-                    key,
-                    content,
-                    attachments,
-                    ..
-                } => (
-                    "send",
-                    &*key.sender,
-                    &*key.chat,
-                    &*key.client_msg_id,
-                    content.as_str(),
-                    attachments.clone(),
-                )
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind(),
-                EngineEvent::Pointer {
-                    user,
-                    chat,
-                    kind,
-                    seq,
-                    ..
-                } => (kind.as_str(), &**user, &**chat, *seq)
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind(),
-                EngineEvent::Sync { user, since, .. } => ("sync", &**user, since.clone())
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind(),
-                EngineEvent::Seen { user, at } => ("seen", &**user, *at)
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind(),
-                EngineEvent::PresenceQuery { user, user_ids, .. } => {
-                    ("presence.query", &**user, user_ids.clone())
-                        .into_pyobject(py)?
-                        .into_any()
-                        .unbind()
+        let out = match events_to_python(py, &batch) {
+            Ok(out) => out,
+            Err(e) => {
+                // The batch cannot reach the engine: its senders hear so now.
+                let error = FrameError::new(ErrorCode::Internal, format!("engine batch: {e}"));
+                for ev in batch {
+                    self.inner.abandon(ev, &error);
                 }
-            };
-            out.push(obj);
-        }
+                return Err(e);
+            }
+        };
         if !batch.is_empty() {
             *self.in_flight.lock() = Some(batch);
         }
@@ -338,10 +323,131 @@ impl PyGateway {
         self.inner.hub().counters.snapshot()
     }
 
+    /// Hands one page of a connection's `sync` backlog to it: rows are `(chat_id, seq,
+    /// message_id, sender_id, content, attachments_json, created_at, client_msg_id)`, each
+    /// chat's in seq order. "queued", "full" (no room now: hand the same page again later)
+    /// or "closed" (stop).
+    fn sync_rows(
+        &self,
+        py: Python<'_>,
+        conn: u64,
+        rows: Vec<BacklogTuple>,
+    ) -> PyResult<&'static str> {
+        let mut backlog = Vec::with_capacity(rows.len());
+        for (
+            chat_id,
+            seq,
+            message_id,
+            sender_id,
+            content,
+            attachments,
+            created_at,
+            client_msg_id,
+        ) in rows
+        {
+            backlog.push(BacklogRow {
+                chat_id,
+                seq,
+                message_id,
+                sender_id,
+                content,
+                attachments: raw_json(attachments)?,
+                created_at,
+                client_msg_id,
+            });
+        }
+        Ok(match py.detach(|| self.inner.sync_rows(conn, &backlog)) {
+            SyncPush::Queued => "queued",
+            SyncPush::Full => "full",
+            SyncPush::Closed => "closed",
+        })
+    }
+
+    /// Ends a connection's `sync` answer with `synced` (each chat's last seq).
+    #[pyo3(signature = (conn, reference, chats))]
+    fn sync_end(&self, conn: u64, reference: Option<&str>, chats: Vec<(String, u64)>) {
+        self.inner.sync_end(conn, reference, &chats);
+    }
+
+    /// Ends a connection's `sync` answer with an error frame.
+    #[pyo3(signature = (conn, reference, code, message))]
+    fn sync_failed(&self, conn: u64, reference: Option<&str>, code: &str, message: String) {
+        let code = ErrorCode::parse(code).unwrap_or(ErrorCode::Internal);
+        self.inner
+            .sync_failed(conn, reference, FrameError::new(code, message));
+    }
+
     fn shutdown(&self, py: Python<'_>) {
         py.detach(|| self.inner.shutdown());
     }
 }
+
+/// The batch's events as Python tuples (see `_core.pyi`).
+fn events_to_python(py: Python<'_>, batch: &[EngineEvent]) -> PyResult<Vec<Py<PyAny>>> {
+    let mut out = Vec::with_capacity(batch.len());
+    for ev in batch {
+        let obj = match ev {
+            EngineEvent::Send {
+                key,
+                content,
+                attachments,
+                ..
+            } => (
+                "send",
+                &*key.sender,
+                &*key.chat,
+                &*key.client_msg_id,
+                content.as_str(),
+                attachments.clone(),
+            )
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
+            EngineEvent::Pointer {
+                user,
+                chat,
+                kind,
+                seq,
+                ..
+            } => (kind.as_str(), &**user, &**chat, *seq)
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
+            EngineEvent::Sync {
+                conn,
+                user,
+                since,
+                reference,
+            } => ("sync", &**user, since.clone(), *conn, reference.as_deref())
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
+            EngineEvent::Seen { user, at } => ("seen", &**user, *at)
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
+            EngineEvent::PresenceQuery { user, user_ids, .. } => {
+                ("presence.query", &**user, user_ids.clone())
+                    .into_pyobject(py)?
+                    .into_any()
+                    .unbind()
+            }
+        };
+        out.push(obj);
+    }
+    Ok(out)
+}
+
+type BacklogTuple = (
+    String,
+    u64,
+    String,
+    String,
+    String,
+    String,
+    u64,
+    Option<String>,
+);
 
 fn extract_result(r: &Bound<'_, PyAny>) -> PyResult<EngineResult> {
     let tag: String = r.get_item(0)?.extract()?;
@@ -373,43 +479,7 @@ fn extract_result(r: &Bound<'_, PyAny>) -> PyResult<EngineResult> {
                 moved_read,
             }
         }
-        "synced" => {
-            type Row = (
-                String,
-                u64,
-                String,
-                String,
-                String,
-                String,
-                u64,
-                Option<String>,
-            );
-            let (_, rows, chats): (String, Vec<Row>, Vec<(String, u64)>) = r.extract()?;
-            let mut backlog = Vec::with_capacity(rows.len());
-            for (
-                chat_id,
-                seq,
-                message_id,
-                sender_id,
-                content,
-                attachments,
-                created_at,
-                client_msg_id,
-            ) in rows
-            {
-                backlog.push(BacklogRow {
-                    chat_id,
-                    seq,
-                    message_id,
-                    sender_id,
-                    content,
-                    attachments: raw_json(attachments)?,
-                    created_at,
-                    client_msg_id,
-                });
-            }
-            EngineResult::Synced { backlog, chats }
-        }
+        "deferred" => EngineResult::Deferred,
         "ok" => EngineResult::Done,
         "presence" => {
             let (_, info): (String, Vec<(String, bool, Option<u64>)>) = r.extract()?;
@@ -447,9 +517,27 @@ fn verify_token(secret: &[u8], token: &str, now_ms: u64) -> PyResult<String> {
         .map_err(|e| TokenError::new_err(e.to_string()))
 }
 
+/// Every gateway setting's default, by the name Python's configuration gives it.
+#[pyfunction]
+fn gateway_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    gateway_setting_defaults(py)
+}
+
+/// The defaults of the frame limits the gateway enforces.
+#[pyfunction]
+fn frame_limit_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    limit_defaults(py)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGateway>()?;
+    m.add_function(wrap_pyfunction!(gateway_defaults, m)?)?;
+    m.add_function(wrap_pyfunction!(frame_limit_defaults, m)?)?;
+    m.add(
+        "ERROR_CODES",
+        ErrorCode::ALL.map(ErrorCode::as_str).to_vec(),
+    )?;
     m.add_function(wrap_pyfunction!(sign_token, m)?)?;
     m.add_function(wrap_pyfunction!(verify_token, m)?)?;
     m.add("GatewayError", m.py().get_type::<GatewayError>())?;
