@@ -9,7 +9,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from pychat import _core
+from pychat import gateway as _core
 from pychat.client import ChatClient, ChatError
 from tests.conftest import PASSWORD, Clients, ServerProcess, unique_name
 
