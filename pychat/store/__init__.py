@@ -90,8 +90,12 @@ class Store(Protocol):
 
     def get_chat(self, chat_id: str) -> Chat | None: ...
     def list_chats(self, user_id: str) -> list[dict[str, Any]]: ...
-    def add_member(self, chat_id: str, user_id: str) -> bool: ...
-    def remove_member(self, chat_id: str, user_id: str) -> bool: ...
+    def add_member(self, chat_id: str, user_id: str) -> bool:
+        """Adds a member; one who was a member before gets its delivered/read pointers back."""
+
+    def remove_member(self, chat_id: str, user_id: str) -> bool:
+        """Removes a member, keeping its pointers for a later `add_member`."""
+
     def is_member(self, chat_id: str, user_id: str) -> bool: ...
     def all_memberships(self) -> list[tuple[str, str, list[str]]]:
         """(chat_id, kind, members) of every chat."""
@@ -104,7 +108,10 @@ class Store(Protocol):
         seen: list[tuple[str, int]] | None = None,
     ) -> tuple[list[EngineResult], list[EngineResult]]:
         """Stores every send, moves every pointer and records every (user_id, last_seen)
-        in ONE transaction; on any store failure nothing of the batch is written and the
+        in ONE transaction, with one result per send and per pointer. A send the store cannot
+        take gets an error result of its own (the others are stored, each chat numbered without
+        a gap); a retry, also by a sender who has left the chat since, gets the original
+        message. On a failure of the store itself nothing of the batch is written and the
         exception propagates."""
 
     # presence
