@@ -157,11 +157,16 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-/// Answers a socket that got no slot without reading its request, then closes it.
+/// Answers a socket that got no slot without reading its request, then closes it. Its
+/// request is read and dropped until the peer closes (a second at most), so the close does
+/// not turn into a reset that would destroy the answer before the client reads it.
 async fn refuse(mut stream: TcpStream, refusal: Refusal) {
     let said = async {
         stream.write_all(&refusal.response()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        Ok::<(), io::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), said).await;
 }
