@@ -1,11 +1,24 @@
 """Type stubs of the Rust extension (checked against the module by mypy.stubtest)."""
 
-from typing import Any, final
+from collections.abc import Sequence
+from typing import final
 
 __all__ = [
     "ERROR_CODES",
+    "Acked",
+    "Deferred",
+    "Done",
+    "Failed",
     "Gateway",
     "GatewayError",
+    "PointerEvent",
+    "PointerMoved",
+    "PresenceInfo",
+    "PresenceQuery",
+    "SeenEvent",
+    "SendEvent",
+    "Stored",
+    "SyncEvent",
     "TokenError",
     "frame_limit_defaults",
     "gateway_defaults",
@@ -17,6 +30,124 @@ ERROR_CODES: list[str]
 
 def gateway_defaults() -> dict[str, int | float]: ...
 def frame_limit_defaults() -> dict[str, int]: ...
+
+# Engine events (made by the gateway, read by the engine).
+
+@final
+class SendEvent:
+    @property
+    def sender_id(self) -> str: ...
+    @property
+    def chat_id(self) -> str: ...
+    @property
+    def client_msg_id(self) -> str: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def attachments(self) -> list[str]: ...
+
+@final
+class PointerEvent:
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def chat_id(self) -> str: ...
+    @property
+    def kind(self) -> str:
+        """ "delivered" or "read"."""
+    @property
+    def seq(self) -> int: ...
+
+@final
+class SyncEvent:
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def since(self) -> dict[str, int]: ...
+    @property
+    def conn(self) -> int: ...
+    @property
+    def reference(self) -> str | None: ...
+
+@final
+class SeenEvent:
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def at(self) -> int: ...
+
+@final
+class PresenceQuery:
+    @property
+    def viewer_id(self) -> str: ...
+    @property
+    def user_ids(self) -> list[str]: ...
+
+# Results (made by the engine and the stores, read by the gateway).
+
+@final
+class Stored:
+    def __new__(
+        cls, message_id: str, seq: int, created_at: int, content: str, attachments: str, duplicate: bool
+    ) -> Stored: ...
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def created_at(self) -> int: ...
+    @property
+    def content(self) -> str: ...
+    @property
+    def attachments(self) -> str:
+        """The attachment objects as a JSON array."""
+    @property
+    def duplicate(self) -> bool: ...
+
+@final
+class PointerMoved:
+    def __new__(
+        cls, delivered: int, read: int, moved_delivered: bool = False, moved_read: bool = False
+    ) -> PointerMoved: ...
+    @property
+    def delivered(self) -> int: ...
+    @property
+    def read(self) -> int: ...
+    @property
+    def moved_delivered(self) -> bool: ...
+    @property
+    def moved_read(self) -> bool: ...
+
+@final
+class Failed:
+    def __new__(cls, code: str, message: str) -> Failed: ...
+    @property
+    def code(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+
+@final
+class Done:
+    def __new__(cls) -> Done: ...
+
+@final
+class Deferred:
+    def __new__(cls) -> Deferred: ...
+
+@final
+class PresenceInfo:
+    def __new__(cls, users: list[tuple[str, bool, int | None]]) -> PresenceInfo: ...
+    @property
+    def users(self) -> list[tuple[str, bool, int | None]]: ...
+
+@final
+class Acked:
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def created_at(self) -> int: ...
 
 class GatewayError(Exception):
     """A request refused by the gateway: args are (code, message)."""
@@ -42,15 +173,15 @@ class Gateway:
 
     @property
     def port(self) -> int: ...
-    def next_batch(self, max_events: int, timeout_ms: int) -> list[tuple[Any, ...]] | None:
-        """Events: ("send", user, chat, client_msg_id, content, [media_id]),
-        ("delivered"|"read", user, chat, seq), ("sync", user, [(chat, seq)], conn, ref),
-        ("seen", user, last_seen_ms), ("presence.query", viewer, [user_id])."""
-
-    def complete_batch(self, results: list[tuple[Any, ...]]) -> None:
+    def next_batch(
+        self, max_events: int, timeout_ms: int
+    ) -> list[SendEvent | PointerEvent | SyncEvent | SeenEvent | PresenceQuery] | None: ...
+    def complete_batch(
+        self, results: Sequence[Stored | PointerMoved | Failed | Done | Deferred | PresenceInfo]
+    ) -> None:
         """One result per event of the last batch; acks and fan-out run on the gateway's fan-out thread."""
 
-    def take_tickets(self) -> list[tuple[int, tuple[Any, ...]]]:
+    def take_tickets(self) -> list[tuple[int, Acked | PointerMoved | Failed]]:
         """REST tickets completed since the last call (`next_batch` also returns early when some are)."""
     def submit_send(
         self,
@@ -60,7 +191,7 @@ class Gateway:
         client_msg_id: str,
         content: str,
         attachments: list[str],
-    ) -> tuple[str, str, int, int] | None: ...
+    ) -> Acked | None: ...
     def submit_pointer(self, ticket: int, user_id: str, chat_id: str, kind: str, seq: int) -> None: ...
     def set_chat_members(self, chat_id: str, members: list[str], direct: bool = False) -> None: ...
     def remove_chat(self, chat_id: str) -> None: ...

@@ -20,10 +20,30 @@ import time
 from typing import Any
 
 from pychat.errors import ApiError
-from pychat.gateway import Gateway, GatewayError
+from pychat.gateway import (
+    Acked,
+    Deferred,
+    Done,
+    Failed,
+    Gateway,
+    GatewayError,
+    PointerEvent,
+    PointerMoved,
+    PresenceInfo,
+    PresenceQuery,
+    SeenEvent,
+    SendEvent,
+    Stored,
+    SyncEvent,
+)
 from pychat.metrics import Metrics
-from pychat.store import EngineResult, PointerRequest, SendRequest, Store
+from pychat.store import PointerRequest, SendRequest, Store
 from pychat.sync import SyncStreamer
+
+Event = SendEvent | PointerEvent | SyncEvent | SeenEvent | PresenceQuery
+Result = Stored | PointerMoved | Failed | Done | Deferred | PresenceInfo
+# What a REST ticket gets back.
+TicketOutcome = Acked | PointerMoved | Failed
 
 log = logging.getLogger("pychat.engine")
 
@@ -38,7 +58,7 @@ class Engine:
         self.metrics = metrics
         self.batch_max = batch_max
         self._tickets = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
+        self._waiting: dict[int, asyncio.Future[TicketOutcome]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._syncs: SyncStreamer | None = None
@@ -79,43 +99,43 @@ class Engine:
                 results = self.process(events)
             except Exception:
                 log.exception("engine batch failed")
-                results = [("error", "internal", "internal error")] * len(events)
+                results = [Failed("internal", "internal error")] * len(events)
             try:
                 # Acks and fan-out run in Rust while this thread stores the next batch.
                 self.gateway.complete_batch(results)
             except Exception:  # keep serving: the batch's senders retry, the store dedupes
                 log.exception("completing an engine batch failed")
 
-    def _hand_out(self, tickets: list[tuple[int, tuple[Any, ...]]]) -> None:
+    def _hand_out(self, tickets: list[tuple[int, TicketOutcome]]) -> None:
         if tickets and self._loop is not None:
             self._loop.call_soon_threadsafe(self._resolve, tickets)
 
-    def process(self, events: list[tuple[Any, ...]]) -> list[EngineResult]:
-        """One result per event, in order. Sends and pointer moves share one transaction."""
+    def process(self, events: list[Event]) -> list[Result]:
+        """One result per event, in order. Sends and pointer moves share one store batch."""
         self.metrics.batch_size.observe(len(events))
-        results: list[EngineResult | None] = [None] * len(events)
+        results: list[Result | None] = [None] * len(events)
         sends: list[tuple[int, SendRequest]] = []
         pointers: list[tuple[int, PointerRequest]] = []
-        syncs: list[tuple[int, str, dict[str, int], int, str | None]] = []
+        syncs: list[SyncEvent] = []
         seen: list[tuple[int, tuple[str, int]]] = []
-        queries: list[tuple[int, str, list[str]]] = []
+        queries: list[tuple[int, PresenceQuery]] = []
         for i, ev in enumerate(events):
-            kind = ev[0]
-            if kind == "send":
-                sends.append((i, SendRequest(ev[1], ev[2], ev[3], ev[4], ev[5])))
-            elif kind in ("delivered", "read"):
-                pointers.append((i, PointerRequest(ev[1], ev[2], kind, ev[3])))
-            elif kind == "sync":
-                syncs.append((i, ev[1], dict(ev[2]), ev[3], ev[4]))
-            elif kind == "seen":
-                seen.append((i, (ev[1], ev[2])))
-            elif kind == "presence.query":
-                queries.append((i, ev[1], list(ev[2])))
+            if isinstance(ev, SendEvent):
+                sends.append(
+                    (i, SendRequest(ev.sender_id, ev.chat_id, ev.client_msg_id, ev.content, ev.attachments))
+                )
+            elif isinstance(ev, PointerEvent):
+                pointers.append((i, PointerRequest(ev.user_id, ev.chat_id, ev.kind, ev.seq)))
+            elif isinstance(ev, SyncEvent):
+                syncs.append(ev)
+                results[i] = Deferred()
+            elif isinstance(ev, SeenEvent):
+                seen.append((i, (ev.user_id, ev.at)))
             else:
-                results[i] = ("error", "internal", f"unknown event {kind!r}")
+                queries.append((i, ev))
         if sends or pointers or seen:
             started = time.perf_counter()
-            seen_result: EngineResult = ("ok",)
+            seen_result: Result = Done()
             try:
                 send_results, pointer_results = self.store.append_batch(
                     [s for _, s in sends], [p for _, p in pointers], [x for _, x in seen]
@@ -123,7 +143,7 @@ class Engine:
             except Exception:
                 log.exception("store batch failed; nothing of it was written")
                 self.metrics.errors.inc(kind="store_batch")
-                failed = ("error", "unavailable", "the store failed; retry")
+                failed = Failed("unavailable", "the store failed; retry")
                 send_results = [failed] * len(sends)
                 pointer_results = [failed] * len(pointers)
                 seen_result = failed
@@ -133,52 +153,48 @@ class Engine:
             stored = 0
             for (i, _), r in zip(sends, send_results, strict=True):
                 results[i] = r
-                stored += r[0] == "stored" and not r[5]
-            for (i, _), r in zip(pointers, pointer_results, strict=True):
-                results[i] = r
+                stored += isinstance(r, Stored) and not r.duplicate
+            for (i, _), pr in zip(pointers, pointer_results, strict=True):
+                results[i] = pr
             if stored:
                 self.metrics.messages.inc(stored)
-        for i, viewer, user_ids in queries:
+        for i, q in queries:
             try:
-                visible = self.store.visible_users(viewer, user_ids)
+                visible = self.store.visible_users(q.viewer_id, q.user_ids)
                 last_seen = self.store.last_seen_many(sorted(visible))
-                results[i] = (
-                    "presence",
-                    [(u, u in visible, last_seen.get(u)) for u in dict.fromkeys(user_ids)],
+                results[i] = PresenceInfo(
+                    [(u, u in visible, last_seen.get(u)) for u in dict.fromkeys(q.user_ids)]
                 )
             except Exception:
                 log.exception("presence query failed")
-                results[i] = ("error", "unavailable", "presence lookup failed; retry")
+                results[i] = Failed("unavailable", "presence lookup failed; retry")
         # Streamed off this thread, page by page (pychat.sync): a big backlog never holds up a batch.
-        for i, user_id, since, conn, reference in syncs:
-            if self._syncs is None:
-                results[i] = ("error", "unavailable", "the server is starting; retry")
-                continue
-            self._syncs.start(conn, user_id, since, reference)
-            results[i] = ("deferred",)
-        return [r if r is not None else ("error", "internal", "no result") for r in results]
+        for sync in syncs:
+            assert self._syncs is not None, "start() comes before the first batch"
+            self._syncs.start(sync.conn, sync.user_id, sync.since, sync.reference)
+        return [r if r is not None else Failed("internal", "no result") for r in results]
 
-    def _resolve(self, tickets: list[tuple[int, tuple[Any, ...]]]) -> None:
+    def _resolve(self, tickets: list[tuple[int, TicketOutcome]]) -> None:
         for ticket, outcome in tickets:
             fut = self._waiting.pop(ticket, None)
             if fut is not None and not fut.done():
                 fut.set_result(outcome)
 
-    async def _wait(self, ticket: int, fut: asyncio.Future[tuple[Any, ...]]) -> tuple[Any, ...]:
+    async def _wait(self, ticket: int, fut: asyncio.Future[TicketOutcome]) -> Acked | PointerMoved:
         try:
             outcome = await asyncio.wait_for(fut, TICKET_TIMEOUT_S)
         except TimeoutError:
             raise ApiError("unavailable", "the engine did not answer in time; retry") from None
         finally:
             self._waiting.pop(ticket, None)
-        if outcome[0] == "error":
-            raise ApiError(outcome[1], outcome[2])
+        if isinstance(outcome, Failed):
+            raise ApiError(outcome.code, outcome.message)
         return outcome
 
-    def _new_ticket(self) -> tuple[int, asyncio.Future[tuple[Any, ...]]]:
+    def _new_ticket(self) -> tuple[int, asyncio.Future[TicketOutcome]]:
         assert self._loop is not None
         ticket = next(self._tickets)
-        fut: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
+        fut: asyncio.Future[TicketOutcome] = self._loop.create_future()
         self._waiting[ticket] = fut
         return ticket, fut
 
@@ -196,11 +212,16 @@ class Engine:
             raise
         if done is not None:
             self._waiting.pop(ticket, None)
-            outcome: tuple[Any, ...] = done
+            ack: Acked | PointerMoved = done
         else:
-            outcome = await self._wait(ticket, fut)
-        _, message_id, seq, created_at = outcome
-        return {"message_id": message_id, "chat_id": chat_id, "seq": seq, "created_at": created_at}
+            ack = await self._wait(ticket, fut)
+        assert isinstance(ack, Acked)
+        return {
+            "message_id": ack.message_id,
+            "chat_id": chat_id,
+            "seq": ack.seq,
+            "created_at": ack.created_at,
+        }
 
     async def move_pointer(self, user_id: str, chat_id: str, kind: str, seq: int) -> tuple[int, int]:
         """Moves a pointer up (never back); returns (delivered_seq, read_seq) after the move."""
@@ -212,5 +233,6 @@ class Engine:
             if isinstance(e, GatewayError):
                 raise ApiError(str(e.args[0]), str(e.args[1])) from None
             raise
-        _, delivered, read = await self._wait(ticket, fut)
-        return delivered, read
+        moved = await self._wait(ticket, fut)
+        assert isinstance(moved, PointerMoved)
+        return moved.delivered, moved.read

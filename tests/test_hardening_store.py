@@ -12,10 +12,11 @@ import pytest
 from pychat.store import Chat, PointerRequest, SendRequest, User
 from pychat.store import sqlite as sqlite_store
 from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore
+from tests.storekit import TupleSqliteStore
 
 
 def _store(tmp_path: Path) -> SqliteStore:
-    store = SqliteStore(tmp_path / "t.db")
+    store = TupleSqliteStore(tmp_path / "t.db")
     for u in ("ua", "ub", "uc"):
         store.create_user(User(u, u, None, "scrypt$x", 1))
     store.create_chat(Chat("c1", "group", None, "ua", 1, 0, ["ua", "ub"]), None)
@@ -193,7 +194,7 @@ def test_a_version_4_database_gets_the_former_members_table(tmp_path: Path) -> N
     c.execute("DROP TABLE former_members")
     c.execute("UPDATE meta SET value = '4' WHERE key = 'schema_version'")
     store.close()
-    upgraded = SqliteStore(tmp_path / "t.db")
+    upgraded = TupleSqliteStore(tmp_path / "t.db")
     c = upgraded._conn()
     assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
         str(SCHEMA_VERSION),
@@ -207,7 +208,7 @@ def test_a_version_4_database_gets_the_former_members_table(tmp_path: Path) -> N
 
 
 def test_list_chats_costs_the_same_few_statements_for_any_number_of_chats(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "t.db")
+    store = TupleSqliteStore(tmp_path / "t.db")
     for u in ("me", "p1", "p2"):
         store.create_user(User(u, u, None, "scrypt$x", 1))
     n = 60

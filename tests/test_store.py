@@ -7,10 +7,11 @@ from pathlib import Path
 
 from pychat.store import Chat, PointerRequest, SendRequest, User
 from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore, _stored_lookup_sql
+from tests.storekit import TupleSqliteStore
 
 
 def _store(tmp_path: Path) -> SqliteStore:
-    store = SqliteStore(tmp_path / "t.db")
+    store = TupleSqliteStore(tmp_path / "t.db")
     for u in ("ua", "ub"):
         store.create_user(User(u, u, None, "scrypt$x", 1))
     store.create_chat(Chat("c1", "group", None, "ua", 1, 0, ["ua", "ub"]), None)
@@ -123,7 +124,7 @@ def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its
     db = sqlite3.connect(tmp_path / "t.db")
     db.executescript(_V2_TABLES)
     db.close()
-    store = SqliteStore(tmp_path / "t.db")
+    store = TupleSqliteStore(tmp_path / "t.db")
     history, more = store.history("c1", None, None, 10)
     assert not more
     assert [(m["seq"], m["message_id"], m["sender_id"], m["content"]) for m in history] == [
@@ -158,7 +159,7 @@ def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its
         str(SCHEMA_VERSION),
     )
     store.close()
-    again = SqliteStore(tmp_path / "t.db")  # reopening an upgraded store changes nothing
+    again = TupleSqliteStore(tmp_path / "t.db")  # reopening an upgraded store changes nothing
     assert [m["seq"] for m in again.history("c1", None, None, 10)[0]] == [1, 2, 3]
     again.close()
 
@@ -174,7 +175,7 @@ def test_a_version_3_database_gets_the_client_key_led_idempotency_index_and_keep
     c.execute("CREATE UNIQUE INDEX messages_idempotency ON messages (chat_no, sender_no, client_msg_id)")
     c.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
     store.close()
-    upgraded = SqliteStore(tmp_path / "t.db")
+    upgraded = TupleSqliteStore(tmp_path / "t.db")
     c = upgraded._conn()
     indexes = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "messages_idempotency" not in indexes and "messages_by_client_key" in indexes
@@ -210,7 +211,7 @@ def test_a_version_1_database_without_last_seen_is_upgraded_too(tmp_path: Path) 
     db = sqlite3.connect(tmp_path / "t.db")
     db.executescript(v1)
     db.close()
-    store = SqliteStore(tmp_path / "t.db")
+    store = TupleSqliteStore(tmp_path / "t.db")
     assert [m["message_id"] for m in store.history("c1", None, None, 10)[0]] == ["m-old-1", "m-old-2"]
     assert store.last_seen("ua") is None
     sends, _ = store.append_batch([SendRequest("ua", "c1", "k1", "again", [])], [])

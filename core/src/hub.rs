@@ -82,6 +82,8 @@ pub enum EngineResult {
         message_id: String,
         seq: u64,
         created_at: u64,
+        /// What was stored (a plugin may have rewritten the send): what every member receives.
+        content: String,
         attachments: Box<RawValue>,
         /// The store already had this (sender, chat, client_msg_id); fanned out again only if
         /// its seq is above the last one fanned out (see `Sequencer::record_commit`).
@@ -454,13 +456,8 @@ impl Hub {
         let now = now_ms();
         for (event, result) in batch.into_iter().zip(results) {
             match event {
-                EngineEvent::Send {
-                    key,
-                    content,
-                    admitted,
-                    ..
-                } => {
-                    self.complete_send(key, content, result, now, &mut tickets);
+                EngineEvent::Send { key, admitted, .. } => {
+                    self.complete_send(key, result, now, &mut tickets);
                     metrics::observe_send(&self.counters, admitted.elapsed().as_micros() as u64);
                 }
                 EngineEvent::Pointer {
@@ -490,23 +487,23 @@ impl Hub {
     fn complete_send(
         &self,
         key: IdemKey,
-        content: String,
         result: EngineResult,
         now: u64,
         tickets: &mut Vec<(u64, TicketOutcome)>,
     ) {
-        let (message_id, seq, created_at, attachments) = match result {
+        let (message_id, seq, created_at, content, attachments) = match result {
             EngineResult::Stored {
                 message_id,
                 seq,
                 created_at,
+                content,
                 attachments,
                 duplicate, // the order guard below decides whether it was fanned out
             } => {
                 if duplicate {
                     metrics::inc(&self.counters.retries_answered_by_store);
                 }
-                (message_id, seq, created_at, attachments)
+                (message_id, seq, created_at, content, attachments)
             }
             other => {
                 let error = match other {
@@ -786,6 +783,7 @@ mod tests {
             message_id: format!("m{seq}"),
             seq,
             created_at: 1,
+            content: "hi".into(),
             attachments: RawValue::from_string("[]".into()).unwrap(),
             duplicate,
         }
@@ -1039,5 +1037,29 @@ mod tests {
             hub.admit_send(Origin::Conn(1), &"a".into(), send("x")),
             Ok(SendAdmission::Forward(_))
         ));
+    }
+
+    #[test]
+    fn members_receive_the_content_that_was_stored_not_the_content_that_was_sent() {
+        let hub = hub();
+        let b = connect(&hub, 2, "b");
+        let SendAdmission::Forward(ev) = hub
+            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
+            .unwrap()
+        else {
+            panic!("expected forward")
+        };
+        let mut result = stored(1, false);
+        if let EngineResult::Stored { content, .. } = &mut result {
+            *content = "rewritten by the store".into();
+        }
+        hub.complete(vec![ev], vec![result]);
+        let mut items = Vec::new();
+        b.take_queued(usize::MAX, &mut items);
+        let [Outgoing::Msg { frame, .. }] = &items[..] else {
+            panic!("one msg: {items:?}")
+        };
+        let msg: serde_json::Value = serde_json::from_slice(frame).unwrap();
+        assert_eq!(msg["content"], "rewritten by the store");
     }
 }

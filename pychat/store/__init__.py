@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+from pychat.gateway import Failed, PointerMoved, Stored
+
 
 @dataclass(frozen=True, slots=True)
 class User:
@@ -58,12 +60,10 @@ class PointerRequest(NamedTuple):
     seq: int
 
 
-# Results handed to the gateway, one per request (see pychat/_core.pyi):
-#   ("stored", message_id, seq, created_at, attachments_json, duplicate)
-#   ("pointer", delivered_seq, read_seq, moved_delivered, moved_read)
-#   ("deferred",)  -- a sync: its backlog is streamed in pages (see pychat.sync)
-#   ("error", code, message)
-EngineResult = tuple[Any, ...]
+# What the store answers for each send and each pointer move (the bridge's own classes, so the
+# engine hands them to the gateway as they are; see pychat/_core.pyi).
+SendResult = Stored | Failed
+PointerResult = PointerMoved | Failed
 # (chat_id, seq, message_id, sender_id, content, attachments_json, created_at, client_msg_id)
 BacklogRow = tuple[str, int, str, str, str, str, int, str | None]
 
@@ -106,7 +106,7 @@ class Store(Protocol):
         sends: list[SendRequest],
         pointers: list[PointerRequest],
         seen: list[tuple[str, int]] | None = None,
-    ) -> tuple[list[EngineResult], list[EngineResult]]:
+    ) -> tuple[list[SendResult], list[PointerResult]]:
         """Stores every send, moves every pointer and records every (user_id, last_seen)
         in ONE transaction, with one result per send and per pointer. A send the store cannot
         take gets an error result of its own (the others are stored, each chat numbered without

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pychat.errors import ApiError
+from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import new_ids, now_ms
-from pychat.store import BacklogRow, Chat, EngineResult, PointerRequest, SendRequest, User
+from pychat.store import BacklogRow, Chat, PointerRequest, PointerResult, SendRequest, SendResult, User
 
 log = logging.getLogger("pychat.store")
 
@@ -462,10 +463,10 @@ class SqliteStore:
         sends: list[SendRequest],
         pointers: list[PointerRequest],
         seen: list[tuple[str, int]] | None = None,
-    ) -> tuple[list[EngineResult], list[EngineResult]]:
+    ) -> tuple[list[SendResult], list[PointerResult]]:
         """Stores the batch in one transaction. Each send is answered on its own: a send that
         cannot be stored gets an error while the others are stored, numbered without a gap."""
-        pointer_results: list[EngineResult] = []
+        pointer_results: list[PointerResult] = []
         with self._write() as c:
             # A few queries for the whole batch instead of two per chat: each chat's last seq and
             # whether each sender is (still) a member.
@@ -541,23 +542,24 @@ class SqliteStore:
         seq: the chat's later sends move down and its numbering stays gap-free."""
         plan = _SendPlan(rows=[], results=[], last_seq=last_seq, touched={})
         ids = iter(message_ids)
-        planned: dict[tuple[str, str, str], EngineResult] = {}  # the same key twice in one batch
+        planned: dict[tuple[str, str, str], Stored] = {}  # the same key twice in one batch
         for s in sends:
             key = (s.chat_id, s.sender_id, s.client_msg_id)
             dup = existing.get(key)
             if dup:
-                plan.results.append(("stored", dup[0], dup[1], dup[2], dup[3], True))
+                plan.results.append(_stored_again(dup))
                 continue
             if key in planned:
-                plan.results.append((*planned[key][:5], True))
+                p = planned[key]
+                plan.results.append(Stored(p.message_id, p.seq, p.created_at, p.content, p.attachments, True))
                 continue
             last = last_seq.get(s.chat_id)
             if last is None:
-                plan.results.append(("error", "not_found", "no such chat"))
+                plan.results.append(Failed("not_found", "no such chat"))
                 continue
             sender_no = keys.sender_no.get((s.sender_id, s.chat_id))
             if sender_no is None:  # removed while the send was queued, or before a retry
-                plan.results.append(("error", "forbidden", "not a member of this chat"))
+                plan.results.append(Failed("forbidden", "not a member of this chat"))
                 continue
             attachments, error = self._resolve_attachments(c, s)
             if error:
@@ -577,19 +579,19 @@ class SqliteStore:
                 refused = self._insert_one(c, row)
                 if refused is not None:
                     plan.results.append(refused)
-                    if refused[0] == "stored":
+                    if isinstance(refused, Stored):
                         planned[key] = refused
                     continue
             seq, message_id = row[1], row[2]  # `_insert_one` may have changed them
             plan.rows.append(row)
             last_seq[s.chat_id] = seq
             plan.touched[s.chat_id] = created_at
-            planned[key] = ("stored", message_id, seq, created_at, attachments, False)
+            planned[key] = Stored(message_id, seq, created_at, s.content, attachments, False)
             plan.results.append(planned[key])
         return plan
 
     @staticmethod
-    def _insert_one(c: sqlite3.Connection, row: list[Any]) -> EngineResult | None:
+    def _insert_one(c: sqlite3.Connection, row: list[Any]) -> SendResult | None:
         """Inserts one message row in a savepoint of its own. Repairs what can be repaired safely
         and tries again: a message_id taken draws a new one; a seq taken (the chat's last_seq fell
         behind its messages, e.g. an old backup of `chats` restored) continues after the chat's
@@ -608,12 +610,12 @@ class SqliteStore:
                 c.execute("RELEASE one")
                 return None
             original = c.execute(
-                "SELECT message_id, seq, created_at, attachments FROM messages"
+                "SELECT message_id, seq, created_at, content, attachments FROM messages"
                 " WHERE client_msg_id = ? AND chat_no = ? AND sender_no = ?",
                 (client_msg_id, chat_no, sender_no),
             ).fetchone()
             if original is not None:
-                return ("stored", *original, True)
+                return _stored_again(original)
             if c.execute("SELECT 1 FROM messages WHERE message_id = ?", (row[2],)).fetchone():
                 log.warning("message id %s is taken; drawing another", row[2])
                 row[2] = new_ids("m", 1)[0]
@@ -630,7 +632,7 @@ class SqliteStore:
                 continue
             break
         log.error("a message of chat %s could not be stored: %s", chat_no, failure)
-        return ("error", "internal", "the store refused this message; it was not stored")
+        return Failed("internal", "the store refused this message; it was not stored")
 
     @staticmethod
     def _chats(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, tuple[int, int]]:
@@ -680,7 +682,7 @@ class SqliteStore:
     def _stored_already(
         c: sqlite3.Connection, sends: list[SendRequest], keys: _Keys
     ) -> dict[tuple[str, str, str], tuple[Any, ...]]:
-        """(chat_id, sender_id, client_msg_id) -> (message_id, seq, created_at, attachments) of
+        """(chat_id, sender_id, client_msg_id) -> (message_id, seq, created_at, content, attachments) of
         the sends that are stored already, found through the idempotency index in a few queries;
         also those of senders who have left the chat since (`keys.former_no`)."""
         found: dict[tuple[str, str, str], tuple[Any, ...]] = {}
@@ -696,7 +698,7 @@ class SqliteStore:
                 found[(row[0], row[1], row[2])] = row[3:]
         return found
 
-    def _resolve_attachments(self, c: sqlite3.Connection, s: SendRequest) -> tuple[str, EngineResult | None]:
+    def _resolve_attachments(self, c: sqlite3.Connection, s: SendRequest) -> tuple[str, Failed | None]:
         if not s.attachments:
             return "[]", None
         items = []
@@ -706,7 +708,7 @@ class SqliteStore:
                 (media_id,),
             ).fetchone()
             if row is None:
-                return "", ("error", "not_found", f"no such media: {media_id}")
+                return "", Failed("not_found", f"no such media: {media_id}")
             item: dict[str, Any] = {
                 "media_id": row[0],
                 "content_type": row[1],
@@ -718,15 +720,15 @@ class SqliteStore:
             items.append(item)
         return json.dumps(items, separators=(",", ":")), None
 
-    def _move_pointer(self, c: sqlite3.Connection, p: PointerRequest, last: int | None) -> EngineResult:
+    def _move_pointer(self, c: sqlite3.Connection, p: PointerRequest, last: int | None) -> PointerResult:
         row = c.execute(
             "SELECT delivered_seq, read_seq FROM user_chats WHERE user_id = ? AND chat_id = ?",
             (p.user_id, p.chat_id),
         ).fetchone()
         if row is None or last is None:
-            return ("error", "forbidden", "not a member of this chat")
+            return Failed("forbidden", "not a member of this chat")
         if p.seq > last:
-            return ("error", "bad_request", f"seq {p.seq} is beyond the chat's last message ({last})")
+            return Failed("bad_request", f"seq {p.seq} is beyond the chat's last message ({last})")
         delivered, read = row
         new_delivered = max(delivered, p.seq)
         new_read = max(read, p.seq) if p.kind == "read" else read
@@ -736,7 +738,7 @@ class SqliteStore:
                 "UPDATE user_chats SET delivered_seq = ?, read_seq = ? WHERE user_id = ? AND chat_id = ?",
                 (new_delivered, new_read, p.user_id, p.chat_id),
             )
-        return ("pointer", new_delivered, new_read, moved_d, moved_r)
+        return PointerMoved(new_delivered, new_read, moved_d, moved_r)
 
     def sync_chats(self, user_id: str, since: dict[str, int]) -> list[tuple[str, int, int]]:
         """(chat_id, cursor, last_seq) of each of the user's chats: the cursor is the client's
@@ -823,9 +825,15 @@ class _Keys:
 @dataclass
 class _SendPlan:
     rows: list[list[Any]]
-    results: list[EngineResult]
+    results: list[SendResult]
     last_seq: dict[str, int]
     touched: dict[str, int]
+
+
+def _stored_again(row: tuple[Any, ...]) -> Stored:
+    """A send stored before, from its (message_id, seq, created_at, content, attachments)."""
+    message_id, seq, created_at, content, attachments = row
+    return Stored(message_id, seq, created_at, content, attachments, True)
 
 
 def _stored_lookup_sql(n: int) -> str:
@@ -833,7 +841,7 @@ def _stored_lookup_sql(n: int) -> str:
     idempotency index; CROSS JOIN keeps this order: one index seek per send, never a scan."""
     values = ",".join("(?, ?, ?, ?, ?)" for _ in range(n))
     return (
-        "SELECT v.column1, v.column2, v.column3, m.message_id, m.seq, m.created_at, m.attachments"
+        "SELECT v.column1, v.column2, v.column3, m.message_id, m.seq, m.created_at, m.content, m.attachments"
         f" FROM (VALUES {values}) AS v CROSS JOIN messages m"
         " ON m.client_msg_id = v.column3 AND m.chat_no = v.column4 AND m.sender_no = v.column5"
     )

@@ -151,6 +151,7 @@ mod tests {
             message_id: "m1".into(),
             seq: 1,
             created_at: 5,
+            content: "hi".into(),
             attachments: RawValue::from_string("[]".into()).unwrap(),
             duplicate: false,
         };

@@ -11,10 +11,12 @@ use pyo3::types::PyDict;
 use serde_json::value::RawValue;
 
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::hub::{BacklogRow, EngineEvent, EngineResult, SyncPush, TicketOutcome};
-use crate::protocol::{Ack, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
+use crate::hub::{BacklogRow, EngineEvent, EngineResult, SyncPush};
+use crate::protocol::{ErrorCode, FrameError, Limits, PointerKind, SendFrame};
 use crate::sequencer::UserId;
 use crate::token::TokenVerifier;
+
+mod values;
 
 create_exception!(
     _core,
@@ -33,13 +35,9 @@ fn gateway_error(e: FrameError) -> PyErr {
     GatewayError::new_err((e.code.as_str(), e.message))
 }
 
-fn raw_json(text: String) -> PyResult<Box<RawValue>> {
+pub(crate) fn raw_json(text: String) -> PyResult<Box<RawValue>> {
     RawValue::from_string(text)
         .map_err(|e| PyValueError::new_err(format!("attachments must be JSON: {e}")))
-}
-
-fn ack_tuple(ack: &Ack) -> (&'static str, String, u64, u64) {
-    ("ack", ack.message_id.clone(), ack.seq, ack.created_at)
 }
 
 /// The gateway's settings as Python names them: each name, its Rust field, and its type.
@@ -172,7 +170,11 @@ impl PyGateway {
         if batch.is_empty() && !self.inner.is_running() {
             return Ok(None);
         }
-        let out = match events_to_python(py, &batch) {
+        let out = match batch
+            .iter()
+            .map(|ev| values::event_to_python(py, ev))
+            .collect::<PyResult<Vec<_>>>()
+        {
             Ok(out) => out,
             Err(e) => {
                 // The batch cannot reach the engine: its senders hear so now.
@@ -201,7 +203,7 @@ impl PyGateway {
         let mut converted = Vec::with_capacity(batch.len());
         for i in 0..batch.len() {
             converted.push(match results.get(i) {
-                Some(r) => match extract_result(r) {
+                Some(r) => match values::extract_result(r) {
                     Ok(r) => r,
                     Err(e) => EngineResult::Failed(FrameError::new(
                         ErrorCode::Internal,
@@ -218,43 +220,29 @@ impl PyGateway {
         Ok(())
     }
 
-    /// What REST tickets got since the last call: `(ticket, ("ack", message_id,
-    /// seq, created_at) | ("pointer", delivered, read) | ("error", code, message))`.
+    /// What REST tickets got since the last call: `(ticket, Acked | PointerMoved | Failed)`.
     fn take_tickets(&self, py: Python<'_>) -> PyResult<Vec<(u64, Py<PyAny>)>> {
         self.inner
             .take_tickets()
             .into_iter()
-            .map(|(t, outcome)| {
-                let obj = match outcome {
-                    TicketOutcome::Ack(ack) => {
-                        ack_tuple(&ack).into_pyobject(py)?.into_any().unbind()
-                    }
-                    TicketOutcome::Pointer { delivered, read } => ("pointer", delivered, read)
-                        .into_pyobject(py)?
-                        .into_any()
-                        .unbind(),
-                    TicketOutcome::Failed(e) => ("error", e.code.as_str(), e.message)
-                        .into_pyobject(py)?
-                        .into_any()
-                        .unbind(),
-                };
-                Ok((t, obj))
-            })
+            .map(|(t, outcome)| Ok((t, values::ticket_to_python(py, outcome)?)))
             .collect()
     }
 
-    /// REST send; returns the ack tuple if already acked, `None` if the ticket
-    /// completes later. Raises GatewayError(code, message).
+    /// REST send; returns the ack if already acked, `None` if the ticket completes
+    /// later. Raises GatewayError(code, message).
     #[pyo3(signature = (ticket, user_id, chat_id, client_msg_id, content, attachments))]
+    #[allow(clippy::too_many_arguments)]
     fn submit_send(
         &self,
+        py: Python<'_>,
         ticket: u64,
         user_id: &str,
         chat_id: String,
         client_msg_id: String,
         content: String,
         attachments: Vec<String>,
-    ) -> PyResult<Option<(&'static str, String, u64, u64)>> {
+    ) -> PyResult<Option<Py<values::Acked>>> {
         let send = SendFrame {
             chat_id,
             client_msg_id,
@@ -262,7 +250,7 @@ impl PyGateway {
             attachments,
         };
         match self.inner.submit_send(ticket, user_id, send) {
-            Ok(Some(ack)) => Ok(Some(ack_tuple(&ack))),
+            Ok(Some(ack)) => Ok(Some(values::acked(py, &ack)?)),
             Ok(None) => Ok(None),
             Err(e) => Err(gateway_error(e)),
         }
@@ -382,62 +370,6 @@ impl PyGateway {
     }
 }
 
-/// The batch's events as Python tuples (see `_core.pyi`).
-fn events_to_python(py: Python<'_>, batch: &[EngineEvent]) -> PyResult<Vec<Py<PyAny>>> {
-    let mut out = Vec::with_capacity(batch.len());
-    for ev in batch {
-        let obj = match ev {
-            EngineEvent::Send {
-                key,
-                content,
-                attachments,
-                ..
-            } => (
-                "send",
-                &*key.sender,
-                &*key.chat,
-                &*key.client_msg_id,
-                content.as_str(),
-                attachments.clone(),
-            )
-                .into_pyobject(py)?
-                .into_any()
-                .unbind(),
-            EngineEvent::Pointer {
-                user,
-                chat,
-                kind,
-                seq,
-                ..
-            } => (kind.as_str(), &**user, &**chat, *seq)
-                .into_pyobject(py)?
-                .into_any()
-                .unbind(),
-            EngineEvent::Sync {
-                conn,
-                user,
-                since,
-                reference,
-            } => ("sync", &**user, since.clone(), *conn, reference.as_deref())
-                .into_pyobject(py)?
-                .into_any()
-                .unbind(),
-            EngineEvent::Seen { user, at } => ("seen", &**user, *at)
-                .into_pyobject(py)?
-                .into_any()
-                .unbind(),
-            EngineEvent::PresenceQuery { user, user_ids, .. } => {
-                ("presence.query", &**user, user_ids.clone())
-                    .into_pyobject(py)?
-                    .into_any()
-                    .unbind()
-            }
-        };
-        out.push(obj);
-    }
-    Ok(out)
-}
-
 type BacklogTuple = (
     String,
     u64,
@@ -448,55 +380,6 @@ type BacklogTuple = (
     u64,
     Option<String>,
 );
-
-fn extract_result(r: &Bound<'_, PyAny>) -> PyResult<EngineResult> {
-    let tag: String = r.get_item(0)?.extract()?;
-    Ok(match tag.as_str() {
-        "stored" => {
-            let (_, message_id, seq, created_at, attachments, duplicate): (
-                String,
-                String,
-                u64,
-                u64,
-                String,
-                bool,
-            ) = r.extract()?;
-            EngineResult::Stored {
-                message_id,
-                seq,
-                created_at,
-                attachments: raw_json(attachments)?,
-                duplicate,
-            }
-        }
-        "pointer" => {
-            let (_, delivered, read, moved_delivered, moved_read): (String, u64, u64, bool, bool) =
-                r.extract()?;
-            EngineResult::PointerMoved {
-                delivered,
-                read,
-                moved_delivered,
-                moved_read,
-            }
-        }
-        "deferred" => EngineResult::Deferred,
-        "ok" => EngineResult::Done,
-        "presence" => {
-            let (_, info): (String, Vec<(String, bool, Option<u64>)>) = r.extract()?;
-            EngineResult::PresenceInfo(info)
-        }
-        "error" => {
-            let (_, code, message): (String, String, String) = r.extract()?;
-            let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::Internal);
-            EngineResult::Failed(FrameError::new(code, message))
-        }
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown result kind {other:?}"
-            )))
-        }
-    })
-}
 
 /// Signs a token for `user_id` valid until `expires_at_ms`.
 #[pyfunction]
@@ -532,6 +415,7 @@ fn frame_limit_defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyGateway>()?;
+    values::add_classes(m)?;
     m.add_function(wrap_pyfunction!(gateway_defaults, m)?)?;
     m.add_function(wrap_pyfunction!(frame_limit_defaults, m)?)?;
     m.add(
