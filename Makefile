@@ -24,10 +24,11 @@ nofile = hard=$$(ulimit -Hn); \
 	if [ "$$hard" = unlimited ]; then hard=$(1); fi; \
 	ulimit -Sn $$hard || { echo "make $@: could not raise the open-files soft limit to $$hard" >&2; exit 1; };
 
-.PHONY: help serve test test-rust test-py build-dev lint fmt clean fuzz chaos bench bench-quick loadgen loadtest
+.PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
+	bench-quick loadgen loadtest cassandra cassandra-stop
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(VENV)/.deps: requirements-dev.txt pyproject.toml
 	@command -v cargo >/dev/null || { echo "cargo (Rust) is required: https://rustup.rs"; exit 1; }
@@ -47,15 +48,21 @@ test: build-dev lint test-rust test-py ## install everything, build, lint, and r
 test-rust: ## Rust unit tests
 	cargo test -q
 
-test-py: loadgen ## Python tests against real servers on 127.0.0.1
+services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 jars from Maven Central, cached)
+	$(PY) -m services.cassandra install
+
+test-py: loadgen services ## Python tests against real servers on 127.0.0.1 (pychat on SQLite and on Cassandra)
 	$(call nofile,4096) $(BIN)/pytest -q $(ARGS)
+
+test-cassandra: loadgen services ## only the tests that run on Cassandra (the store contract, servers on Cassandra, crashes)
+	$(call nofile,4096) $(BIN)/pytest -q -k cassandra $(ARGS)
 
 lint: $(VENV)/.deps ## rustfmt, clippy, ruff, mypy --strict, stub check
 	cargo fmt --check
 	cargo clippy -q --all-targets -- -D warnings
 	cargo clippy -q -p pychat-core --features python -- -D warnings
-	$(BIN)/ruff check pychat tests benchmarks loadtest
-	$(BIN)/ruff format --check pychat tests benchmarks loadtest
+	$(BIN)/ruff check pychat tests benchmarks loadtest services
+	$(BIN)/ruff format --check pychat tests benchmarks loadtest services
 	$(BIN)/mypy
 	$(BIN)/python -m mypy.stubtest pychat._core
 
@@ -90,8 +97,14 @@ chaos: build-dev ## long reliability runs: 25 SIGKILLs under load, and a 15,000-
 
 fmt: $(VENV)/.deps ## format Rust and Python
 	cargo fmt
-	$(BIN)/ruff format pychat tests benchmarks loadtest
-	$(BIN)/ruff check --fix pychat tests benchmarks loadtest
+	$(BIN)/ruff format pychat tests benchmarks loadtest services
+	$(BIN)/ruff check --fix pychat tests benchmarks loadtest services
+
+cassandra: $(VENV)/.deps ## install (first time) and start a development Cassandra 5.0 on 127.0.0.1:9042; prints host:port
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cassandra start --dir $(CACHE)/cassandra-dev $(ARGS)
+
+cassandra-stop: ## stop the development Cassandra
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cassandra stop --dir $(CACHE)/cassandra-dev
 
 clean: ## remove the venv and built extension (the cargo cache stays)
 	rm -rf $(VENV) pychat/_core*.so

@@ -120,11 +120,14 @@ class PointerMoved:
 
 @final
 class Failed:
-    def __new__(cls, code: str, message: str) -> Failed: ...
+    def __new__(cls, code: str, message: str, retry_after_ms: int | None = None) -> Failed: ...
     @property
     def code(self) -> str: ...
     @property
     def message(self) -> str: ...
+    @property
+    def retry_after_ms(self) -> int | None:
+        """When to retry; `unavailable` says 1,000 ms unless given."""
 
 @final
 class Done:

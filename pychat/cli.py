@@ -16,13 +16,13 @@ from pychat.config import load_config
 from pychat.errors import ApiError
 from pychat.ids import new_id, now_ms
 from pychat.server import Server
-from pychat.store import Chat, User
-from pychat.store.sqlite import SqliteStore
+from pychat.store import Chat, User, open_store
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML configuration file")
     p.add_argument("--data-dir", help="where the database and media live")
+    p.add_argument("--store", help="sqlite:///path or cassandra://host:port/keyspace")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int, help="REST port")
     serve.add_argument("--ws-port", type=int, help="WebSocket port")
+    migrate = sub.add_parser("migrate", help="create or upgrade the store's schema, then exit")
+    _common(migrate)
     user = sub.add_parser("user", help="user administration")
     usub = user.add_subparsers(dest="user_command", required=True)
     add = usub.add_parser("add", help="create a user and print a token for it")
@@ -57,7 +59,7 @@ def _print(value: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    overrides = {"data_dir": args.data_dir}
+    overrides = {"data_dir": args.data_dir, "store": args.store}
     if args.command == "serve":
         overrides |= {"host": args.host, "port": args.port, "ws_port": args.ws_port}
     try:
@@ -71,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         asyncio.run(Server(config).serve_forever())
         return 0
-    # Admin commands write the same database; safe while a server runs (SQLite WAL, busy timeout).
-    store = SqliteStore(config.db_path, config.sqlite_synchronous)
+    # Admin commands write the same store; safe while a server runs (SQLite WAL, busy timeout).
+    store = open_store(config.store, config.data_dir, config.sqlite_synchronous)
     try:
+        if args.command == "migrate":
+            print(f"pychat: the store's schema is current ({config.store or 'sqlite://'})")
+            return 0
         if args.command == "user":
             password = args.password
             if password is None:

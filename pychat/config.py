@@ -47,6 +47,9 @@ class Config:
     # What clients are told to connect to (GET /api/config); derived from the request if empty.
     public_ws_url: str = ""
     data_dir: Path = Path("pychat-data")
+    # Where messages and metadata live: sqlite:///path (empty or sqlite://: data_dir/pychat.db)
+    # or cassandra://host:port/keyspace (see pychat.store).
+    store: str = ""
     # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
     secret_key: str = ""
     token_ttl_s: int = 7 * 24 * 3600
@@ -108,10 +111,6 @@ class Config:
     @property
     def origins(self) -> list[str]:
         return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
-
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "pychat.db"
 
     def secret_bytes(self) -> bytes:
         """The token key: configured, or created once in the data dir (so tokens survive restarts)."""

@@ -188,7 +188,7 @@ class Engine:
         finally:
             self._waiting.pop(ticket, None)
         if isinstance(outcome, Failed):
-            raise ApiError(outcome.code, outcome.message)
+            raise ApiError(outcome.code, outcome.message, retry_after_ms=outcome.retry_after_ms)
         return outcome
 
     def _new_ticket(self) -> tuple[int, asyncio.Future[TicketOutcome]]:

@@ -21,7 +21,7 @@ from pychat.gateway import Gateway
 from pychat.metrics import Metrics
 from pychat.presence.local import LocalPresence
 from pychat.rest import RestApi
-from pychat.store.sqlite import SqliteStore
+from pychat.store import open_store
 
 log = logging.getLogger("pychat")
 
@@ -50,7 +50,8 @@ class Server:
         """Opens the store, starts the gateway and engine, then serves REST; returns once all accept."""
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = SqliteStore(cfg.db_path, cfg.sqlite_synchronous)
+        # Opening a store may block (a network store connects): off the event loop.
+        self.store = await asyncio.to_thread(open_store, cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
         secret = cfg.secret_bytes()
         self.gateway = Gateway(
             host=cfg.host,
@@ -60,7 +61,7 @@ class Server:
             limits=cfg.limits.for_gateway(),
             allowed_origins=cfg.origins,
         )
-        for chat_id, kind, members in self.store.all_memberships():
+        for chat_id, kind, members in await asyncio.to_thread(self.store.all_memberships):
             self.gateway.set_chat_members(chat_id, members, kind == "direct")
         self.presence = LocalPresence(self.gateway, self.store)
         self.engine = Engine(self.gateway, self.store, self.metrics, cfg.batch_max)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,24 +107,57 @@ class ServerProcess:
             self._log = None
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "stores(*kinds): run the module's servers on each of these stores (default: sqlite)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # `@pytest.mark.stores("sqlite", "cassandra")` on a module runs its server tests on each store.
+    if "store_kind" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("stores")
+        kinds = marker.args if marker else ("sqlite",)
+        metafunc.parametrize("store_kind", kinds, indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One server per test module; tests keep apart by using fresh users."""
-    srv = ServerProcess(tmp_path_factory.mktemp("pychat"))
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def store_env(store_kind: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that puts a server on `store_kind`: SQLite in its data dir, or a fresh
+    keyspace on the session's Cassandra node."""
+    if store_kind == "sqlite":
+        return {}
+    node = request.getfixturevalue("cassandra")
+    return {"PYCHAT_STORE": f"cassandra://{node.host}:{node.port}/srv_{uuid.uuid4().hex[:12]}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, store_env: dict[str, str]) -> Iterator[ServerProcess]:
+    """One server per test module (per store); tests keep apart by using fresh users."""
+    srv = ServerProcess(tmp_path_factory.mktemp("pychat"), env=dict(store_env))
     srv.start()
     yield srv
     srv.stop()
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Starts servers of the test's own (on a fresh data dir, with extra environment); stops them after."""
+def server_factory(tmp_path: Path, store_env: dict[str, str]) -> Iterator[Callable[..., ServerProcess]]:
+    """Starts servers of the test's own (on a fresh data dir and store, with extra environment);
+    stops them after."""
     started: list[ServerProcess] = []
 
     def make(env: dict[str, str] | None = None) -> ServerProcess:
         data_dir = tmp_path / f"data{len(started)}"
         data_dir.mkdir()
-        srv = ServerProcess(data_dir, env=env or {})
+        own = dict(store_env)
+        if "PYCHAT_STORE" in own:  # a keyspace of its own
+            own["PYCHAT_STORE"] = own["PYCHAT_STORE"].rsplit("/", 1)[0] + f"/srv_{uuid.uuid4().hex[:12]}"
+        srv = ServerProcess(data_dir, env={**own, **(env or {})})
         srv.start()
         started.append(srv)
         return srv
@@ -183,3 +217,52 @@ settings.register_profile(
     "fuzz", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# Cassandra: one real node for the test session, installed by services/cassandra.py on first use
+# (a download of about a minute), on free ports in a temporary directory.
+from cassandra.cluster import Cluster, Session  # noqa: E402
+
+from services.cassandra import CassandraError, CassandraServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cassandra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
+    """A running Cassandra 5.0 node, shared by the session. A node that cannot start fails the test
+    with the tail of its log: never a skip. The first run downloads Cassandra, so modules that use it
+    raise their timeout (see tests/test_cassandra_service.py)."""
+    node = CassandraServer(
+        tmp_path_factory.mktemp("cassandra"),
+        port=free_port(),
+        storage_port=free_port(),
+        exit_with_parent=True,
+    )
+    try:
+        node.start()
+    except CassandraError as e:
+        pytest.fail(f"Cassandra did not start: {e}", pytrace=False)
+    yield node
+    node.stop()
+
+
+@pytest.fixture(scope="session")
+def cassandra_cluster(cassandra: CassandraServer) -> Iterator[Cluster]:
+    """The driver's cluster object for the session's node (protocol v5)."""
+    cluster = Cluster([cassandra.host], port=cassandra.port, protocol_version=5)
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture
+def cassandra_session(cassandra_cluster: Cluster) -> Iterator[Session]:
+    """A driver session on a keyspace of the test's own (SimpleStrategy, replication factor 1),
+    dropped after the test."""
+    keyspace = f"test_{uuid.uuid4().hex}"
+    session = cassandra_cluster.connect()
+    session.execute(
+        f"CREATE KEYSPACE {keyspace} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"
+    )
+    session.set_keyspace(keyspace)
+    yield session
+    session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
+    session.shutdown()

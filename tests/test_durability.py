@@ -5,8 +5,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 
+import pytest
+
 from tests.conftest import Clients, ServerProcess
 from tests.wsraw import RawWs
+
+pytestmark = [pytest.mark.stores("sqlite", "cassandra"), pytest.mark.timeout(600)]
 
 
 async def test_every_acked_message_survives_sigkill_exactly_once(

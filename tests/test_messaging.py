@@ -16,6 +16,8 @@ from pychat.client import ChatClient, ChatError
 from tests.conftest import Clients, ServerProcess
 from tests.wsraw import RawWs, client_frame, raw_upgrade
 
+pytestmark = [pytest.mark.stores("sqlite", "cassandra"), pytest.mark.timeout(600)]
+
 
 def send_frame(chat_id: str, content: str, cmid: str | None = None, **extra: Any) -> dict[str, Any]:
     return {

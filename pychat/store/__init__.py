@@ -1,12 +1,25 @@
-"""The `Store` seam: everything pychat keeps durably, behind one protocol.
+"""The `Store` seam: everything pychat keeps durably.
 
-Implementations: `pychat.store.sqlite.SqliteStore` (embedded default).
+Two halves: `MessageStore` is what the message path needs (append a batch with
+idempotency and per-chat seq, history pages, sync backlog pages); `MetadataStore`
+holds users, chats, members, read/delivered pointers and last_seen. A backend
+implements both (`Store`), one module each, picked by the `store` setting:
+
+- `sqlite:///path/to/file.db` (or `sqlite://`, the file in the data dir): the
+  embedded default, `pychat.store.sqlite`;
+- `cassandra://host:port/keyspace`: Apache Cassandra 5 / ScyllaDB,
+  `pychat.store.cassandra`.
+
+Every method is synchronous and may block: callers run them on the engine thread
+or a thread pool, never on the asyncio loop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
 
 from pychat.gateway import Failed, PointerMoved, Stored
 
@@ -68,12 +81,36 @@ PointerResult = PointerMoved | Failed
 BacklogRow = tuple[str, int, str, str, str, str, int, str | None]
 
 
-class Store(Protocol):
-    """Durable state. `append_batch` is the only writer of messages and chat
-    sequence numbers; it is called from one engine thread at a time."""
+class MessageStore(Protocol):
+    """Messages. `append_batch` is the only writer of messages and chat sequence numbers;
+    it is called from one engine thread at a time (and fenced against any other writer)."""
 
-    def close(self) -> None: ...
-    def ping(self) -> bool: ...
+    def append_batch(
+        self,
+        sends: list[SendRequest],
+        pointers: list[PointerRequest],
+        seen: list[tuple[str, int]] | None = None,
+    ) -> tuple[list[SendResult], list[PointerResult]]:
+        """Stores every send, moves every pointer and records every (user_id, last_seen), with
+        one result per send and per pointer; an ack may be sent for a `Stored` result (it is
+        durable). A send the store cannot take gets an error result of its own (the others are
+        stored, each chat numbered without a gap); a retry, also by a sender who has left the
+        chat since, gets the original message. SQLite does the batch in one transaction; on a
+        failure of the store itself nothing is acked and the exception propagates."""
+
+    def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
+        """Up to `limit` messages of the chat with seq > `after`, in seq order."""
+
+    def history(
+        self, chat_id: str, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """A page of message objects in ascending seq, and whether there are more."""
+
+    def message_by_id(self, message_id: str) -> dict[str, Any] | None: ...
+
+
+class MetadataStore(Protocol):
+    """Users, chats, members, pointers and presence."""
 
     # users
     def create_user(self, user: User) -> None:
@@ -89,7 +126,9 @@ class Store(Protocol):
         returns the existing one and False."""
 
     def get_chat(self, chat_id: str) -> Chat | None: ...
-    def list_chats(self, user_id: str) -> list[dict[str, Any]]: ...
+    def list_chats(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's chats, newest activity first, each with `last_message` and `unread`."""
+
     def add_member(self, chat_id: str, user_id: str) -> bool:
         """Adds a member; one who was a member before gets its delivered/read pointers back."""
 
@@ -100,19 +139,12 @@ class Store(Protocol):
     def all_memberships(self) -> list[tuple[str, str, list[str]]]:
         """(chat_id, kind, members) of every chat."""
 
-    # messages
-    def append_batch(
-        self,
-        sends: list[SendRequest],
-        pointers: list[PointerRequest],
-        seen: list[tuple[str, int]] | None = None,
-    ) -> tuple[list[SendResult], list[PointerResult]]:
-        """Stores every send, moves every pointer and records every (user_id, last_seen)
-        in ONE transaction, with one result per send and per pointer. A send the store cannot
-        take gets an error result of its own (the others are stored, each chat numbered without
-        a gap); a retry, also by a sender who has left the chat since, gets the original
-        message. On a failure of the store itself nothing of the batch is written and the
-        exception propagates."""
+    def sync_chats(self, user_id: str, since: dict[str, int]) -> list[tuple[str, int, int]]:
+        """(chat_id, cursor, last_seq) of each of the user's chats; the cursor is `since`'s
+        entry for the chat, or else the user's read pointer."""
+
+    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
+        """(members whose delivered pointer >= seq, members whose read pointer >= seq)."""
 
     # presence
     def last_seen(self, user_id: str) -> int | None: ...
@@ -121,16 +153,24 @@ class Store(Protocol):
 
     def last_seen_many(self, user_ids: list[str]) -> dict[str, int | None]: ...
 
-    def sync_chats(self, user_id: str, since: dict[str, int]) -> list[tuple[str, int, int]]:
-        """(chat_id, cursor, last_seq) of each of the user's chats; the cursor is `since`'s
-        entry for the chat, or else the user's read pointer."""
 
-    def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
-        """Up to `limit` messages of the chat with seq > `after`, in seq order."""
+class Store(MessageStore, MetadataStore, Protocol):
+    """A backend: both halves, opened by `open_store`."""
 
-    def history(
-        self, chat_id: str, before: int | None, after: int | None, limit: int
-    ) -> tuple[list[dict[str, Any]], bool]: ...
+    def close(self) -> None: ...
+    def ping(self) -> bool: ...
 
-    def message_by_id(self, message_id: str) -> dict[str, Any] | None: ...
-    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]: ...
+
+def open_store(url: str, data_dir: Path, sqlite_synchronous: str = "FULL") -> Store:
+    """Opens (creating or upgrading its schema) the store a `store` setting names."""
+    parts = urlsplit(url or "sqlite://")
+    if parts.scheme == "sqlite":
+        from pychat.store.sqlite import SqliteStore
+
+        path = Path(parts.path) if parts.path not in ("", "/") else data_dir / "pychat.db"
+        return SqliteStore(path, sqlite_synchronous)
+    if parts.scheme == "cassandra":
+        from pychat.store.cassandra import CassandraStore
+
+        return CassandraStore.from_url(url)
+    raise ValueError(f"unknown store {url!r}: use sqlite:///path or cassandra://host:port/keyspace")

@@ -202,22 +202,35 @@ impl PointerMoved {
     }
 }
 
-/// A refused event, with a PROTOCOL.md error code.
+/// A refused event, with a PROTOCOL.md error code (and when to retry: `unavailable`
+/// says 1 s unless told otherwise).
 #[pyclass(frozen, get_all, module = "pychat._core")]
 pub struct Failed {
     code: Py<PyString>,
     message: Py<PyString>,
+    retry_after_ms: Option<u64>,
 }
+
+/// What an `unavailable` answer tells the client to wait when nothing better is known.
+const UNAVAILABLE_RETRY_MS: u64 = 1_000;
 
 #[pymethods]
 impl Failed {
     #[new]
-    fn new(code: &Bound<'_, PyString>, message: Py<PyString>) -> PyResult<Self> {
-        ErrorCode::parse(code.to_str()?)
+    #[pyo3(signature = (code, message, retry_after_ms=None))]
+    fn new(
+        code: &Bound<'_, PyString>,
+        message: Py<PyString>,
+        retry_after_ms: Option<u64>,
+    ) -> PyResult<Self> {
+        let parsed = ErrorCode::parse(code.to_str()?)
             .ok_or_else(|| PyTypeError::new_err(format!("unknown error code {code}")))?;
+        let retry_after_ms =
+            retry_after_ms.or((parsed == ErrorCode::Unavailable).then_some(UNAVAILABLE_RETRY_MS));
         Ok(Self {
             code: code.clone().unbind(),
             message,
+            retry_after_ms,
         })
     }
 
@@ -295,10 +308,9 @@ pub fn extract_result(r: &Bound<'_, PyAny>) -> PyResult<EngineResult> {
     if let Ok(x) = r.cast::<Failed>() {
         let x = x.get();
         let code = ErrorCode::parse(x.code.bind(py).to_str()?).unwrap_or(ErrorCode::Internal);
-        return Ok(EngineResult::Failed(FrameError::new(
-            code,
-            owned(py, &x.message)?,
-        )));
+        let mut error = FrameError::new(code, owned(py, &x.message)?);
+        error.retry_after_ms = x.retry_after_ms;
+        return Ok(EngineResult::Failed(error));
     }
     if r.cast::<Done>().is_ok() {
         return Ok(EngineResult::Done);
@@ -346,6 +358,7 @@ pub fn ticket_to_python(py: Python<'_>, outcome: TicketOutcome) -> PyResult<Py<P
             Failed {
                 code: s(py, e.code.as_str()),
                 message: s(py, &e.message),
+                retry_after_ms: e.retry_after_ms,
             },
         )?
         .into_any(),

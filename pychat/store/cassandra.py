@@ -1,0 +1,788 @@
+"""The Cassandra / ScyllaDB store (scylla-driver), for messages at scale.
+
+Messages live in wide partitions per chat, split into buckets of `BUCKET_SIZE` seqs
+(a bucket is `seq // BUCKET_SIZE`, so a huge chat never makes one giant partition),
+clustered by seq.
+
+How PROTOCOL.md's guarantees hold without transactions:
+
+- **One writer per seq (the fence).** Each bucket partition carries a static column
+  `bucket_last_seq`. A batch's messages for one chat are written in ONE conditional
+  batch on that partition: `UPDATE ... SET bucket_last_seq = new IF bucket_last_seq = old`
+  plus the rows. A conditional batch on one partition is atomic and isolated (Paxos),
+  so the rows and the fence land together or not at all: two writers can never both
+  store seq N, and a crash can never leave a gap. The engine is the chat's only
+  writer in a process, so the fence is uncontended (one Paxos round per chat per
+  batch, two when the batch crosses into a new bucket); a writer whose fence fails
+  re-reads the chat's last seq and numbers again.
+- **Idempotency.** `idempotency` maps (chat, sender, client_msg_id) to the message's
+  id and seq (TTL 48 h: PROTOCOL.md asks for 24). It is written before the fenced
+  batch, so a crash in between leaves an entry whose seq holds another message or
+  none: every hit is checked against the message row, and a stale one counts as new.
+- **Pointers and times never move back** without a read-modify-write: the cells are
+  written `USING TIMESTAMP` of their own value (a seq, or a time in microseconds), so
+  Cassandra's last-write-wins keeps the highest whatever the order of the writes, also
+  under concurrent writers. Those cells are never written otherwise.
+- **Durability.** A write counts when Cassandra acknowledged it at the configured
+  consistency (ONE on a single node, QUORUM with three replicas) and the node's commit
+  log is synced before it acknowledges (`commitlog_sync: group` or `batch`); an ack
+  to a client follows that. See docs/operator.md.
+
+Every method blocks: the engine calls `append_batch` on its own thread, REST calls the
+rest on its thread pools.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from cassandra import ConsistencyLevel
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+from cassandra.query import BatchStatement, BatchType, PreparedStatement
+
+from pychat.errors import ApiError
+from pychat.gateway import Failed, PointerMoved, Stored
+from pychat.ids import new_ids, now_ms
+from pychat.store import BacklogRow, Chat, PointerRequest, PointerResult, SendRequest, SendResult, User
+
+log = logging.getLogger("pychat.store.cassandra")
+
+SCHEMA_VERSION = 1
+# Seqs per messages partition.
+BUCKET_SIZE = 10_000
+# How long the idempotency table remembers a send (PROTOCOL.md: at least 24 h).
+IDEMPOTENCY_TTL_S = 48 * 3600
+# Statements in flight at once for one call.
+CONCURRENCY = 64
+# Rows per IN query.
+IN_CHUNK = 100
+# Unread messages counted exactly per chat in `list_chats`; past it the count is estimated from seqs.
+UNREAD_SCAN = 1_000
+
+SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS meta (key text PRIMARY KEY, value text)",
+    """CREATE TABLE IF NOT EXISTS users (
+        user_id text PRIMARY KEY, username text, display_name text, password_hash text,
+        created_at bigint, last_seen bigint)""",
+    "CREATE TABLE IF NOT EXISTS usernames (username_key text PRIMARY KEY, user_id text)",
+    """CREATE TABLE IF NOT EXISTS chats (
+        chat_id text PRIMARY KEY, kind text, title text, created_by text, created_at bigint,
+        last_seq bigint, last_activity bigint)""",
+    "CREATE TABLE IF NOT EXISTS direct_chats (direct_key text PRIMARY KEY, chat_id text)",
+    """CREATE TABLE IF NOT EXISTS chat_members (
+        chat_id text, user_id text, joined_at bigint, PRIMARY KEY (chat_id, user_id))""",
+    """CREATE TABLE IF NOT EXISTS user_chats (
+        user_id text, chat_id text, active boolean, joined_at bigint,
+        delivered_seq bigint, read_seq bigint, PRIMARY KEY (user_id, chat_id))""",
+    """CREATE TABLE IF NOT EXISTS messages (
+        chat_id text, bucket bigint, seq bigint, bucket_last_seq bigint STATIC,
+        message_id text, sender_id text, content text, attachments text, created_at bigint,
+        client_msg_id text, PRIMARY KEY ((chat_id, bucket), seq))""",
+    "CREATE TABLE IF NOT EXISTS message_ids (message_id text PRIMARY KEY, chat_id text, seq bigint)",
+    f"""CREATE TABLE IF NOT EXISTS idempotency (
+        chat_id text, sender_id text, client_msg_id text, message_id text, seq bigint,
+        PRIMARY KEY ((chat_id, sender_id, client_msg_id))) WITH default_time_to_live = {IDEMPOTENCY_TTL_S}""",
+]
+
+_MESSAGE_FIELDS = "seq, message_id, sender_id, content, attachments, created_at, client_msg_id"
+
+
+def bucket_of(seq: int) -> int:
+    return seq // BUCKET_SIZE
+
+
+@dataclass(frozen=True)
+class CassandraUrl:
+    """`cassandra://host[:port][,host...]/keyspace?replication=N&consistency=ONE`"""
+
+    hosts: list[str]
+    port: int
+    keyspace: str
+    replication: int
+    consistency: str
+
+    @classmethod
+    def parse(cls, url: str) -> CassandraUrl:
+        parts = urlsplit(url)
+        if parts.scheme != "cassandra":
+            raise ValueError(f"not a cassandra:// url: {url!r}")
+        netloc = parts.netloc or "127.0.0.1:9042"
+        hosts, port = [], 9042
+        for item in netloc.split(","):
+            host, _, p = item.partition(":")
+            hosts.append(host or "127.0.0.1")
+            if p:
+                port = int(p)
+        keyspace = parts.path.strip("/") or "pychat"
+        if not keyspace.replace("_", "").isalnum():
+            raise ValueError(f"keyspace must be letters, digits and _: {keyspace!r}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        replication = int(query.get("replication", "1"))
+        default = "ONE" if replication == 1 else "QUORUM"
+        consistency = query.get("consistency", default).upper()
+        if consistency not in ConsistencyLevel.name_to_value:
+            raise ValueError(f"unknown consistency level {consistency!r}")
+        return cls(hosts, port, keyspace, replication, consistency)
+
+
+class CassandraStore:
+    def __init__(self, session: Session, cluster: Cluster | None = None) -> None:
+        self.session = session
+        self._cluster = cluster
+        # The true last seq of each chat this process writes (it is the chats' only writer).
+        self._last: dict[str, int] = {}
+        self._last_lock = threading.Lock()
+        self._prepared: dict[str, PreparedStatement] = {}
+        self._migrate()
+        self._prepare()
+
+    @classmethod
+    def from_url(cls, url: str) -> CassandraStore:
+        u = CassandraUrl.parse(url)
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+            consistency_level=ConsistencyLevel.name_to_value[u.consistency],
+            serial_consistency_level=ConsistencyLevel.SERIAL,
+            request_timeout=10.0,
+        )
+        cluster = Cluster(
+            u.hosts, port=u.port, protocol_version=5, execution_profiles={EXEC_PROFILE_DEFAULT: profile}
+        )
+        session = cluster.connect()
+        session.execute(
+            f"CREATE KEYSPACE IF NOT EXISTS {u.keyspace} WITH replication ="
+            f" {{'class': 'SimpleStrategy', 'replication_factor': {u.replication}}}"
+        )
+        session.set_keyspace(u.keyspace)
+        return cls(session, cluster)
+
+    def _migrate(self) -> None:
+        """Creates the tables (or keeps them: every statement is IF NOT EXISTS) and records the version."""
+        row = None
+        try:
+            row = self.session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one()
+        except Exception:  # no meta table yet: a new keyspace
+            row = None
+        if row is not None and int(row.value) > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the keyspace has schema {row.value}, newer than this pychat ({SCHEMA_VERSION})"
+            )
+        for statement in SCHEMA:
+            self.session.execute(statement)
+        self.session.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
+        )
+
+    def _prepare(self) -> None:
+        p = self.session.prepare
+        self._q_idem = p(
+            "SELECT message_id, seq FROM idempotency WHERE chat_id = ? AND sender_id = ? AND client_msg_id = ?"
+        )
+        self._q_idem_put = p(
+            "INSERT INTO idempotency (chat_id, sender_id, client_msg_id, message_id, seq) VALUES (?, ?, ?, ?, ?)"
+        )
+        self._q_msg_id_put = p("INSERT INTO message_ids (message_id, chat_id, seq) VALUES (?, ?, ?)")
+        self._q_message = p(
+            f"SELECT {_MESSAGE_FIELDS} FROM messages WHERE chat_id = ? AND bucket = ? AND seq = ?"
+        )
+        self._q_bucket_last = p(
+            "SELECT bucket_last_seq FROM messages WHERE chat_id = ? AND bucket = ? LIMIT 1"
+        )
+        self._q_fence = p(
+            "UPDATE messages SET bucket_last_seq = ? WHERE chat_id = ? AND bucket = ? IF bucket_last_seq = ?"
+        )
+        self._q_row = p(
+            "INSERT INTO messages (chat_id, bucket, seq, message_id, sender_id, content, attachments,"
+            " created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        self._q_chat_last = p("UPDATE chats USING TIMESTAMP ? SET last_seq = ? WHERE chat_id = ?")
+        self._q_chat_activity = p("UPDATE chats USING TIMESTAMP ? SET last_activity = ? WHERE chat_id = ?")
+        self._q_chat = p(
+            "SELECT chat_id, kind, title, created_by, created_at, last_seq, last_activity FROM chats WHERE chat_id = ?"
+        )
+        self._q_members = p("SELECT user_id, joined_at FROM chat_members WHERE chat_id = ?")
+        self._q_member = p("SELECT user_id FROM chat_members WHERE chat_id = ? AND user_id = ?")
+        self._q_user_chat = p(
+            "SELECT active, delivered_seq, read_seq FROM user_chats WHERE user_id = ? AND chat_id = ?"
+        )
+        self._q_delivered = p(
+            "UPDATE user_chats USING TIMESTAMP ? SET delivered_seq = ? WHERE user_id = ? AND chat_id = ?"
+        )
+        self._q_read = p(
+            "UPDATE user_chats USING TIMESTAMP ? SET read_seq = ? WHERE user_id = ? AND chat_id = ?"
+        )
+        self._q_seen = p("UPDATE users USING TIMESTAMP ? SET last_seen = ? WHERE user_id = ?")
+        self._q_after = p(
+            f"SELECT {_MESSAGE_FIELDS} FROM messages WHERE chat_id = ? AND bucket = ? AND seq > ? ORDER BY seq LIMIT ?"
+        )
+        self._q_before = p(
+            f"SELECT {_MESSAGE_FIELDS} FROM messages WHERE chat_id = ? AND bucket = ? AND seq < ? AND seq > ?"
+            " ORDER BY seq DESC LIMIT ?"
+        )
+        self._q_user = p(
+            "SELECT user_id, username, display_name, password_hash, created_at, last_seen FROM users WHERE user_id = ?"
+        )
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.shutdown()
+
+    def ping(self) -> bool:
+        return self.session.execute("SELECT release_version FROM system.local").one() is not None
+
+    # helpers
+
+    def _all(self, statement: PreparedStatement, args: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """Runs one statement for each argument tuple, `CONCURRENCY` at a time; the rows of each,
+        in order. Raises the first failure."""
+        if not args:
+            return []
+        results = execute_concurrent_with_args(self.session, statement, args, concurrency=CONCURRENCY)
+        out: list[list[Any]] = []
+        for ok, result in results:
+            if not ok:
+                raise result
+            out.append(list(result))
+        return out
+
+    def _in(self, query: str, ids: Iterable[str], *extra: Any) -> list[Any]:
+        """`query` has one `IN ?` (then `extra`'s markers): its rows over every chunk of ids."""
+        statement = self._prepared.get(query)
+        if statement is None:
+            statement = self._prepared[query] = self.session.prepare(query)
+        ids = list(dict.fromkeys(ids))
+        rows: list[Any] = []
+        for start in range(0, len(ids), IN_CHUNK):
+            rows.extend(self.session.execute(statement, (ids[start : start + IN_CHUNK], *extra)))
+        return rows
+
+    def _true_last(self, chat_id: str, hint: int) -> int:
+        """A chat's last stored seq: the `bucket_last_seq` of its newest bucket, found from the
+        chats row's `last_seq` (which never runs ahead of it)."""
+        bucket = bucket_of(hint)
+        last = hint
+        while True:
+            row = self.session.execute(self._q_bucket_last, (chat_id, bucket)).one()
+            if row is None or row.bucket_last_seq is None:
+                return last
+            last = max(last, int(row.bucket_last_seq))
+            if last < (bucket + 1) * BUCKET_SIZE - 1:
+                return last
+            bucket += 1
+
+    # users
+
+    def create_user(self, user: User) -> None:
+        self.session.execute(
+            "INSERT INTO users (user_id, username, display_name, password_hash, created_at) VALUES (%s, %s, %s, %s, %s)",
+            (user.user_id, user.username, user.display_name, user.password_hash, user.created_at),
+        )
+        applied = self.session.execute(
+            "INSERT INTO usernames (username_key, user_id) VALUES (%s, %s) IF NOT EXISTS",
+            (user.username.lower(), user.user_id),
+        ).one()
+        if not applied.applied:
+            self.session.execute("DELETE FROM users WHERE user_id = %s", (user.user_id,))
+            raise ApiError("conflict", "username is taken")
+
+    @staticmethod
+    def _user_of(row: Any) -> User:
+        return User(row.user_id, row.username, row.display_name, row.password_hash, row.created_at)
+
+    def user_by_name(self, username: str) -> User | None:
+        row = self.session.execute(
+            "SELECT user_id FROM usernames WHERE username_key = %s", (username.lower(),)
+        ).one()
+        return self.user_by_id(row.user_id) if row else None
+
+    def user_by_id(self, user_id: str) -> User | None:
+        row = self.session.execute(self._q_user, (user_id,)).one()
+        return self._user_of(row) if row else None
+
+    def existing_users(self, user_ids: list[str]) -> set[str]:
+        return {r.user_id for r in self._in("SELECT user_id FROM users WHERE user_id IN ?", user_ids)}
+
+    # chats
+
+    def _members(self, chat_id: str) -> list[str]:
+        rows = sorted(
+            self.session.execute(self._q_members, (chat_id,)), key=lambda r: (r.joined_at, r.user_id)
+        )
+        return [r.user_id for r in rows]
+
+    def create_chat(self, chat: Chat, direct_key: str | None) -> tuple[Chat, bool]:
+        if direct_key is not None:
+            taken = self.session.execute(
+                "INSERT INTO direct_chats (direct_key, chat_id) VALUES (%s, %s) IF NOT EXISTS",
+                (direct_key, chat.chat_id),
+            ).one()
+            if not taken.applied:
+                existing = self.get_chat(taken.chat_id)
+                if existing is not None:
+                    return existing, False
+                chat.chat_id = taken.chat_id  # its creator crashed midway: finish it
+        self.session.execute(
+            "INSERT INTO chats (chat_id, kind, title, created_by, created_at) VALUES (%s, %s, %s, %s, %s)",
+            (chat.chat_id, chat.kind, chat.title, chat.created_by, chat.created_at),
+        )
+        self.session.execute(self._q_chat_activity, (chat.created_at * 1000, chat.created_at, chat.chat_id))
+        for user_id in chat.members:
+            self._join(chat.chat_id, user_id, chat.created_at)
+        return chat, True
+
+    def _join(self, chat_id: str, user_id: str, at: int) -> None:
+        # The pointer cells are left alone: a former member's come back with it.
+        self.session.execute(
+            "INSERT INTO chat_members (chat_id, user_id, joined_at) VALUES (%s, %s, %s)",
+            (chat_id, user_id, at),
+        )
+        self.session.execute(
+            "UPDATE user_chats SET active = true, joined_at = %s WHERE user_id = %s AND chat_id = %s",
+            (at, user_id, chat_id),
+        )
+
+    def get_chat(self, chat_id: str) -> Chat | None:
+        row = self.session.execute(self._q_chat, (chat_id,)).one()
+        if row is None or row.kind is None:
+            return None
+        return Chat(
+            row.chat_id,
+            row.kind,
+            row.title,
+            row.created_by,
+            row.created_at,
+            row.last_seq or 0,
+            self._members(chat_id),
+        )
+
+    def list_chats(self, user_id: str) -> list[dict[str, Any]]:
+        mine = {
+            r.chat_id: r.read_seq or 0
+            for r in self.session.execute(
+                "SELECT chat_id, active, read_seq FROM user_chats WHERE user_id = %s", (user_id,)
+            )
+            if r.active
+        }
+        chats = self._in(
+            "SELECT chat_id, kind, title, created_by, created_at, last_seq, last_activity FROM chats"
+            " WHERE chat_id IN ?",
+            mine,
+        )
+        chats.sort(key=lambda r: (-(r.last_activity or 0), r.chat_id))
+        out = []
+        for r in chats:
+            chat = Chat(r.chat_id, r.kind, r.title, r.created_by, r.created_at, r.last_seq or 0)
+            chat.members = self._members(r.chat_id)
+            item = chat.to_json()
+            last = chat.last_seq
+            row = (
+                self.session.execute(self._q_message, (r.chat_id, bucket_of(last), last)).one()
+                if last
+                else None
+            )
+            item["last_message"] = self._message_json(r.chat_id, row) if row else None
+            item["unread"] = self._unread(r.chat_id, mine[r.chat_id], last, user_id)
+            out.append(item)
+        return out
+
+    def _unread(self, chat_id: str, read_seq: int, last: int, user_id: str) -> int:
+        """Messages above the read pointer not sent by the user (counted up to `UNREAD_SCAN`)."""
+        if last <= read_seq:
+            return 0
+        if last - read_seq > UNREAD_SCAN:
+            return last - read_seq
+        count, after = 0, read_seq
+        while after < last:
+            rows = list(
+                self.session.execute(self._q_after, (chat_id, bucket_of(after + 1), after, UNREAD_SCAN))
+            )
+            if not rows:
+                after = (bucket_of(after + 1) + 1) * BUCKET_SIZE - 1
+                continue
+            count += sum(1 for m in rows if m.sender_id != user_id and m.seq <= last)
+            after = rows[-1].seq
+        return count
+
+    def add_member(self, chat_id: str, user_id: str) -> bool:
+        if self.is_member(chat_id, user_id):
+            return False
+        self._join(chat_id, user_id, now_ms())
+        return True
+
+    def remove_member(self, chat_id: str, user_id: str) -> bool:
+        if not self.is_member(chat_id, user_id):
+            return False
+        self.session.execute(
+            "DELETE FROM chat_members WHERE chat_id = %s AND user_id = %s", (chat_id, user_id)
+        )
+        # The row stays (inactive) with its pointers, for a later add_member.
+        self.session.execute(
+            "UPDATE user_chats SET active = false WHERE user_id = %s AND chat_id = %s", (user_id, chat_id)
+        )
+        return True
+
+    def is_member(self, chat_id: str, user_id: str) -> bool:
+        return self.session.execute(self._q_member, (chat_id, user_id)).one() is not None
+
+    def all_memberships(self) -> list[tuple[str, str, list[str]]]:
+        members: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        for r in self.session.execute("SELECT chat_id, user_id, joined_at FROM chat_members"):
+            members[r.chat_id].append((r.joined_at or 0, r.user_id))
+        out = []
+        for r in self.session.execute("SELECT chat_id, kind FROM chats"):
+            if r.kind is not None:
+                out.append((r.chat_id, r.kind, [u for _, u in sorted(members.get(r.chat_id, []))]))
+        return out
+
+    def sync_chats(self, user_id: str, since: dict[str, int]) -> list[tuple[str, int, int]]:
+        mine = {
+            r.chat_id: r.read_seq or 0
+            for r in self.session.execute(
+                "SELECT chat_id, active, read_seq FROM user_chats WHERE user_id = %s", (user_id,)
+            )
+            if r.active
+        }
+        last = {
+            r.chat_id: r.last_seq or 0
+            for r in self._in("SELECT chat_id, last_seq FROM chats WHERE chat_id IN ?", mine)
+        }
+        return [(chat_id, since.get(chat_id, read), last.get(chat_id, 0)) for chat_id, read in mine.items()]
+
+    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
+        members = sorted(self._members(chat_id))
+        rows = self._in(
+            "SELECT user_id, delivered_seq, read_seq FROM user_chats WHERE user_id IN ? AND chat_id = ?",
+            members,
+            chat_id,
+        )
+        rows.sort(key=lambda r: r.user_id)
+        return (
+            [r.user_id for r in rows if (r.delivered_seq or 0) >= seq],
+            [r.user_id for r in rows if (r.read_seq or 0) >= seq],
+        )
+
+    # presence
+
+    def last_seen(self, user_id: str) -> int | None:
+        row = self.session.execute("SELECT last_seen FROM users WHERE user_id = %s", (user_id,)).one()
+        return row.last_seen if row else None
+
+    def last_seen_many(self, user_ids: list[str]) -> dict[str, int | None]:
+        return {
+            r.user_id: r.last_seen
+            for r in self._in("SELECT user_id, last_seen FROM users WHERE user_id IN ?", user_ids)
+        }
+
+    def visible_users(self, viewer_id: str, user_ids: list[str]) -> set[str]:
+        wanted = set(user_ids)
+        visible = {viewer_id} & wanted
+        chats = [
+            r.chat_id
+            for r in self.session.execute(
+                "SELECT chat_id, active FROM user_chats WHERE user_id = %s", (viewer_id,)
+            )
+            if r.active
+        ]
+        for rows in self._all(self._q_members, [(c,) for c in chats]):
+            visible |= {r.user_id for r in rows} & wanted
+            if visible == wanted:
+                break
+        return visible
+
+    # messages
+
+    def append_batch(
+        self,
+        sends: list[SendRequest],
+        pointers: list[PointerRequest],
+        seen: list[tuple[str, int]] | None = None,
+    ) -> tuple[list[SendResult], list[PointerResult]]:
+        send_results = self._append_sends(sends) if sends else []
+        pointer_results = self._move_pointers(pointers) if pointers else []
+        if seen:
+            self._all(self._q_seen, [(at * 1000, at, user_id) for user_id, at in seen])
+        return send_results, pointer_results
+
+    def _append_sends(self, sends: list[SendRequest]) -> list[SendResult]:
+        results: list[SendResult | None] = [None] * len(sends)
+        chat_ids = list(dict.fromkeys(s.chat_id for s in sends))
+        chat_rows = {
+            r.chat_id: r
+            for r in self._in("SELECT chat_id, kind, last_seq FROM chats WHERE chat_id IN ?", chat_ids)
+        }
+        pairs = list(dict.fromkeys((s.chat_id, s.sender_id) for s in sends if s.chat_id in chat_rows))
+        members = {pair for pair, rows in zip(pairs, self._all(self._q_member, pairs), strict=True) if rows}
+        # Every send's key is looked up: a retry after a restart (or of a former member) is answered.
+        keyed = [i for i, s in enumerate(sends) if s.chat_id in chat_rows]
+        hits = self._all(
+            self._q_idem, [(sends[i].chat_id, sends[i].sender_id, sends[i].client_msg_id) for i in keyed]
+        )
+        found = {i: rows[0] for i, rows in zip(keyed, hits, strict=True) if rows}
+        originals = self._originals(sends, found)
+        # A retry of a message whose batch went through but whose chat hint was not written yet
+        # (a crash in between) moves the hint up now, so that sync finds it.
+        behind: dict[str, int] = {}
+        for i, r in originals.items():
+            chat_id = sends[i].chat_id
+            if r.seq > (chat_rows[chat_id].last_seq or 0):
+                behind[chat_id] = max(behind.get(chat_id, 0), r.seq)
+        self._all(self._q_chat_last, [(seq, seq, chat_id) for chat_id, seq in behind.items()])
+        # New sends per chat, in order; a key repeated in the batch is stored once.
+        fresh: dict[str, list[int]] = defaultdict(list)
+        repeats: dict[int, int] = {}
+        first_of: dict[tuple[str, str, str], int] = {}
+        for i, s in enumerate(sends):
+            if s.chat_id not in chat_rows or chat_rows[s.chat_id].kind is None:
+                results[i] = Failed("not_found", "no such chat")
+            elif i in originals:
+                results[i] = originals[i]
+            elif (s.chat_id, s.sender_id) not in members:
+                results[i] = Failed("forbidden", "not a member of this chat")
+            elif s.attachments:  # media is not served by this store yet
+                results[i] = Failed("not_found", f"no such media: {s.attachments[0]}")
+            elif (key := (s.chat_id, s.sender_id, s.client_msg_id)) in first_of:
+                repeats[i] = first_of[key]
+            else:
+                first_of[key] = i
+                fresh[s.chat_id].append(i)
+        created_at = now_ms()
+        message_ids = iter(new_ids("m", len(first_of)))
+        for chat_id, indexes in fresh.items():
+            ids = [next(message_ids) for _ in indexes]
+            try:
+                stored = self._store_chat(
+                    chat_id, chat_rows[chat_id].last_seq or 0, [sends[i] for i in indexes], ids, created_at
+                )
+            except Exception:
+                log.exception("storing the messages of chat %s failed", chat_id)
+                with self._last_lock:
+                    self._last.pop(chat_id, None)  # read the truth again next time
+                stored = [Failed("unavailable", "the store did not take the message; retry")] * len(indexes)
+            for i, one in zip(indexes, stored, strict=True):
+                results[i] = one
+        for i, first in repeats.items():
+            was = results[first]
+            if isinstance(was, Stored):
+                was = Stored(was.message_id, was.seq, was.created_at, was.content, was.attachments, True)
+            results[i] = was
+        return [r if r is not None else Failed("internal", "no result") for r in results]
+
+    def _originals(self, sends: list[SendRequest], found: dict[int, Any]) -> dict[int, Stored]:
+        """The sends whose key names a stored message: that message (checked against its row,
+        since a key is written before its fenced batch and may name a seq that batch never got)."""
+        if not found:
+            return {}
+        indexes = list(found)
+        rows = self._all(
+            self._q_message, [(sends[i].chat_id, bucket_of(found[i].seq), found[i].seq) for i in indexes]
+        )
+        out = {}
+        for i, msg in zip(indexes, rows, strict=True):
+            if msg and msg[0].message_id == found[i].message_id:
+                m = msg[0]
+                out[i] = Stored(m.message_id, m.seq, m.created_at, m.content, m.attachments, True)
+        return out
+
+    def _store_chat(
+        self, chat_id: str, hint: int, sends: list[SendRequest], ids: list[str], created_at: int
+    ) -> list[SendResult]:
+        """Numbers and stores one chat's new sends after its last seq, fenced; numbers again if
+        another writer moved the chat on."""
+        for _attempt in range(5):
+            with self._last_lock:
+                last = self._last.get(chat_id)
+            if last is None:
+                last = self._true_last(chat_id, hint)
+            rows = [
+                (
+                    chat_id,
+                    bucket_of(last + 1 + k),
+                    last + 1 + k,
+                    ids[k],
+                    s.sender_id,
+                    s.content,
+                    "[]",
+                    created_at,
+                    s.client_msg_id,
+                )
+                for k, s in enumerate(sends)
+            ]
+            # The keys first: a crash before the fenced batch leaves keys naming seqs they never got,
+            # which `_originals` tells apart; the other order could lose a stored message's key.
+            self._all(self._q_idem_put, [(chat_id, r[4], r[8], r[3], r[2]) for r in rows])
+            self._all(self._q_msg_id_put, [(r[3], chat_id, r[2]) for r in rows])
+            if self._fenced_write(chat_id, last, rows):
+                new_last = last + len(sends)
+                with self._last_lock:
+                    self._last[chat_id] = new_last
+                # The chat's hint and activity (never back: each cell's timestamp is its value).
+                self.session.execute(self._q_chat_last, (new_last, new_last, chat_id))
+                self.session.execute(self._q_chat_activity, (created_at * 1000, created_at, chat_id))
+                return [Stored(r[3], r[2], created_at, r[5], r[6], False) for r in rows]
+            log.warning("chat %s: another writer moved its last seq past %d; numbering again", chat_id, last)
+            with self._last_lock:
+                self._last.pop(chat_id, None)
+            hint = last
+        raise RuntimeError(f"chat {chat_id}: the fence failed five times in a row")
+
+    def _fenced_write(self, chat_id: str, last: int, rows: list[tuple[Any, ...]]) -> bool:
+        """Writes the rows in one conditional batch per bucket, each fenced on the bucket's last seq.
+        False (nothing of that bucket written) if another writer got there first."""
+        by_bucket: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+        for r in rows:
+            by_bucket[r[1]].append(r)
+        before = last
+        for bucket, bucket_rows in sorted(by_bucket.items()):
+            batch = BatchStatement(batch_type=BatchType.LOGGED)
+            # A bucket's first rows meet a partition that does not exist yet: its last seq is null.
+            expected = before if bucket_of(before) == bucket and before > 0 else None
+            batch.add(self._q_fence, (bucket_rows[-1][2], chat_id, bucket, expected))
+            for r in bucket_rows:
+                batch.add(self._q_row, r)
+            outcome = self.session.execute(batch).one()
+            if not outcome.applied:
+                return False
+            before = bucket_rows[-1][2]
+        return True
+
+    def _move_pointers(self, pointers: list[PointerRequest]) -> list[PointerResult]:
+        keys = list(dict.fromkeys((p.user_id, p.chat_id) for p in pointers))
+        try:
+            current = dict(zip(keys, self._all(self._q_user_chat, keys), strict=True))
+            chats = {
+                r.chat_id: r.last_seq or 0
+                for r in self._in(
+                    "SELECT chat_id, last_seq FROM chats WHERE chat_id IN ?", {c for _, c in keys}
+                )
+            }
+        except Exception:
+            log.exception("reading pointers failed")
+            return [Failed("unavailable", "the store did not answer; retry")] * len(pointers)
+        state: dict[tuple[str, str], list[int]] = {}
+        results: list[PointerResult] = []
+        writes: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
+        for p in pointers:
+            key = (p.user_id, p.chat_id)
+            rows = current[key]
+            if not rows or not rows[0].active:
+                results.append(Failed("forbidden", "not a member of this chat"))
+                continue
+            last = max(chats.get(p.chat_id, 0), self._last.get(p.chat_id, 0))
+            if p.seq > last:
+                results.append(
+                    Failed("bad_request", f"seq {p.seq} is beyond the chat's last message ({last})")
+                )
+                continue
+            delivered, read = state.setdefault(key, [rows[0].delivered_seq or 0, rows[0].read_seq or 0])
+            new_delivered = max(delivered, p.seq)
+            new_read = max(read, p.seq) if p.kind == "read" else read
+            if new_delivered != delivered:
+                writes.append((self._q_delivered, (new_delivered, new_delivered, p.user_id, p.chat_id)))
+            if new_read != read:
+                writes.append((self._q_read, (new_read, new_read, p.user_id, p.chat_id)))
+            state[key] = [new_delivered, new_read]
+            results.append(
+                PointerMoved(new_delivered, new_read, new_delivered != delivered, new_read != read)
+            )
+        try:
+            futures: list[ResponseFuture] = [self.session.execute_async(q, args) for q, args in writes]
+            for f in futures:
+                f.result()
+        except Exception:
+            log.exception("writing pointers failed")
+            return [Failed("unavailable", "the store did not take the pointer; retry")] * len(pointers)
+        return results
+
+    def _message_json(self, chat_id: str, m: Any) -> dict[str, Any]:
+        return {
+            "message_id": m.message_id,
+            "chat_id": chat_id,
+            "seq": m.seq,
+            "sender_id": m.sender_id,
+            "content": m.content,
+            "attachments": json.loads(m.attachments or "[]"),
+            "created_at": m.created_at,
+            "client_msg_id": m.client_msg_id,
+        }
+
+    def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
+        out: list[BacklogRow] = []
+        hint = self.session.execute("SELECT last_seq FROM chats WHERE chat_id = %s", (chat_id,)).one()
+        top_bucket = bucket_of(max(hint.last_seq or 0, self._last.get(chat_id, 0))) + 1 if hint else 0
+        bucket = bucket_of(after + 1)
+        while len(out) < limit and bucket <= top_bucket:
+            rows = self.session.execute(self._q_after, (chat_id, bucket, after, limit - len(out)))
+            for m in rows:
+                out.append(
+                    (
+                        chat_id,
+                        m.seq,
+                        m.message_id,
+                        m.sender_id,
+                        m.content,
+                        m.attachments or "[]",
+                        m.created_at,
+                        m.client_msg_id,
+                    )
+                )
+                after = m.seq
+            bucket += 1
+        return out
+
+    def history(
+        self, chat_id: str, before: int | None, after: int | None, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        lo = after if after is not None else 0
+        if after is not None and before is None:
+            rows = self.messages_after(chat_id, lo, limit + 1)
+            page = [self._message_json(chat_id, _Row(r)) for r in rows[:limit]]
+            return page, len(rows) > limit
+        row = self.session.execute("SELECT last_seq FROM chats WHERE chat_id = %s", (chat_id,)).one()
+        last = max(row.last_seq or 0, self._last.get(chat_id, 0)) if row else 0
+        hi = min(before, last + 1) if before is not None else last + 1
+        found: list[Any] = []
+        bucket = bucket_of(max(hi - 1, 0))
+        while len(found) < limit + 1 and bucket >= bucket_of(lo + 1) and bucket >= 0:
+            found.extend(
+                self.session.execute(self._q_before, (chat_id, bucket, hi, lo, limit + 1 - len(found)))
+            )
+            if found:
+                hi = found[-1].seq
+            bucket -= 1
+        has_more = len(found) > limit
+        return [self._message_json(chat_id, m) for m in reversed(found[:limit])], has_more
+
+    def message_by_id(self, message_id: str) -> dict[str, Any] | None:
+        ref = self.session.execute(
+            "SELECT chat_id, seq FROM message_ids WHERE message_id = %s", (message_id,)
+        ).one()
+        if ref is None:
+            return None
+        m = self.session.execute(self._q_message, (ref.chat_id, bucket_of(ref.seq), ref.seq)).one()
+        # A name written before a fenced batch that did not go through names another message or none.
+        return self._message_json(ref.chat_id, m) if m and m.message_id == message_id else None
+
+
+class _Row:
+    """A backlog tuple read like a driver row."""
+
+    def __init__(self, r: BacklogRow) -> None:
+        (
+            _,
+            self.seq,
+            self.message_id,
+            self.sender_id,
+            self.content,
+            self.attachments,
+            self.created_at,
+            self.client_msg_id,
+        ) = r
