@@ -185,6 +185,10 @@ def load_config(
         from_env["limits"] = limits_env
     _apply(config, from_env, "environment")
     _apply(config, {k: v for k, v in (overrides or {}).items() if v is not None}, "arguments")
+    if config.store and config.store.split("://", 1)[0] not in ("sqlite", "cassandra"):
+        raise ValueError(
+            f"unknown store {config.store!r}: use sqlite:///path or cassandra://host:port/keyspace"
+        )
     if config.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     return config

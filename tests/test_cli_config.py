@@ -74,3 +74,35 @@ async def test_cli_user_add_prints_a_working_token_and_chat_create(tmp_path: Pat
         await bob_client.close()
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(600)
+def test_migrate_creates_the_schema_on_each_store(tmp_path: Path, cassandra: object) -> None:
+    from services.cassandra import CassandraServer
+
+    assert isinstance(cassandra, CassandraServer)
+    sqlite = _cli("migrate", "--data-dir", str(tmp_path), "--store", f"sqlite://{tmp_path / 'm.db'}")
+    assert sqlite.returncode == 0, sqlite.stderr
+    assert (tmp_path / "m.db").exists()
+    url = f"cassandra://{cassandra.host}:{cassandra.port}/migrated"
+    first = _cli("migrate", "--data-dir", str(tmp_path), "--store", url)
+    again = _cli("migrate", "--data-dir", str(tmp_path), "--store", url)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster([cassandra.host], port=cassandra.port, protocol_version=5)
+    try:
+        session = cluster.connect("migrated")
+        row = session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one()
+        assert row.value == "1"
+        tables = {
+            r.table_name
+            for r in session.execute(
+                "SELECT table_name FROM system_schema.tables WHERE keyspace_name = 'migrated'"
+            )
+        }
+        assert {"messages", "idempotency", "chats", "user_chats", "users"} <= tables
+    finally:
+        cluster.shutdown()
+    bad = _cli("migrate", "--data-dir", str(tmp_path), "--store", "mysql://x")
+    assert bad.returncode != 0 and "unknown store" in bad.stderr

@@ -18,7 +18,8 @@ How PROTOCOL.md's guarantees hold without transactions:
 - **Idempotency.** `idempotency` maps (chat, sender, client_msg_id) to the message's
   id and seq (TTL 48 h: PROTOCOL.md asks for 24). It is written before the fenced
   batch, so a crash in between leaves an entry whose seq holds another message or
-  none: every hit is checked against the message row, and a stale one counts as new.
+  none: every hit is checked against the message row (its sender and key), and a
+  stale one counts as new.
 - **Pointers and times never move back** without a read-modify-write: the cells are
   written `USING TIMESTAMP` of their own value (a seq, or a time in microseconds), so
   Cassandra's last-write-wins keeps the highest whatever the order of the writes, also
@@ -37,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -45,13 +47,13 @@ from urllib.parse import parse_qs, urlsplit
 
 from cassandra import ConsistencyLevel
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
-from cassandra.concurrent import execute_concurrent_with_args
+from cassandra.concurrent import execute_concurrent, execute_concurrent_with_args
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
 from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
-from pychat.ids import new_ids, now_ms
+from pychat.ids import now_ms
 from pychat.store import BacklogRow, Chat, PointerRequest, PointerResult, SendRequest, SendResult, User
 
 log = logging.getLogger("pychat.store.cassandra")
@@ -62,9 +64,18 @@ BUCKET_SIZE = 10_000
 # How long the idempotency table remembers a send (PROTOCOL.md: at least 24 h).
 IDEMPOTENCY_TTL_S = 48 * 3600
 # Statements in flight at once for one call.
-CONCURRENCY = 64
+CONCURRENCY = 128
+# Small writes (idempotency keys, message ids, chat hints) per unlogged batch.
+WRITE_GROUP = 32
+# One fenced batch carries at most this many rows and content bytes (Cassandra refuses batches
+# over `batch_size_fail_threshold`, 50 KiB by default); a chat's larger share of an engine batch
+# goes in several fenced batches in turn, each atomic, so a crash between them leaves no gap.
+FENCE_ROWS = 100
+FENCE_BYTES = 40 * 1024
 # Rows per IN query.
 IN_CHUNK = 100
+# How long a chat's members are trusted from memory when another process may change them.
+MEMBERS_TTL_S = 2.0
 # Unread messages counted exactly per chat in `list_chats`; past it the count is estimated from seqs.
 UNREAD_SCAN = 1_000
 
@@ -76,7 +87,7 @@ SCHEMA = [
     "CREATE TABLE IF NOT EXISTS usernames (username_key text PRIMARY KEY, user_id text)",
     """CREATE TABLE IF NOT EXISTS chats (
         chat_id text PRIMARY KEY, kind text, title text, created_by text, created_at bigint,
-        last_seq bigint, last_activity bigint)""",
+        last_seq bigint)""",
     "CREATE TABLE IF NOT EXISTS direct_chats (direct_key text PRIMARY KEY, chat_id text)",
     """CREATE TABLE IF NOT EXISTS chat_members (
         chat_id text, user_id text, joined_at bigint, PRIMARY KEY (chat_id, user_id))""",
@@ -87,7 +98,6 @@ SCHEMA = [
         chat_id text, bucket bigint, seq bigint, bucket_last_seq bigint STATIC,
         message_id text, sender_id text, content text, attachments text, created_at bigint,
         client_msg_id text, PRIMARY KEY ((chat_id, bucket), seq))""",
-    "CREATE TABLE IF NOT EXISTS message_ids (message_id text PRIMARY KEY, chat_id text, seq bigint)",
     f"""CREATE TABLE IF NOT EXISTS idempotency (
         chat_id text, sender_id text, client_msg_id text, message_id text, seq bigint,
         PRIMARY KEY ((chat_id, sender_id, client_msg_id))) WITH default_time_to_live = {IDEMPOTENCY_TTL_S}""",
@@ -98,6 +108,19 @@ _MESSAGE_FIELDS = "seq, message_id, sender_id, content, attachments, created_at,
 
 def bucket_of(seq: int) -> int:
     return seq // BUCKET_SIZE
+
+
+# A message's id names its place: unique because (chat, seq) is (the fence), and found without an
+# index. Opaque to clients (PROTOCOL.md); ids from other stores are never parsed as places.
+def message_id_of(chat_id: str, seq: int) -> str:
+    return f"m-{chat_id}-{seq}"
+
+
+def message_place(message_id: str) -> tuple[str, int] | None:
+    if not message_id.startswith("m-"):
+        return None
+    chat_id, _, seq = message_id[2:].rpartition("-")
+    return (chat_id, int(seq)) if chat_id and seq.isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -140,8 +163,9 @@ class CassandraStore:
         self._cluster = cluster
         # The true last seq of each chat this process writes (it is the chats' only writer).
         self._last: dict[str, int] = {}
-        self._last_lock = threading.Lock()
         self._prepared: dict[str, PreparedStatement] = {}
+        self._members_cache: dict[str, tuple[float, frozenset[str]]] = {}
+        self._members_lock = threading.Lock()
         self._migrate()
         self._prepare()
 
@@ -190,7 +214,6 @@ class CassandraStore:
         self._q_idem_put = p(
             "INSERT INTO idempotency (chat_id, sender_id, client_msg_id, message_id, seq) VALUES (?, ?, ?, ?, ?)"
         )
-        self._q_msg_id_put = p("INSERT INTO message_ids (message_id, chat_id, seq) VALUES (?, ?, ?)")
         self._q_message = p(
             f"SELECT {_MESSAGE_FIELDS} FROM messages WHERE chat_id = ? AND bucket = ? AND seq = ?"
         )
@@ -205,9 +228,8 @@ class CassandraStore:
             " created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
         self._q_chat_last = p("UPDATE chats USING TIMESTAMP ? SET last_seq = ? WHERE chat_id = ?")
-        self._q_chat_activity = p("UPDATE chats USING TIMESTAMP ? SET last_activity = ? WHERE chat_id = ?")
         self._q_chat = p(
-            "SELECT chat_id, kind, title, created_by, created_at, last_seq, last_activity FROM chats WHERE chat_id = ?"
+            "SELECT chat_id, kind, title, created_by, created_at, last_seq FROM chats WHERE chat_id = ?"
         )
         self._q_members = p("SELECT user_id, joined_at FROM chat_members WHERE chat_id = ?")
         self._q_member = p("SELECT user_id FROM chat_members WHERE chat_id = ? AND user_id = ?")
@@ -240,6 +262,19 @@ class CassandraStore:
         return self.session.execute("SELECT release_version FROM system.local").one() is not None
 
     # helpers
+
+    def _write_all(self, statement: PreparedStatement, args: Sequence[Sequence[Any]]) -> None:
+        """Runs one write for each argument tuple, `WRITE_GROUP` to an unlogged batch (one round
+        trip and one commit-log sync for the group instead of one each); raises the first failure."""
+        batches = []
+        for start in range(0, len(args), WRITE_GROUP):
+            batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+            for a in args[start : start + WRITE_GROUP]:
+                batch.add(statement, a)
+            batches.append((batch, ()))
+        for ok, result in execute_concurrent(self.session, batches, concurrency=CONCURRENCY):
+            if not ok:
+                raise result
 
     def _all(self, statement: PreparedStatement, args: Sequence[Sequence[Any]]) -> list[list[Any]]:
         """Runs one statement for each argument tuple, `CONCURRENCY` at a time; the rows of each,
@@ -334,7 +369,6 @@ class CassandraStore:
             "INSERT INTO chats (chat_id, kind, title, created_by, created_at) VALUES (%s, %s, %s, %s, %s)",
             (chat.chat_id, chat.kind, chat.title, chat.created_by, chat.created_at),
         )
-        self.session.execute(self._q_chat_activity, (chat.created_at * 1000, chat.created_at, chat.chat_id))
         for user_id in chat.members:
             self._join(chat.chat_id, user_id, chat.created_at)
         return chat, True
@@ -373,11 +407,9 @@ class CassandraStore:
             if r.active
         }
         chats = self._in(
-            "SELECT chat_id, kind, title, created_by, created_at, last_seq, last_activity FROM chats"
-            " WHERE chat_id IN ?",
+            "SELECT chat_id, kind, title, created_by, created_at, last_seq FROM chats WHERE chat_id IN ?",
             mine,
         )
-        chats.sort(key=lambda r: (-(r.last_activity or 0), r.chat_id))
         out = []
         for r in chats:
             chat = Chat(r.chat_id, r.kind, r.title, r.created_by, r.created_at, r.last_seq or 0)
@@ -392,6 +424,8 @@ class CassandraStore:
             item["last_message"] = self._message_json(r.chat_id, row) if row else None
             item["unread"] = self._unread(r.chat_id, mine[r.chat_id], last, user_id)
             out.append(item)
+        # Newest activity first: the last message's time, or the chat's creation.
+        out.sort(key=lambda c: (-(c["last_message"] or c)["created_at"], c["chat_id"]))
         return out
 
     def _unread(self, chat_id: str, read_seq: int, last: int, user_id: str) -> int:
@@ -416,6 +450,7 @@ class CassandraStore:
         if self.is_member(chat_id, user_id):
             return False
         self._join(chat_id, user_id, now_ms())
+        self._forget_members(chat_id)
         return True
 
     def remove_member(self, chat_id: str, user_id: str) -> bool:
@@ -428,6 +463,7 @@ class CassandraStore:
         self.session.execute(
             "UPDATE user_chats SET active = false WHERE user_id = %s AND chat_id = %s", (user_id, chat_id)
         )
+        self._forget_members(chat_id)
         return True
 
     def is_member(self, chat_id: str, user_id: str) -> bool:
@@ -513,14 +549,15 @@ class CassandraStore:
         return send_results, pointer_results
 
     def _append_sends(self, sends: list[SendRequest]) -> list[SendResult]:
+        """The batch's sends in a few concurrent rounds (never a round trip per chat in turn):
+        lookups, keys, one fenced batch per chat, then the chats' hints."""
         results: list[SendResult | None] = [None] * len(sends)
         chat_ids = list(dict.fromkeys(s.chat_id for s in sends))
         chat_rows = {
             r.chat_id: r
             for r in self._in("SELECT chat_id, kind, last_seq FROM chats WHERE chat_id IN ?", chat_ids)
         }
-        pairs = list(dict.fromkeys((s.chat_id, s.sender_id) for s in sends if s.chat_id in chat_rows))
-        members = {pair for pair, rows in zip(pairs, self._all(self._q_member, pairs), strict=True) if rows}
+        members = self._members_of([c for c in chat_ids if c in chat_rows])
         # Every send's key is looked up: a retry after a restart (or of a former member) is answered.
         keyed = [i for i, s in enumerate(sends) if s.chat_id in chat_rows]
         hits = self._all(
@@ -545,7 +582,7 @@ class CassandraStore:
                 results[i] = Failed("not_found", "no such chat")
             elif i in originals:
                 results[i] = originals[i]
-            elif (s.chat_id, s.sender_id) not in members:
+            elif s.sender_id not in members.get(s.chat_id, ()):
                 results[i] = Failed("forbidden", "not a member of this chat")
             elif s.attachments:  # media is not served by this store yet
                 results[i] = Failed("not_found", f"no such media: {s.attachments[0]}")
@@ -554,27 +591,42 @@ class CassandraStore:
             else:
                 first_of[key] = i
                 fresh[s.chat_id].append(i)
-        created_at = now_ms()
-        message_ids = iter(new_ids("m", len(first_of)))
-        for chat_id, indexes in fresh.items():
-            ids = [next(message_ids) for _ in indexes]
-            try:
-                stored = self._store_chat(
-                    chat_id, chat_rows[chat_id].last_seq or 0, [sends[i] for i in indexes], ids, created_at
-                )
-            except Exception:
-                log.exception("storing the messages of chat %s failed", chat_id)
-                with self._last_lock:
-                    self._last.pop(chat_id, None)  # read the truth again next time
-                stored = [Failed("unavailable", "the store did not take the message; retry")] * len(indexes)
-            for i, one in zip(indexes, stored, strict=True):
-                results[i] = one
+        if fresh:
+            created_at = now_ms()
+            hints = {c: chat_rows[c].last_seq or 0 for c in fresh}
+            for chat_id, answers in self._store_chats(fresh, sends, hints, created_at).items():
+                for i, answer in zip(fresh[chat_id], answers, strict=True):
+                    results[i] = answer
         for i, first in repeats.items():
             was = results[first]
             if isinstance(was, Stored):
                 was = Stored(was.message_id, was.seq, was.created_at, was.content, was.attachments, True)
             results[i] = was
         return [r if r is not None else Failed("internal", "no result") for r in results]
+
+    def _members_of(self, chat_ids: list[str]) -> dict[str, frozenset[str]]:
+        """The members of these chats, from a short-lived cache (this store's own membership
+        changes clear it; changes by another process are seen within `MEMBERS_TTL_S`)."""
+        now = time.monotonic()
+        out: dict[str, frozenset[str]] = {}
+        missing = []
+        with self._members_lock:
+            for c in chat_ids:
+                cached = self._members_cache.get(c)
+                if cached is not None and now - cached[0] < MEMBERS_TTL_S:
+                    out[c] = cached[1]
+                else:
+                    missing.append(c)
+        for c, rows in zip(missing, self._all(self._q_members, [(c,) for c in missing]), strict=True):
+            out[c] = frozenset(r.user_id for r in rows)
+        with self._members_lock:
+            for c in missing:
+                self._members_cache[c] = (now, out[c])
+        return out
+
+    def _forget_members(self, chat_id: str) -> None:
+        with self._members_lock:
+            self._members_cache.pop(chat_id, None)
 
     def _originals(self, sends: list[SendRequest], found: dict[int, Any]) -> dict[int, Stored]:
         """The sends whose key names a stored message: that message (checked against its row,
@@ -587,72 +639,127 @@ class CassandraStore:
         )
         out = {}
         for i, msg in zip(indexes, rows, strict=True):
-            if msg and msg[0].message_id == found[i].message_id:
+            if msg and (msg[0].sender_id, msg[0].client_msg_id) == (
+                sends[i].sender_id,
+                sends[i].client_msg_id,
+            ):
                 m = msg[0]
                 out[i] = Stored(m.message_id, m.seq, m.created_at, m.content, m.attachments, True)
         return out
 
-    def _store_chat(
-        self, chat_id: str, hint: int, sends: list[SendRequest], ids: list[str], created_at: int
-    ) -> list[SendResult]:
-        """Numbers and stores one chat's new sends after its last seq, fenced; numbers again if
-        another writer moved the chat on."""
+    def _store_chats(
+        self,
+        fresh: dict[str, list[int]],
+        sends: list[SendRequest],
+        hints: dict[str, int],
+        created_at: int,
+    ) -> dict[str, list[SendResult]]:
+        """Numbers each chat's new sends after its last seq and stores them fenced, all chats at
+        once; a chat whose fence failed (another writer moved it on) is numbered again."""
+        out: dict[str, list[SendResult]] = {}
+        pending = dict(fresh)
         for _attempt in range(5):
-            with self._last_lock:
-                last = self._last.get(chat_id)
-            if last is None:
-                last = self._true_last(chat_id, hint)
-            rows = [
-                (
-                    chat_id,
-                    bucket_of(last + 1 + k),
-                    last + 1 + k,
-                    ids[k],
-                    s.sender_id,
-                    s.content,
-                    "[]",
-                    created_at,
-                    s.client_msg_id,
+            if not pending:
+                break
+            for c in pending:
+                if c not in self._last:
+                    self._last[c] = self._true_last(c, hints.get(c, 0))
+            rows = {
+                c: [
+                    (
+                        c,
+                        bucket_of(self._last[c] + 1 + k),
+                        self._last[c] + 1 + k,
+                        message_id_of(c, self._last[c] + 1 + k),
+                        sends[i].sender_id,
+                        sends[i].content,
+                        "[]",
+                        created_at,
+                        sends[i].client_msg_id,
+                    )
+                    for k, i in enumerate(indexes)
+                ]
+                for c, indexes in pending.items()
+            }
+            all_rows = [r for chat_rows in rows.values() for r in chat_rows]
+            try:
+                # The keys first: a crash before the fenced batch leaves keys naming seqs they never
+                # got, which `_originals` tells apart (the row there is another sender's key, or
+                # none); the other order could lose a stored message's key.
+                self._write_all(self._q_idem_put, [(r[0], r[4], r[8], r[3], r[2]) for r in all_rows])
+                fenced = self._fenced_writes({c: (self._last[c], chat_rows) for c, chat_rows in rows.items()})
+            except Exception:
+                log.exception("storing the messages of %d chats failed", len(pending))
+                for c in pending:
+                    self._last.pop(c, None)  # read the truth again next time
+                    failed = Failed("unavailable", "the store did not take the message; retry")
+                    out.setdefault(c, []).extend([failed] * len(pending[c]))
+                return out
+            done: dict[str, list[tuple[Any, ...]]] = {}
+            for c, chat_rows in rows.items():
+                written = chat_rows[: fenced[c]]
+                if written:
+                    self._last[c] = written[-1][2]
+                    done[c] = written
+                    out.setdefault(c, []).extend(
+                        Stored(r[3], r[2], created_at, r[5], r[6], False) for r in written
+                    )
+                if len(written) == len(chat_rows):
+                    del pending[c]
+                else:  # another writer got there first: the rest is numbered again
+                    pending[c] = pending[c][len(written) :]
+            try:
+                # The chats' hints (never back: the cell's timestamp is its value).
+                self._write_all(self._q_chat_last, [(r[-1][2], r[-1][2], c) for c, r in done.items()])
+            except Exception:  # stored already; a hint that lags is moved up by the next write
+                log.exception("updating chat hints failed")
+            for c in pending:
+                log.warning(
+                    "chat %s: another writer moved its last seq past %d; numbering again", c, self._last[c]
                 )
-                for k, s in enumerate(sends)
-            ]
-            # The keys first: a crash before the fenced batch leaves keys naming seqs they never got,
-            # which `_originals` tells apart; the other order could lose a stored message's key.
-            self._all(self._q_idem_put, [(chat_id, r[4], r[8], r[3], r[2]) for r in rows])
-            self._all(self._q_msg_id_put, [(r[3], chat_id, r[2]) for r in rows])
-            if self._fenced_write(chat_id, last, rows):
-                new_last = last + len(sends)
-                with self._last_lock:
-                    self._last[chat_id] = new_last
-                # The chat's hint and activity (never back: each cell's timestamp is its value).
-                self.session.execute(self._q_chat_last, (new_last, new_last, chat_id))
-                self.session.execute(self._q_chat_activity, (created_at * 1000, created_at, chat_id))
-                return [Stored(r[3], r[2], created_at, r[5], r[6], False) for r in rows]
-            log.warning("chat %s: another writer moved its last seq past %d; numbering again", chat_id, last)
-            with self._last_lock:
-                self._last.pop(chat_id, None)
-            hint = last
-        raise RuntimeError(f"chat {chat_id}: the fence failed five times in a row")
+                hints[c] = self._last.pop(c)
+        for c in pending:
+            contended = Failed("unavailable", "the chat is contended by another writer; retry")
+            out.setdefault(c, []).extend([contended] * len(pending[c]))
+        return out
 
-    def _fenced_write(self, chat_id: str, last: int, rows: list[tuple[Any, ...]]) -> bool:
-        """Writes the rows in one conditional batch per bucket, each fenced on the bucket's last seq.
-        False (nothing of that bucket written) if another writer got there first."""
-        by_bucket: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
-        for r in rows:
-            by_bucket[r[1]].append(r)
-        before = last
-        for bucket, bucket_rows in sorted(by_bucket.items()):
-            batch = BatchStatement(batch_type=BatchType.LOGGED)
-            # A bucket's first rows meet a partition that does not exist yet: its last seq is null.
-            expected = before if bucket_of(before) == bucket and before > 0 else None
-            batch.add(self._q_fence, (bucket_rows[-1][2], chat_id, bucket, expected))
-            for r in bucket_rows:
-                batch.add(self._q_row, r)
-            outcome = self.session.execute(batch).one()
-            if not outcome.applied:
-                return False
-            before = bucket_rows[-1][2]
-        return True
+    def _fenced_writes(self, chats: dict[str, tuple[int, list[tuple[Any, ...]]]]) -> dict[str, int]:
+        """For each chat, its rows in one conditional batch per bucket, each fenced on the bucket's
+        last seq; all chats at once. How many of each chat's rows were written: fewer than all
+        (those of the buckets before) when another writer got there first."""
+        plans: dict[str, list[tuple[int | None, list[tuple[Any, ...]]]]] = {}
+        for chat_id, (last, rows) in chats.items():
+            by_bucket: dict[int, list[tuple[Any, ...]]] = defaultdict(list)
+            for r in rows:
+                by_bucket[r[1]].append(r)
+            steps: list[tuple[int | None, list[tuple[Any, ...]]]] = []
+            before = last
+            for bucket, bucket_rows in sorted(by_bucket.items()):
+                for part in _fence_parts(bucket_rows):
+                    # A bucket's first rows meet a partition that does not exist yet: its fence is null.
+                    steps.append((before if before > 0 and bucket_of(before) == bucket else None, part))
+                    before = part[-1][2]
+            plans[chat_id] = steps
+        ok = dict.fromkeys(chats, True)
+        written = dict.fromkeys(chats, 0)
+        step = 0
+        while True:
+            batches = {c: steps[step] for c, steps in plans.items() if ok[c] and step < len(steps)}
+            if not batches:
+                return written
+            futures = {}
+            for chat_id, (expected, rows) in batches.items():
+                batch = BatchStatement(batch_type=BatchType.LOGGED)
+                batch.add(self._q_fence, (rows[-1][2], chat_id, rows[0][1], expected))
+                for r in rows:
+                    batch.add(self._q_row, r)
+                futures[chat_id] = self.session.execute_async(batch)
+            for chat_id, future in futures.items():
+                if future.result().one().applied:
+                    written[chat_id] += len(batches[chat_id][1])
+                else:
+                    ok[chat_id] = False
+            step += 1
 
     def _move_pointers(self, pointers: list[PointerRequest]) -> list[PointerResult]:
         keys = list(dict.fromkeys((p.user_id, p.chat_id) for p in pointers))
@@ -762,14 +869,27 @@ class CassandraStore:
         return [self._message_json(chat_id, m) for m in reversed(found[:limit])], has_more
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
-        ref = self.session.execute(
-            "SELECT chat_id, seq FROM message_ids WHERE message_id = %s", (message_id,)
-        ).one()
-        if ref is None:
+        where = message_place(message_id)
+        if where is None:
             return None
-        m = self.session.execute(self._q_message, (ref.chat_id, bucket_of(ref.seq), ref.seq)).one()
-        # A name written before a fenced batch that did not go through names another message or none.
-        return self._message_json(ref.chat_id, m) if m and m.message_id == message_id else None
+        chat_id, seq = where
+        m = self.session.execute(self._q_message, (chat_id, bucket_of(seq), seq)).one()
+        return self._message_json(chat_id, m) if m and m.message_id == message_id else None
+
+
+def _fence_parts(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """Consecutive rows cut into fenced batches under `FENCE_ROWS` and `FENCE_BYTES` (a message
+    larger than that goes alone)."""
+    parts: list[list[tuple[Any, ...]]] = [[]]
+    size = 0
+    for r in rows:
+        weight = len(r[5].encode()) + 200
+        if parts[-1] and (len(parts[-1]) >= FENCE_ROWS or size + weight > FENCE_BYTES):
+            parts.append([])
+            size = 0
+        parts[-1].append(r)
+        size += weight
+    return parts
 
 
 class _Row:
