@@ -12,6 +12,8 @@ admission->fan-out time, the fraction fanned out within 1/5/20 ms, batches and s
 
 To compare with another commit, build its extension into a worktree and run this from a
 directory outside any clone with PYTHONPATH=<worktree> (the server is `python -m pychat`).
+The results record the commit of the tree the server loaded its code from (read from the
+server process), and whether that tree had uncommitted changes; `harness` is this checkout.
 Writes benchmarks/results/after_overload-<time>.json.
 """
 
@@ -121,7 +123,7 @@ def main() -> None:
     result = suite.with_target(
         "pychat", GROUPS * 10 + IDLE, [list(range(g * 10, g * 10 + 10)) for g in range(GROUPS)], 0, body
     )
-    record("after_overload", result)
+    record("after_overload", result, suite.measured_code())
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import record, server_code  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 
 
@@ -178,9 +178,13 @@ def main() -> None:
             "PYCHAT_LOG_LEVEL": "warning",
             "PYCHAT_SEND_PER_S": "10000000",
             "PYCHAT_SEND_BURST": "10000000",
+            # Every sender and receiver registers over REST from this one address.
+            "PYCHAT_REGISTER_PER_MIN": "1000000",
         }
         srv = ServerProcess(Path(d), env=env)
         srv.start()
+        assert srv.proc is not None
+        measured = server_code(srv.proc.pid)
         try:
             pairs = setup_chats(srv.url, args.procs * args.conns + 1)
             lat_seq = asyncio.run(sequential_latency(srv.ws_url, pairs[-1][0], pairs[-1][1], 500))
@@ -222,7 +226,7 @@ def main() -> None:
         "baseline_one_txn_per_message_per_second": round(base),
         "ratio_vs_baseline": round(rate / base, 1) if base else None,
     }
-    record("e2e_send", out)
+    record("e2e_send", out, measured)
 
 
 def _pct(xs: list[float], q: float) -> float:

@@ -33,13 +33,16 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import Code, one, record, server_code  # noqa: E402
 from pychat import _core  # noqa: E402
 from pychat.auth import hash_password  # noqa: E402
 from pychat.store.sqlite import SqliteStore  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 
 GRACE_MS = 1000
+
+# The code each scenario's server ran.
+SERVERS: list[Code] = []
 
 
 def prepare(data_dir: Path, n: int, followers: int) -> list[str]:
@@ -145,6 +148,7 @@ def scenario(n: int, followers: int, procs: int) -> dict[str, Any]:
         srv.start()
         try:
             assert srv.proc is not None
+            SERVERS.append(server_code(srv.proc.pid))
             expires = int(time.time() * 1000) + 3_600_000
             tokens = [_core.sign_token(srv.secret, u, expires) for u in ids]
             connected = [mp.Event() for _ in range(procs)]
@@ -230,7 +234,7 @@ def main() -> None:
         "grace_ms": GRACE_MS,
         "runs": runs,
     }
-    record("presence_storm", out)
+    record("presence_storm", out, one(SERVERS))
 
 
 if __name__ == "__main__":

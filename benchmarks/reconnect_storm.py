@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.presence_storm import prepare  # noqa: E402
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import record, server_code  # noqa: E402
 from pychat import _core  # noqa: E402
 from pychat.client import ChatError, open_websocket, retry_delay  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
@@ -97,6 +97,7 @@ def main() -> None:
         srv.start()
         assert srv.proc is not None
         pid = srv.proc.pid
+        measured = server_code(pid)
         try:
             expires = int(time.time() * 1000) + 3_600_000
             tokens = [
@@ -144,7 +145,7 @@ def main() -> None:
             "peak_during_storm": round(peak[0], 1),
         },
     }
-    record("reconnect_storm", out)
+    record("reconnect_storm", out, measured)
 
 
 if __name__ == "__main__":

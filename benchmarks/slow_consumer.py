@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import Code, record, server_code  # noqa: E402
 from tests.conftest import Clients, ServerProcess  # noqa: E402
 from tests.test_messaging import open_raw, send_frame  # noqa: E402
 from tests.test_reliability import _stuck_socket, rss_mb  # noqa: E402
@@ -75,11 +75,19 @@ async def measure(
     }
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(args: argparse.Namespace) -> tuple[dict[str, Any], Code]:
     with tempfile.TemporaryDirectory() as d:
-        env = {"PYCHAT_QUEUE_CAPACITY": "256", "PYCHAT_SEND_PER_S": "100000", "PYCHAT_SEND_BURST": "100000"}
+        env = {
+            "PYCHAT_QUEUE_CAPACITY": "256",
+            "PYCHAT_SEND_PER_S": "100000",
+            "PYCHAT_SEND_BURST": "100000",
+            # The stuck members of both runs register over REST from this one address.
+            "PYCHAT_REGISTER_PER_MIN": "1000000",
+        }
         srv = ServerProcess(Path(d), env=env)
         srv.start()
+        assert srv.proc is not None
+        measured = server_code(srv.proc.pid)
         clients = Clients(srv)
         try:
             baseline = await measure(srv, clients, 0, args.messages, args.rate)
@@ -91,7 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": baseline,
         "with_stuck_members": with_stuck,
         "p99_ratio": round(with_stuck["latency_ms"]["p99"] / baseline["latency_ms"]["p99"], 2),
-    }
+    }, measured
 
 
 def main() -> None:
@@ -99,8 +107,8 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--rate", type=float, default=1000)
     ap.add_argument("--stuck", type=int, default=5)
-    out = asyncio.run(run(ap.parse_args()))
-    record("slow_consumer", out)
+    out, measured = asyncio.run(run(ap.parse_args()))
+    record("slow_consumer", out, measured)
 
 
 if __name__ == "__main__":

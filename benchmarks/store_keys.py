@@ -12,6 +12,11 @@ tenth (the grown store), so the ratio shows what a key's order costs the idempot
     .venv/bin/python benchmarks/store_keys.py            # 600,000 messages per kind
     .venv/bin/python benchmarks/store_keys.py --quick    # 100,000
 
+To measure another commit's store, put its tree on PYTHONPATH:
+`PYTHONPATH=/path/to/worktree .venv/bin/python benchmarks/store_keys.py`. The results record
+the commit of the tree the store was imported from (and whether it had uncommitted changes),
+not this checkout's.
+
 Writes benchmarks/results/store_keys-<time>.json.
 """
 
@@ -29,11 +34,23 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.results import imported_code, record  # noqa: E402
 
-from benchmarks.results import record  # noqa: E402
+# This checkout is the harness; the store measured is pychat as PYTHONPATH (or the venv) finds it.
+sys.path.remove(str(ROOT))
 from pychat.ids import new_id  # noqa: E402
 from pychat.store import Chat, SendRequest, User  # noqa: E402
+from pychat.store import sqlite as sqlite_store  # noqa: E402
 from pychat.store.sqlite import SqliteStore  # noqa: E402
+
+
+def _new(result: Any) -> bool:
+    """A newly stored message, in either shape a measured tree answers with: the tagged tuples of
+    commits before 1b46d6b, or the bridge's `Stored` objects since."""
+    if isinstance(result, tuple):
+        return bool(result[0] == "stored" and not result[5])
+    return type(result).__name__ == "Stored" and not result.duplicate
+
 
 CHATS = 64
 BATCH = 1024
@@ -61,7 +78,7 @@ def run(kind: str, key: Callable[[int], str], total: int) -> dict[str, Any]:
                 for i in range(BATCH)
             ]
             results, _ = store.append_batch(sends, [])
-            assert all(r[0] == "stored" and not r[5] for r in results), "every send is new"
+            assert all(_new(r) for r in results), "every send is new"
             sent += BATCH
             if sent - seg_sent >= segment:
                 now = time.perf_counter()
@@ -99,7 +116,11 @@ def main() -> None:
     for r in runs:
         r["ratio_to_uuid4"] = round(r["durable_msgs_per_s"] / base["durable_msgs_per_s"], 2)
         print(r, flush=True)
-    record("store_keys", {"chats": CHATS, "batch": BATCH, "content_bytes": len(CONTENT), "runs": runs})
+    record(
+        "store_keys",
+        {"chats": CHATS, "batch": BATCH, "content_bytes": len(CONTENT), "runs": runs},
+        imported_code(sqlite_store),
+    )
 
 
 if __name__ == "__main__":

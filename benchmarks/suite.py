@@ -3,7 +3,8 @@
 the baseline. `make bench-quick` runs every scenario small (about a minute);
 `make bench` runs them at the sizes of the performance targets.
 
-Writes benchmarks/results/suite-<time>.json and benchmarks/results/latest.md.
+Writes benchmarks/results/suite-<time>.json and benchmarks/results/latest.md, and exits
+with status 1 when any scenario lost, duplicated or reordered a message or failed a check.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.presence_storm import prepare  # noqa: E402
-from benchmarks.results import record  # noqa: E402
+from benchmarks.results import Code, one, record, server_code, tree_code  # noqa: E402
 from pychat import _core  # noqa: E402
+from pychat.config import load_config  # noqa: E402
 from tests.conftest import ServerProcess, free_port  # noqa: E402
 
 # Built by `make loadgen` into the Makefile's target dir (CARGO_TARGET_DIR, default ~/.cache/pychat/target).
@@ -42,6 +44,15 @@ UNLIMITED = {
     "PYCHAT_QUEUE_CAPACITY": "65536",
     "PYCHAT_LOG_LEVEL": "warning",
 }
+
+# The code every pychat server of this process ran (`server_code`), for the results' commit.
+SERVERS: list[Code] = []
+
+
+def measured_code() -> Code:
+    """The code under test of this process's runs: the tree its pychat servers were loaded from
+    (this checkout when none ran: the floor and the naive baseline are the harness's own)."""
+    return one(SERVERS) if SERVERS else tree_code(ROOT)
 
 
 def proc_stats(pid: int) -> tuple[float, float]:
@@ -101,6 +112,8 @@ def run_loadgen(plan: dict[str, Any], on_ready: Callable[[], None] | None = None
     proc.wait()
     proc.stdout.close()
     os.unlink(f.name)
+    if proc.returncode != 0:  # e.g. a plan field this binary does not know: rebuild it (`make loadgen`)
+        raise RuntimeError(f"pychat-loadgen failed (exit {proc.returncode}) on a {plan['scenario']} plan")
     return result
 
 
@@ -114,6 +127,11 @@ class Target:
             self.srv.start()
             assert self.srv.proc is not None
             self.pid, self.port = self.srv.proc.pid, self.srv.ws_port
+            try:
+                SERVERS.append(server_code(self.pid))
+            except BaseException:
+                self.srv.stop()
+                raise
             expires = int(time.time() * 1000) + 3_600_000
             self.token = {u: _core.sign_token(self.srv.secret, u, expires) for u in ids}
         else:
@@ -169,8 +187,25 @@ def with_target(
             target.stop()
 
 
-def idle(kind: str, n: int, hold: float) -> dict[str, Any]:
-    def body(t: Target, ids: list[str], _: list[str]) -> dict[str, Any]:
+def member_groups(n: int, per_user: int, size: int) -> list[list[int]]:
+    """Groups of `size` in which each of users 0..n-1 (n a multiple of `size`) is a member of
+    `per_user`: round r cuts the users, shifted by 3r, into consecutive runs of `size`, so a
+    user's groups are all different chats with partly different members."""
+    return [
+        [(g * size + 3 * r + k) % n for k in range(size)] for r in range(per_user) for g in range(n // size)
+    ]
+
+
+def idle(
+    kind: str, n: int, hold: float, groups_per_user: int = 0, group_size: int = 10, messages: int = 0
+) -> dict[str, Any]:
+    """Server memory per held connection. With `groups_per_user`, every user is a member of
+    that many groups of `group_size` holding `messages` messages each, and each connection
+    sends `sync` and has its `synced` (every chat's messages read) before memory is read: the
+    per-connection cost of users who have chats, not of bare sockets."""
+    groups = member_groups(n, groups_per_user, group_size) if groups_per_user else []
+
+    def body(t: Target, ids: list[str], _chat_ids: list[str]) -> dict[str, Any]:
         time.sleep(0.5)
         _, base_rss = proc_stats(t.pid)
         sample: dict[str, float] = {}
@@ -179,15 +214,28 @@ def idle(kind: str, n: int, hold: float) -> dict[str, Any]:
             time.sleep(1.0)
             sample["rss"] = proc_stats(t.pid)[1]
 
-        out = run_loadgen(t.plan("idle", tokens=[t.token[u] for u in ids], seconds=hold), ready)
+        plan = t.plan("idle", tokens=[t.token[u] for u in ids], seconds=hold)
+        if groups_per_user:
+            plan["sync_expect"] = {"chats": groups_per_user, "messages": groups_per_user * messages}
+        out = run_loadgen(plan, ready)
         per_conn = (sample["rss"] - base_rss) * 1024 * 1024 / max(out["connected"], 1)
+        extra: dict[str, Any] = {}
+        if groups_per_user:
+            extra = {
+                "groups_per_user": groups_per_user,
+                "group_size": group_size,
+                "messages_per_chat": messages,
+                # Every connection must have had its `synced`, with every chat.
+                "errors": (out["connected"] - out["synced"]) + out["sync_incomplete"],
+            }
         return {
             **out,
+            **extra,
             "server_rss_mb": {"empty": round(base_rss, 1), "connected": round(sample["rss"], 1)},
             "bytes_per_connection": round(per_conn),
         }
 
-    return with_target(kind, n, [], 0, body)
+    return with_target(kind, n, groups, messages, body)
 
 
 def fanout(kind: str, receivers: int, messages: int) -> dict[str, Any]:
@@ -252,36 +300,62 @@ SWEEP_SECONDS = 5.0
 FRAMES_PER_MESSAGE = 11
 
 
-def floor(rates: tuple[float, ...], pairs: int, seconds: float) -> list[dict[str, Any]]:
+# What the floor scenario is, in every results file that has one.
+FLOOR_ABOUT = {
+    "shows": (
+        "CPU per frame of loopback TCP (kernel and tokio: one write per frame, one wake-up and "
+        "read per receiving connection) and the latency of that kernel path at the latency "
+        "scenario's frame rate, measured like the server: from the instant a frame is written "
+        "to its read, with as many writer threads as the server's gateway runtime has workers"
+    ),
+    "does_not_show": (
+        "parsing, fan-out logic, the store, acks, or the server's queues: no chat server runs; "
+        "it is the floor under any server's figure on these cores, not an estimate of pychat's"
+    ),
+}
+
+
+def floor(rates: tuple[float, ...], pairs: int, seconds: float) -> dict[str, Any]:
     """Loopback TCP alone, no server: the load generator writes the frames a latency run puts
     on the wire (one write per frame, round-robin over `pairs` connections whose both ends it
-    holds) and reads them back. Its CPU and latency at each rate are the floor under any
-    server's figure on these cores."""
+    holds, from as many threads as the server's gateway has workers) and reads them back. Its
+    CPU and latency at each rate are the floor under any server's figure on these cores."""
+    # The servers of this suite run with the gateway's default worker count (or the environment's).
+    writers = load_config(env={**os.environ, **UNLIMITED}).runtime_threads
     runs = []
     for rate in rates:
         plan = {"scenario": "floor", "server": "127.0.0.1:1", "pairs": pairs, "seconds": seconds}
-        out = run_loadgen({**plan, "rate": rate * FRAMES_PER_MESSAGE})
+        out = run_loadgen({**plan, "rate": rate * FRAMES_PER_MESSAGE, "writers": writers})
         runs.append({"messages_per_s": rate, **out})
-    return runs
+    return {**FLOOR_ABOUT, "writer_threads": writers, "frames_per_message": FRAMES_PER_MESSAGE, "runs": runs}
+
+
+# Acks whose content is compared with the store's (all are checked for presence and seq).
+CONTENT_SAMPLE = 1000
 
 
 def persist(connections: int, seconds: float, repeats: int) -> dict[str, Any]:
     """Durable acks per second: the median of `repeats` runs against one server (this figure
-    moves by +-5% from run to run on a shared machine)."""
+    moves by +-5% from run to run on a shared machine). Then what it claims is checked
+    (`verify_persist`): every ack in seq order per chat, and the store, read back from its file
+    once the server has stopped, holds exactly the acked messages."""
 
     def body(t: Target, ids: list[str], chats: list[str]) -> dict[str, Any]:
         plan_groups = [{"chat_id": c, "members": [t.token[ids[i]]]} for i, c in enumerate(chats)]
+        acks = [t.data / f"acks-{i}.tsv" for i in range(repeats)]
         runs = [
-            run_loadgen(t.plan("persist", groups=plan_groups, seconds=seconds, window=64))
-            for _ in range(repeats)
+            run_loadgen(
+                t.plan(
+                    "persist",
+                    groups=plan_groups,
+                    seconds=seconds,
+                    window=64,
+                    acks_file=str(path),
+                    verify_sample=max(CONTENT_SAMPLE // repeats, 1),
+                )
+            )
+            for path in acks
         ]
-        out = {
-            **sorted(runs, key=lambda r: float(r["acked_per_s"]))[len(runs) // 2],
-            "runs_acked_per_s": [round(r["acked_per_s"]) for r in runs],
-            "lost": sum(r["lost"] for r in runs),
-            "duplicated": sum(r["duplicated"] for r in runs),
-            "out_of_order": sum(r["out_of_order"] for r in runs),
-        }
         metrics = __import__("httpx").get(f"{t.srv.url}/metrics").text
         sums = {
             ln.split(" ")[0]: float(ln.split(" ")[1])
@@ -289,14 +363,131 @@ def persist(connections: int, seconds: float, repeats: int) -> dict[str, Any]:
             if ln.startswith("pychat_engine_batch_events_")
         }
         count = sums.get("pychat_engine_batch_events_count", 0.0)
+        # After every run: the idempotency window is full (1,000,000 acked keys by default).
+        rss_after = round(proc_stats(t.pid)[1], 1)
+        t.stop()
+        senders = {c: ids[i] for i, c in enumerate(chats)}
+        check = verify_persist(t.data / "pychat.db", runs, acks, senders)
+        for r in runs:
+            r.pop("chats", None)  # per-chat seq ranges: checked above, too long to keep
+        out = {
+            **sorted(runs, key=lambda r: float(r["acked_per_s"]))[len(runs) // 2],
+            "runs_acked_per_s": [round(r["acked_per_s"]) for r in runs],
+            "lost": sum(r["lost"] for r in runs),
+            "duplicated": sum(r["duplicated"] for r in runs),
+            "out_of_order": sum(r["out_of_order"] for r in runs),
+            # Sends the server refused, and every check below that failed.
+            "errors": sum(r["errors"] for r in runs) + len(check["problems"]),
+            "verify": check,
+        }
         return {
             **out,
             "mean_batch_events": round(sums.get("pychat_engine_batch_events_sum", 0.0) / max(count, 1), 1),
-            # After every run: the idempotency window is full (1,000,000 acked keys by default).
-            "server_rss_mib_after": round(proc_stats(t.pid)[1], 1),
+            "server_rss_mib_after": rss_after,
         }
 
     return with_target("pychat", connections, [[i] for i in range(connections)], 0, body)
+
+
+def verify_persist(
+    db_path: Path, runs: list[dict[str, Any]], ack_files: list[Path], senders: dict[str, str]
+) -> dict[str, Any]:
+    """Checks a persist scenario's claims against what the generator received and what the
+    store holds. Acks: per chat, strictly increasing seqs with no gap or repeat, within each run
+    and from one run to the next, starting at 1 (the chats start empty). Store: as many
+    messages as acks; each ack's (chat, seq) row has its message_id, client_msg_id and sender;
+    for a sample, the content sent; each chat's last_seq is its last acked seq. Returns the
+    counts and a list of problems (empty when every check passed)."""
+    problems: list[str] = []
+    next_seq: dict[str, int] = dict.fromkeys(senders, 1)
+    for i, r in enumerate(runs):
+        bad = {k: v for k, v in r.get("ack_seqs", {}).items() if v}
+        if bad:
+            problems.append(f"run {i}: acks out of seq order within a chat: {bad}")
+        if "acks_file_error" in r:
+            problems.append(f"run {i}: acks not written: {r['acks_file_error']}")
+        for c in r.get("chats", []):
+            if not c["acked"]:
+                continue
+            if c["first_seq"] != next_seq.get(c["chat_id"]):
+                problems.append(
+                    f"run {i}, chat {c['chat_id']}: first acked seq {c['first_seq']}, expected {next_seq.get(c['chat_id'])}"
+                )
+            next_seq[c["chat_id"]] = c["last_seq"] + 1
+    acked = sum(r["acked"] for r in runs)
+
+    # The acks go into a scratch file beside the store (millions of rows in a full run).
+    scratch = db_path.with_name("verify.db")
+    scratch.unlink(missing_ok=True)
+    db = sqlite3.connect(db_path)
+    try:
+        db.execute("ATTACH ? AS v", (str(scratch),))
+        db.execute("PRAGMA v.journal_mode=OFF")
+        db.execute("PRAGMA v.synchronous=OFF")
+        db.execute(
+            "CREATE TABLE v.acks (chat_id TEXT, seq INTEGER, message_id TEXT, client_msg_id TEXT, content TEXT)"
+        )
+        db.execute("CREATE TABLE v.senders (chat_id TEXT PRIMARY KEY, user_id TEXT)")
+        db.executemany("INSERT INTO v.senders VALUES (?, ?)", senders.items())
+        for path in ack_files:
+            if path.exists():
+                with path.open() as f:
+                    db.executemany(
+                        "INSERT INTO v.acks VALUES (?, ?, ?, ?, ?)",
+                        (line.rstrip("\n").split("\t") for line in f),
+                    )
+        (in_files,) = db.execute("SELECT count(*) FROM v.acks").fetchone()
+        (distinct,) = db.execute("SELECT count(*) FROM (SELECT DISTINCT chat_id, seq FROM v.acks)").fetchone()
+        (stored,) = db.execute(
+            "SELECT count(*) FROM messages WHERE chat_no IN (SELECT chat_no FROM chats WHERE chat_id IN (SELECT chat_id FROM v.senders))"
+        ).fetchone()
+        # One row per ack: the store's row at its (chat, seq), NULLs when there is none.
+        joined = """
+            FROM v.acks a
+            LEFT JOIN chats c ON c.chat_id = a.chat_id
+            LEFT JOIN messages m ON m.chat_no = c.chat_no AND m.seq = a.seq
+            LEFT JOIN users u ON u.user_no = m.sender_no
+            LEFT JOIN v.senders s ON s.chat_id = a.chat_id
+        """
+        wrong = "m.message_id IS NOT a.message_id OR m.client_msg_id IS NOT a.client_msg_id OR u.user_id IS NOT s.user_id"
+        (not_stored,) = db.execute(f"SELECT count(*) {joined} WHERE {wrong}").fetchone()
+        examples = db.execute(
+            f"SELECT a.chat_id, a.seq, a.message_id, m.message_id {joined} WHERE {wrong} LIMIT 3"
+        ).fetchall()
+        (sampled, content_wrong) = db.execute(
+            f"SELECT count(*), coalesce(sum(m.content IS NOT a.content), 0) {joined} WHERE a.content != ''"
+        ).fetchone()
+        (last_seq_wrong,) = db.execute(
+            """SELECT count(*) FROM chats c JOIN v.senders s ON s.chat_id = c.chat_id
+               LEFT JOIN (SELECT chat_id, max(seq) AS top FROM v.acks GROUP BY chat_id) a ON a.chat_id = c.chat_id
+               WHERE c.last_seq != coalesce(a.top, 0)"""
+        ).fetchone()
+    finally:
+        db.close()
+        scratch.unlink(missing_ok=True)
+    if in_files != acked:
+        problems.append(f"{acked} acks counted, {in_files} written to the ack files")
+    if distinct != in_files:
+        problems.append(f"{in_files - distinct} acks repeat a (chat, seq)")
+    if stored != acked:
+        problems.append(f"the store holds {stored} messages in these chats, {acked} were acked")
+    if not_stored:
+        problems.append(
+            f"{not_stored} acks have no matching row (message_id, client_msg_id, sender): e.g. {examples}"
+        )
+    if content_wrong:
+        problems.append(f"{content_wrong} of {sampled} sampled acks have other content in the store")
+    if not sampled and acked:
+        problems.append("no content was checked")
+    if last_seq_wrong:
+        problems.append(f"{last_seq_wrong} chats' last_seq is not their last acked seq")
+    return {
+        "acked": acked,
+        "stored": stored,
+        "checked_present": in_files - not_stored,
+        "checked_content": sampled - content_wrong,
+        "problems": problems,
+    }
 
 
 def sync(chats: int, per_chat: int) -> dict[str, Any]:
@@ -311,6 +502,8 @@ def sync(chats: int, per_chat: int) -> dict[str, Any]:
 SIZES = {
     "quick": {
         "idle": 2000,
+        # Each user in 5 groups of 10 with 3 messages each, synced before memory is read.
+        "idle_synced": (5, 10, 3),
         "fanout": (200, 2000),
         "latency": (100, 2000.0, 3.0, 0, ()),
         "persist": (16, 3.0, 1),
@@ -319,6 +512,7 @@ SIZES = {
     },
     "full": {
         "idle": 19000,
+        "idle_synced": (5, 10, 3),
         "fanout": (1000, 20000),
         "latency": (1000, 20000.0, 10.0, 9000, (2000.0, 5000.0, 10000.0)),
         "persist": (64, 6.0, 3),
@@ -332,6 +526,7 @@ SIZES = {
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    # `floor` runs with `latency` (at its rates) or alone.
     ap.add_argument("--only", default="idle,fanout,latency,persist,sync")
     args = ap.parse_args()
     size = SIZES["quick" if args.quick else "full"]
@@ -341,6 +536,8 @@ def main() -> None:
         results["idle"] = {
             "pychat": idle("pychat", size["idle"], 3.0),
             "baseline": idle("naive", min(size["idle"], 5000), 3.0),
+            # No baseline here: the naive server keeps no messages to sync.
+            "pychat_with_chats_synced": idle("pychat", size["idle"], 3.0, *size["idle_synced"]),
         }
     if "fanout" in only:
         r, m = size["fanout"]
@@ -354,30 +551,63 @@ def main() -> None:
         if not args.quick:
             # The baseline's own shape (100 groups, 2,000 msg/s, no idle), for a like-for-like ratio.
             results["latency"]["pychat_at_baseline"] = latency("pychat", min(g, 100), 2000.0, secs, 0)
-        results["latency"]["floor"] = floor((*sweep, rate), *size["floor"])
+    if "latency" in only or "floor" in only:
+        _, rate, _, _, sweep = size["latency"]
+        results["floor"] = floor((*sweep, rate), *size["floor"])
     if "persist" in only:
         results["persist"] = {"pychat": persist(*size["persist"])}
     if "sync" in only:
         results["sync"] = {"pychat": sync(*size["sync"])}
-    path = record("suite", results)
+    path = record("suite", results, measured_code())
     print(summary(results))
     plot(results, path.with_suffix(".png"))
+    failed = failures(results)
+    if failed:
+        print("FAILED: " + "; ".join(failed), file=sys.stderr)
+        raise SystemExit(1)
+
+
+def failures(r: dict[str, Any]) -> list[str]:
+    """Every run of the results that lost, duplicated or reordered a message, or failed a check."""
+    out = []
+
+    def walk(where: str, x: Any) -> None:
+        if isinstance(x, dict):
+            bad = {k: x[k] for k in ("lost", "duplicated", "out_of_order", "errors") if x.get(k)}
+            if bad:
+                out.append(f"{where}: {bad}")
+            for k, v in x.items():
+                walk(f"{where}.{k}" if where else k, v)
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(f"{where}[{i}]", v)
+
+    walk("", r)
+    return out
 
 
 def summary(r: dict[str, Any]) -> str:
     lines = [
-        f"| scenario | pychat | naive baseline | ratio | lost / dup / out-of-order ({r['size']}) |",
+        f"| scenario | pychat | naive baseline | ratio | lost / dup / out-of-order / errors ({r['size']}) |",
         "| --- | --- | --- | --- | --- |",
     ]
 
     def errs(x: dict[str, Any]) -> str:
-        return f"{x.get('lost', 0)} / {x.get('duplicated', 0)} / {x.get('out_of_order', 0)}"
+        return f"{x.get('lost', 0)} / {x.get('duplicated', 0)} / {x.get('out_of_order', 0)} / {x.get('errors', 0)}"
 
     if "idle" in r:
         p, b = r["idle"]["pychat"], r["idle"]["baseline"]
         lines.append(
             f"| idle: bytes per connection ({p['connected']} held) | {p['bytes_per_connection']} | {b['bytes_per_connection']} | {b['bytes_per_connection'] / max(p['bytes_per_connection'], 1):.1f}x less | - |"
         )
+        if "pychat_with_chats_synced" in r["idle"]:
+            x = r["idle"]["pychat_with_chats_synced"]
+            lines.append(
+                f"| idle with chats + synced: bytes per connection ({x['connected']} held, each user in "
+                f"{x['groups_per_user']} groups of {x['group_size']} with {x['messages_per_chat']} messages each; "
+                f"{x['synced']} synced, {x['synced_messages']:,} messages in {x['sync_s']:.2f} s) | "
+                f"{x['bytes_per_connection']} | - | - | {errs(x)} |"
+            )
     if "fanout" in r:
         p, b = r["fanout"]["pychat"], r["fanout"]["baseline"]
         lines.append(
@@ -405,19 +635,26 @@ def summary(r: dict[str, Any]) -> str:
                 f"| latency: same, at {x['rate']:.0f} msg/s | "
                 f"{x['send_to_receive']['p50_ms']} / {x['send_to_receive']['p99_ms']} / {x['send_to_receive']['p999_ms']} | - | - | {errs(x)} |"
             )
-        for x in r["latency"].get("floor", []):
-            w = x["write_to_read"]
-            lines.append(
-                f"| floor, no server: loopback TCP alone at {x['rate']:,.0f} frames/s (= {x['messages_per_s']:.0f} msg/s x {FRAMES_PER_MESSAGE}), "
-                f"{x['pairs']} connections: p50 / p99 / p99.9 ms; cores busy; CPU per frame | "
-                f"{w['p50_ms']} / {w['p99_ms']} / {w['p999_ms']}; {x['cores_busy']:.2f} cores; {x['cpu_us_per_delivery']:.1f} us "
-                f"({x['cpu_system_s'] / max(x['cpu_user_s'] + x['cpu_system_s'], 1e-9):.0%} kernel) | - | - | {errs(x)} |"
-            )
+    for x in r.get("floor", {}).get("runs", []):
+        w = x["write_to_read"]
+        lines.append(
+            f"| floor, no server: loopback TCP alone at {x['rate']:,.0f} frames/s (= {x['messages_per_s']:.0f} msg/s x {FRAMES_PER_MESSAGE}), "
+            f"{x['pairs']} connections, {x['writers']} writer threads: write -> read p50 / p99 / p99.9 ms; cores busy; CPU per frame | "
+            f"{w['p50_ms']} / {w['p99_ms']} / {w['p999_ms']}; {x['cores_busy']:.2f} cores; {x['cpu_us_per_delivery']:.1f} us "
+            f"({x['cpu_system_s'] / max(x['cpu_user_s'] + x['cpu_system_s'], 1e-9):.0%} kernel) | - | - | {errs(x)} |"
+        )
     if "persist" in r:
         p = r["persist"]["pychat"]
         lines.append(
             f"| persist: acked durable msgs/s (batch {p['mean_batch_events']}; median of {len(p['runs_acked_per_s'])}: {', '.join(f'{x:,}' for x in p['runs_acked_per_s'])}) | {p['acked_per_s']:,.0f} | - | - | {errs(p)} |"
         )
+        v = p.get("verify")
+        if v:
+            lines.append(
+                f"| persist, checked: acks in seq order per chat; store read back: {v['stored']:,} rows for {v['acked']:,} acks, "
+                f"{v['checked_present']:,} acks found (message_id, client_msg_id, sender), {v['checked_content']:,} sampled contents match | "
+                f"{'ok' if not v['problems'] else 'FAILED: ' + '; '.join(v['problems'])} | - | - | {errs(p)} |"
+            )
     if "sync" in r:
         p = r["sync"]["pychat"]
         lines.append(
@@ -429,7 +666,9 @@ def summary(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    """Bars of pychat against the baseline for each comparable figure (baseline = 1)."""
+    """Three panels: pychat against the baseline for each comparable figure (baseline = 1);
+    latency against the message rate, with the floor's p99; bytes per idle connection (plain,
+    with chats + synced, and the baseline's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -453,7 +692,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
                 p["deliveries_per_cpu_s"] / max(b["deliveries_per_cpu_s"], 1),
             )
         )
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 5), width_ratios=(3, 3, 2))
     ax1.bar([n for n, _ in bars], [v for _, v in bars], color="#3b7dd8")
     ax1.axhline(1.0, color="#999", linestyle="--", linewidth=1)
     ax1.set_ylabel("pychat / naive baseline (same run)")
@@ -469,22 +708,40 @@ def plot(r: dict[str, Any], path: Path) -> None:
                 color=color,
                 label=q.removesuffix("_ms"),
             )
-        floor_runs = sorted(r["latency"].get("floor", []), key=lambda x: x["messages_per_s"])
-        if floor_runs:
-            ax2.plot(
-                [x["messages_per_s"] for x in floor_runs],
-                [x["write_to_read"]["p99_ms"] for x in floor_runs],
-                marker="x",
-                linestyle="--",
-                color="#777",
-                label="p99 of loopback TCP alone",
-            )
+        ax2.set_title(f"Latency, {p['groups']} groups, {p['idle']} idle connections")
+    floor_runs = sorted(r.get("floor", {}).get("runs", []), key=lambda x: x["messages_per_s"])
+    if floor_runs:
+        ax2.plot(
+            [x["messages_per_s"] for x in floor_runs],
+            [x["write_to_read"]["p99_ms"] for x in floor_runs],
+            marker="x",
+            linestyle="--",
+            color="#777",
+            label="p99 of loopback TCP alone (write -> read)",
+        )
+    if "latency" in r or floor_runs:
         ax2.set_xscale("log")
         ax2.set_yscale("log")
         ax2.set_xlabel("messages/s (open loop)")
         ax2.set_ylabel("send -> receive, ms")
-        ax2.legend()
-        ax2.set_title(f"Latency, {p['groups']} groups, {p['idle']} idle connections")
+        # Below the axes: inside, it hid the floor's points at low rates.
+        ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small")
+    if "idle" in r:
+        memory = [("pychat", r["idle"]["pychat"], "#3b7dd8")]
+        if "pychat_with_chats_synced" in r["idle"]:
+            memory.append(("pychat, with\nchats + synced", r["idle"]["pychat_with_chats_synced"], "#2f5fa8"))
+        memory.append(("naive\nbaseline", r["idle"]["baseline"], "#999"))
+        ax3.bar(
+            [n for n, _, _ in memory],
+            [x["bytes_per_connection"] for _, x, _ in memory],
+            color=[c for _, _, c in memory],
+        )
+        for i, (_, x, _) in enumerate(memory):
+            ax3.annotate(
+                f"{x['bytes_per_connection']:,}", (i, x["bytes_per_connection"]), ha="center", va="bottom"
+            )
+        ax3.set_ylabel("server bytes per idle connection")
+        ax3.set_title(f"Idle memory ({r['idle']['pychat']['connected']:,} held)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

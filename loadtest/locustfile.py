@@ -5,7 +5,10 @@ a REST user, with statistics per frame type in Locust's UI and CSV output.
     locust -f loadtest/locustfile.py --host http://HOST:PORT  # against your own deployment, web UI
 
 Each simulated person registers (random name), logs in, and makes a group with
-a few people who registered before it, so sends fan out to real members.
+a few people who registered before it, so sends fan out to real members. A server
+limits registrations per client address (`register_per_min`, default 120): `make
+loadtest` starts its server with a high limit; against your own deployment, users
+past the limit wait as the server says (`retry_after_ms`) before they start.
 """
 
 from __future__ import annotations
@@ -20,12 +23,19 @@ import websocket  # websocket-client: blocking, cooperative under Locust's geven
 from locust import HttpUser, User, between, task
 
 PASSWORD = "loadtest-password"
+# Registration attempts per simulated person while the server says `rate_limited`.
+REGISTER_ATTEMPTS = 100
 
 
 def _account(post: Any, prefix: str) -> dict[str, Any]:
-    """Registers a random name and logs in; `post(path, json=...)` is any HTTP client's post."""
+    """Registers a random name and logs in; `post(path, json=...)` is any HTTP client's post.
+    A registration refused as `rate_limited` is retried after the wait the server names."""
     name = f"{prefix}{uuid.uuid4().hex[:12]}"
-    post("/api/users", json={"username": name, "password": PASSWORD})
+    for _ in range(REGISTER_ATTEMPTS):
+        r = post("/api/users", json={"username": name, "password": PASSWORD})
+        if r.status_code != 429:
+            break
+        time.sleep(r.json()["error"].get("retry_after_ms", 1000) / 1000)  # gevent-patched under Locust
     return dict(post("/api/auth/token", json={"username": name, "password": PASSWORD}).json())
 
 

@@ -1,5 +1,6 @@
 """`make loadtest`: start a local pychat server, run the Locust users headless for
-a bounded time, save the CSV statistics under benchmarks/results/, stop the server."""
+a bounded time, save the CSV statistics under benchmarks/results/ (and `locust-<time>.json`
+naming the commit of the server measured), stop the server."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import record, server_code  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 
 
@@ -24,8 +26,13 @@ def main() -> None:
     ap.add_argument("--locust", default=str(Path(sys.executable).with_name("locust")))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        srv = ServerProcess(Path(d), env={"PYCHAT_LOG_LEVEL": "warning"})
+        # Every simulated user registers over REST, all from this one address.
+        srv = ServerProcess(
+            Path(d), env={"PYCHAT_LOG_LEVEL": "warning", "PYCHAT_REGISTER_PER_MIN": "1000000"}
+        )
         srv.start()
+        assert srv.proc is not None
+        measured = server_code(srv.proc.pid)
         try:
             prefix = ROOT / "benchmarks" / "results" / f"locust-{time.strftime('%Y%m%d-%H%M%S')}"
             cmd = [
@@ -47,6 +54,12 @@ def main() -> None:
             ]
             code = subprocess.run(cmd, check=False).returncode
             print(f"stats: {prefix.relative_to(ROOT)}_stats.csv")
+            # Beside the CSV: which server it measured, and how.
+            record(
+                "locust",
+                {"args": vars(args), "stats_csv": f"{prefix.relative_to(ROOT)}_stats.csv", "exit_code": code},
+                measured,
+            )
         finally:
             srv.stop()
     raise SystemExit(code)

@@ -26,7 +26,10 @@ mod floor;
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// A field this generator does not know is an error, not ignored: a plan written for a newer
+/// generator than the binary at hand must not run as something else.
 #[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
 struct Plan {
     scenario: String,
     server: SocketAddr,
@@ -57,6 +60,20 @@ struct Plan {
     /// Floor: connections whose both ends this process holds.
     #[serde(default)]
     pairs: usize,
+    /// Floor: threads writing the frames (each owns its share of the connections), as many as
+    /// the server's gateway runtime has workers.
+    #[serde(default = "default_writers")]
+    writers: usize,
+    /// Idle: each connection sends `sync` and waits for `synced` before "ready", expecting
+    /// this many chats and messages per user.
+    #[serde(default)]
+    sync_expect: Option<SyncExpect>,
+    /// Persist: where to write every ack (chat, seq, message_id, client_msg_id, and for a
+    /// sample of `verify_sample` the content sent), for the caller to check against the store.
+    #[serde(default)]
+    acks_file: Option<String>,
+    #[serde(default = "default_verify_sample")]
+    verify_sample: u64,
 }
 
 impl Plan {
@@ -77,11 +94,23 @@ impl Plan {
             warmup_s: self.warmup_s,
             expected: HashMap::new(),
             pairs: self.pairs,
+            writers: self.writers,
+            sync_expect: self.sync_expect.clone(),
+            acks_file: self.acks_file.clone(),
+            verify_sample: self.verify_sample,
         }
     }
 }
 
 #[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct SyncExpect {
+    chats: u64,
+    messages: u64,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
 struct Group {
     chat_id: String,
     /// The first member sends; the others receive.
@@ -98,6 +127,15 @@ fn default_warmup() -> f64 {
 
 fn default_content() -> usize {
     64
+}
+
+/// The gateway's default `runtime_threads`.
+fn default_writers() -> usize {
+    2
+}
+
+fn default_verify_sample() -> u64 {
+    1000
 }
 
 /// Per-connection read buffer of the generator's WebSocket clients.
@@ -224,6 +262,8 @@ struct Incoming<'a> {
     content: Option<&'a str>,
     #[serde(default, borrow)]
     client_msg_id: Option<&'a str>,
+    #[serde(default, borrow)]
+    message_id: Option<&'a str>,
 }
 
 /// `None` for frames that are not JSON objects with a `type`.
@@ -296,10 +336,68 @@ impl Order {
     }
 }
 
+/// What the idle scenario's `sync` of every connection returned.
+#[derive(Default)]
+struct Synced {
+    connections: u64,
+    chats: u64,
+    messages: u64,
+    /// Connections whose `synced` listed fewer chats than expected (or never came).
+    incomplete: u64,
+    order: Order,
+}
+
+/// Each connection sends `sync` (from nothing) and reads until `synced`, a bounded number
+/// at a time; every chat's messages must arrive from seq 1 without gap or repeat.
+async fn sync_all(conns: Vec<Ws>, expect: &SyncExpect) -> (Vec<Ws>, Synced) {
+    let sem = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(conns.len());
+    for mut ws in conns {
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.expect("semaphore");
+            let got = tokio::time::timeout(Duration::from_secs(120), sync(&mut ws)).await;
+            (ws, got.ok())
+        }));
+    }
+    let (mut out, mut s) = (Vec::with_capacity(tasks.len()), Synced::default());
+    for t in tasks {
+        let Ok((ws, got)) = t.await else { continue };
+        out.push(ws);
+        let Some((chats, msgs)) = got else {
+            s.incomplete += 1;
+            s.order.lost += expect.messages;
+            continue;
+        };
+        s.connections += 1;
+        s.chats += chats.len() as u64;
+        s.messages += msgs.len() as u64;
+        s.incomplete += u64::from((chats.len() as u64) < expect.chats);
+        let mut order = Order::default();
+        for m in &msgs {
+            let chat = m["chat_id"].as_str().unwrap_or("").to_owned();
+            order.next.entry(chat.clone()).or_insert(1);
+            order.see(&chat, m["seq"].as_u64().unwrap_or(0));
+        }
+        let missing = expect.messages.saturating_sub(msgs.len() as u64);
+        s.order.merge(&order, missing);
+    }
+    (out, s)
+}
+
 async fn idle(plan: Plan) -> Value {
     let (conns, failures, secs) = open_all(&plan, &plan.tokens).await;
+    let synced_at = Instant::now();
+    let (conns, synced) = match &plan.sync_expect {
+        Some(expect) => sync_all(conns, expect).await,
+        None => (conns, Synced::default()),
+    };
+    let sync_s = synced_at.elapsed().as_secs_f64();
     let n = conns.len();
-    println!("{}", json!({"event": "ready", "connected": n}));
+    println!(
+        "{}",
+        json!({"event": "ready", "connected": n, "synced": synced.connections})
+    );
     // Hold: read everything (pings are answered by the reader) until the time is up.
     let hold = Duration::from_secs_f64(plan.seconds.max(1.0));
     let mut tasks = Vec::new();
@@ -326,8 +424,19 @@ async fn idle(plan: Plan) -> Value {
     for t in tasks {
         alive += u64::from(t.await.unwrap_or(false));
     }
-    json!({"connected": n, "connect_failures": failures, "connect_s": secs,
-           "connect_per_s": n as f64 / secs.max(1e-9), "alive_at_end": alive})
+    let mut out = json!({"connected": n, "connect_failures": failures, "connect_s": secs,
+           "connect_per_s": n as f64 / secs.max(1e-9), "alive_at_end": alive});
+    if plan.sync_expect.is_some() {
+        let o = &synced.order;
+        let extra = json!({"synced": synced.connections, "sync_s": sync_s,
+            "synced_chats": synced.chats, "synced_messages": synced.messages,
+            "sync_incomplete": synced.incomplete,
+            "lost": o.lost, "duplicated": o.duplicated, "out_of_order": o.out_of_order});
+        if let (Some(o), Some(e)) = (out.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+    }
+    out
 }
 
 async fn fanout(plan: Plan) -> Value {
@@ -563,6 +672,92 @@ async fn latency(plan: Plan) -> Value {
            "connect_failures": f1 + f2, "lost": o.lost, "duplicated": o.duplicated, "out_of_order": o.out_of_order})
 }
 
+/// One acked send of the persist scenario, in the order its ack arrived.
+struct Acked {
+    seq: u64,
+    /// Its position in the connection's sends (the client_msg_id's counter).
+    index: u64,
+    message_id: String,
+}
+
+/// What one persist connection saw of its chat: every ack, and how their seqs ran.
+#[derive(Default)]
+struct ChatAcks {
+    acks: Vec<Acked>,
+    /// An ack whose seq was not the previous one + 1: skipped seqs, a seq again, or lower.
+    seq_gaps: u64,
+    seq_repeats: u64,
+    seq_backwards: u64,
+    /// A second ack for one send, and acks naming another chat.
+    duplicated: u64,
+    wrong_chat: u64,
+}
+
+impl ChatAcks {
+    fn see(&mut self, seq: u64, index: u64, message_id: &str, acked: &mut [bool]) {
+        if let Some(prev) = self.acks.last().map(|a| a.seq) {
+            match seq.cmp(&(prev + 1)) {
+                std::cmp::Ordering::Equal => {}
+                std::cmp::Ordering::Greater => self.seq_gaps += 1,
+                std::cmp::Ordering::Less if seq == prev => self.seq_repeats += 1,
+                std::cmp::Ordering::Less => self.seq_backwards += 1,
+            }
+        }
+        match acked.get_mut(index as usize) {
+            Some(seen) if !*seen => *seen = true,
+            _ => self.duplicated += 1,
+        }
+        self.acks.push(Acked {
+            seq,
+            index,
+            message_id: message_id.to_owned(),
+        });
+    }
+}
+
+/// The content of send `index` of run `run`: its client_msg_id first, so the store can be
+/// checked for the right content per message (padded to `bytes`, the size measured before).
+fn persist_key(run: u64, index: u64) -> String {
+    format!("{run}-{index:012}")
+}
+
+fn persist_content(key: &str, bytes: usize) -> String {
+    let mut c = String::with_capacity(bytes.max(key.len() + 1));
+    c.push_str(key);
+    c.push('|');
+    while c.len() < bytes {
+        c.push('x');
+    }
+    c
+}
+
+/// Every ack, one line each: chat, seq, message_id, client_msg_id, and the content sent for
+/// one ack in `stride` (empty for the others).
+fn write_acks(
+    path: &str,
+    run: u64,
+    bytes: usize,
+    chats: &[(String, ChatAcks)],
+    stride: u64,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut n = 0u64;
+    for (chat, c) in chats {
+        for a in &c.acks {
+            let key = persist_key(run, a.index);
+            let content = if n.is_multiple_of(stride) {
+                persist_content(&key, bytes)
+            } else {
+                String::new()
+            };
+            writeln!(out, "{chat}\t{}\t{}\t{key}\t{content}", a.seq, a.message_id)?;
+            n += 1;
+        }
+    }
+    out.flush()
+}
+
 async fn persist(plan: Plan) -> Value {
     let run = now_ns();
     let chats: Vec<String> = plan.groups.iter().map(|g| g.chat_id.clone()).collect();
@@ -572,18 +767,24 @@ async fn persist(plan: Plan) -> Value {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (mut ws, chat) in conns.into_iter().zip(chats) {
-        let (window, body) = (plan.window as u64, "x".repeat(plan.content_bytes));
+        let (window, bytes) = (plan.window as u64, plan.content_bytes);
         tasks.push(tokio::spawn(async move {
-            let (mut sent, mut acked, mut errors, mut dup) = (0u64, 0u64, 0u64, 0u64);
-            let mut seen = std::collections::HashSet::new();
+            let (mut sent, mut acked, mut errors) = (0u64, 0u64, 0u64);
+            let mut seen = ChatAcks::default();
+            // Per send: has it been acked (a second ack is a duplicate).
+            let mut was_acked: Vec<bool> = Vec::new();
+            let prefix = format!("{run}-");
             loop {
                 while Instant::now() < deadline && sent - acked < window {
                     // Unique per run: a rerun against the same server must not be answered as retries.
-                    let f = json!({"type": "send", "chat_id": chat, "client_msg_id": format!("{run}-{sent:012}"), "content": body});
+                    let key = persist_key(run, sent);
+                    let f = json!({"type": "send", "chat_id": chat, "client_msg_id": key,
+                                   "content": persist_content(&key, bytes)});
                     if ws.feed(frame(&f)).await.is_err() {
                         break;
                     }
                     sent += 1;
+                    was_acked.push(false);
                 }
                 let _ = ws.flush().await;
                 if acked + errors >= sent {
@@ -594,31 +795,62 @@ async fn persist(plan: Plan) -> Value {
                 };
                 match incoming(t.as_str()) {
                     Some(f) if f.kind == "ack" => {
-                        if !seen.insert(f.client_msg_id.unwrap_or("").to_owned()) {
-                            dup += 1;
+                        if f.chat_id != Some(chat.as_str()) {
+                            seen.wrong_chat += 1;
                         }
+                        let index = f
+                            .client_msg_id
+                            .and_then(|k| k.strip_prefix(prefix.as_str()))
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(u64::MAX);
+                        let message_id = f.message_id.unwrap_or("");
+                        seen.see(f.seq.unwrap_or(0), index, message_id, &mut was_acked);
                         acked += 1;
                     }
                     Some(f) if f.kind == "error" => errors += 1,
                     _ => {}
                 }
             }
-            (sent, acked, errors, dup)
+            (chat, sent, acked, errors, seen)
         }));
     }
-    let (mut sent, mut acked, mut errors, mut dup) = (0, 0, 0, 0);
+    let (mut sent, mut acked, mut errors) = (0, 0, 0);
+    let mut per_chat = Vec::new();
     for t in tasks {
-        if let Ok((s, a, e, d)) = t.await {
+        if let Ok((chat, s, a, e, seen)) = t.await {
             sent += s;
             acked += a;
             errors += e;
-            dup += d;
+            per_chat.push((chat, seen));
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    json!({"connections": tokens.len(), "sent": sent, "acked": acked, "seconds": secs,
+    let total = |f: fn(&ChatAcks) -> u64| per_chat.iter().map(|(_, c)| f(c)).sum::<u64>();
+    let (gaps, repeats, backwards) = (
+        total(|c| c.seq_gaps),
+        total(|c| c.seq_repeats),
+        total(|c| c.seq_backwards),
+    );
+    let (dup, wrong_chat) = (total(|c| c.duplicated), total(|c| c.wrong_chat));
+    let seqs: Vec<Value> = per_chat
+        .iter()
+        .map(|(chat, c)| {
+            json!({"chat_id": chat, "acked": c.acks.len(),
+                   "first_seq": c.acks.first().map(|a| a.seq), "last_seq": c.acks.last().map(|a| a.seq)})
+        })
+        .collect();
+    let mut out = json!({"connections": tokens.len(), "sent": sent, "acked": acked, "seconds": secs,
            "acked_per_s": acked as f64 / secs.max(1e-9), "errors": errors, "connect_failures": failures,
-           "lost": sent - acked - errors, "duplicated": dup, "out_of_order": 0})
+           "lost": sent - acked - errors, "duplicated": dup, "out_of_order": gaps + repeats + backwards,
+           "ack_seqs": {"gaps": gaps, "repeats": repeats, "backwards": backwards, "wrong_chat": wrong_chat},
+           "chats": seqs});
+    if let Some(path) = &plan.acks_file {
+        let stride = (acked / plan.verify_sample.max(1)).max(1);
+        if let Err(e) = write_acks(path, run, plan.content_bytes, &per_chat, stride) {
+            out["acks_file_error"] = json!(e.to_string());
+        }
+    }
+    out
 }
 
 async fn sync_scenario(plan: Plan) -> Value {
