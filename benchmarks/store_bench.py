@@ -147,8 +147,10 @@ def sync_missed(store: Store, chats: int, per_chat: int) -> dict[str, Any]:
             if len(page) < PAGE_ROWS:
                 break
     elapsed = time.perf_counter() - started
-    assert rows == chats * per_chat, rows
-    return {"chats": chats, "missed": rows, "seconds": round(elapsed, 3)}
+    out: dict[str, Any] = {"chats": chats, "missed": rows, "seconds": round(elapsed, 3)}
+    if rows != chats * per_chat:
+        out["error"] = f"{chats * per_chat - rows} of {chats * per_chat} messages were not stored or not read"
+    return out
 
 
 def driver_floor(store: CassandraStore, batches: list[list[SendRequest]]) -> dict[str, Any]:

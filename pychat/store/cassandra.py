@@ -64,9 +64,10 @@ BUCKET_SIZE = 10_000
 # How long the idempotency table remembers a send (PROTOCOL.md: at least 24 h).
 IDEMPOTENCY_TTL_S = 48 * 3600
 # Statements in flight at once for one call.
-CONCURRENCY = 128
-# Small writes (idempotency keys, message ids, chat hints) per unlogged batch.
-WRITE_GROUP = 32
+CONCURRENCY = 64
+# Small writes (idempotency keys, chat hints) per unlogged batch: fewer round trips, while a
+# batch's partitions stay few enough for one coordinator (32 timed out under load here).
+WRITE_GROUP = 8
 # One fenced batch carries at most this many rows and content bytes (Cassandra refuses batches
 # over `batch_size_fail_threshold`, 50 KiB by default); a chat's larger share of an engine batch
 # goes in several fenced batches in turn, each atomic, so a crash between them leaves no gap.
