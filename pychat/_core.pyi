@@ -27,6 +27,9 @@ __all__ = [
 ]
 
 ERROR_CODES: list[str]
+# The HTTP status of each error code; how long `unavailable` says to wait by default.
+ERROR_STATUS: dict[str, int]
+UNAVAILABLE_RETRY_MS: int
 
 def gateway_defaults() -> dict[str, int | float]: ...
 def frame_limit_defaults() -> dict[str, int]: ...

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 from typing import Final
 
-# HTTP status for each protocol error code.
-STATUS: Final[dict[str, int]] = {
-    "bad_request": 400,
-    "unauthorized": 401,
-    "forbidden": 403,
-    "not_found": 404,
-    "conflict": 409,
-    "too_large": 413,
-    "rate_limited": 429,
-    "unavailable": 503,
-    "internal": 500,
-}
+from pychat import gateway
 
+# HTTP status for each protocol error code (one table, in the Rust core: `ErrorCode`).
+STATUS: Final[dict[str, int]] = dict(gateway.ERROR_STATUS)
 
 # What an `unavailable` answer tells the client to wait when nothing better is known.
-UNAVAILABLE_RETRY_MS: Final = 1000
+UNAVAILABLE_RETRY_MS: Final[int] = gateway.UNAVAILABLE_RETRY_MS
 
 
 class ApiError(Exception):

@@ -12,6 +12,8 @@ from typing import Final
 
 from pychat._core import (
     ERROR_CODES,
+    ERROR_STATUS,
+    UNAVAILABLE_RETRY_MS,
     Acked,
     Deferred,
     Done,
@@ -35,8 +37,10 @@ from pychat._core import (
 
 __all__ = [
     "ERROR_CODES",
+    "ERROR_STATUS",
     "FRAME_LIMIT_DEFAULTS",
     "GATEWAY_DEFAULTS",
+    "UNAVAILABLE_RETRY_MS",
     "Acked",
     "Deferred",
     "Done",

@@ -35,6 +35,7 @@ def test_settings_limits_and_error_codes_have_one_source() -> None:
     assert config.for_gateway() == GATEWAY_DEFAULTS
     assert Limits().for_gateway() == FRAME_LIMIT_DEFAULTS
     assert sorted(STATUS) == sorted(ERROR_CODES)
+    assert STATUS["rate_limited"] == 429 and STATUS["unavailable"] == 503
 
 
 async def metric(srv: ServerProcess, name: str) -> int:

@@ -170,7 +170,11 @@ def open_store(url: str, data_dir: Path, sqlite_synchronous: str = "FULL") -> St
         path = Path(parts.path) if parts.path not in ("", "/") else data_dir / "pychat.db"
         return SqliteStore(path, sqlite_synchronous)
     if parts.scheme == "cassandra":
-        from pychat.store.cassandra import CassandraStore
-
+        try:
+            from pychat.store.cassandra import CassandraStore
+        except ImportError as e:
+            raise ValueError(
+                f"the Cassandra store needs scylla-driver (pip install 'pychat[cassandra]'): {e}"
+            ) from e
         return CassandraStore.from_url(url)
     raise ValueError(f"unknown store {url!r}: use sqlite:///path or cassandra://host:port/keyspace")

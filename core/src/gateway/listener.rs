@@ -133,7 +133,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                         NoSlot::Busy => {
                             metrics::inc(&counters.handshakes_refused_busy);
                             let mut r = Refusal::new(
-                                503,
+                                ErrorCode::Unavailable.http_status(),
                                 ErrorCode::Unavailable,
                                 "too many upgrades in progress",
                             );
@@ -143,7 +143,7 @@ pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
                         NoSlot::Address => {
                             metrics::inc(&counters.handshakes_refused_per_address);
                             Refusal {
-                                status: 429,
+                                status: ErrorCode::RateLimited.http_status(),
                                 error: FrameError::rate_limited(1_000),
                             }
                         }

@@ -422,6 +422,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "ERROR_CODES",
         ErrorCode::ALL.map(ErrorCode::as_str).to_vec(),
     )?;
+    let status = PyDict::new(m.py());
+    for code in ErrorCode::ALL {
+        status.set_item(code.as_str(), code.http_status())?;
+    }
+    m.add("ERROR_STATUS", status)?;
+    m.add("UNAVAILABLE_RETRY_MS", values::UNAVAILABLE_RETRY_MS)?;
     m.add_function(wrap_pyfunction!(sign_token, m)?)?;
     m.add_function(wrap_pyfunction!(verify_token, m)?)?;
     m.add("GatewayError", m.py().get_type::<GatewayError>())?;

@@ -211,8 +211,9 @@ pub struct Failed {
     retry_after_ms: Option<u64>,
 }
 
-/// What an `unavailable` answer tells the client to wait when nothing better is known.
-const UNAVAILABLE_RETRY_MS: u64 = 1_000;
+/// What an `unavailable` answer tells the client to wait when nothing better is known
+/// (REST's answers too: `pychat.errors` reads it from here).
+pub const UNAVAILABLE_RETRY_MS: u64 = 1_000;
 
 #[pymethods]
 impl Failed {
