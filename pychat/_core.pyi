@@ -5,6 +5,8 @@ from typing import final
 
 __all__ = [
     "ERROR_CODES",
+    "ERROR_STATUS",
+    "UNAVAILABLE_RETRY_MS",
     "Acked",
     "Deferred",
     "Done",
