@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 ARGS ?=
+# The stores the Python tests run pychat's servers on (every server test, on each).
+export PYCHAT_TEST_STORES ?= sqlite,cassandra
 
 # Tests and benchmarks hold thousands of sockets, and each recipe line runs in its own shell, so
 # the line that runs them raises its open-files limit first: `$(call nofile,N) cmd` raises the soft

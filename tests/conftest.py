@@ -117,7 +117,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     # `@pytest.mark.stores("sqlite", "cassandra")` on a module runs its server tests on each store.
     if "store_kind" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("stores")
-        kinds = marker.args if marker else ("sqlite",)
+        # PYCHAT_TEST_STORES=sqlite,cassandra runs every other module's servers on those stores too.
+        default = tuple(os.environ.get("PYCHAT_TEST_STORES", "sqlite").split(","))
+        kinds = marker.args if marker else default
         metafunc.parametrize("store_kind", kinds, indirect=True, scope="module")
 
 

@@ -9,6 +9,7 @@ import sqlite3
 from collections.abc import Callable
 
 import httpx
+import pytest
 
 from tests.conftest import PASSWORD, Clients, ServerProcess, unique_name
 from tests.test_contract import OPENAPI, check_rest
@@ -17,6 +18,7 @@ from tests.test_messaging import open_raw
 Factory = Callable[..., ServerProcess]
 
 
+@pytest.mark.stores("sqlite")  # reads or locks the SQLite file itself
 async def test_rest_reads_and_healthz_answer_while_a_rest_write_waits_for_the_write_lock(
     server_factory: Factory,
 ) -> None:
@@ -48,6 +50,7 @@ async def test_rest_reads_and_healthz_answer_while_a_rest_write_waits_for_the_wr
     await clients.close()
 
 
+@pytest.mark.stores("sqlite")  # reads or locks the SQLite file itself
 async def test_a_chat_whose_last_seq_fell_behind_keeps_taking_messages_without_reusing_a_seq(
     server_factory: Factory,
 ) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from benchmarks.reconnect_storm import storm
 from tests.conftest import Clients, ServerProcess
@@ -83,6 +84,7 @@ async def test_a_slow_consumer_is_cut_off_and_nobody_else_notices(server_factory
     await clients.close()
 
 
+@pytest.mark.stores("sqlite")  # reads or locks the SQLite file itself
 async def test_a_send_parked_when_its_connection_is_dropped_can_be_retried(server_factory: Factory) -> None:
     # The engine stalls (another process holds SQLite's write lock), its queue (1 event) fills,
     # the connection stops reading with a send parked and is dropped by the heartbeat. The

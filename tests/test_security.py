@@ -136,6 +136,7 @@ async def test_origin_allow_list_on_websocket_and_rest(server_factory: Factory) 
     await clients.close()
 
 
+@pytest.mark.stores("sqlite")  # reads or locks the SQLite file itself
 async def test_passwords_are_stored_only_as_slow_salted_hashes(
     server: ServerProcess, clients: Clients
 ) -> None:

@@ -224,3 +224,11 @@ def test_two_writers_never_share_a_seq(store: Store, request: pytest.FixtureRequ
         assert [m["seq"] for m in store.history(chat_id, None, None, 100)[0]] == list(range(1, 25))
     finally:
         other.close()
+
+
+def test_empty_ids_find_nothing(store: Store) -> None:
+    """REST passes ids through unchecked; Cassandra refuses an empty key, which must read as absent."""
+    assert store.user_by_name("") is None and store.user_by_id("") is None
+    assert store.existing_users(["", ""]) == set()
+    assert store.get_chat("") is None and not store.is_member("", "")
+    assert store.message_by_id("") is None and store.last_seen("") is None

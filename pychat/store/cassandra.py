@@ -295,7 +295,8 @@ class CassandraStore:
         statement = self._prepared.get(query)
         if statement is None:
             statement = self._prepared[query] = self.session.prepare(query)
-        ids = list(dict.fromkeys(ids))
+        # Cassandra refuses an empty partition key; no row has one.
+        ids = [i for i in dict.fromkeys(ids) if i]
         rows: list[Any] = []
         for start in range(0, len(ids), IN_CHUNK):
             rows.extend(self.session.execute(statement, (ids[start : start + IN_CHUNK], *extra)))
@@ -335,12 +336,16 @@ class CassandraStore:
         return User(row.user_id, row.username, row.display_name, row.password_hash, row.created_at)
 
     def user_by_name(self, username: str) -> User | None:
+        if not username:
+            return None
         row = self.session.execute(
             "SELECT user_id FROM usernames WHERE username_key = %s", (username.lower(),)
         ).one()
         return self.user_by_id(row.user_id) if row else None
 
     def user_by_id(self, user_id: str) -> User | None:
+        if not user_id:
+            return None
         row = self.session.execute(self._q_user, (user_id,)).one()
         return self._user_of(row) if row else None
 
@@ -386,6 +391,8 @@ class CassandraStore:
         )
 
     def get_chat(self, chat_id: str) -> Chat | None:
+        if not chat_id:
+            return None
         row = self.session.execute(self._q_chat, (chat_id,)).one()
         if row is None or row.kind is None:
             return None
@@ -468,6 +475,8 @@ class CassandraStore:
         return True
 
     def is_member(self, chat_id: str, user_id: str) -> bool:
+        if not chat_id or not user_id:
+            return False
         return self.session.execute(self._q_member, (chat_id, user_id)).one() is not None
 
     def all_memberships(self) -> list[tuple[str, str, list[str]]]:
@@ -510,6 +519,8 @@ class CassandraStore:
     # presence
 
     def last_seen(self, user_id: str) -> int | None:
+        if not user_id:
+            return None
         row = self.session.execute("SELECT last_seen FROM users WHERE user_id = %s", (user_id,)).one()
         return row.last_seen if row else None
 
