@@ -200,7 +200,7 @@ def driver_floor(store: CassandraStore, batches: list[list[SendRequest]]) -> dic
     return {"messages": n, "seconds": round(elapsed, 3), "msgs_per_s": round(n / elapsed)}
 
 
-def run_store(kind: str, url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_store(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     store = open_store(url, tmp)
     try:
         _, members = populate(store, args.users, args.chats, 10)
@@ -259,7 +259,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="store-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         if "sqlite" in args.only:
-            results["sqlite"] = run_store("sqlite", f"sqlite://{tmp / 'bench.db'}", tmp, args)
+            results["sqlite"] = run_store(f"sqlite://{tmp / 'bench.db'}", tmp, args)
         if "cassandra" in args.only:
             node = CassandraServer(
                 tmp / "cassandra", port=free_port(), storage_port=free_port(), exit_with_parent=True
@@ -268,7 +268,7 @@ def main() -> None:
             node.start()
             try:
                 url = f"cassandra://{node.host}:{node.port}/bench"
-                results["cassandra"] = run_store("cassandra", url, tmp, args)
+                results["cassandra"] = run_store(url, tmp, args)
                 results["cassandra_node"] = {"commitlog_sync": "group", "heap_mb": node.heap_mb}
             finally:
                 node.stop()

@@ -386,12 +386,11 @@ impl Hub {
             Admission::InFlight => SendAdmission::InFlight,
             Admission::Stale(waiters) => {
                 metrics::inc(&self.counters.sends_in_flight_expired);
-                let error = FrameError::new(
+                let mut error = FrameError::new(
                     ErrorCode::Unavailable,
                     "an earlier attempt of this send was lost before it was stored; retry",
                 )
                 .with_ref(reference);
-                let mut error = error;
                 error.retry_after_ms = Some(100);
                 for w in waiters {
                     if let Origin::Conn(c) = w {

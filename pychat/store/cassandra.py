@@ -584,7 +584,7 @@ class CassandraStore:
             chat_id = sends[i].chat_id
             if r.seq > (chat_rows[chat_id].last_seq or 0):
                 behind[chat_id] = max(behind.get(chat_id, 0), r.seq)
-        self._all(self._q_chat_last, [(seq, seq, chat_id) for chat_id, seq in behind.items()])
+        self._write_all(self._q_chat_last, [(seq, seq, chat_id) for chat_id, seq in behind.items()])
         # New sends per chat, in order; a key repeated in the batch is stored once.
         fresh: dict[str, list[int]] = defaultdict(list)
         repeats: dict[int, int] = {}
@@ -833,38 +833,42 @@ class CassandraStore:
             "client_msg_id": m.client_msg_id,
         }
 
-    def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
-        out: list[BacklogRow] = []
-        hint = self.session.execute("SELECT last_seq FROM chats WHERE chat_id = %s", (chat_id,)).one()
-        top_bucket = bucket_of(max(hint.last_seq or 0, self._last.get(chat_id, 0))) + 1 if hint else 0
+    def _rows_after(self, chat_id: str, after: int, limit: int) -> list[Any]:
+        """Up to `limit` message rows with seq > `after`, walking the buckets in order. A chat's
+        seqs are gap-free (the fence), so a bucket read that stops short of the bucket's end is
+        the chat's end: no read of the chat's last seq is needed."""
+        out: list[Any] = []
         bucket = bucket_of(after + 1)
-        while len(out) < limit and bucket <= top_bucket:
-            rows = self.session.execute(self._q_after, (chat_id, bucket, after, limit - len(out)))
-            for m in rows:
-                out.append(
-                    (
-                        chat_id,
-                        m.seq,
-                        m.message_id,
-                        m.sender_id,
-                        m.content,
-                        m.attachments or "[]",
-                        m.created_at,
-                        m.client_msg_id,
-                    )
-                )
-                after = m.seq
-            bucket += 1
+        while len(out) < limit:
+            rows = list(self.session.execute(self._q_after, (chat_id, bucket, after, limit - len(out))))
+            out.extend(rows)
+            if not rows or rows[-1].seq < (bucket + 1) * BUCKET_SIZE - 1:
+                break
+            after, bucket = rows[-1].seq, bucket + 1
         return out
+
+    def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
+        return [
+            (
+                chat_id,
+                m.seq,
+                m.message_id,
+                m.sender_id,
+                m.content,
+                m.attachments or "[]",
+                m.created_at,
+                m.client_msg_id,
+            )
+            for m in self._rows_after(chat_id, after, limit)
+        ]
 
     def history(
         self, chat_id: str, before: int | None, after: int | None, limit: int
     ) -> tuple[list[dict[str, Any]], bool]:
         lo = after if after is not None else 0
         if after is not None and before is None:
-            rows = self.messages_after(chat_id, lo, limit + 1)
-            page = [self._message_json(chat_id, _Row(r)) for r in rows[:limit]]
-            return page, len(rows) > limit
+            rows = self._rows_after(chat_id, lo, limit + 1)
+            return [self._message_json(chat_id, m) for m in rows[:limit]], len(rows) > limit
         row = self.session.execute("SELECT last_seq FROM chats WHERE chat_id = %s", (chat_id,)).one()
         last = max(row.last_seq or 0, self._last.get(chat_id, 0)) if row else 0
         hi = min(before, last + 1) if before is not None else last + 1
@@ -902,19 +906,3 @@ def _fence_parts(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
         parts[-1].append(r)
         size += weight
     return parts
-
-
-class _Row:
-    """A backlog tuple read like a driver row."""
-
-    def __init__(self, r: BacklogRow) -> None:
-        (
-            _,
-            self.seq,
-            self.message_id,
-            self.sender_id,
-            self.content,
-            self.attachments,
-            self.created_at,
-            self.client_msg_id,
-        ) = r
