@@ -141,7 +141,8 @@ class Engine:
                     [s for _, s in sends], [p for _, p in pointers], [x for _, x in seen]
                 )
             except Exception:
-                log.exception("store batch failed; nothing of it was written")
+                # Nothing of it is acked; what did land is found by its keys when retried.
+                log.exception("store batch failed; its sends are answered unavailable")
                 self.metrics.errors.inc(kind="store_batch")
                 failed = Failed("unavailable", "the store failed; retry")
                 send_results = [failed] * len(sends)

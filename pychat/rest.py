@@ -482,13 +482,24 @@ class RestApi:
         return ok(ack, 201)
 
     async def history(self, req: Request) -> Response:
-        chat = await self._member_chat(req.params["chat_id"], req.user_id)
+        chat_id = req.params["chat_id"]
         big = MAX_SEQ
         before = req.int_query("before", 0, big)
         after = req.int_query("after", 0, big)
         limit = req.int_query("limit", 1, self.config.limits.history_max, default=50)
         assert limit is not None
-        messages, has_more = await self._store_call(self.store.history, chat.chat_id, before, after, limit)
+        # The membership check and the page's read run at once (one store round trip of latency
+        # instead of two); the page is returned only to a member.
+        member, page = await asyncio.gather(
+            self._member_chat(chat_id, req.user_id),
+            self._store_call(self.store.history, chat_id, before, after, limit),
+            return_exceptions=True,
+        )
+        if isinstance(member, BaseException):
+            raise member
+        if isinstance(page, BaseException):
+            raise page
+        messages, has_more = page
         return ok({"messages": messages, "has_more": has_more})
 
     async def mark_read(self, req: Request) -> Response:

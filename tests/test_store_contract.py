@@ -193,6 +193,11 @@ def test_history_sync_and_lookups(store: Store, monkeypatch: pytest.MonkeyPatch)
     assert [m["seq"] for m in page] == list(range(21, 31)) and not more
     page, more = store.history(chat_id, 12, 3, 50)
     assert [m["seq"] for m in page] == list(range(4, 12)) and not more
+    for past_the_end in (31, 40, 10**12):  # the newest page, found without a walk down to it
+        page, more = store.history(chat_id, past_the_end, None, 4)
+        assert [m["seq"] for m in page] == [27, 28, 29, 30] and more
+    page, more = store.history(chat_id, None, None, 4)
+    assert [m["seq"] for m in page] == [27, 28, 29, 30] and more
     rows = store.messages_after(chat_id, 5, 9)
     assert [r[1] for r in rows] == list(range(6, 15))
     assert rows[0][:2] == (chat_id, 6) and rows[0][4] == "m5"
