@@ -235,7 +235,7 @@ def floor(url: str, tmp: Path, chats: int, rows: int, batch: int) -> dict[str, A
 
 def run(url: str, tmp: Path, args: argparse.Namespace, cassandra: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name in ("persist", "history", "sync"):
+    for name in args.scenarios.split(","):
         part = tmp / name
         part.mkdir()
         # Each scenario on a keyspace (or file) of its own.
@@ -264,7 +264,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="persist: seconds of sending")
     ap.add_argument("--history-messages", type=int, default=2000)
     ap.add_argument("--pages", type=int, default=2000)
-    ap.add_argument("--only", default="sqlite,cassandra")
+    ap.add_argument("--only", default="sqlite,cassandra", help="stores")
+    ap.add_argument("--scenarios", default="persist,history,sync")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.history_messages, args.pages = 3.0, 500, 500
