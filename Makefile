@@ -27,7 +27,7 @@ nofile = hard=$$(ulimit -Hn); \
 	ulimit -Sn $$hard || { echo "make $@: could not raise the open-files soft limit to $$hard" >&2; exit 1; };
 
 .PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
-	bench-quick loadgen loadtest cassandra cassandra-stop
+	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -50,8 +50,10 @@ test: build-dev lint test-rust test-py ## install everything, build, lint, and r
 test-rust: ## Rust unit tests
 	cargo test -q
 
-services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 jars from Maven Central, cached)
-	$(PY) -m services.cassandra install
+services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 and Kafka 4.1 jars from Maven Central, cached; Debian's redis-server 7.0)
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cassandra install
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.kafka install
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis install
 
 test-py: loadgen services ## Python tests against real servers on 127.0.0.1 (pychat on SQLite and on Cassandra)
 	$(call nofile,4096) $(BIN)/pytest -q $(ARGS)
@@ -107,6 +109,18 @@ cassandra: $(VENV)/.deps ## install (first time) and start a development Cassand
 
 cassandra-stop: ## stop the development Cassandra
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cassandra stop --dir $(CACHE)/cassandra-dev
+
+kafka: $(VENV)/.deps ## install (first time) and start a development Kafka 4.1 (KRaft) on 127.0.0.1:9092; prints host:port
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.kafka start --dir $(CACHE)/kafka-dev $(ARGS)
+
+kafka-stop: ## stop the development Kafka
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.kafka stop --dir $(CACHE)/kafka-dev
+
+redis: $(VENV)/.deps ## install (first time) and start a development Redis 7.0 on 127.0.0.1:6379; prints host:port
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis start --dir $(CACHE)/redis-dev $(ARGS)
+
+redis-stop: ## stop the development Redis
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis stop --dir $(CACHE)/redis-dev
 
 clean: ## remove the venv and built extension (the cargo cache stays)
 	rm -rf $(VENV) pychat/_core*.so
