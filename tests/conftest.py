@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -225,7 +225,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # (a download of about a minute), on free ports in a temporary directory.
 from cassandra.cluster import Cluster, Session  # noqa: E402
 
-from services.cassandra import CassandraError, CassandraServer  # noqa: E402
+from services.cassandra import CassandraServer  # noqa: E402
+from services.process import ServiceError, ServiceProcess  # noqa: E402
+
+Service = TypeVar("Service", bound=ServiceProcess)
+
+
+def started(server: Service) -> Service:
+    """Starts a real server for a test; one that cannot start fails the test with its log's tail,
+    never a skip."""
+    try:
+        server.start()
+    except ServiceError as e:
+        pytest.fail(f"{server.service} did not start: {e}", pytrace=False)
+    return server
 
 
 @pytest.fixture(scope="session")
@@ -233,16 +246,14 @@ def cassandra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraSer
     """A running Cassandra 5.0 node, shared by the session. A node that cannot start fails the test
     with the tail of its log: never a skip. The first run downloads Cassandra, so modules that use it
     raise their timeout (see tests/test_cassandra_service.py)."""
-    node = CassandraServer(
-        tmp_path_factory.mktemp("cassandra"),
-        port=free_port(),
-        storage_port=free_port(),
-        exit_with_parent=True,
+    node = started(
+        CassandraServer(
+            tmp_path_factory.mktemp("cassandra"),
+            port=free_port(),
+            storage_port=free_port(),
+            exit_with_parent=True,
+        )
     )
-    try:
-        node.start()
-    except CassandraError as e:
-        pytest.fail(f"Cassandra did not start: {e}", pytrace=False)
     yield node
     node.stop()
 
@@ -268,3 +279,22 @@ def cassandra_session(cassandra_cluster: Cluster) -> Iterator[Session]:
     yield session
     session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}")
     session.shutdown()
+
+
+from services.kafka import KafkaServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
+    """A running Kafka 4.1 node (KRaft, broker and controller in one JVM), shared by the session. One
+    that cannot start fails the test with its log's tail, never a skip."""
+    node = started(
+        KafkaServer(
+            tmp_path_factory.mktemp("kafka"),
+            port=free_port(),
+            controller_port=free_port(),
+            exit_with_parent=True,
+        )
+    )
+    yield node
+    node.stop()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from services.cassandra import CassandraServer
-from tests.conftest import Clients, ServerProcess, free_port
+from tests.conftest import Clients, ServerProcess, free_port, started
 from tests.wsraw import RawWs
 
 pytestmark = pytest.mark.timeout(600)
@@ -26,11 +26,7 @@ def own_cassandra(tmp_path: Path) -> Iterator[CassandraServer]:
         tmp_path / "cassandra", port=free_port(), storage_port=free_port(), exit_with_parent=True
     )
     node.directory.mkdir()
-    try:
-        node.start()
-    except Exception as e:
-        pytest.fail(f"Cassandra did not start: {e}", pytrace=False)
-    yield node
+    yield started(node)
     node.stop()
 
 

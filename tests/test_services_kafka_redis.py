@@ -17,20 +17,12 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it without saying so
 
-from services.kafka import KafkaError, KafkaServer
-from services.redis import REDIS_VERSION, RedisError, RedisServer
-from tests.conftest import free_port
+from services.kafka import KafkaServer
+from services.redis import REDIS_VERSION, RedisServer
+from tests.conftest import free_port, started
 
 # The first run downloads Kafka (Maven) and installs Redis (apt) while setting up the first test.
 pytestmark = pytest.mark.timeout(600)
-
-
-def started(server: RedisServer | KafkaServer) -> str:
-    """Starts `server`; one that cannot start fails the test with its log's tail, never a skip."""
-    try:
-        return server.start()
-    except (RedisError, KafkaError) as e:
-        pytest.fail(f"{type(server).__name__} did not start: {e}", pytrace=False)
 
 
 # -- Redis ----------------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""One writer per chat, from Kafka (issue 13, `../shared/DESIGN.md` "Scale-out").
+
+Gateway nodes produce each send to the `sends` topic keyed by its chat (`SendLog`: idempotent
+producer, `acks=all`), so Kafka keeps one chat's sends in order in one partition. Every node runs a
+`Sequencer` in one consumer group: the partitions the group assigns a node are the chats it owns,
+and it is their only writer. Per poll it hands the records to the store's `append_batch` (which
+de-duplicates, numbers after the chat's last seq and writes one fenced batch per chat), publishes
+the results, and only then commits the offsets.
+
+Why replay derives the same seqs without a checkpoint of its own: a record processed before a
+crash or a rebalance but not committed is consumed again by the partition's next owner, and the
+store answers it from its keys (written with the message, or caught up from the rows above the
+chat's hint) with the original seq; a record that never reached the store is numbered after the
+chat's true last seq, which is what the first owner would have given it, since records of a chat
+arrive in one order. A stale owner (paused past its session) races the new one on the store's
+fence: one numbering wins, the other finds its rows and keys (`tests/test_store_contract.py`).
+
+What the store refused for want of a store (`unavailable`) is not published: the same records
+are written again, after a pause, until the store takes them; the partition waits, no gap is made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+from pychat.gateway import Failed, Stored
+from pychat.store import SendRequest, SendResult, Store
+
+log = logging.getLogger("pychat.cluster.sequencer")
+
+SENDS_TOPIC = "pychat.sends"
+# Partitions of the sends topic: the most nodes that can share the writing.
+SENDS_PARTITIONS = 12
+# Records handed to the store at once (like the engine's batches).
+BATCH_MAX = 1024
+# Pause before writing again what the store did not take.
+STORE_RETRY_S = 0.5
+
+
+@dataclass(frozen=True)
+class SendRecord:
+    """A send as it travels through Kafka: what the store needs, and where its ack goes."""
+
+    node_id: str
+    request_id: int
+    send: SendRequest
+
+    def encode(self) -> bytes:
+        s = self.send
+        return json.dumps(
+            [
+                self.node_id,
+                self.request_id,
+                s.sender_id,
+                s.chat_id,
+                s.client_msg_id,
+                s.content,
+                s.attachments,
+            ],
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, value: bytes) -> SendRecord:
+        node_id, request_id, sender_id, chat_id, client_msg_id, content, attachments = json.loads(value)
+        return cls(node_id, request_id, SendRequest(sender_id, chat_id, client_msg_id, content, attachments))
+
+
+# What a sequencer publishes for each processed record.
+Publish = Callable[[Sequence[tuple[SendRecord, SendResult]]], None]
+
+
+def ensure_sends_topic(bootstrap: str, partitions: int = SENDS_PARTITIONS, timeout: float = 30.0) -> None:
+    """Creates the sends topic if it is missing (every node may call it; one creation wins)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if SENDS_TOPIC in admin.list_topics(timeout=timeout).topics:
+        return
+    futures = admin.create_topics([NewTopic(SENDS_TOPIC, num_partitions=partitions, replication_factor=1)])
+    try:
+        futures[SENDS_TOPIC].result(timeout)
+    except KafkaException as e:
+        if "TOPIC_ALREADY_EXISTS" not in str(e):
+            raise
+
+
+class SendLog:
+    """The gateway side: produces sends keyed by chat (idempotent, acks=all: a delivered record is
+    on the broker's log and never written twice by a producer retry)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 1,
+            }
+        )
+
+    def submit(self, records: Sequence[SendRecord], timeout: float = 10.0) -> list[str | None]:
+        """Produces the records and waits for them: per record None when the broker has it, else
+        why not (the caller answers that send `unavailable`)."""
+        outcome: list[str | None] = ["not delivered in time"] * len(records)
+
+        def delivered(i: int) -> Callable[[Any, Message], None]:
+            def report(error: Any, _message: Message) -> None:
+                outcome[i] = None if error is None else str(error)
+
+            return report
+
+        for i, record in enumerate(records):
+            self._producer.produce(
+                SENDS_TOPIC, key=record.send.chat_id.encode(), value=record.encode(), on_delivery=delivered(i)
+            )
+        self._producer.flush(timeout)
+        return outcome
+
+    def close(self) -> None:
+        self._producer.flush(10)
+
+
+class Sequencer:
+    """The store's only writer for the chats of the partitions the group assigns this node."""
+
+    def __init__(self, store: Store, bootstrap: str, group: str, publish: Publish, node_id: str = "") -> None:
+        self.store = store
+        self.publish = publish
+        self.node_id = node_id
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": group,
+                "client.id": node_id or "pychat",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "cooperative-sticky",
+                # A node that stops polling this long loses its partitions (and is then a stale owner).
+                "session.timeout.ms": 10_000,
+                "max.poll.interval.ms": 60_000,
+            }
+        )
+        self._consumer.subscribe([SENDS_TOPIC])
+
+    def poll_once(self, timeout: float = 1.0) -> int:
+        """Consumes up to `BATCH_MAX` records, stores them, publishes the results, commits. How many."""
+        messages = [m for m in self._consumer.consume(BATCH_MAX, timeout) if m.error() is None]
+        if not messages:
+            return 0
+        records = [SendRecord.decode(m.value() or b"") for m in messages]
+        self.publish(list(zip(records, self.store_all(records), strict=True)))
+        self._consumer.commit(asynchronous=False)
+        return len(records)
+
+    def store_all(self, records: list[SendRecord]) -> list[SendResult]:
+        """The store's answer to every record; what it did not take for want of a store is written
+        again until it is taken (retries of one chat's sends keep their order: they are written
+        together, after the ones already answered)."""
+        results: list[SendResult | None] = [None] * len(records)
+        pending = list(range(len(records)))
+        while pending:
+            try:
+                answers, _ = self.store.append_batch([records[i].send for i in pending], [])
+            except Exception:
+                log.exception("store batch failed; writing it again")
+                answers = [Failed("unavailable", "store batch failed")] * len(pending)
+            again = []
+            for i, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, Failed) and answer.code == "unavailable":
+                    again.append(i)
+                else:
+                    results[i] = answer
+            if again:
+                time.sleep(STORE_RETRY_S)
+            pending = again
+        return [r for r in results if isinstance(r, Stored | Failed)]
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.poll_once(0.2)
+
+    def close(self) -> None:
+        """Leaves the group (its partitions move at once instead of after the session timeout)."""
+        self._consumer.close()
