@@ -211,6 +211,11 @@ class Gateway:
     def sync_rows(self, conn: int, rows: list[tuple[str, int, str, str, str, str, int, str | None]]) -> str:
         """One page of a sync backlog: "queued", "full" (hand it again later) or "closed"."""
 
+    def deliver_stored(
+        self, rows: list[tuple[str, int, str, str, str, str, int, str | None]]
+    ) -> list[tuple[str, int, int]]:
+        """Messages another node stored, fanned out here like local ones; the seq gaps met,
+        `(chat_id, after, before)`, to read from the store and hand over first."""
     def sync_end(self, conn: int, reference: str | None, chats: list[tuple[str, int]]) -> None: ...
     def sync_failed(self, conn: int, reference: str | None, code: str, message: str) -> None: ...
     def shutdown(self) -> None: ...

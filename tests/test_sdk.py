@@ -70,7 +70,11 @@ async def test_reconnect_resyncs_from_cursors_without_duplicates(clients: Client
     for i in range(5):
         await alice.post_message(chat_id, f"while away {i}")
     more = [await bob.next_event("msg", timeout=20) for _ in range(5)]
-    assert [m["seq"] for m in got + more] == list(range(1, 11))
+    assert [m["seq"] for m in got] == list(range(1, 6))
+    # Each missed message once. Their order is free until the new connection's sync is answered
+    # (PROTOCOL.md, guarantee 4): ones posted after it opened but before its `sync` may come
+    # live ahead of the backlog (seen on Cassandra under CI load: 8, 9, 10, then 6, 7).
+    assert sorted(m["seq"] for m in more) == list(range(6, 11))
     await alice.post_message(chat_id, "after")
     assert (await bob.next_event("msg"))["seq"] == 11
     assert [e for e in bob.pending_events() if e["type"] == "msg"] == []

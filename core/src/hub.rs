@@ -18,7 +18,9 @@ use crate::protocol::{
 };
 use crate::registry::ConnHandle;
 use crate::registry::{ConnectionRegistry, Push};
-use crate::sequencer::{Admission, ChatId, ConnId, IdemKey, Origin, Sequencer, UserId};
+use crate::sequencer::{
+    Admission, ChatId, ConnId, IdemKey, Origin, RemoteOrder, Sequencer, UserId,
+};
 use crate::typing::TypingTracker;
 
 pub fn now_ms() -> u64 {
@@ -73,6 +75,14 @@ pub struct BacklogRow {
     pub attachments: Box<RawValue>,
     pub created_at: u64,
     pub client_msg_id: Option<String>,
+}
+
+/// Seqs `after + 1 .. before` of a chat that `Hub::deliver_stored` has not delivered here.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SeqGap {
+    pub chat_id: String,
+    pub after: u64,
+    pub before: u64,
 }
 
 /// The engine's answer to one event, in batch order.
@@ -551,11 +561,7 @@ impl Hub {
         if !fan_out {
             return;
         }
-        let Some((_, members)) = self.members.get(&key.chat) else {
-            return;
-        };
-        // Encoded once; every recipient's queue shares these bytes.
-        let frame = protocol::encode_msg(&StoredMessage {
+        let message = StoredMessage {
             chat_id: &key.chat,
             seq,
             message_id: &ack.message_id,
@@ -564,21 +570,72 @@ impl Hub {
             attachments: &attachments,
             created_at,
             client_msg_id: Some(&key.client_msg_id),
-        });
+        };
+        // The sending connection has its ack instead.
+        self.fan_out(&key.chat, &message, &waiters);
+    }
+
+    /// One stored message to every connection of its chat's members here but `skip`.
+    fn fan_out(&self, chat: &ChatId, message: &StoredMessage<'_>, skip: &[Origin]) {
+        let Some((_, members)) = self.members.get(chat) else {
+            return;
+        };
+        // Encoded once; every recipient's queue shares these bytes.
+        let frame = protocol::encode_msg(message);
         let mut deliveries = 0u64;
         self.registry.for_each_conn(members.list.iter(), |c| {
-            if waiters.contains(&Origin::Conn(c.id)) {
-                return; // the sending connection has its ack instead
+            if skip.contains(&Origin::Conn(c.id)) {
+                return;
             }
             deliveries += 1;
             self.count_push(c.push(Outgoing::Msg {
-                chat: key.chat.clone(),
-                seq,
+                chat: chat.clone(),
+                seq: message.seq,
                 frame: frame.clone(),
             }));
         });
         metrics::inc(&self.counters.messages_fanned_out);
         metrics::add(&self.counters.deliveries, deliveries);
+    }
+
+    /// Messages another node stored (each chat's in seq order), fanned out to the members
+    /// connected here exactly like local ones (one encoding, the same order guard, the same
+    /// queues and sync stitching). One already fanned out here is dropped; one past a gap
+    /// (a relay lost the messages between) stops its chat for this call and comes back as a
+    /// gap: the caller reads the missing seqs from the store and hands them over first, so a
+    /// lost relay message delays, never loses.
+    pub fn deliver_stored(&self, rows: &[BacklogRow]) -> Vec<SeqGap> {
+        let mut gaps: Vec<SeqGap> = Vec::new();
+        for row in rows {
+            if gaps.iter().any(|g| g.chat_id == row.chat_id) {
+                continue;
+            }
+            let chat: ChatId = row.chat_id.as_str().into();
+            match self.sequencer.lock().accept_remote(&chat, row.seq) {
+                RemoteOrder::Delivered => continue,
+                RemoteOrder::Gap { last } => {
+                    gaps.push(SeqGap {
+                        chat_id: row.chat_id.clone(),
+                        after: last,
+                        before: row.seq,
+                    });
+                    continue;
+                }
+                RemoteOrder::Next => {}
+            }
+            let message = StoredMessage {
+                chat_id: &row.chat_id,
+                seq: row.seq,
+                message_id: &row.message_id,
+                sender_id: &row.sender_id,
+                content: &row.content,
+                attachments: &row.attachments,
+                created_at: row.created_at,
+                client_msg_id: row.client_msg_id.as_deref(),
+            };
+            self.fan_out(&chat, &message, &[]);
+        }
+        gaps
     }
 
     fn complete_pointer(
@@ -975,6 +1032,33 @@ mod tests {
             created_at: 1,
             client_msg_id: None,
         }
+    }
+
+    #[test]
+    fn messages_of_another_node_are_fanned_out_once_in_order_and_a_gap_is_returned() {
+        let hub = hub();
+        let a = connect(&hub, 1, "a");
+        let b = connect(&hub, 2, "b");
+        assert_eq!(hub.deliver_stored(&[row(1), row(2)]), []);
+        assert_eq!(drain(&a), ["msg", "msg"]);
+        assert_eq!(
+            drain(&b),
+            ["msg", "msg"],
+            "the sender's devices here get it too"
+        );
+        // 3 was lost on the way: 4 and 5 wait for it.
+        let gaps = hub.deliver_stored(&[row(2), row(4), row(5)]);
+        assert_eq!(
+            gaps,
+            [SeqGap {
+                chat_id: "c1".into(),
+                after: 2,
+                before: 4
+            }]
+        );
+        assert!(drain(&a).is_empty(), "nothing past a gap, nothing twice");
+        assert_eq!(hub.deliver_stored(&[row(3), row(4), row(5)]), []);
+        assert_eq!(drain(&a), ["msg", "msg", "msg"]);
     }
 
     #[test]

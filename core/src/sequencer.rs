@@ -268,6 +268,24 @@ impl Sequencer {
         }
     }
 
+    /// Where a message stored by another node stands against what this node fanned out in
+    /// its chat: the next one (recorded), one already fanned out, or one past a gap. A chat
+    /// this node never fanned out has no gap: its connections synced what came before.
+    pub fn accept_remote(&mut self, chat: &ChatId, seq: u64) -> RemoteOrder {
+        match self.last_fanned_out.get_mut(chat) {
+            Some(last) if seq <= *last => RemoteOrder::Delivered,
+            Some(last) if seq > *last + 1 => RemoteOrder::Gap { last: *last },
+            Some(last) => {
+                *last = seq;
+                RemoteOrder::Next
+            }
+            None => {
+                self.last_fanned_out.insert(chat.clone(), seq);
+                RemoteOrder::Next
+            }
+        }
+    }
+
     /// Accepts `seq` for fan-out only if it is above every seq already fanned out in `chat`.
     pub fn record_commit(&mut self, chat: &ChatId, seq: u64) -> Result<(), OrderViolation> {
         let last = self.last_fanned_out.entry(chat.clone()).or_insert(0);
@@ -281,6 +299,14 @@ impl Sequencer {
         *last = seq;
         Ok(())
     }
+}
+
+/// See `Sequencer::accept_remote`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RemoteOrder {
+    Next,
+    Delivered,
+    Gap { last: u64 },
 }
 
 #[cfg(test)]
@@ -303,6 +329,26 @@ mod tests {
             seq,
             created_at: 1,
         }
+    }
+
+    #[test]
+    fn remote_messages_are_taken_in_seq_order_and_a_jump_is_a_gap() {
+        let mut s = Sequencer::new(10, 1_000, 5_000);
+        let chat: ChatId = "c1".into();
+        assert_eq!(
+            s.accept_remote(&chat, 7),
+            RemoteOrder::Next,
+            "a chat new here has no gap"
+        );
+        assert_eq!(s.accept_remote(&chat, 8), RemoteOrder::Next);
+        assert_eq!(s.accept_remote(&chat, 8), RemoteOrder::Delivered);
+        assert_eq!(s.accept_remote(&chat, 11), RemoteOrder::Gap { last: 8 });
+        assert!(
+            s.record_commit(&chat, 9).is_ok(),
+            "a local ack path shares the guard"
+        );
+        assert_eq!(s.accept_remote(&chat, 9), RemoteOrder::Delivered);
+        assert_eq!(s.accept_remote(&chat, 10), RemoteOrder::Next);
     }
 
     #[test]

@@ -40,6 +40,35 @@ pub(crate) fn raw_json(text: String) -> PyResult<Box<RawValue>> {
         .map_err(|e| PyValueError::new_err(format!("attachments must be JSON: {e}")))
 }
 
+/// Store rows as they cross from Python (`BacklogTuple`) into the hub's.
+fn backlog_rows(rows: Vec<BacklogTuple>) -> PyResult<Vec<BacklogRow>> {
+    rows.into_iter()
+        .map(
+            |(
+                chat_id,
+                seq,
+                message_id,
+                sender_id,
+                content,
+                attachments,
+                created_at,
+                client_msg_id,
+            )| {
+                Ok(BacklogRow {
+                    chat_id,
+                    seq,
+                    message_id,
+                    sender_id,
+                    content,
+                    attachments: raw_json(attachments)?,
+                    created_at,
+                    client_msg_id,
+                })
+            },
+        )
+        .collect()
+}
+
 /// The gateway's settings as Python names them: each name, its Rust field, and its type.
 /// `gateway_defaults()` reads this table off `GatewayConfig::default()` (the only defaults),
 /// and `Gateway(settings=...)` writes it; Python's configuration takes its defaults from the
@@ -321,34 +350,29 @@ impl PyGateway {
         conn: u64,
         rows: Vec<BacklogTuple>,
     ) -> PyResult<&'static str> {
-        let mut backlog = Vec::with_capacity(rows.len());
-        for (
-            chat_id,
-            seq,
-            message_id,
-            sender_id,
-            content,
-            attachments,
-            created_at,
-            client_msg_id,
-        ) in rows
-        {
-            backlog.push(BacklogRow {
-                chat_id,
-                seq,
-                message_id,
-                sender_id,
-                content,
-                attachments: raw_json(attachments)?,
-                created_at,
-                client_msg_id,
-            });
-        }
+        let backlog = backlog_rows(rows)?;
         Ok(match py.detach(|| self.inner.sync_rows(conn, &backlog)) {
             SyncPush::Queued => "queued",
             SyncPush::Full => "full",
             SyncPush::Closed => "closed",
         })
+    }
+
+    /// Messages another node stored, fanned out to the members connected here like local ones
+    /// (see `Hub::deliver_stored`): rows as for `sync_rows`, each chat's in seq order. Returns
+    /// the gaps met, `(chat_id, after, before)`: the caller reads seqs `after + 1 .. before`
+    /// from the store and hands them over, then that chat's rows from `before` again.
+    fn deliver_stored(
+        &self,
+        py: Python<'_>,
+        rows: Vec<BacklogTuple>,
+    ) -> PyResult<Vec<(String, u64, u64)>> {
+        let rows = backlog_rows(rows)?;
+        let gaps = py.detach(|| self.inner.hub().deliver_stored(&rows));
+        Ok(gaps
+            .into_iter()
+            .map(|g| (g.chat_id, g.after, g.before))
+            .collect())
     }
 
     /// Ends a connection's `sync` answer with `synced` (each chat's last seq).

@@ -1,0 +1,51 @@
+"""Messages another node stored reach this node's connections through the gateway's own fan-out
+(`Gateway.deliver_stored` via pychat/cluster/delivery.py): in seq order, once each, and a message
+the relay lost is read from the store before the ones after it are delivered. An in-process
+server on real sockets; the messages are put in its store directly, as another node's sequencer
+would have (so nothing here fans them out but the delivery under test)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from pychat.client import ChatClient
+from pychat.cluster.delivery import RemoteDelivery
+from pychat.config import Config
+from pychat.gateway import Stored
+from pychat.server import Server
+from pychat.store import SendRequest
+from tests.conftest import PASSWORD, free_port, unique_name
+from tests.wsraw import RawWs
+
+
+async def test_another_nodes_messages_arrive_in_order_with_a_lost_one_read_from_the_store(
+    tmp_path: Path,
+) -> None:
+    server = Server(Config(data_dir=tmp_path, port=free_port(), ws_port=free_port()))
+    await server.start()
+    try:
+        names = [unique_name("far"), unique_name("here")]
+        for name in names:
+            await ChatClient.register(server.http_url, name, PASSWORD)
+        far, here = [await ChatClient.login(server.http_url, n, PASSWORD) for n in names]
+        chat_id = (await far.create_group("across", [here.user_id]))["chat_id"]
+        ws = await RawWs.open(server.ws_url, here.token)
+        # Another node's sequencer stored four messages; its relay to this node lost the third.
+        sends = [SendRequest(far.user_id, chat_id, f"k{i}", f"m{i}", []) for i in range(1, 5)]
+        results, _ = await asyncio.to_thread(server.store.append_batch, sends, [])
+        assert [r.seq for r in results if isinstance(r, Stored)] == [1, 2, 3, 4]
+        rows = await asyncio.to_thread(server.store.messages_after, chat_id, 0, 10)
+        delivery = RemoteDelivery(server.gateway, server.store)
+        await asyncio.to_thread(delivery.deliver, [rows[0], rows[1], rows[3]])
+        got = await ws.collect("msg", 4)
+        assert [(m["seq"], m["content"]) for m in got] == [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4")]
+        assert delivery.filled == 1
+        # A resend of what was delivered (a relay that repeats itself) is not delivered twice.
+        await asyncio.to_thread(delivery.deliver, [rows[2], rows[3]])
+        assert [f for f in await ws.quiet(0.5) if f.get("type") == "msg"] == []
+        await ws.close()
+        await far.close()
+        await here.close()
+    finally:
+        await server.stop()
