@@ -77,6 +77,21 @@ pub struct BacklogRow {
     pub client_msg_id: Option<String>,
 }
 
+impl BacklogRow {
+    pub fn message(&self) -> StoredMessage<'_> {
+        StoredMessage {
+            chat_id: &self.chat_id,
+            seq: self.seq,
+            message_id: &self.message_id,
+            sender_id: &self.sender_id,
+            content: &self.content,
+            attachments: &self.attachments,
+            created_at: self.created_at,
+            client_msg_id: self.client_msg_id.as_deref(),
+        }
+    }
+}
+
 /// Seqs `after + 1 .. before` of a chat that `Hub::deliver_stored` has not delivered here.
 #[derive(Debug, PartialEq, Eq)]
 pub struct SeqGap {
@@ -623,17 +638,7 @@ impl Hub {
                 }
                 RemoteOrder::Next => {}
             }
-            let message = StoredMessage {
-                chat_id: &row.chat_id,
-                seq: row.seq,
-                message_id: &row.message_id,
-                sender_id: &row.sender_id,
-                content: &row.content,
-                attachments: &row.attachments,
-                created_at: row.created_at,
-                client_msg_id: row.client_msg_id.as_deref(),
-            };
-            self.fan_out(&chat, &message, &[]);
+            self.fan_out(&chat, &row.message(), &[]);
         }
         gaps
     }
@@ -752,16 +757,7 @@ impl Hub {
         let items = rows.iter().map(|row| Outgoing::Backlog {
             chat: ChatId::from(row.chat_id.as_str()),
             seq: row.seq,
-            frame: protocol::encode_msg(&StoredMessage {
-                chat_id: &row.chat_id,
-                seq: row.seq,
-                message_id: &row.message_id,
-                sender_id: &row.sender_id,
-                content: &row.content,
-                attachments: &row.attachments,
-                created_at: row.created_at,
-                client_msg_id: row.client_msg_id.as_deref(),
-            }),
+            frame: protocol::encode_msg(&row.message()),
         });
         metrics::add(&self.counters.sync_rows, rows.len() as u64);
         match c.push_all(items) {
