@@ -222,7 +222,7 @@ def timed_fence(store: CassandraStore) -> dict[str, float]:
     fence: dict[str, float] = {"calls": 0, "chats": 0, "seconds": 0.0}
     original = CassandraStore._fenced_writes
 
-    def timed(chats: dict[str, tuple[int, list[tuple[Any, ...]]]]) -> dict[str, int]:
+    def timed(chats: dict[str, tuple[int, list[tuple[Any, ...]]]]) -> dict[str, int | None]:
         started = time.perf_counter()
         try:
             return original(store, chats)

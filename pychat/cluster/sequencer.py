@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -156,8 +156,27 @@ class Sequencer:
         messages = [m for m in self._consumer.consume(BATCH_MAX, timeout) if m.error() is None]
         if not messages:
             return 0
-        records = [SendRecord.decode(m.value() or b"") for m in messages]
-        self.publish(list(zip(records, self.store_all(records), strict=True)))
+        records = []
+        for m in messages:
+            try:
+                records.append(SendRecord.decode(m.value() or b""))
+            except (ValueError, TypeError):
+                # Not a send any pychat produced: nothing can answer it; skip it.
+                log.error("undecodable record at %s[%s]@%s", m.topic(), m.partition(), m.offset())
+        try:
+            self.publish(list(zip(records, self.store_all(records), strict=True)))
+        except Exception:
+            # Stored, not published: read the same records again (the store answers them with
+            # the same seqs) rather than commit past answers nobody got.
+            log.exception("publishing a batch failed; it is consumed again")
+            first: dict[tuple[str, int], int] = {}
+            for m in messages:
+                where = (m.topic() or "", m.partition() or 0)
+                first[where] = min(first.get(where, m.offset() or 0), m.offset() or 0)
+            for (topic, partition), offset in first.items():
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            time.sleep(STORE_RETRY_S)
+            return 0
         try:
             self._consumer.commit(asynchronous=False)
         except KafkaException as e:

@@ -635,7 +635,7 @@ class CassandraStore:
         caught = self._catch_up(new, keys) if new else {}
         if self._legacy_keys_until > now_ms():
             found.update(self._legacy_keys([k for c in chat_rows for k in keys.get(c, ()) if k not in found]))
-        hits: dict[int, tuple[str, int]] = {}
+        hits: dict[int, list[tuple[str, int]]] = {}
         originals: dict[int, Stored] = {}
         for i, s in enumerate(sends):
             key = (s.chat_id, s.sender_id, s.client_msg_id)
@@ -645,13 +645,15 @@ class CassandraStore:
                 hits[i] = found[key]
         originals.update(self._originals(sends, hits))
         # A retry of a message whose batch went through but whose chat hint was not written yet
-        # (a failure in between) moves the hint up now, so that sync finds it.
-        behind: dict[str, int] = {}
-        for i, r in originals.items():
-            chat_id = sends[i].chat_id
-            if r.seq > (chat_rows[chat_id].last_seq or 0):
-                behind[chat_id] = max(behind.get(chat_id, 0), r.seq)
-        self._write_all(self._q_chat_last, [(seq, seq, chat_id) for chat_id, seq in behind.items()])
+        # (a failure in between) catches the chat up from its hint (every row above it gets its
+        # key, then the hint moves), so that sync finds it.
+        behind = {
+            sends[i].chat_id: chat_rows[sends[i].chat_id].last_seq or 0
+            for i, r in originals.items()
+            if r.seq > (chat_rows[sends[i].chat_id].last_seq or 0)
+        }
+        if behind:
+            self._catch_up(behind, {})
         # New sends per chat, in order; a key repeated in the batch is stored once.
         fresh: dict[str, list[int]] = defaultdict(list)
         repeats: dict[int, int] = {}
@@ -720,15 +722,18 @@ class CassandraStore:
             for i in range(0, len(chat_keys), IN_CHUNK)
         ]
 
-    def _found_keys(self, answers: Iterable[list[Any]]) -> dict[Key, tuple[str, int]]:
-        """The keys found by `_key_queries`' answers."""
-        return {
-            (r.chat_id, r.sender_id, r.client_msg_id): (r.message_id, r.seq) for rows in answers for r in rows
-        }
+    def _found_keys(self, answers: Iterable[list[Any]]) -> dict[Key, list[tuple[str, int]]]:
+        """The keys found by `_key_queries`' answers: every candidate (one key can sit in two day
+        partitions, one of them naming a seq its fenced batch never got)."""
+        found: dict[Key, list[tuple[str, int]]] = defaultdict(list)
+        for rows in answers:
+            for r in rows:
+                found[(r.chat_id, r.sender_id, r.client_msg_id)].append((r.message_id, r.seq))
+        return dict(found)
 
-    def _legacy_keys(self, wanted: list[Key]) -> dict[Key, tuple[str, int]]:
+    def _legacy_keys(self, wanted: list[Key]) -> dict[Key, list[tuple[str, int]]]:
         rows = self._all(self._q_legacy_key, wanted)
-        return {k: (r[0].message_id, r[0].seq) for k, r in zip(wanted, rows, strict=True) if r}
+        return {k: [(r[0].message_id, r[0].seq)] for k, r in zip(wanted, rows, strict=True) if r}
 
     def _key_writes(self, rows: list[tuple[Any, ...]]) -> list[BatchStatement]:
         """The keys of these message rows (one chat's), one unlogged batch per key partition (and
@@ -770,20 +775,24 @@ class CassandraStore:
             self._last[chat_id] = last
         return caught
 
-    def _originals(self, sends: list[SendRequest], found: dict[int, tuple[str, int]]) -> dict[int, Stored]:
-        """The sends whose key names a stored message: that message (checked against its row,
-        since a key is written beside its fenced batch and may name a seq that batch never got)."""
-        if not found:
-            return {}
-        indexes = list(found)
-        rows = self._all(
-            self._q_message, [(sends[i].chat_id, bucket_of(found[i][1]), found[i][1]) for i in indexes]
-        )
-        out = {}
-        for i, msg in zip(indexes, rows, strict=True):
-            if msg and (msg[0].sender_id, msg[0].client_msg_id) == (
-                sends[i].sender_id,
-                sends[i].client_msg_id,
+    def _originals(
+        self, sends: list[SendRequest], found: dict[int, list[tuple[str, int]]]
+    ) -> dict[int, Stored]:
+        """The sends whose key names a stored message: that message (each candidate checked
+        against its row, since a key is written beside its fenced batch and may name a seq that
+        batch never got)."""
+        asked = [(i, seq) for i, candidates in found.items() for _, seq in candidates]
+        rows = self._all(self._q_message, [(sends[i].chat_id, bucket_of(seq), seq) for i, seq in asked])
+        out: dict[int, Stored] = {}
+        for (i, _), msg in zip(asked, rows, strict=True):
+            if (
+                msg
+                and i not in out
+                and (msg[0].sender_id, msg[0].client_msg_id)
+                == (
+                    sends[i].sender_id,
+                    sends[i].client_msg_id,
+                )
             ):
                 m = msg[0]
                 out[i] = Stored(m.message_id, m.seq, m.created_at, m.content, m.attachments, True)
@@ -830,11 +839,7 @@ class CassandraStore:
                 for c, chat_rows in rows.items()
                 for batch in self._key_writes(chat_rows)
             ]
-            try:
-                fenced = self._fenced_writes({c: (self._last[c], chat_rows) for c, chat_rows in rows.items()})
-            except Exception:
-                log.exception("storing the messages of %d chats failed", len(pending))
-                fenced = None
+            fenced = self._fenced_writes({c: (self._last[c], chat_rows) for c, chat_rows in rows.items()})
             keys_failed = set()
             for c, future in key_futures:
                 try:
@@ -845,13 +850,14 @@ class CassandraStore:
                 log.error("writing the keys of %d chats failed", len(keys_failed))
             done: dict[str, list[tuple[Any, ...]]] = {}
             for c, chat_rows in rows.items():
-                if fenced is None or c in keys_failed:
+                count = fenced[c]
+                if count is None or c in keys_failed:
                     # Stored or not, unknown: the next touch reads the truth and writes missing keys.
                     self._last.pop(c, None)
                     for i in pending.pop(c):
                         out[i] = Failed("unavailable", "the store did not take the message; retry")
                     continue
-                written = chat_rows[: fenced[c]]
+                written = chat_rows[:count]
                 for i, r in zip(pending[c], written, strict=False):
                     out[i] = Stored(r[3], r[2], created_at, r[5], r[6], False)
                 if written:
@@ -877,7 +883,15 @@ class CassandraStore:
                     c: [(c, sends[i].sender_id, sends[i].client_msg_id) for i in indexes]
                     for c, indexes in pending.items()
                 }
-                caught = self._catch_up({c: self._last[c] for c in pending}, wanted)
+                caught: dict[Key, Stored] = {}
+                for c in list(pending):
+                    try:
+                        caught.update(self._catch_up({c: self._last[c]}, wanted))
+                    except Exception:
+                        log.exception("catching up chat %s failed", c)
+                        self._last.pop(c, None)
+                        for i in pending.pop(c):
+                            out[i] = Failed("unavailable", "the store did not take the message; retry")
                 for c in list(pending):
                     for i in pending[c]:
                         key = (c, sends[i].sender_id, sends[i].client_msg_id)
@@ -891,7 +905,7 @@ class CassandraStore:
                 out[i] = Failed("unavailable", "the chat is contended by another writer; retry")
         return out
 
-    def _fenced_writes(self, chats: dict[str, tuple[int, list[tuple[Any, ...]]]]) -> dict[str, int]:
+    def _fenced_writes(self, chats: dict[str, tuple[int, list[tuple[Any, ...]]]]) -> dict[str, int | None]:
         """For each chat, its rows in one conditional batch per bucket, each fenced on the bucket's
         last seq; all chats at once. How many of each chat's rows were written: fewer than all
         (those of the buckets before) when another writer got there first."""
@@ -909,7 +923,7 @@ class CassandraStore:
                     before = part[-1][2]
             plans[chat_id] = steps
         ok = dict.fromkeys(chats, True)
-        written = dict.fromkeys(chats, 0)
+        written: dict[str, int | None] = dict.fromkeys(chats, 0)
         step = 0
         while True:
             batches = {c: steps[step] for c, steps in plans.items() if ok[c] and step < len(steps)}
@@ -923,8 +937,16 @@ class CassandraStore:
                     batch.add(self._q_row, r)
                 futures[chat_id] = self.session.execute_async(batch)
             for chat_id, future in futures.items():
-                if future.result().one().applied:
-                    written[chat_id] += len(batches[chat_id][1])
+                try:
+                    applied = future.result().one().applied
+                except Exception:
+                    # This chat's outcome is unknown (a timeout, the node gone); the others' stand.
+                    log.exception("the fenced batch of chat %s failed", chat_id)
+                    written[chat_id] = None
+                    ok[chat_id] = False
+                    continue
+                if applied:
+                    written[chat_id] = (written[chat_id] or 0) + len(batches[chat_id][1])
                 else:
                     ok[chat_id] = False
             step += 1
