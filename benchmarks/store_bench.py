@@ -121,6 +121,15 @@ def history_pages(store: Store, members: dict[str, list[str]], pages: int) -> di
     }
 
 
+def append_all(store: Store, sends: list[SendRequest]) -> None:
+    """Appends the sends, like a client: what was refused (a store timeout) is sent again."""
+    for _ in range(10):
+        results, _ = store.append_batch(sends, [])
+        sends = [s for s, r in zip(sends, results, strict=True) if not isinstance(r, Stored)]
+        if not sends:
+            return
+
+
 def sync_missed(store: Store, chats: int, per_chat: int) -> dict[str, Any]:
     """A user in `chats` chats comes back to `per_chat` new messages in each: the store reads of a
     sync answer (pychat/sync.py: the chat list, then pages of `PAGE_ROWS`)."""
@@ -134,12 +143,9 @@ def sync_missed(store: Store, chats: int, per_chat: int) -> dict[str, Any]:
         store.create_chat(Chat(chat_id, "group", "sync", writer, 1, 0, [writer, reader]), None)
         chat_ids.append(chat_id)
     for start in range(0, per_chat, 50):
-        sends = [SendRequest(writer, c, f"s{start + i}", CONTENT, []) for c in chat_ids for i in range(50)]
-        for _ in range(10):  # like a client: what was refused (a store timeout) is sent again
-            results, _ = store.append_batch(sends, [])
-            sends = [s for s, r in zip(sends, results, strict=True) if not isinstance(r, Stored)]
-            if not sends:
-                break
+        append_all(
+            store, [SendRequest(writer, c, f"s{start + i}", CONTENT, []) for c in chat_ids for i in range(50)]
+        )
     started = time.perf_counter()
     rows = 0
     for chat_id, cursor, last in store.sync_chats(reader, {}):

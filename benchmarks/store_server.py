@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import Code, one, record, server_code, tree_code  # noqa: E402
-from benchmarks.store_bench import CONTENT, driver_floor, own_node, percentile  # noqa: E402
-from benchmarks.suite import SOURCE_IPS, UNLIMITED, run_loadgen  # noqa: E402
+from benchmarks.store_bench import CONTENT, append_all, driver_floor, own_node, percentile  # noqa: E402
+from benchmarks.suite import SOURCE_IPS, UNLIMITED, mean_batch_events, run_loadgen  # noqa: E402
 from pychat import _core  # noqa: E402
 from pychat.store import Chat, SendRequest, User, open_store  # noqa: E402
 from pychat.store.cassandra import CassandraStore  # noqa: E402
@@ -66,15 +66,13 @@ def populate(
         for chat_id, count in messages.items():
             sender = ids[chats[chat_id][0]]
             for start in range(0, count, 500):
-                sends = [
-                    SendRequest(sender, chat_id, f"pre{i}", CONTENT, [])
-                    for i in range(start, min(count, start + 500))
-                ]
-                for _ in range(10):  # what a store timeout refused is sent again
-                    results, _ = store.append_batch(sends, [])
-                    sends = [s for s, r in zip(sends, results, strict=True) if not hasattr(r, "seq")]
-                    if not sends:
-                        break
+                append_all(
+                    store,
+                    [
+                        SendRequest(sender, chat_id, f"pre{i}", CONTENT, [])
+                        for i in range(start, min(count, start + 500))
+                    ],
+                )
         return ids
     finally:
         store.close()
@@ -109,18 +107,9 @@ def persist(url: str, tmp: Path, chats: int, seconds: float) -> tuple[dict[str, 
             "verify_sample": 1000,
         }
         out = run_loadgen(plan)
-        metrics = httpx.get(f"{srv.url}/metrics").text
+        batch = round(mean_batch_events(srv.url))
     finally:
         srv.stop()
-    sums = {
-        ln.split(" ")[0]: float(ln.split(" ")[1])
-        for ln in metrics.splitlines()
-        if ln.startswith("pychat_engine_batch_events_")
-    }
-    batch = round(
-        sums.get("pychat_engine_batch_events_sum", 0)
-        / max(sums.get("pychat_engine_batch_events_count", 1), 1)
-    )
     out.pop("chats", None)
     out["mean_batch_events"] = batch
     out["verify"] = verify(url, tmp, acks, {c: ids[m[0]] for c, m in chat_ids.items()})

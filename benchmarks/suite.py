@@ -356,13 +356,7 @@ def persist(connections: int, seconds: float, repeats: int) -> dict[str, Any]:
             )
             for path in acks
         ]
-        metrics = __import__("httpx").get(f"{t.srv.url}/metrics").text
-        sums = {
-            ln.split(" ")[0]: float(ln.split(" ")[1])
-            for ln in metrics.splitlines()
-            if ln.startswith("pychat_engine_batch_events_")
-        }
-        count = sums.get("pychat_engine_batch_events_count", 0.0)
+        batch_events = mean_batch_events(t.srv.url)
         # After every run: the idempotency window is full (1,000,000 acked keys by default).
         rss_after = round(proc_stats(t.pid)[1], 1)
         t.stop()
@@ -382,11 +376,22 @@ def persist(connections: int, seconds: float, repeats: int) -> dict[str, Any]:
         }
         return {
             **out,
-            "mean_batch_events": round(sums.get("pychat_engine_batch_events_sum", 0.0) / max(count, 1), 1),
+            "mean_batch_events": batch_events,
             "server_rss_mib_after": rss_after,
         }
 
     return with_target("pychat", connections, [[i] for i in range(connections)], 0, body)
+
+
+def mean_batch_events(server_url: str) -> float:
+    """Sends and pointer moves per engine batch so far, from a server's /metrics."""
+    sums = {
+        ln.split(" ")[0]: float(ln.split(" ")[1])
+        for ln in __import__("httpx").get(f"{server_url}/metrics").text.splitlines()
+        if ln.startswith("pychat_engine_batch_events_")
+    }
+    count = sums.get("pychat_engine_batch_events_count", 0.0)
+    return round(sums.get("pychat_engine_batch_events_sum", 0.0) / max(count, 1), 1)
 
 
 def verify_persist(

@@ -393,10 +393,7 @@ class CassandraStore:
     # chats
 
     def _members(self, chat_id: str) -> list[str]:
-        rows = sorted(
-            self.session.execute(self._q_members, (chat_id,)), key=lambda r: (r.joined_at, r.user_id)
-        )
-        return [r.user_id for r in rows]
+        return _in_join_order(self.session.execute(self._q_members, (chat_id,)))
 
     def create_chat(self, chat: Chat, direct_key: str | None) -> tuple[Chat, bool]:
         if direct_key is not None:
@@ -434,7 +431,7 @@ class CassandraStore:
         # Both reads at once: one round trip (REST checks membership this way on every call).
         members = self.session.execute_async(self._q_members, (chat_id,))
         row = self.session.execute(self._q_chat, (chat_id,)).one()
-        who = [r.user_id for r in sorted(members.result(), key=lambda r: (r.joined_at, r.user_id))]
+        who = _in_join_order(members.result())
         if row is None or row.kind is None:
             return None
         return Chat(row.chat_id, row.kind, row.title, row.created_by, row.created_at, row.last_seq or 0, who)
@@ -469,8 +466,15 @@ class CassandraStore:
         unread_rows = {r.chat_id: next(answers) for r in unread_read}
         out = []
         for r in chats:
-            who = [m.user_id for m in sorted(members[r.chat_id], key=lambda m: (m.joined_at, m.user_id))]
-            chat = Chat(r.chat_id, r.kind, r.title, r.created_by, r.created_at, r.last_seq or 0, who)
+            chat = Chat(
+                r.chat_id,
+                r.kind,
+                r.title,
+                r.created_by,
+                r.created_at,
+                r.last_seq or 0,
+                _in_join_order(members[r.chat_id]),
+            )
             item = chat.to_json()
             last = chat.last_seq
             row = last_rows.get(r.chat_id)
@@ -1093,6 +1097,11 @@ def _named_rows(names: list[str], rows: list[tuple[Any, ...]]) -> list[Any]:
     instead of a new class for every answer (that was 7% of the message path's CPU)."""
     row = _row_class(tuple(names))
     return [row(*r) for r in rows]
+
+
+def _in_join_order(member_rows: Iterable[Any]) -> list[str]:
+    """A chat's member ids from its `chat_members` rows, in the order they joined (as SQLite lists them)."""
+    return [r.user_id for r in sorted(member_rows, key=lambda r: (r.joined_at, r.user_id))]
 
 
 # A send's key: (chat_id, sender_id, client_msg_id).
