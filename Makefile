@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PYTHON ?= python3
 ARGS ?=
+# Nodes of `make cluster`.
+N ?= 3
 # The stores the Python tests run pychat's servers on (every server test, on each).
 export PYCHAT_TEST_STORES ?= sqlite,cassandra
 
@@ -27,7 +29,8 @@ nofile = hard=$$(ulimit -Hn); \
 	ulimit -Sn $$hard || { echo "make $@: could not raise the open-files soft limit to $$hard" >&2; exit 1; };
 
 .PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
-	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop
+	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop \
+	cluster cluster-stop test-cluster
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -121,6 +124,12 @@ redis: $(VENV)/.deps ## install (first time) and start a development Redis 7.0 o
 
 redis-stop: ## stop the development Redis
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis stop --dir $(CACHE)/redis-dev
+
+cluster: build-dev services ## start Cassandra, Kafka, Redis and N pychat nodes (N=3) on their own ports; prints each node's URLs
+	$(call nofile,16384) PYCHAT_CACHE=$(CACHE) $(PY) -m services.cluster start --nodes $(N) $(ARGS)
+
+cluster-stop: ## stop the cluster's nodes, then its Cassandra, Kafka and Redis
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cluster stop
 
 clean: ## remove the venv and built extension (the cargo cache stays)
 	rm -rf $(VENV) pychat/_core*.so

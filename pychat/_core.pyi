@@ -176,8 +176,10 @@ class Gateway:
         settings: dict[str, int | float],
         limits: dict[str, int],
         allowed_origins: list[str] = ...,
+        cluster: bool = ...,
     ) -> Gateway:
-        """`settings` and `limits`: any of `gateway_defaults()` / `frame_limit_defaults()`."""
+        """`settings` and `limits`: any of `gateway_defaults()` / `frame_limit_defaults()`;
+        `cluster`: a node of a cluster (pychat.cluster.node)."""
 
     @property
     def port(self) -> int: ...
@@ -215,7 +217,24 @@ class Gateway:
         self, rows: list[tuple[str, int, str, str, str, str, int, str | None]]
     ) -> list[tuple[str, int, int]]:
         """Messages another node stored, fanned out here like local ones; the seq gaps met,
-        `(chat_id, after, before)`, to read from the store and hand over first."""
+        `(chat_id, after, before)`, to read from the store and hand over first. A send in flight
+        here among them is acked (its connection gets the ack instead of the message)."""
+
+    def answer_sends(
+        self,
+        answers: list[tuple[str, str, str, tuple[str, int, int] | None, tuple[str, str] | None]],
+    ) -> None:
+        """`(sender_id, chat_id, client_msg_id, (message_id, seq, created_at) | None,
+        (code, message) | None)`: sends another node's sequencer answered without a new message."""
+
+    def take_cluster_events(
+        self, timeout_ms: int
+    ) -> list[tuple[str, str, str, str] | tuple[str, str, bool, int]]:
+        """`("chat", chat_id, user_id, frame)` and `("presence", user_id, online, at)` for other nodes."""
+
+    def cluster_presence(self, user_id: str, online: bool, last_seen: int) -> None: ...
+    def push_to_chat(self, chat_id: str, frame: str, skip_user_id: str | None = None) -> None: ...
+    def chat_members(self, chat_id: str) -> list[str] | None: ...
     def sync_end(self, conn: int, reference: str | None, chats: list[tuple[str, int]]) -> None: ...
     def sync_failed(self, conn: int, reference: str | None, code: str, message: str) -> None: ...
     def shutdown(self) -> None: ...

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int, help="REST port")
     serve.add_argument("--ws-port", type=int, help="WebSocket port")
+    serve.add_argument("--kafka", help="cluster node: Kafka bootstrap servers (host:port)")
+    serve.add_argument("--redis", help="cluster node: Redis URL (redis://host:port/0)")
+    serve.add_argument("--node-id", help="cluster node: this node's id (default host-port)")
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     _common(migrate)
     user = sub.add_parser("user", help="user administration")
@@ -61,7 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "store": args.store}
     if args.command == "serve":
-        overrides |= {"host": args.host, "port": args.port, "ws_port": args.ws_port}
+        overrides |= {
+            "host": args.host,
+            "port": args.port,
+            "ws_port": args.ws_port,
+            "kafka": args.kafka,
+            "redis": args.redis,
+            "node_id": args.node_id,
+        }
     try:
         config = load_config(args.config, overrides=overrides)
     except (OSError, ValueError) as e:

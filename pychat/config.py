@@ -50,6 +50,11 @@ class Config:
     # Where messages and metadata live: sqlite:///path (empty or sqlite://: data_dir/pychat.db)
     # or cassandra://host:port/keyspace (see pychat.store).
     store: str = ""
+    # Many nodes as one service (docs/operator.md, "A cluster"): the Kafka bootstrap servers and
+    # the Redis URL every node shares, and this node's id (empty: host-port). Both empty: one node.
+    kafka: str = ""
+    redis: str = ""
+    node_id: str = ""
     # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
     secret_key: str = ""
     token_ttl_s: int = 7 * 24 * 3600
@@ -103,6 +108,14 @@ class Config:
     allowed_origins: str = ""
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.kafka)
+
+    @property
+    def node_name(self) -> str:
+        return self.node_id or f"{self.host}-{self.port}"
 
     def for_gateway(self) -> dict[str, int | float]:
         """The gateway's settings, by their names there."""
@@ -189,6 +202,10 @@ def load_config(
         raise ValueError(
             f"unknown store {config.store!r}: use sqlite:///path or cassandra://host:port/keyspace"
         )
+    if bool(config.kafka) != bool(config.redis):
+        raise ValueError("a cluster node needs both kafka and redis (or neither, for one node)")
+    if config.kafka and not config.store.startswith("cassandra://"):
+        raise ValueError("a cluster node needs a shared store: store = cassandra://host:port/keyspace")
     if config.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     return config

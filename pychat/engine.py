@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pychat.errors import ApiError
 from pychat.gateway import (
@@ -39,6 +39,9 @@ from pychat.gateway import (
 from pychat.metrics import Metrics
 from pychat.store import PointerRequest, SendRequest, Store
 from pychat.sync import SyncStreamer
+
+if TYPE_CHECKING:
+    from pychat.cluster.node import ClusterNode
 
 Event = SendEvent | PointerEvent | SyncEvent | SeenEvent | PresenceQuery
 Result = Stored | PointerMoved | Failed | Done | Deferred | PresenceInfo
@@ -62,6 +65,8 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._syncs: SyncStreamer | None = None
+        # On a node of a cluster: sends go to the sends log, the chat's sequencer stores them.
+        self.cluster: ClusterNode | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -133,6 +138,11 @@ class Engine:
                 seen.append((i, (ev.user_id, ev.at)))
             else:
                 queries.append((i, ev))
+        if sends and self.cluster is not None:
+            # Answered later, when the chat's sequencer has stored them (see pychat.cluster.node).
+            for (i, _), produced in zip(sends, self.cluster.submit_sends([s for _, s in sends]), strict=True):
+                results[i] = produced
+            sends = []
         if sends or pointers or seen:
             started = time.perf_counter()
             seen_result: Result = Done()
@@ -163,6 +173,10 @@ class Engine:
             try:
                 visible = self.store.visible_users(q.viewer_id, q.user_ids)
                 last_seen = self.store.last_seen_many(sorted(visible))
+                if self.cluster is not None:
+                    # This node may have started after they connected elsewhere.
+                    for user in self.cluster.online(sorted(visible)):
+                        self.gateway.cluster_presence(user, True, last_seen.get(user) or 0)
                 results[i] = PresenceInfo(
                     [(u, u in visible, last_seen.get(u)) for u in dict.fromkeys(q.user_ids)]
                 )

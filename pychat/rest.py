@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl
 
 from pychat import __version__
@@ -29,6 +29,9 @@ from pychat.metrics import Metrics
 from pychat.presence import Presence
 from pychat.ratelimit import RateLimiter
 from pychat.store import Chat, Store, User
+
+if TYPE_CHECKING:
+    from pychat.cluster.node import ClusterNode
 
 log = logging.getLogger("pychat.rest")
 
@@ -133,8 +136,10 @@ class RestApi:
         presence: Presence,
         issuer: TokenIssuer,
         metrics: Metrics,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.config = config
+        self.cluster = cluster
         self.store = store
         self.engine = engine
         self.gateway = gateway
@@ -293,11 +298,17 @@ class RestApi:
             raise ApiError("forbidden", "not a member of this chat")
         return chat
 
-    def _publish_chat(self, chat: Chat, also: list[str] | None = None) -> None:
-        """Updates the gateway's membership cache, then tells the members."""
-        self.gateway.set_chat_members(chat.chat_id, chat.members, chat.kind == "direct")
+    async def _publish_chat(self, chat: Chat, also: list[str] | None = None) -> None:
+        """Updates the gateway's membership cache (every node's, in a cluster), then tells the members."""
         frame = json.dumps({"type": "chat", "chat": chat.to_json()}, separators=(",", ":"))
-        self.gateway.push_to_users([*chat.members, *(also or [])], frame)
+        users = [*chat.members, *(also or [])]
+        if self.cluster is not None:
+            await asyncio.to_thread(
+                self.cluster.publish_chat, chat.chat_id, chat.kind, chat.members, users, frame
+            )
+            return
+        self.gateway.set_chat_members(chat.chat_id, chat.members, chat.kind == "direct")
+        self.gateway.push_to_users(users, frame)
 
     # handlers
 
@@ -412,7 +423,7 @@ class RestApi:
         chat = Chat(new_id("c"), kind, title, req.user_id, now_ms(), 0, members)
         chat, created = await self._store_call(self.store.create_chat, chat, direct_key, write=True)
         if created:
-            self._publish_chat(chat)
+            await self._publish_chat(chat)
         return ok(chat.to_json(), 201 if created else 200)
 
     async def list_chats(self, req: Request) -> Response:
@@ -438,7 +449,7 @@ class RestApi:
             await self._store_call(self.store.add_member, chat.chat_id, user_id, write=True)
             updated = await self._store_call(self.store.get_chat, chat.chat_id)
             assert updated is not None
-            self._publish_chat(updated)
+            await self._publish_chat(updated)
             return ok(updated.to_json())
 
     async def remove_member(self, req: Request) -> Response:
@@ -454,7 +465,7 @@ class RestApi:
             await self._store_call(self.store.remove_member, chat.chat_id, target, write=True)
             updated = await self._store_call(self.store.get_chat, chat.chat_id)
             assert updated is not None
-            self._publish_chat(updated, also=[target])
+            await self._publish_chat(updated, also=[target])
             return Response(204)
 
     async def post_message(self, req: Request) -> Response:

@@ -13,15 +13,20 @@ import logging
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from pychat.auth import TokenIssuer
 from pychat.config import Config
 from pychat.engine import Engine
 from pychat.gateway import Gateway
 from pychat.metrics import Metrics
-from pychat.presence.local import LocalPresence
+from pychat.presence import Presence
+from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
 from pychat.store import open_store
+
+if TYPE_CHECKING:
+    from pychat.cluster.node import ClusterNode
 
 log = logging.getLogger("pychat")
 
@@ -60,11 +65,22 @@ class Server:
             settings=cfg.for_gateway(),
             limits=cfg.limits.for_gateway(),
             allowed_origins=cfg.origins,
+            cluster=cfg.clustered,
         )
         for chat_id, kind, members in await asyncio.to_thread(self.store.all_memberships):
             self.gateway.set_chat_members(chat_id, members, kind == "direct")
-        self.presence = LocalPresence(self.gateway, self.store)
+        self.presence: Presence = LocalPresence(self.gateway, self.store)
         self.engine = Engine(self.gateway, self.store, self.metrics, cfg.batch_max)
+        self.cluster: ClusterNode | None = None
+        if cfg.clustered:
+            from pychat.cluster.node import ClusterNode
+
+            self.cluster = await asyncio.to_thread(
+                ClusterNode, cfg.node_name, cfg.kafka, cfg.redis, self.gateway, self.store
+            )
+            self.cluster.start()
+            self.engine.cluster = self.cluster
+            self.presence = ClusterPresence(self.gateway, self.store, self.cluster.online)
         self.engine.start(asyncio.get_running_loop())
         self.api = RestApi(
             cfg,
@@ -74,6 +90,7 @@ class Server:
             self.presence,
             TokenIssuer(secret, cfg.token_ttl_s),
             self.metrics,
+            self.cluster,
         )
         from granian.constants import Interfaces
         from granian.server.embed import Server as EmbeddedServer
@@ -108,6 +125,8 @@ class Server:
         if self._http_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._http_task, 10)
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.stop)
         self.gateway.shutdown()
         await asyncio.to_thread(self.engine.join)
         await self.engine.stop_syncs()
@@ -124,6 +143,11 @@ class Server:
         print(f"pychat {self.config.data_dir.resolve()}", flush=True)
         print(f"  REST       {self.http_url}/api   (health: {self.http_url}/healthz)", flush=True)
         print(f"  WebSocket  {self.ws_url}", flush=True)
+        if self.cluster is not None:
+            print(
+                f"  node       {self.cluster.node_id} (Kafka {self.config.kafka}, Redis {self.config.redis})",
+                flush=True,
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
+use crate::cluster::{ClusterEvent, ClusterLink};
 use crate::membership::{Members, MembershipCache};
 use crate::metrics::{self, Counters};
 use crate::outbox::Outgoing;
@@ -203,6 +204,8 @@ pub struct Hub {
     pub typing: Mutex<TypingTracker>,
     pub presence: Mutex<Presence>,
     pub counters: Counters,
+    /// Set on a node of a cluster: what other nodes must hear goes out through it.
+    pub cluster: Option<ClusterLink>,
 }
 
 impl Hub {
@@ -231,6 +234,7 @@ impl Hub {
                 window.in_flight_deadline_ms,
             )),
             counters: Counters::default(),
+            cluster: None,
         }
     }
 
@@ -289,11 +293,28 @@ impl Hub {
 
     fn send_typing(&self, user: &UserId, chat: &ChatId, start: bool) {
         if let Some((_, members)) = self.members.get(chat) {
-            self.broadcast(
-                &members,
-                Some(user),
-                &protocol::encode_typing(chat, user, start),
-            );
+            let frame = protocol::encode_typing(chat, user, start);
+            self.broadcast(&members, Some(user), &frame);
+            self.to_other_nodes(chat, user, frame);
+        }
+    }
+
+    /// On a cluster node: `frame` also goes to the chat's members connected to other nodes.
+    fn to_other_nodes(&self, chat: &ChatId, user: &UserId, frame: Bytes) {
+        if let Some(link) = &self.cluster {
+            link.push(ClusterEvent::ChatFrame {
+                chat: chat.clone(),
+                user: user.clone(),
+                frame,
+            });
+        }
+    }
+
+    /// A frame another node relayed for a chat (typing, receipt): to the members connected
+    /// here, except `skip_user`'s connections.
+    pub fn push_to_chat(&self, chat: &str, skip_user: Option<&str>, frame: &Bytes) {
+        if let Some((_, members)) = self.members.get(chat) {
+            self.broadcast(&members, skip_user, frame);
         }
     }
 
@@ -311,7 +332,15 @@ impl Hub {
             (gone, presence.take_changes())
         };
         for (user, p) in changes {
-            self.publish_presence(&user, p);
+            match &self.cluster {
+                // Another node may hold a connection of this user: the cluster decides.
+                Some(link) => link.push(ClusterEvent::Presence {
+                    user,
+                    online: p.online,
+                    at: p.last_seen,
+                }),
+                None => self.publish_presence(&user, p),
+            }
         }
         gone.into_iter()
             .map(|(user, at)| EngineEvent::Seen { user, at })
@@ -334,9 +363,22 @@ impl Hub {
         metrics::add(&self.counters.presence_frames, sent);
     }
 
-    /// A user's presence as this node knows it, falling back to the stored last_seen.
+    /// The cluster's word on a user's presence: tells the followers connected here when it
+    /// changes what they were told.
+    pub fn cluster_presence(&self, user: &UserId, online: bool, last_seen: u64) {
+        let Some(link) = &self.cluster else { return };
+        let p = UserPresence { online, last_seen };
+        if link.set_presence(user, p) {
+            self.publish_presence(user, p);
+        }
+    }
+
+    /// A user's presence as this node knows it, falling back to the stored last_seen. On a
+    /// cluster node a user online on another node is online here too.
     pub fn presence_view(&self, user: &str, stored_last_seen: Option<u64>) -> (bool, Option<u64>) {
-        match self.presence.lock().get(user) {
+        let elsewhere = self.cluster.as_ref().and_then(|link| link.presence(user));
+        let here = self.presence.lock().get(user);
+        match here.filter(|p| p.online).or(elsewhere).or(here) {
             Some(p) => (
                 p.online,
                 Some(p.last_seen.max(stored_last_seen.unwrap_or(0))),
@@ -529,6 +571,9 @@ impl Hub {
                 }
                 (message_id, seq, created_at, content, attachments)
             }
+            // A cluster node: the chat's sequencer answers it later (`deliver_stored`,
+            // `answer_sends`); until then it is in flight, like a send being stored here.
+            EngineResult::Deferred if self.cluster.is_some() => return,
             other => {
                 let error = match other {
                     EngineResult::Failed(e) => e,
@@ -536,18 +581,8 @@ impl Hub {
                         ErrorCode::Internal,
                         "engine answered a send with another kind of result",
                     ),
-                }
-                .with_ref(Some(key.client_msg_id.to_string()));
-                let waiters = self.sequencer.lock().window.complete(&key, None, now);
-                let frame = error.encode();
-                for w in waiters {
-                    match w {
-                        Origin::Conn(c) => self.push_to(c, Outgoing::Frame(frame.clone())),
-                        Origin::Ticket(t) => {
-                            tickets.push((t, TicketOutcome::Failed(error.clone())))
-                        }
-                    }
-                }
+                };
+                self.answer_waiters(&key, Err(error), now, tickets, false);
                 return;
             }
         };
@@ -558,22 +593,10 @@ impl Hub {
             seq,
             created_at,
         });
-        let (waiters, fan_out) = {
-            let mut seq_state = self.sequencer.lock();
-            let waiters = seq_state.window.complete(&key, Some(&ack), now);
-            // A store duplicate above the last seq fanned out was committed but never fanned
-            // out (its batch failed after the commit, or the process restarted): fan it out now.
-            let fan_out = seq_state.record_commit(&key.chat, seq).is_ok();
-            (waiters, fan_out)
-        };
-        let ack_frame = protocol::encode_ack(&ack);
-        for w in &waiters {
-            match *w {
-                Origin::Conn(c) => self.push_to(c, Outgoing::Frame(ack_frame.clone())),
-                Origin::Ticket(t) => tickets.push((t, TicketOutcome::Ack(ack.clone()))),
-            }
-        }
-        if !fan_out {
+        let waiters = self.answer_waiters(&key, Ok(ack.clone()), now, tickets, false);
+        // A store duplicate above the last seq fanned out was committed but never fanned
+        // out (its batch failed after the commit, or the process restarted): fan it out now.
+        if self.sequencer.lock().record_commit(&key.chat, seq).is_err() {
             return;
         }
         let message = StoredMessage {
@@ -588,6 +611,61 @@ impl Hub {
         };
         // The sending connection has its ack instead.
         self.fan_out(&key.chat, &message, &waiters);
+    }
+
+    /// Ends a send's time in flight: its waiting connections and REST tickets get the ack (also
+    /// kept in the window for later retries) or the error. Returns who waited.
+    fn answer_waiters(
+        &self,
+        key: &IdemKey,
+        outcome: Result<Arc<Ack>, FrameError>,
+        now: u64,
+        tickets: &mut Vec<(u64, TicketOutcome)>,
+        pending_only: bool,
+    ) -> Vec<Origin> {
+        let waiters = {
+            let window = &mut self.sequencer.lock().window;
+            let ack = outcome.as_ref().ok().map(|a| &**a);
+            if pending_only {
+                window.complete_pending(key, ack, now)
+            } else {
+                window.complete(key, ack, now)
+            }
+        };
+        if waiters.is_empty() {
+            return waiters;
+        }
+        let (frame, outcome) = match outcome {
+            Ok(ack) => (protocol::encode_ack(&ack), TicketOutcome::Ack(ack)),
+            Err(error) => {
+                let error = error.with_ref(Some(key.client_msg_id.to_string()));
+                (error.encode(), TicketOutcome::Failed(error))
+            }
+        };
+        for w in &waiters {
+            match *w {
+                Origin::Conn(c) => self.push_to(c, Outgoing::Frame(frame.clone())),
+                Origin::Ticket(t) => tickets.push((t, outcome.clone())),
+            }
+        }
+        waiters
+    }
+
+    /// Sends another node's sequencer answered without a new message (a retry the store knew:
+    /// the original ack; or a refusal): their waiters here get it, nothing is fanned out.
+    pub fn answer_sends(
+        &self,
+        answers: Vec<(IdemKey, Result<Arc<Ack>, FrameError>)>,
+    ) -> Vec<(u64, TicketOutcome)> {
+        let mut tickets = Vec::new();
+        let now = now_ms();
+        for (key, outcome) in answers {
+            if outcome.is_ok() {
+                metrics::inc(&self.counters.retries_answered_by_store);
+            }
+            self.answer_waiters(&key, outcome, now, &mut tickets, false);
+        }
+        tickets
     }
 
     /// One stored message to every connection of its chat's members here but `skip`.
@@ -615,32 +693,53 @@ impl Hub {
 
     /// Messages another node stored (each chat's in seq order), fanned out to the members
     /// connected here exactly like local ones (one encoding, the same order guard, the same
-    /// queues and sync stitching). One already fanned out here is dropped; one past a gap
-    /// (a relay lost the messages between) stops its chat for this call and comes back as a
-    /// gap: the caller reads the missing seqs from the store and hands them over first, so a
-    /// lost relay message delays, never loses.
-    pub fn deliver_stored(&self, rows: &[BacklogRow]) -> Vec<SeqGap> {
+    /// queues and sync stitching). A send of this node's among them is acked here, and its
+    /// sending connection gets the ack instead of the message. One already fanned out here is
+    /// dropped; one past a gap (a relay lost the messages between) stops its chat for this
+    /// call and comes back as a gap: the caller reads the missing seqs from the store and
+    /// hands them over first, so a lost relay message delays, never loses. Returns the gaps
+    /// and what REST tickets got.
+    pub fn deliver_stored(&self, rows: &[BacklogRow]) -> (Vec<SeqGap>, Vec<(u64, TicketOutcome)>) {
         let mut gaps: Vec<SeqGap> = Vec::new();
+        let mut tickets = Vec::new();
+        let now = now_ms();
         for row in rows {
             if gaps.iter().any(|g| g.chat_id == row.chat_id) {
                 continue;
             }
             let chat: ChatId = row.chat_id.as_str().into();
-            match self.sequencer.lock().accept_remote(&chat, row.seq) {
-                RemoteOrder::Delivered => continue,
-                RemoteOrder::Gap { last } => {
-                    gaps.push(SeqGap {
-                        chat_id: row.chat_id.clone(),
-                        after: last,
-                        before: row.seq,
-                    });
-                    continue;
-                }
-                RemoteOrder::Next => {}
+            let order = self.sequencer.lock().accept_remote(&chat, row.seq);
+            if let RemoteOrder::Gap { last } = order {
+                gaps.push(SeqGap {
+                    chat_id: row.chat_id.clone(),
+                    after: last,
+                    before: row.seq,
+                });
+                continue;
             }
-            self.fan_out(&chat, &row.message(), &[]);
+            let waiters = match &row.client_msg_id {
+                Some(cmid) if self.cluster.is_some() => {
+                    let key = IdemKey {
+                        sender: row.sender_id.as_str().into(),
+                        chat: chat.clone(),
+                        client_msg_id: cmid.as_str().into(),
+                    };
+                    let ack = Arc::new(Ack {
+                        client_msg_id: cmid.clone(),
+                        chat_id: row.chat_id.clone(),
+                        message_id: row.message_id.clone(),
+                        seq: row.seq,
+                        created_at: row.created_at,
+                    });
+                    self.answer_waiters(&key, Ok(ack), now, &mut tickets, true)
+                }
+                _ => Vec::new(),
+            };
+            if order == RemoteOrder::Next {
+                self.fan_out(&chat, &row.message(), &waiters);
+            }
         }
-        gaps
+        (gaps, tickets)
     }
 
     fn complete_pointer(
@@ -663,10 +762,12 @@ impl Hub {
                         let f =
                             protocol::encode_receipt(chat, user, PointerKind::Delivered, delivered);
                         self.broadcast(&members, Some(user), &f);
+                        self.to_other_nodes(chat, user, f);
                     }
                     if moved_read {
                         let f = protocol::encode_receipt(chat, user, PointerKind::Read, read);
                         self.broadcast(&members, Some(user), &f);
+                        self.to_other_nodes(chat, user, f);
                     }
                 }
                 if let Origin::Ticket(t) = origin {
@@ -1035,7 +1136,7 @@ mod tests {
         let hub = hub();
         let a = connect(&hub, 1, "a");
         let b = connect(&hub, 2, "b");
-        assert_eq!(hub.deliver_stored(&[row(1), row(2)]), []);
+        assert_eq!(hub.deliver_stored(&[row(1), row(2)]).0, []);
         assert_eq!(drain(&a), ["msg", "msg"]);
         assert_eq!(
             drain(&b),
@@ -1043,7 +1144,7 @@ mod tests {
             "the sender's devices here get it too"
         );
         // 3 was lost on the way: 4 and 5 wait for it.
-        let gaps = hub.deliver_stored(&[row(2), row(4), row(5)]);
+        let (gaps, _) = hub.deliver_stored(&[row(2), row(4), row(5)]);
         assert_eq!(
             gaps,
             [SeqGap {
@@ -1053,8 +1154,159 @@ mod tests {
             }]
         );
         assert!(drain(&a).is_empty(), "nothing past a gap, nothing twice");
-        assert_eq!(hub.deliver_stored(&[row(3), row(4), row(5)]), []);
+        assert_eq!(hub.deliver_stored(&[row(3), row(4), row(5)]).0, []);
         assert_eq!(drain(&a), ["msg", "msg", "msg"]);
+    }
+
+    fn cluster_hub() -> Hub {
+        let mut hub = hub();
+        hub.cluster = Some(ClusterLink::default());
+        hub
+    }
+
+    fn sent_row(seq: u64, sender: &str, cmid: &str) -> BacklogRow {
+        BacklogRow {
+            sender_id: sender.into(),
+            client_msg_id: Some(cmid.into()),
+            ..row(seq)
+        }
+    }
+
+    #[test]
+    fn a_cluster_send_waits_for_its_sequencer_and_is_acked_by_the_delivered_row() {
+        let hub = cluster_hub();
+        let a1 = connect(&hub, 1, "a");
+        let a2 = connect(&hub, 2, "a");
+        let b = connect(&hub, 3, "b");
+        let forward = |origin: Origin, cmid: &str| match hub
+            .admit_send(origin, &"a".into(), send(cmid))
+            .unwrap()
+        {
+            SendAdmission::Forward(ev) => ev,
+            other => panic!("{other:?}"),
+        };
+        // Produced to the sends log: nothing yet, the send stays in flight.
+        let tickets = hub.complete(
+            vec![forward(Origin::Conn(1), "x")],
+            vec![EngineResult::Deferred],
+        );
+        assert!(tickets.is_empty());
+        assert!(drain(&a1).is_empty());
+        assert!(matches!(
+            hub.admit_send(Origin::Ticket(9), &"a".into(), send("x"))
+                .unwrap(),
+            SendAdmission::InFlight
+        ));
+        // The sequencer's row comes back: the sender's connection gets the ack instead of the
+        // message, the REST retry its ticket, everyone else the message; once.
+        let (gaps, tickets) = hub.deliver_stored(&[sent_row(1, "a", "x")]);
+        assert!(gaps.is_empty());
+        assert!(matches!(&tickets[..], [(9, TicketOutcome::Ack(ack))] if ack.seq == 1));
+        assert_eq!(drain(&a1), ["ack"]);
+        assert_eq!(drain(&a2), ["msg"]);
+        assert_eq!(drain(&b), ["msg"]);
+        assert_eq!(hub.deliver_stored(&[sent_row(1, "a", "x")]).1, []);
+        assert!(drain(&a1).is_empty() && drain(&b).is_empty());
+        // A later retry here is answered from the window.
+        assert!(matches!(
+            hub.admit_send(Origin::Conn(1), &"a".into(), send("x")).unwrap(),
+            SendAdmission::Duplicate(ack) if ack.seq == 1
+        ));
+        // Another node's message is not remembered in this window.
+        hub.deliver_stored(&[sent_row(2, "b", "y")]);
+        assert!(matches!(
+            hub.admit_send(Origin::Conn(3), &"b".into(), send("y"))
+                .unwrap(),
+            SendAdmission::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn a_cluster_send_answered_without_a_message_gets_the_ack_or_the_error_only() {
+        let hub = cluster_hub();
+        let a = connect(&hub, 1, "a");
+        let b = connect(&hub, 2, "b");
+        for cmid in ["x", "y"] {
+            let SendAdmission::Forward(ev) = hub
+                .admit_send(Origin::Conn(1), &"a".into(), send(cmid))
+                .unwrap()
+            else {
+                panic!("expected forward")
+            };
+            hub.complete(vec![ev], vec![EngineResult::Deferred]);
+        }
+        let key = |cmid: &str| IdemKey {
+            sender: "a".into(),
+            chat: "c1".into(),
+            client_msg_id: cmid.into(),
+        };
+        let ack = Arc::new(Ack {
+            client_msg_id: "x".into(),
+            chat_id: "c1".into(),
+            message_id: "m7".into(),
+            seq: 7,
+            created_at: 1,
+        });
+        hub.answer_sends(vec![
+            (key("x"), Ok(ack)),
+            (
+                key("y"),
+                Err(FrameError::new(ErrorCode::Forbidden, "not a member")),
+            ),
+        ]);
+        assert_eq!(drain(&a), ["ack", "error"]);
+        assert!(
+            drain(&b).is_empty(),
+            "a retry's message was delivered when it was stored"
+        );
+    }
+
+    #[test]
+    fn a_single_node_never_leaves_a_send_deferred() {
+        let hub = hub();
+        let a = connect(&hub, 1, "a");
+        let SendAdmission::Forward(ev) = hub
+            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
+            .unwrap()
+        else {
+            panic!("expected forward")
+        };
+        hub.complete(vec![ev], vec![EngineResult::Deferred]);
+        assert_eq!(drain(&a), ["error"]);
+    }
+
+    #[test]
+    fn cluster_nodes_hand_typing_receipts_and_presence_to_the_cluster_layer() {
+        let hub = cluster_hub();
+        hub.set_chat("d1".into(), vec!["a".into(), "b".into()], true);
+        let b = connect(&hub, 2, "b");
+        hub.typing(&"a".into(), &"c1".into(), true, 10);
+        assert_eq!(drain(&b), ["typing"], "members here hear it at once");
+        hub.connect(connect(&hub, 1, "a"), 10);
+        hub.tick(20);
+        assert!(
+            drain(&b).is_empty(),
+            "a's presence is the cluster's to decide"
+        );
+        let link = hub.cluster.as_ref().unwrap();
+        let events = link.take(std::time::Duration::from_millis(1));
+        assert!(matches!(&events[0], ClusterEvent::ChatFrame { chat, .. } if &**chat == "c1"));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            ClusterEvent::Presence { user, online: true, .. } if &**user == "a"
+        )));
+        // The cluster's word reaches the followers here once per change.
+        hub.cluster_presence(&"a".into(), true, 10);
+        hub.cluster_presence(&"a".into(), true, 10);
+        assert_eq!(drain(&b), ["presence"]);
+        hub.cluster_presence(&"x".into(), true, 10);
+        assert_eq!(
+            hub.presence_view("x", Some(3)),
+            (true, Some(10)),
+            "online on another node"
+        );
+        hub.cluster_presence(&"x".into(), false, 30);
+        assert_eq!(hub.presence_view("x", Some(30)), (false, Some(30)));
     }
 
     #[test]

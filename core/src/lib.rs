@@ -2,6 +2,7 @@
 //! sequencing and fan-out. The logic modules have no Python in them; the PyO3
 //! glue lives in `py` behind the `python` feature.
 
+pub mod cluster;
 pub mod fasthash;
 pub mod gateway;
 pub mod hub;

@@ -208,6 +208,20 @@ impl IdempotencyWindow {
         waiters
     }
 
+    /// `complete`, for a key only if it is in flight here (another node's send is none of this
+    /// window's business: remembering it would fill the window with every delivered message).
+    pub fn complete_pending(
+        &mut self,
+        key: &IdemKey,
+        ack: Option<&Ack>,
+        now_ms: u64,
+    ) -> Vec<Origin> {
+        if !self.pending.contains_key(&self.digest(key)) {
+            return Vec::new();
+        }
+        self.complete(key, ack, now_ms)
+    }
+
     fn remember(&mut self, digest: Digest, ack: &Ack, now_ms: u64) {
         if self.acked(digest).is_none() {
             let pos = self.first + self.ring.len() as u64;

@@ -76,6 +76,10 @@ def channel(node_id: str) -> str:
     return f"node:{node_id}"
 
 
+# What every node hears (membership changes, presence).
+BROADCAST = "nodes"
+
+
 class Relay:
     """Frames between nodes: `send` to a node's channel; `listen` runs a node's handler on every
     payload that reaches it (at most once: see the module's docstring)."""
@@ -91,6 +95,10 @@ class Relay:
         """Publishes to a node; how many subscribers got it (0: that node is not listening now)."""
         return int(self.client.publish(channel(node_id), payload))
 
+    def broadcast(self, payload: bytes) -> int:
+        """Publishes to every node listening (this one too); how many got it."""
+        return int(self.client.publish(BROADCAST, payload))
+
     def listen(self, handler: Callable[[bytes], None]) -> None:
         def on_message(message: dict[str, object]) -> None:
             data = message["data"]
@@ -100,7 +108,7 @@ class Relay:
             # Redis is gone for now: keep the thread, and the next read reconnects and subscribes again.
             time.sleep(0.2)
 
-        self._pubsub.subscribe(**{channel(self.node_id): on_message})
+        self._pubsub.subscribe(**{channel(self.node_id): on_message, BROADCAST: on_message})
         self._thread = self._pubsub.run_in_thread(sleep_time=0.05, daemon=True, exception_handler=on_error)
 
     def close(self) -> None:

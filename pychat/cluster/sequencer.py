@@ -93,6 +93,11 @@ def ensure_sends_topic(bootstrap: str, partitions: int = SENDS_PARTITIONS, timeo
             raise
 
 
+# How long the producer keeps trying to hand a record to the broker before its send is told
+# `unavailable` (the broker is gone): well inside a client's patience.
+PRODUCE_TIMEOUT_MS = 5_000
+
+
 class SendLog:
     """The gateway side: produces sends keyed by chat (idempotent, acks=all: a delivered record is
     on the broker's log and never written twice by a producer retry)."""
@@ -104,8 +109,31 @@ class SendLog:
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 1,
+                "message.timeout.ms": PRODUCE_TIMEOUT_MS,
             }
         )
+
+    def produce(self, record: SendRecord, failed: Callable[[SendRecord, str], None]) -> str | None:
+        """Queues one record without waiting; `failed(record, why)` runs (on the thread calling
+        `poll`) if the broker never takes it. Returns why not at once (queue full), else None."""
+
+        def report(error: Any, _message: Message) -> None:
+            if error is not None:
+                failed(record, str(error))
+
+        try:
+            self._producer.produce(
+                SENDS_TOPIC, key=record.send.chat_id.encode(), value=record.encode(), on_delivery=report
+            )
+        except BufferError as e:
+            return f"the producer's queue is full: {e}"
+        except KafkaException as e:
+            return str(e)
+        return None
+
+    def poll(self, timeout: float) -> None:
+        """Serves delivery reports (run it in a loop on one thread)."""
+        self._producer.poll(timeout)
 
     def submit(self, records: Sequence[SendRecord], timeout: float = 10.0) -> list[str | None]:
         """Produces the records and waits for them: per record None when the broker has it, else

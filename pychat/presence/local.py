@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pychat.gateway import Gateway
@@ -19,3 +20,17 @@ class LocalPresence:
 
     def may_follow(self, viewer_id: str, user_id: str) -> bool:
         return viewer_id == user_id or user_id in self.store.visible_users(viewer_id, [user_id])
+
+
+class ClusterPresence(LocalPresence):
+    """Presence on a node of a cluster: a user is online while any node holds a connection of it."""
+
+    def __init__(self, gateway: Gateway, store: Store, online: Callable[[list[str]], set[str]]) -> None:
+        super().__init__(gateway, store)
+        self.online = online
+
+    def status(self, user_id: str) -> dict[str, Any]:
+        answer = super().status(user_id)
+        if answer["status"] == "offline" and self.online([user_id]):
+            answer["status"] = "online"
+        return answer

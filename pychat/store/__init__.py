@@ -136,6 +136,9 @@ class MetadataStore(Protocol):
         """Removes a member, keeping its pointers for a later `add_member`."""
 
     def is_member(self, chat_id: str, user_id: str) -> bool: ...
+    def forget_members(self, chat_id: str) -> None:
+        """Drops what is cached of the chat's members (another node changed them)."""
+
     def all_memberships(self) -> list[tuple[str, str, list[str]]]:
         """(chat_id, kind, members) of every chat."""
 

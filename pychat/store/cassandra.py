@@ -514,7 +514,7 @@ class CassandraStore:
         if self.is_member(chat_id, user_id):
             return False
         self._join(chat_id, user_id, now_ms())
-        self._forget_members(chat_id)
+        self.forget_members(chat_id)
         return True
 
     def remove_member(self, chat_id: str, user_id: str) -> bool:
@@ -527,7 +527,7 @@ class CassandraStore:
         self.session.execute(
             "UPDATE user_chats SET active = false WHERE user_id = %s AND chat_id = %s", (user_id, chat_id)
         )
-        self._forget_members(chat_id)
+        self.forget_members(chat_id)
         return True
 
     def is_member(self, chat_id: str, user_id: str) -> bool:
@@ -712,7 +712,7 @@ class CassandraStore:
                 self._members_cache[c] = (now, who)
         return out
 
-    def _forget_members(self, chat_id: str) -> None:
+    def forget_members(self, chat_id: str) -> None:
         with self._members_lock:
             self._members_cache.pop(chat_id, None)
 

@@ -407,6 +407,9 @@ class SqliteStore:
             cur = c.execute("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?", (user_id, chat_id))
             return cur.rowcount == 1
 
+    def forget_members(self, chat_id: str) -> None:
+        """Nothing to forget: every membership check reads the database."""
+
     def is_member(self, chat_id: str, user_id: str) -> bool:
         row = (
             self._conn()

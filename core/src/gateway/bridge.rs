@@ -11,11 +11,11 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{Gateway, Shared};
 use crate::hub::{
-    BacklogRow, EngineEvent, EngineResult, Hub, SendAdmission, SyncPush, TicketOutcome,
+    BacklogRow, EngineEvent, EngineResult, Hub, SendAdmission, SeqGap, SyncPush, TicketOutcome,
 };
 use crate::metrics;
 use crate::protocol::{self, ErrorCode, FrameError, PointerKind, SendFrame};
-use crate::sequencer::{ConnId, Origin, UserId};
+use crate::sequencer::{ConnId, IdemKey, Origin, UserId};
 
 /// A stored batch waiting for its acks and fan-out.
 type Completion = (Vec<EngineEvent>, Vec<EngineResult>);
@@ -200,6 +200,26 @@ impl Gateway {
             // The fan-out thread is gone (shutdown): complete here.
             let done = self.shared.hub.complete(batch, results);
             self.bridge.tickets.done.lock().extend(done);
+        }
+    }
+
+    /// Messages another node stored (see `Hub::deliver_stored`); the gaps met come back.
+    pub fn deliver_stored(&self, rows: &[BacklogRow]) -> Vec<SeqGap> {
+        let (gaps, done) = self.shared.hub.deliver_stored(rows);
+        self.hand_out(done);
+        gaps
+    }
+
+    /// Sends another node's sequencer answered without a new message (see `Hub::answer_sends`).
+    pub fn answer_sends(&self, answers: Vec<(IdemKey, Result<Arc<protocol::Ack>, FrameError>)>) {
+        let done = self.shared.hub.answer_sends(answers);
+        self.hand_out(done);
+    }
+
+    fn hand_out(&self, done: Vec<(u64, TicketOutcome)>) {
+        if !done.is_empty() {
+            self.bridge.tickets.done.lock().extend(done);
+            self.bridge.tickets.ready.notify_one();
         }
     }
 

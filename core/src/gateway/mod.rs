@@ -80,6 +80,8 @@ pub struct GatewayConfig {
     pub requests_burst: f64,
     /// Browser origins allowed to open a WebSocket; empty: any.
     pub allowed_origins: Vec<String>,
+    /// A node of a cluster (see `crate::cluster`); off on a single node.
+    pub cluster: bool,
 }
 
 impl Default for GatewayConfig {
@@ -110,6 +112,7 @@ impl Default for GatewayConfig {
             requests_per_s: 100.0,
             requests_burst: 200.0,
             allowed_origins: Vec::new(),
+            cluster: false,
         }
     }
 }
@@ -160,11 +163,15 @@ impl Gateway {
                 io::Error::new(io::ErrorKind::InvalidInput, "no address to listen on")
             })?;
         let (tx, rx) = mpsc::channel(config.engine_queue_capacity.max(1));
-        let hub = Arc::new(Hub::with_config(
+        let mut hub = Hub::with_config(
             config.limits.clone(),
             config.window.clone(),
             config.side_paths.clone(),
-        ));
+        );
+        if config.cluster {
+            hub.cluster = Some(crate::cluster::ClusterLink::default());
+        }
+        let hub = Arc::new(hub);
         let shared = Arc::new(Shared {
             hub,
             upgrades: Mutex::new(TokenBucket::new(
@@ -220,6 +227,9 @@ impl Gateway {
         }
         rt.shutdown_timeout(Duration::from_secs(2));
         self.bridge.stop();
+        if let Some(link) = &self.shared.hub.cluster {
+            link.wake();
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The PyO3 glue: converts between Python tuples and the gateway's types.
 //! No logic lives here.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -10,10 +11,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use serde_json::value::RawValue;
 
+use crate::cluster::ClusterEvent;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::{BacklogRow, EngineEvent, EngineResult, SyncPush};
-use crate::protocol::{ErrorCode, FrameError, Limits, PointerKind, SendFrame};
-use crate::sequencer::UserId;
+use crate::protocol::{self, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
+use crate::sequencer::{IdemKey, UserId};
 use crate::token::TokenVerifier;
 
 mod values;
@@ -146,7 +148,7 @@ struct PyGateway {
 #[pymethods]
 impl PyGateway {
     #[new]
-    #[pyo3(signature = (*, host, port, secret, settings, limits, allowed_origins=Vec::new()))]
+    #[pyo3(signature = (*, host, port, secret, settings, limits, allowed_origins=Vec::new(), cluster=false))]
     fn new(
         host: String,
         port: u16,
@@ -154,6 +156,7 @@ impl PyGateway {
         settings: &Bound<'_, PyDict>,
         limits: &Bound<'_, PyDict>,
         allowed_origins: Vec<String>,
+        cluster: bool,
     ) -> PyResult<Self> {
         if secret.len() < 16 {
             return Err(PyValueError::new_err("secret must be at least 16 bytes"));
@@ -163,6 +166,7 @@ impl PyGateway {
             port,
             secret,
             allowed_origins,
+            cluster,
             ..GatewayConfig::default()
         };
         apply_gateway_settings(&mut config, settings)?;
@@ -368,11 +372,95 @@ impl PyGateway {
         rows: Vec<BacklogTuple>,
     ) -> PyResult<Vec<(String, u64, u64)>> {
         let rows = backlog_rows(rows)?;
-        let gaps = py.detach(|| self.inner.hub().deliver_stored(&rows));
+        let gaps = py.detach(|| self.inner.deliver_stored(&rows));
         Ok(gaps
             .into_iter()
             .map(|g| (g.chat_id, g.after, g.before))
             .collect())
+    }
+
+    /// Sends another node's sequencer answered without a new message: `(sender_id, chat_id,
+    /// client_msg_id, ack, error)` with `ack` = `(message_id, seq, created_at)` for a retry the
+    /// store knew, or `error` = `(code, message)` for a refusal. Their waiters here get it.
+    fn answer_sends(&self, py: Python<'_>, answers: Vec<RemoteAnswer>) -> PyResult<()> {
+        let mut out = Vec::with_capacity(answers.len());
+        for (sender, chat, client_msg_id, ack, error) in answers {
+            let outcome = match (ack, error) {
+                (Some((message_id, seq, created_at)), _) => Ok(Arc::new(protocol::Ack {
+                    client_msg_id: client_msg_id.clone(),
+                    chat_id: chat.clone(),
+                    message_id,
+                    seq,
+                    created_at,
+                })),
+                (None, Some((code, message))) => Err(FrameError::new(
+                    ErrorCode::parse(&code).unwrap_or(ErrorCode::Internal),
+                    message,
+                )),
+                (None, None) => {
+                    return Err(PyValueError::new_err("an answer needs an ack or an error"))
+                }
+            };
+            let key = IdemKey {
+                sender: sender.as_str().into(),
+                chat: chat.as_str().into(),
+                client_msg_id: client_msg_id.as_str().into(),
+            };
+            out.push((key, outcome));
+        }
+        py.detach(|| self.inner.answer_sends(out));
+        Ok(())
+    }
+
+    /// What other nodes must hear, waiting up to `timeout_ms` when nothing is queued (empty on
+    /// a single node): `("chat", chat_id, user_id, frame)` for a chat's members elsewhere but
+    /// that user, `("presence", user_id, online, at)` for this node's presence changes.
+    fn take_cluster_events(&self, py: Python<'_>, timeout_ms: u64) -> PyResult<Vec<Py<PyAny>>> {
+        let Some(link) = &self.inner.hub().cluster else {
+            return Ok(Vec::new());
+        };
+        let events = py.detach(|| link.take(Duration::from_millis(timeout_ms)));
+        events
+            .into_iter()
+            .map(|ev| {
+                Ok(match ev {
+                    ClusterEvent::ChatFrame { chat, user, frame } => (
+                        "chat",
+                        &*chat,
+                        &*user,
+                        std::str::from_utf8(&frame).unwrap_or("{}"),
+                    )
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind(),
+                    ClusterEvent::Presence { user, online, at } => ("presence", &*user, online, at)
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind(),
+                })
+            })
+            .collect()
+    }
+
+    /// The cluster's word on a user's presence; followers connected here hear of a change.
+    fn cluster_presence(&self, user_id: &str, online: bool, last_seen: u64) {
+        self.inner
+            .hub()
+            .cluster_presence(&user_id.into(), online, last_seen);
+    }
+
+    /// A frame another node relayed for a chat: to its members connected here but `skip_user_id`.
+    #[pyo3(signature = (chat_id, frame, skip_user_id=None))]
+    fn push_to_chat(&self, chat_id: &str, frame: String, skip_user_id: Option<&str>) {
+        self.inner
+            .hub()
+            .push_to_chat(chat_id, skip_user_id, &bytes::Bytes::from(frame));
+    }
+
+    /// The chat's members as this node's cache has them (None: unknown chat).
+    fn chat_members(&self, chat_id: &str) -> Option<Vec<String>> {
+        let (_, members) = self.inner.hub().members.get(chat_id)?;
+        Some(members.list.iter().map(|u| u.to_string()).collect())
     }
 
     /// Ends a connection's `sync` answer with `synced` (each chat's last seq).
@@ -393,6 +481,15 @@ impl PyGateway {
         py.detach(|| self.inner.shutdown());
     }
 }
+
+/// See `PyGateway::answer_sends`.
+type RemoteAnswer = (
+    String,
+    String,
+    String,
+    Option<(String, u64, u64)>,
+    Option<(String, String)>,
+);
 
 type BacklogTuple = (
     String,
