@@ -48,7 +48,7 @@ build-dev: $(VENV)/.deps ## build the Rust extension (release profile) into the 
 serve: build-dev ## install everything, build, and start a server on the embedded defaults
 	$(BIN)/pychat serve $(ARGS)
 
-test: build-dev lint test-rust test-py ## install everything, build, lint, and run every test
+test: build-dev lint test-rust test-py test-cluster ## install everything, build, lint, and run every test
 
 test-rust: ## Rust unit tests
 	cargo test -q
@@ -59,7 +59,10 @@ services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis install
 
 test-py: loadgen services ## Python tests against real servers on 127.0.0.1 (pychat on SQLite and on Cassandra)
-	$(call nofile,4096) $(BIN)/pytest -q $(ARGS)
+	$(call nofile,4096) $(BIN)/pytest -q -m "not nodes" $(ARGS)
+
+test-cluster: build-dev services ## the cluster tests: 3 pychat nodes on Kafka, Redis and Cassandra; a node SIGKILLed, Redis restarted, Kafka stopped
+	$(call nofile,4096) $(BIN)/pytest -q -m nodes $(ARGS)
 
 test-cassandra: loadgen services ## only the tests that run on Cassandra (the store contract, servers on Cassandra, crashes)
 	$(call nofile,4096) $(BIN)/pytest -q -k cassandra $(ARGS)

@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,7 +144,7 @@ class Node:
 
 class PychatCluster:
     """N nodes on one store, Kafka and Redis; node k listens on base_port + 2k (REST) and + 2k + 1
-    (WebSocket)."""
+    (WebSocket), or on free ports when no base port is given."""
 
     def __init__(
         self,
@@ -153,7 +154,7 @@ class PychatCluster:
         store: str,
         kafka: str,
         redis: str,
-        base_port: int,
+        base_port: int | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -163,19 +164,24 @@ class PychatCluster:
             secret_file.chmod(0o600)
         self.secret = secret_file.read_text().strip()
         self.directory = directory
+        ports = (
+            [(base_port + 2 * k, base_port + 2 * k + 1) for k in range(nodes)]
+            if base_port is not None
+            else [(free_port(), free_port()) for _ in range(nodes)]
+        )
         self.nodes = [
             Node(
                 f"node{k + 1}",
                 directory / f"node{k + 1}",
-                base_port + 2 * k,
-                base_port + 2 * k + 1,
+                ports[k][0],
+                ports[k][1],
                 {
                     "PYCHAT_STORE": store,
                     "PYCHAT_KAFKA": kafka,
                     "PYCHAT_REDIS": redis,
                     "PYCHAT_NODE_ID": f"node{k + 1}",
-                    "PYCHAT_PORT": str(base_port + 2 * k),
-                    "PYCHAT_WS_PORT": str(base_port + 2 * k + 1),
+                    "PYCHAT_PORT": str(ports[k][0]),
+                    "PYCHAT_WS_PORT": str(ports[k][1]),
                     "PYCHAT_SECRET_KEY": self.secret,
                     **(env or {}),
                 },
@@ -200,6 +206,12 @@ class PychatCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
 
 
 def _dev_services() -> tuple[CassandraServer, KafkaServer, RedisServer]:

@@ -1,0 +1,148 @@
+"""Three pychat nodes as one service (issue 13): real `pychat serve` processes on one Cassandra
+keyspace, one Kafka broker and one Redis; users spread over the nodes. `make test-cluster`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from pychat.client import ChatClient, ChatError
+from services.cassandra import CassandraServer
+from tests.nodekit import Nodes, Sender, check_chat, running_cluster, users_on
+
+pytestmark = [pytest.mark.nodes, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory, cassandra: CassandraServer) -> Iterator[Nodes]:
+    with running_cluster(tmp_path_factory.mktemp("nodes"), cassandra) as running:
+        yield running
+
+
+@pytest.fixture
+async def six(nodes: Nodes) -> AsyncIterator[list[ChatClient]]:
+    """Six users, two on each node, connected."""
+    clients = await users_on(nodes.urls, 6)
+    yield clients
+    for c in clients:
+        await c.close()
+
+
+async def _msgs(client: ChatClient, chat_id: str, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        frame = await client.next_event("msg", timeout=timeout)
+        if frame["chat_id"] == chat_id:
+            got.append(frame)
+    return got
+
+
+async def test_a_group_and_direct_chats_across_nodes_are_gap_free_in_order_and_delivered_once(
+    six: list[ChatClient],
+) -> None:
+    group = await six[0].create_group("across", [c.user_id for c in six[1:]])
+    direct = await six[1].create_direct(six[2].user_id)  # node 2 and node 3
+    per_sender = 15
+    senders = [Sender(c, group["chat_id"]) for c in six]
+    pair = [Sender(six[1], direct["chat_id"]), Sender(six[2], direct["chat_id"])]
+    await asyncio.gather(
+        *[s.send(f"g-{i}-{k}", f"group {i}.{k}") for i, s in enumerate(senders) for k in range(per_sender)],
+        *[s.send(f"d-{i}-{k}", f"direct {i}.{k}") for i, s in enumerate(pair) for k in range(10)],
+    )
+    total = per_sender * len(six)
+    for client in six:
+        # Every other member's messages, once, in seq order (its own come as acks).
+        got = await _msgs(client, group["chat_id"], total - per_sender)
+        seqs = [m["seq"] for m in got]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert {m["sender_id"] for m in got} == {c.user_id for c in six} - {client.user_id}
+        assert all(m["client_msg_id"].startswith("g-") for m in got)
+    acks = {k: v for s in senders for k, v in s.acks.items()}
+    # History from every node: the same gap-free chat holding every ack.
+    pages = [await c.history_all(group["chat_id"]) for c in six[:3]]
+    assert pages[0] == pages[1] == pages[2]
+    check_chat(pages[0], acks)
+    check_chat(await six[2].history_all(direct["chat_id"]), {k: v for s in pair for k, v in s.acks.items()})
+    assert len(await _msgs(six[1], direct["chat_id"], 10)) == 10
+
+
+async def test_a_retry_on_another_node_gets_the_original_ack(nodes: Nodes, six: list[ChatClient]) -> None:
+    group = await six[0].create_group("retry", [six[1].user_id])
+    first = await six[0].send(group["chat_id"], "once", client_msg_id="same-key")
+    # The client reconnects elsewhere (node 2 instead of node 1) and retries.
+    sender = Sender(six[0], group["chat_id"])
+    await sender.move(nodes.urls[1])
+    six[0] = sender.client
+    again = await sender.client.send(group["chat_id"], "once", client_msg_id="same-key")
+    assert (again["seq"], again["message_id"]) == (first["seq"], first["message_id"])
+    # Over REST on the third node too.
+    over_rest = ChatClient(nodes.urls[2], sender.client.token, sender.client.user_id)
+    rest = await over_rest.post_message(group["chat_id"], "once", client_msg_id="same-key")
+    await over_rest.close()
+    assert (rest["seq"], rest["message_id"]) == (first["seq"], first["message_id"])
+    history = await six[1].history_all(group["chat_id"])
+    assert [m["seq"] for m in history] == [1]
+
+
+async def test_receipts_typing_and_presence_cross_nodes(six: list[ChatClient]) -> None:
+    a, b = six[0], six[1]  # node 1, node 2
+    direct = await a.create_direct(b.user_id)
+    ack = await a.send(direct["chat_id"], "read me")
+    await _msgs(b, direct["chat_id"], 1)
+    await b.mark_read(direct["chat_id"], ack["seq"])
+    receipt = await a.next_event("receipt", timeout=10)
+    assert (receipt["user_id"], receipt["seq"]) == (b.user_id, ack["seq"])
+    await b.typing(direct["chat_id"], "start")
+    typing = await a.next_event("typing", timeout=10)
+    assert (typing["user_id"], typing["state"]) == (b.user_id, "start")
+    # Presence: a direct partner on another node is followed without asking.
+    assert (await a.presence(b.user_id))["status"] == "online"
+    await b.close()
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        frame = await a.next_event("presence", timeout=30)
+        if frame["user_id"] == b.user_id and frame["status"] == "offline":
+            break
+        assert asyncio.get_running_loop().time() < deadline
+    assert (await a.presence(b.user_id))["status"] == "offline"
+
+
+async def test_sync_on_another_node_returns_what_was_missed_without_a_gap(
+    nodes: Nodes, six: list[ChatClient]
+) -> None:
+    group = await six[0].create_group("missed", [six[1].user_id])
+    await six[0].send(group["chat_id"], "seen")
+    await _msgs(six[1], group["chat_id"], 1)
+    since = six[1].since()
+    away = Sender(six[1], group["chat_id"])
+    six[1].auto_reconnect = False
+    await six[1].drop_connection()
+    for k in range(40):
+        await six[0].send(group["chat_id"], f"missed {k}")
+    await away.move(nodes.urls[2])  # it comes back on node 3
+    six[1] = away.client
+    synced = await away.client.sync(since)
+    assert synced["chats"][group["chat_id"]] == 41
+    got = await _msgs(away.client, group["chat_id"], 40)
+    assert [m["seq"] for m in got] == list(range(2, 42))
+    # And live again afterwards.
+    await six[0].send(group["chat_id"], "live")
+    assert [m["seq"] for m in await _msgs(away.client, group["chat_id"], 1)] == [42]
+
+
+async def test_a_membership_change_reaches_every_node_before_the_next_send(six: list[ChatClient]) -> None:
+    owner, joiner = six[0], six[2]  # node 1 changes it; the joiner sends on node 3
+    group = await owner.create_group("members", [six[1].user_id])
+    for _ in range(5):
+        await owner.request(
+            "POST", f"/api/chats/{group['chat_id']}/members", json={"user_id": joiner.user_id}
+        )
+        ack = await joiner.send(group["chat_id"], "I am in")
+        assert ack["seq"] >= 1
+        await owner.request("DELETE", f"/api/chats/{group['chat_id']}/members/{joiner.user_id}")
+        with pytest.raises(ChatError) as refused:
+            await joiner.send(group["chat_id"], "and out")
+        assert refused.value.code == "forbidden"
