@@ -31,12 +31,18 @@ async def six(nodes: Nodes) -> AsyncIterator[list[ChatClient]]:
         await c.close()
 
 
+# Messages of other chats met while waiting for one chat's, per client, for a later wait.
+_elsewhere: dict[int, list[dict[str, Any]]] = {}
+
+
 async def _msgs(client: ChatClient, chat_id: str, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-    got: list[dict[str, Any]] = []
+    kept = _elsewhere.setdefault(id(client), [])
+    got = [m for m in kept if m["chat_id"] == chat_id][:count]
+    for m in got:
+        kept.remove(m)
     while len(got) < count:
         frame = await client.next_event("msg", timeout=timeout)
-        if frame["chat_id"] == chat_id:
-            got.append(frame)
+        (got if frame["chat_id"] == chat_id else kept).append(frame)
     return got
 
 

@@ -393,10 +393,14 @@ impl PyGateway {
                     seq,
                     created_at,
                 })),
-                (None, Some((code, message))) => Err(FrameError::new(
-                    ErrorCode::parse(&code).unwrap_or(ErrorCode::Internal),
-                    message,
-                )),
+                (None, Some((code, message))) => {
+                    let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::Internal);
+                    let mut error = FrameError::new(code, message);
+                    if code == ErrorCode::Unavailable {
+                        error.retry_after_ms = Some(values::UNAVAILABLE_RETRY_MS);
+                    }
+                    Err(error)
+                }
                 (None, None) => {
                     return Err(PyValueError::new_err("an answer needs an ack or an error"))
                 }
