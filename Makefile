@@ -101,8 +101,9 @@ fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest -q tests/test_fuzz_python.py
 	PYCHAT_FUZZ_EXAMPLES=$${PYCHAT_FUZZ_EXAMPLES:-300} PYCHAT_FUZZ_SEED= $(BIN)/pytest -q -s tests/test_fuzz_api.py
 
-chaos: build-dev ## long reliability runs: 25 SIGKILLs under load, and a 15,000-connection reconnect storm
+chaos: build-dev services ## long reliability runs: 25 SIGKILLs under load, 10 random node kills in a 3-node cluster, a 15,000-connection reconnect storm
 	$(call nofile,4096) $(PY) -m tests.chaos --kills $${KILLS:-25}
+	$(call nofile,4096) PYCHAT_CACHE=$(CACHE) $(PY) -m tests.chaos --kills $${NODE_KILLS:-10} --nodes 3
 	$(call nofile,16384) $(PY) benchmarks/reconnect_storm.py --connections $${STORM:-15000}
 
 fmt: $(VENV)/.deps ## format Rust and Python

@@ -2,9 +2,12 @@
 with SIGKILL at random moments and restarted. Afterwards the clients' own logs
 are checked against the stored history.
 
-    .venv/bin/python -m tests.chaos --kills 25        # the long run (`make chaos`)
+    .venv/bin/python -m tests.chaos --kills 25             # the long run (`make chaos`)
+    .venv/bin/python -m tests.chaos --kills 10 --nodes 3   # a cluster: a random node each time
 
-A bounded run is part of `make test` (tests/test_chaos.py).
+In cluster mode the clients are spread over the nodes (each reconnects to its own node when it is
+back) on the development Cassandra (`make cassandra`) and a Kafka and Redis of the run's own.
+Bounded runs are part of `make test` (tests/test_chaos.py, tests/test_nodes_chaos.py).
 """
 
 from __future__ import annotations
@@ -18,10 +21,49 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pychat.client import ChatClient, ChatError
+from services.cluster import PychatCluster
 from tests.conftest import PASSWORD, ServerProcess
+
+
+class Target(Protocol):
+    """What the chaos kills: one server, or a node of a cluster."""
+
+    @property
+    def urls(self) -> list[str]: ...
+
+    async def kill_and_restart(self) -> None: ...
+
+
+@dataclass
+class OneServer:
+    server: ServerProcess
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.server.url]
+
+    async def kill_and_restart(self) -> None:
+        self.server.kill()
+        await asyncio.sleep(random.uniform(0, 0.2))
+        self.server.start()
+
+
+@dataclass
+class AnyNode:
+    cluster: PychatCluster
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.cluster.nodes]
+
+    async def kill_and_restart(self) -> None:
+        node = random.choice(self.cluster.nodes)
+        node.kill()
+        await asyncio.sleep(random.uniform(0, 0.2))
+        await asyncio.to_thread(node.start)
 
 
 @dataclass
@@ -75,18 +117,35 @@ class ChaosReport:
         )
 
 
+# Enough sends per connection for the chaos's pace.
+CHAOS_ENV = {"PYCHAT_SEND_PER_S": "10000", "PYCHAT_SEND_BURST": "10000"}
+
+
 async def run_chaos(
     data_dir: Path, kills: int, senders: int = 4, readers: int = 2, pause: tuple[float, float] = (0.3, 1.2)
 ) -> ChaosReport:
+    """The chaos against one server (SQLite, in `data_dir`)."""
+    server = ServerProcess(data_dir, env=CHAOS_ENV)
+    server.start()
+    try:
+        return await chaos_against(OneServer(server), kills, senders, readers, pause)
+    finally:
+        server.stop()
+
+
+async def chaos_against(
+    target: Target, kills: int, senders: int = 4, readers: int = 2, pause: tuple[float, float] = (0.3, 1.2)
+) -> ChaosReport:
     started = time.monotonic()
     report = ChaosReport()
-    srv = ServerProcess(data_dir, env={"PYCHAT_SEND_PER_S": "10000", "PYCHAT_SEND_BURST": "10000"})
-    srv.start()
     clients: list[ChatClient] = []
+    urls = target.urls
+    run = random.randrange(1 << 30)
     try:
         for i in range(senders + readers):
-            await ChatClient.register(srv.url, f"chaos{i}", PASSWORD)
-            clients.append(await ChatClient.login(srv.url, f"chaos{i}", PASSWORD))
+            url = urls[i % len(urls)]
+            await ChatClient.register(url, f"chaos{run}x{i}", PASSWORD)
+            clients.append(await ChatClient.login(url, f"chaos{run}x{i}", PASSWORD))
         send_clients, read_clients = clients[:senders], clients[senders:]
         group = (await clients[0].create_group("chaos", [c.user_id for c in clients[1:]]))["chat_id"]
         directs = [(await s.create_direct(read_clients[0].user_id))["chat_id"] for s in send_clients]
@@ -128,10 +187,8 @@ async def run_chaos(
         sender_tasks = [asyncio.create_task(sender(c, d)) for c, d in zip(send_clients, directs, strict=True)]
         for _ in range(kills):
             await asyncio.sleep(random.uniform(*pause))
-            srv.kill()
+            await target.kill_and_restart()
             report.kills += 1
-            await asyncio.sleep(random.uniform(0, 0.2))
-            srv.start()
         await asyncio.sleep(1.0)
         stop.set()
         await asyncio.gather(*sender_tasks)
@@ -171,18 +228,31 @@ async def run_chaos(
         for c in clients:
             with contextlib.suppress(ChatError):
                 await c.close()
-        srv.stop()
     report.seconds = round(time.monotonic() - started, 1)
     return report
+
+
+def _cluster_chaos(directory: Path, nodes: int, kills: int, senders: int) -> ChaosReport:
+    from services.cassandra import DEV_DIR, CassandraServer
+    from tests.nodekit import running_cluster
+
+    cassandra = CassandraServer.for_directory(DEV_DIR)
+    cassandra.start()
+    with running_cluster(directory, cassandra, nodes, env=CHAOS_ENV) as running:
+        return asyncio.run(chaos_against(AnyNode(running.cluster), kills, senders=senders, pause=(1.0, 3.0)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=25)
     ap.add_argument("--senders", type=int, default=6)
+    ap.add_argument("--nodes", type=int, default=0, help="a cluster of this many nodes (0: one server)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        report = asyncio.run(run_chaos(Path(d), args.kills, senders=args.senders))
+        if args.nodes:
+            report = _cluster_chaos(Path(d), args.nodes, args.kills, args.senders)
+        else:
+            report = asyncio.run(run_chaos(Path(d), args.kills, senders=args.senders))
     print(json.dumps(report.__dict__, indent=2))
     print("chaos: OK" if report.ok() else "chaos: FAILED")
     raise SystemExit(0 if report.ok() else 1)

@@ -33,7 +33,9 @@ class Nodes:
 
 
 @contextmanager
-def running_cluster(directory: Path, cassandra: CassandraServer, nodes: int = 3) -> Iterator[Nodes]:
+def running_cluster(
+    directory: Path, cassandra: CassandraServer, nodes: int = 3, env: dict[str, str] | None = None
+) -> Iterator[Nodes]:
     """Kafka, Redis and `nodes` pychat nodes, stopped afterwards (whatever a test did to them)."""
     kafka = started(
         KafkaServer(directory / "kafka", port=free_port(), controller_port=free_port(), exit_with_parent=True)
@@ -45,6 +47,7 @@ def running_cluster(directory: Path, cassandra: CassandraServer, nodes: int = 3)
         store=f"cassandra://{cassandra.host}:{cassandra.port}/nodes_{uuid.uuid4().hex[:12]}",
         kafka=kafka.bootstrap_servers,
         redis=redis.url,
+        env=env,
     )
     try:
         cluster.start()
