@@ -316,7 +316,9 @@ class ChatClient:
         elif kind == "error" and frame.get("ref") in self._unacked:
             _, fut = self._unacked.pop(frame["ref"])
             if not fut.done():
-                fut.set_exception(ChatError(frame["code"], frame["message"], None, frame.get("retry_after_ms")))
+                fut.set_exception(
+                    ChatError(frame["code"], frame["message"], None, frame.get("retry_after_ms"))
+                )
             return
         self._events.put_nowait(frame)
 

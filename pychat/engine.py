@@ -184,6 +184,9 @@ class Engine:
                 log.exception("presence query failed")
                 results[i] = Failed("unavailable", "presence lookup failed; retry")
         # Streamed off this thread, page by page (pychat.sync): a big backlog never holds up a batch.
+        if syncs and self.cluster is not None:
+            # Messages stored from now on are routed here; those stored before, the sync reads.
+            self.cluster.route_here(sorted({s.user_id for s in syncs}))
         for sync in syncs:
             assert self._syncs is not None, "start() comes before the first batch"
             self._syncs.start(sync.conn, sync.user_id, sync.since, sync.reference)

@@ -418,6 +418,15 @@ class ClusterNode:
                 with contextlib.suppress(Exception):
                     self.store.append_batch([], [], [(u, at) for u in offline])
 
+    def route_here(self, user_ids: list[str]) -> None:
+        """Routes these users' messages to this node now, before their `sync` reads the store: the
+        presence event that also does it comes a tick later, and a message stored in between would
+        reach neither the sync nor this node (a gap after `synced`)."""
+        try:
+            self.routes.connected(user_ids)
+        except redis.RedisError as e:
+            log.warning("routing %d users here before their sync failed: %s", len(user_ids), e)
+
     # presence questions (engine thread, REST)
 
     def online(self, user_ids: list[str]) -> set[str]:

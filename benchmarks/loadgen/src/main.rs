@@ -33,6 +33,10 @@ type Ws = WebSocketStream<TcpStream>;
 struct Plan {
     scenario: String,
     server: SocketAddr,
+    /// Several nodes of one service: a scenario's connection `i` (of each list it opens) goes to
+    /// `servers[i % len]` instead of `server`.
+    #[serde(default)]
+    servers: Vec<SocketAddr>,
     #[serde(default)]
     source_ips: Vec<IpAddr>,
     #[serde(default)]
@@ -77,11 +81,21 @@ struct Plan {
 }
 
 impl Plan {
+    /// Where connection `index` goes.
+    fn server_for(&self, index: usize) -> SocketAddr {
+        if self.servers.is_empty() {
+            self.server
+        } else {
+            self.servers[index % self.servers.len()]
+        }
+    }
+
     /// The plan without its (large) lists.
     fn clone_settings(&self) -> Plan {
         Plan {
             scenario: self.scenario.clone(),
             server: self.server,
+            servers: self.servers.clone(),
             source_ips: self.source_ips.clone(),
             tokens: Vec::new(),
             chat_id: self.chat_id.clone(),
@@ -171,12 +185,10 @@ async fn open(plan: &Plan, index: usize, token: &str) -> Result<Ws, String> {
             .bind(SocketAddr::new(ip, 0))
             .map_err(|e| e.to_string())?;
     }
-    let stream = socket
-        .connect(plan.server)
-        .await
-        .map_err(|e| e.to_string())?;
+    let server = plan.server_for(index);
+    let stream = socket.connect(server).await.map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
-    let url = format!("ws://{}/ws?token={}", plan.server, token);
+    let url = format!("ws://{server}/ws?token={token}");
     // tungstenite zero-fills its whole read buffer before every read (128 KiB by
     // default): that memset was more than half of this generator's CPU.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
