@@ -226,8 +226,10 @@ def fanout(tmp: Path, infra: Infra, nodes: int, receivers: int, messages: int) -
     }
 
 
-def latency(tmp: Path, infra: Infra, nodes: int, groups: int, rate: float, seconds: float) -> dict[str, Any]:
-    keyspace = f"latency{nodes}"
+def latency(
+    tmp: Path, infra: Infra, nodes: int, groups: int, rate: float, seconds: float, run: str = ""
+) -> dict[str, Any]:
+    keyspace = f"latency{nodes}{run}"
     chats = {f"g{g:04d}": list(range(g * 10, g * 10 + 10)) for g in range(groups)}
     ids = populate(
         f"cassandra://{infra.cassandra.host}:{infra.cassandra.port}/{keyspace}", tmp, groups * 10, chats, {}
@@ -267,6 +269,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=2_000)
     ap.add_argument("--groups", type=int, default=100)
     ap.add_argument("--rate", type=float, default=2_000.0)
+    ap.add_argument("--low-rate", type=float, default=500.0, help="latency also at this rate (0: not)")
     ap.add_argument("--seconds", type=float, default=10.0)
     args = ap.parse_args()
     if args.quick:
@@ -294,6 +297,13 @@ def main() -> None:
                     "one_node": latency(tmp, services, 0, args.groups, args.rate, args.seconds),
                     "three_nodes": latency(tmp, services, 3, args.groups, args.rate, args.seconds),
                 }
+                if args.low_rate:
+                    results["latency_low_rate"] = {
+                        "one_node": latency(tmp, services, 0, args.groups, args.low_rate, args.seconds, "lo"),
+                        "three_nodes": latency(
+                            tmp, services, 3, args.groups, args.low_rate, args.seconds, "lo"
+                        ),
+                    }
             if "connections" in only:
                 results["connections"] = connections(
                     tmp, services, args.connection_nodes, args.connections, 60.0
