@@ -15,8 +15,9 @@ chat's true last seq, which is what the first owner would have given it, since r
 arrive in one order. A stale owner (paused past its session) races the new one on the store's
 fence: one numbering wins, the other finds its rows and keys (`tests/test_store_contract.py`).
 
-What the store refused for want of a store (`unavailable`) is not published: the same records
-are written again, after a pause, until the store takes them; the partition waits, no gap is made.
+What the store refused for want of a store (`unavailable`) is written again, after a pause, until
+the store takes them (the partition waits, no gap is made); their senders are told `unavailable`
+at once, and a retry of theirs is answered with what the first record became.
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ class Sequencer:
         together, after the ones already answered)."""
         results: list[SendResult | None] = [None] * len(records)
         pending = list(range(len(records)))
+        told = False
         while pending:
             try:
                 answers, _ = self.store.append_batch([records[i].send for i in pending], [])
@@ -241,6 +243,19 @@ class Sequencer:
                     again.append(i)
                 else:
                     results[i] = answer
+            if again and not told:
+                # Their senders hear it now (`unavailable`: retry) rather than wait for the store;
+                # a retry is a new record behind these, answered with whatever these became.
+                told = True
+                try:
+                    self.publish(
+                        [
+                            (records[i], Failed("unavailable", "the store is unavailable; retry"))
+                            for i in again
+                        ]
+                    )
+                except Exception:
+                    log.exception("telling senders the store is unavailable failed")
             if again:
                 time.sleep(STORE_RETRY_S)
             pending = again
