@@ -288,7 +288,11 @@ class RestApi:
     async def _store_call(self, call: Callable[..., T], *args: Any, write: bool = False) -> T:
         """`call(*args)` (a store call, or one that reads the store) on a REST store thread."""
         pool = self._writes if write else self._reads
-        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call, *args))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(call, *args))
+        except self.store.unavailable_errors as e:
+            log.warning("the store did not answer %s: %s", getattr(call, "__name__", call), e)
+            raise ApiError("unavailable", "the store is unavailable; retry") from None
 
     async def _member_chat(self, chat_id: str, user_id: str) -> Chat:
         chat = await self._store_call(self.store.get_chat, chat_id)

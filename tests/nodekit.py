@@ -120,3 +120,15 @@ def check_chat(history: list[dict[str, Any]], acks: dict[str, dict[str, Any]]) -
         stored = by_key.get(cmid)
         assert stored is not None, f"acked, not stored: {cmid}"
         assert (stored["seq"], stored["message_id"]) == (ack["seq"], ack["message_id"])
+
+
+async def history_when_up(client: ChatClient, chat_id: str, give_up_s: float = 90.0) -> list[dict[str, Any]]:
+    """The chat's whole history, retried while the store is answered `unavailable` (restarting)."""
+    deadline = asyncio.get_running_loop().time() + give_up_s
+    while True:
+        try:
+            return await client.history_all(chat_id)
+        except ChatError as e:
+            if e.code != "unavailable" or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep((e.retry_after_ms or 1000) / 1000)

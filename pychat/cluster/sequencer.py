@@ -159,6 +159,14 @@ class SendLog:
         self._producer.flush(10)
 
 
+def _committed(error: Any, _partitions: Any) -> None:
+    if error is not None:
+        # A rebalance moved some partitions while their batch was stored (the group's generation
+        # changed): their next owner consumes the records again and the store answers them with
+        # the seqs given here. Nothing to undo.
+        log.warning("offsets not committed (%s); the partitions' next owner replays them", error)
+
+
 class Sequencer:
     """The store's only writer for the chats of the partitions the group assigns this node."""
 
@@ -180,6 +188,7 @@ class Sequencer:
                 # A node that stops polling this long loses its partitions (and is then a stale owner).
                 "session.timeout.ms": 10_000,
                 "max.poll.interval.ms": 60_000,
+                "on_commit": _committed,
             }
         )
         self._consumer.subscribe([SENDS_TOPIC])
@@ -215,13 +224,10 @@ class Sequencer:
                 self._consumer.seek(TopicPartition(topic, partition, offset))
             time.sleep(STORE_RETRY_S)
             return 0
-        try:
-            self._consumer.commit(asynchronous=False)
-        except KafkaException as e:
-            # A rebalance moved some of these partitions while the batch was being stored (the
-            # group's generation changed): their next owner consumes these records again and the
-            # store answers them with the seqs given here. Nothing to undo.
-            log.warning("offsets not committed (%s); the partitions' next owner replays them", e)
+        # Not waited for (a synchronous commit was a broker round trip per batch, ~70 ms of each
+        # batch's time on a busy machine): a commit that fails (`_committed`) only means the
+        # partitions' next owner replays these records, which the store answers with the same seqs.
+        self._consumer.commit(asynchronous=True)
         return len(records)
 
     def store_all(self, records: list[SendRecord]) -> list[SendResult]:

@@ -160,6 +160,10 @@ class MetadataStore(Protocol):
 class Store(MessageStore, MetadataStore, Protocol):
     """A backend: both halves, opened by `open_store`."""
 
+    # What the store raises when it is out of reach for now (a network store down or timing
+    # out): callers answer `unavailable` (retry) instead of `internal`.
+    unavailable_errors: tuple[type[BaseException], ...]
+
     def close(self) -> None: ...
     def ping(self) -> bool: ...
 

@@ -52,8 +52,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from cassandra import ConsistencyLevel
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra import ConsistencyLevel, DriverException, OperationTimedOut, RequestExecutionException
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
 from cassandra.concurrent import execute_concurrent
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
@@ -168,6 +175,13 @@ class CassandraUrl:
 
 
 class CassandraStore:
+    unavailable_errors: tuple[type[BaseException], ...] = (
+        DriverException,
+        RequestExecutionException,
+        NoHostAvailable,
+        OperationTimedOut,
+    )
+
     def __init__(self, session: Session, cluster: Cluster | None = None) -> None:
         self.session = session
         self._cluster = cluster

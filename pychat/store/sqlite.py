@@ -169,6 +169,10 @@ CHECKPOINT_INTERVAL_S = 0.2
 
 
 class SqliteStore:
+    # A local file: a failure is a fault to report, not an outage to wait out (a busy database
+    # waits for its busy timeout inside the call).
+    unavailable_errors: tuple[type[BaseException], ...] = ()
+
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
