@@ -35,6 +35,10 @@ def test_defaults_then_toml_then_env_then_arguments(tmp_path: Path) -> None:
         ("port = 'abc'\n", {}),
         ("", {"PYCHAT_PORT": "x"}),
         ("", {"PYCHAT_SQLITE_SYNCHRONOUS": "OFF"}),
+        # A cluster node needs both Kafka and Redis, and a shared store.
+        ("kafka = 'k:9092'\nstore = 'cassandra://c:9042/ks'\n", {}),
+        ("", {"PYCHAT_REDIS": "redis://r:6379/0", "PYCHAT_STORE": "cassandra://c:9042/ks"}),
+        ("kafka = 'k:9092'\nredis = 'redis://r:6379/0'\n", {}),
     ],
 )
 def test_bad_configuration_is_refused(tmp_path: Path, text: str, env: dict[str, str]) -> None:
@@ -42,6 +46,21 @@ def test_bad_configuration_is_refused(tmp_path: Path, text: str, env: dict[str, 
     toml.write_text(text)
     with pytest.raises(ValueError):
         load_config(toml, env=env)
+
+
+def test_cluster_settings_from_toml_env_and_arguments(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text("store = 'cassandra://c:9042/ks'\nkafka = 'k1:9092'\nredis = 'redis://r:6379/0'\n")
+    config = load_config(toml, env={"PYCHAT_KAFKA": "k2:9092", "PYCHAT_NODE_ID": "n7"})
+    assert (config.kafka, config.redis, config.node_name, config.clustered) == (
+        "k2:9092",
+        "redis://r:6379/0",
+        "n7",
+        True,
+    )
+    config = load_config(toml, env={}, overrides={"node_id": None, "port": 9100, "redis": "redis://s:1/0"})
+    assert (config.node_name, config.redis) == ("127.0.0.1-9100", "redis://s:1/0")
+    assert not load_config(None, env={}).clustered, "one node unless told"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
