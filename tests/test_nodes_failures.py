@@ -101,9 +101,15 @@ async def test_a_node_sigkilled_under_load_loses_nothing_and_its_clients_sync_el
         *[_send_many(s, f"g{i}", 40) for i, s in enumerate(in_group)],
         *[_send_many(s, f"d{i}", 40) for i, s in enumerate(in_direct)],
     )
+    # A user only on the node that dies, and its direct partner on node 1, who follows it.
+    lone, partner = await users_on([nodes.urls[2], nodes.urls[0]], 2, "lone")
+    await partner.create_direct(lone.user_id)
+    assert (await partner.presence(lone.user_id))["status"] == "online"
     await asyncio.sleep(1.0)
     victim = nodes.cluster.nodes[2]
     victim.kill()
+    killed_at = asyncio.get_running_loop().time()
+    lone.auto_reconnect = False
     # Its clients reconnect to the other nodes and go on (their unacked sends are retried there).
     for i, sender in enumerate(s for s in [*in_group, *in_direct] if s.client.base_url == victim.url):
         await sender.move(nodes.urls[i % 2])
@@ -128,6 +134,15 @@ async def test_a_node_sigkilled_under_load_loses_nothing_and_its_clients_sync_el
     ]
     assert got == list(range(1, 6 * 40 + 1))
     await device.close()
+    # Its users go offline for their followers once its routes lapse (15 s) and a survivor claims it.
+    while True:
+        frame = await partner.next_event("presence", timeout=60)
+        if frame["user_id"] == lone.user_id and frame["status"] == "offline":
+            break
+    assert asyncio.get_running_loop().time() - killed_at < 45
+    assert (await partner.presence(lone.user_id))["status"] == "offline"
+    await lone.close()
+    await partner.close()
     # The dead node's partitions moved: every chat still takes sends.
     for s in [*in_group, *in_direct]:
         await s.send(f"{s.chat_id}-later-{s.client.user_id}", "later")

@@ -593,10 +593,16 @@ impl Hub {
             seq,
             created_at,
         });
-        let waiters = self.answer_waiters(&key, Ok(ack.clone()), now, tickets, false);
-        // A store duplicate above the last seq fanned out was committed but never fanned
-        // out (its batch failed after the commit, or the process restarted): fan it out now.
-        if self.sequencer.lock().record_commit(&key.chat, seq).is_err() {
+        let (waiters, fan_out) = {
+            let mut seq_state = self.sequencer.lock();
+            let waiters = seq_state.window.complete(&key, Some(&ack), now);
+            // A store duplicate above the last seq fanned out was committed but never fanned
+            // out (its batch failed after the commit, or the process restarted): fan it out now.
+            let fan_out = seq_state.record_commit(&key.chat, seq).is_ok();
+            (waiters, fan_out)
+        };
+        self.push_answer(&waiters, Ok(ack.clone()), tickets);
+        if !fan_out {
             return;
         }
         let message = StoredMessage {
@@ -632,23 +638,32 @@ impl Hub {
                 window.complete(key, ack, now)
             }
         };
+        let outcome = outcome.map_err(|e| e.with_ref(Some(key.client_msg_id.to_string())));
+        self.push_answer(&waiters, outcome, tickets);
+        waiters
+    }
+
+    /// The ack or the error to each waiter of a send: a frame to a connection, an outcome to a
+    /// REST ticket.
+    fn push_answer(
+        &self,
+        waiters: &[Origin],
+        outcome: Result<Arc<Ack>, FrameError>,
+        tickets: &mut Vec<(u64, TicketOutcome)>,
+    ) {
         if waiters.is_empty() {
-            return waiters;
+            return;
         }
         let (frame, outcome) = match outcome {
             Ok(ack) => (protocol::encode_ack(&ack), TicketOutcome::Ack(ack)),
-            Err(error) => {
-                let error = error.with_ref(Some(key.client_msg_id.to_string()));
-                (error.encode(), TicketOutcome::Failed(error))
-            }
+            Err(error) => (error.encode(), TicketOutcome::Failed(error)),
         };
-        for w in &waiters {
+        for w in waiters {
             match *w {
                 Origin::Conn(c) => self.push_to(c, Outgoing::Frame(frame.clone())),
                 Origin::Ticket(t) => tickets.push((t, outcome.clone())),
             }
         }
-        waiters
     }
 
     /// Sends another node's sequencer answered without a new message (a retry the store knew:
