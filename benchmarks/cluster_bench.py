@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,22 +196,16 @@ def connections(tmp: Path, infra: Infra, nodes: int, total: int, hold: float) ->
     }
 
 
-def fanout(tmp: Path, infra: Infra, nodes: int, receivers: int, messages: int) -> dict[str, Any]:
-    keyspace = f"fanout{nodes}"
-    chat = {"fan": list(range(receivers + 1))}
-    ids = populate(
-        f"cassandra://{infra.cassandra.host}:{infra.cassandra.port}/{keyspace}", tmp, receivers + 1, chat, {}
-    )
+def measured(
+    tmp: Path, infra: Infra, nodes: int, keyspace: str, plan: Callable[[Service], dict[str, Any]]
+) -> dict[str, Any]:
+    """One load generator run against a fresh `Service`, with the CPU every process used in it."""
     service = Service(tmp, infra, nodes, keyspace)
     service.start()
     try:
         time.sleep(2.0)
         cpu0, infra0 = service.cpu(), infra.cpu()
-        out = run_loadgen(
-            service.plan(
-                "fanout", tokens=[service.token(u) for u in ids], chat_id="fan", messages=messages, window=64
-            )
-        )
+        out = run_loadgen(plan(service))
         cpu, infra_cpu = service.cpu() - cpu0, infra.cpu() - infra0
     finally:
         service.stop()
@@ -221,9 +215,26 @@ def fanout(tmp: Path, infra: Infra, nodes: int, receivers: int, messages: int) -
         **out,
         "pychat_cpu_s": round(cpu, 2),
         "infra_cpu_s": round(infra_cpu, 2),
-        "deliveries_per_cpu_s": round(out["deliveries"] / max(cpu, 0.01)),
-        "deliveries_per_cpu_s_with_infra": round(out["deliveries"] / max(cpu + infra_cpu, 0.01)),
     }
+
+
+def fanout(tmp: Path, infra: Infra, nodes: int, receivers: int, messages: int) -> dict[str, Any]:
+    keyspace = f"fanout{nodes}"
+    store = f"cassandra://{infra.cassandra.host}:{infra.cassandra.port}/{keyspace}"
+    ids = populate(store, tmp, receivers + 1, {"fan": list(range(receivers + 1))}, {})
+    out = measured(
+        tmp,
+        infra,
+        nodes,
+        keyspace,
+        lambda service: service.plan(
+            "fanout", tokens=[service.token(u) for u in ids], chat_id="fan", messages=messages, window=64
+        ),
+    )
+    cpu, infra_cpu = out["pychat_cpu_s"], out["infra_cpu_s"]
+    out["deliveries_per_cpu_s"] = round(out["deliveries"] / max(cpu, 0.01))
+    out["deliveries_per_cpu_s_with_infra"] = round(out["deliveries"] / max(cpu + infra_cpu, 0.01))
+    return out
 
 
 def latency(
@@ -231,32 +242,18 @@ def latency(
 ) -> dict[str, Any]:
     keyspace = f"latency{nodes}{run}"
     chats = {f"g{g:04d}": list(range(g * 10, g * 10 + 10)) for g in range(groups)}
-    ids = populate(
-        f"cassandra://{infra.cassandra.host}:{infra.cassandra.port}/{keyspace}", tmp, groups * 10, chats, {}
-    )
-    service = Service(tmp, infra, nodes, keyspace)
-    service.start()
-    try:
-        time.sleep(2.0)
+    store = f"cassandra://{infra.cassandra.host}:{infra.cassandra.port}/{keyspace}"
+    ids = populate(store, tmp, groups * 10, chats, {})
+
+    def plan(service: Service) -> dict[str, Any]:
+        # Member k of a group connects to node k % N: the sender and its receivers are spread.
         plan_groups = [
-            # Member k of a group connects to node k % N: the sender and its receivers are spread.
             {"chat_id": c, "members": [service.token(ids[m]) for m in members]}
             for c, members in chats.items()
         ]
-        cpu0, infra0 = service.cpu(), infra.cpu()
-        out = run_loadgen(
-            service.plan("latency", groups=plan_groups, rate=rate, seconds=seconds, warmup_s=3.0)
-        )
-        cpu, infra_cpu = service.cpu() - cpu0, infra.cpu() - infra0
-    finally:
-        service.stop()
-    return {
-        "nodes": max(nodes, 1),
-        "clustered": nodes > 0,
-        **out,
-        "pychat_cpu_s": round(cpu, 2),
-        "infra_cpu_s": round(infra_cpu, 2),
-    }
+        return service.plan("latency", groups=plan_groups, rate=rate, seconds=seconds, warmup_s=3.0)
+
+    return measured(tmp, infra, nodes, keyspace, plan)
 
 
 def main() -> None:

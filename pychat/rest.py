@@ -400,6 +400,12 @@ class RestApi:
 
     async def get_metrics(self, req: Request) -> Response:
         text = self.metrics.render(self.gateway.counters(), self.gateway.connection_count())
+        if self.cluster is not None:
+            # The node's part in the cluster: sends produced again, gaps read from the store, ...
+            text += "".join(
+                f"# TYPE pychat_cluster_{name} gauge\npychat_cluster_{name} {value}\n"
+                for name, value in sorted(self.cluster.metrics().items())
+            )
         return Response(200, text.encode(), "text/plain; version=0.0.4")
 
     async def create_chat(self, req: Request) -> Response:

@@ -106,6 +106,14 @@ class ChaosReport:
     delivered_to_readers: int = 0
     seconds: float = 0.0
 
+    def assert_clean(self, kills: int) -> None:
+        """What a bounded run in the tests must show."""
+        assert self.kills == kills
+        assert self.acked == self.sent > 0, "everything sent was acked in the end"
+        assert (self.lost, self.duplicated, self.ack_mismatches, self.gaps) == (0, 0, 0, 0)
+        assert (self.reader_gaps, self.order_violations) == (0, 0)
+        assert self.stored == self.sent
+
     def ok(self) -> bool:
         return not (
             self.lost

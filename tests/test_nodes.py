@@ -91,6 +91,8 @@ async def test_a_retry_on_another_node_gets_the_original_ack(nodes: Nodes, six: 
     assert (rest["seq"], rest["message_id"]) == (first["seq"], first["message_id"])
     history = await six[1].history_all(group["chat_id"])
     assert [m["seq"] for m in history] == [1]
+    metrics = (await sender.client.http.get("/metrics")).text
+    assert "pychat_cluster_pending_sends 0" in metrics and "pychat_cluster_gaps_filled" in metrics
 
 
 async def test_receipts_typing_and_presence_cross_nodes(six: list[ChatClient]) -> None:

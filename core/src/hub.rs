@@ -946,6 +946,14 @@ mod tests {
         }
     }
 
+    /// `user`'s send of `cmid` in chat c1, admitted as new: the event for the engine.
+    fn forward(hub: &Hub, origin: Origin, user: &str, cmid: &str) -> EngineEvent {
+        match hub.admit_send(origin, &user.into(), send(cmid)).unwrap() {
+            SendAdmission::Forward(ev) => ev,
+            other => panic!("expected forward, got {other:?}"),
+        }
+    }
+
     fn stored(seq: u64, duplicate: bool) -> EngineResult {
         EngineResult::Stored {
             message_id: format!("m{seq}"),
@@ -963,12 +971,7 @@ mod tests {
         let a1 = connect(&hub, 1, "a");
         let a2 = connect(&hub, 2, "a");
         let b = connect(&hub, 3, "b");
-        let SendAdmission::Forward(ev) = hub
-            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
-            .unwrap()
-        else {
-            panic!("expected forward")
-        };
+        let ev = forward(&hub, Origin::Conn(1), "a", "x");
         let tickets = hub.complete(vec![ev], vec![stored(1, false)]);
         assert!(tickets.is_empty());
         assert_eq!(drain(&a1), ["ack"]);
@@ -991,13 +994,7 @@ mod tests {
         let hub = hub();
         let a = connect(&hub, 1, "a");
         let b = connect(&hub, 2, "b");
-        let forward = |cmid: &str| match hub
-            .admit_send(Origin::Conn(1), &"a".into(), send(cmid))
-            .unwrap()
-        {
-            SendAdmission::Forward(ev) => ev,
-            other => panic!("{other:?}"),
-        };
+        let forward = |cmid: &str| forward(&hub, Origin::Conn(1), "a", cmid);
         hub.complete(vec![forward("x")], vec![stored(4, false)]);
         assert_eq!(drain(&a), ["ack"]);
         assert_eq!(drain(&b), ["msg"]);
@@ -1034,12 +1031,7 @@ mod tests {
     fn failed_send_errors_every_waiter_and_can_be_retried() {
         let hub = hub();
         let a = connect(&hub, 1, "a");
-        let SendAdmission::Forward(ev) = hub
-            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
-            .unwrap()
-        else {
-            panic!()
-        };
+        let ev = forward(&hub, Origin::Conn(1), "a", "x");
         assert!(matches!(
             hub.admit_send(Origin::Ticket(3), &"a".into(), send("x"))
                 .unwrap(),
@@ -1193,13 +1185,7 @@ mod tests {
         let a1 = connect(&hub, 1, "a");
         let a2 = connect(&hub, 2, "a");
         let b = connect(&hub, 3, "b");
-        let forward = |origin: Origin, cmid: &str| match hub
-            .admit_send(origin, &"a".into(), send(cmid))
-            .unwrap()
-        {
-            SendAdmission::Forward(ev) => ev,
-            other => panic!("{other:?}"),
-        };
+        let forward = |origin: Origin, cmid: &str| forward(&hub, origin, "a", cmid);
         // Produced to the sends log: nothing yet, the send stays in flight.
         let tickets = hub.complete(
             vec![forward(Origin::Conn(1), "x")],
@@ -1242,12 +1228,7 @@ mod tests {
         let a = connect(&hub, 1, "a");
         let b = connect(&hub, 2, "b");
         for cmid in ["x", "y"] {
-            let SendAdmission::Forward(ev) = hub
-                .admit_send(Origin::Conn(1), &"a".into(), send(cmid))
-                .unwrap()
-            else {
-                panic!("expected forward")
-            };
+            let ev = forward(&hub, Origin::Conn(1), "a", cmid);
             hub.complete(vec![ev], vec![EngineResult::Deferred]);
         }
         let key = |cmid: &str| IdemKey {
@@ -1280,12 +1261,7 @@ mod tests {
     fn a_single_node_never_leaves_a_send_deferred() {
         let hub = hub();
         let a = connect(&hub, 1, "a");
-        let SendAdmission::Forward(ev) = hub
-            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
-            .unwrap()
-        else {
-            panic!("expected forward")
-        };
+        let ev = forward(&hub, Origin::Conn(1), "a", "x");
         hub.complete(vec![ev], vec![EngineResult::Deferred]);
         assert_eq!(drain(&a), ["error"]);
     }
@@ -1389,12 +1365,7 @@ mod tests {
     fn members_receive_the_content_that_was_stored_not_the_content_that_was_sent() {
         let hub = hub();
         let b = connect(&hub, 2, "b");
-        let SendAdmission::Forward(ev) = hub
-            .admit_send(Origin::Conn(1), &"a".into(), send("x"))
-            .unwrap()
-        else {
-            panic!("expected forward")
-        };
+        let ev = forward(&hub, Origin::Conn(1), "a", "x");
         let mut result = stored(1, false);
         if let EngineResult::Stored { content, .. } = &mut result {
             *content = "rewritten by the store".into();

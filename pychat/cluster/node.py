@@ -375,11 +375,13 @@ class ClusterNode:
         self.redis.srem(_users_key(self.node_id), *users)
         self._gone(users, at)
 
-    def _gone(self, users: list[str], at: int) -> None:
+    def _gone(self, users: list[str], at: int) -> list[str]:
+        """Those of `users` connected to no node now are offline for everyone; returns them."""
         where = self.routes.nodes_of(users)
-        for user in users:
-            if not where.get(user):
-                self.relay.broadcast(_dumps({"t": "presence", "user": user, "online": False, "at": at}))
+        offline = [u for u in users if not where.get(u)]
+        for user in offline:
+            self.relay.broadcast(_dumps({"t": "presence", "user": user, "online": False, "at": at}))
+        return offline
 
     # heartbeat: routes, the node's own entry, and the claim on dead nodes
 
@@ -412,8 +414,10 @@ class ClusterNode:
             self.redis.delete(_users_key(dead_id))
             log.warning("node %s stopped heartbeating: %d of its users checked", dead_id, len(gone))
             at = int((now - ROUTE_TTL_S) * 1000)
-            self._gone(gone, at)
-            offline = [u for u in gone if not self.routes.nodes_of([u]).get(u)]
+            # Its route entries first: refreshed by the same heartbeat as its node entry, they may
+            # outlive it by a moment, and its users would look connected to it still.
+            self.routes.forget_node(dead_id, gone)
+            offline = self._gone(gone, at)
             if offline:
                 with contextlib.suppress(Exception):
                     self.store.append_batch([], [], [(u, at) for u in offline])

@@ -54,9 +54,13 @@ class Routes:
 
     def disconnected(self, user_ids: Iterable[str]) -> None:
         """These users have no connection left on this node."""
+        self.forget_node(self.node_id, user_ids)
+
+    def forget_node(self, node_id: str, user_ids: Iterable[str]) -> None:
+        """A dead node's entries for these users, removed now (not when their scores pass)."""
         pipe = self.client.pipeline(transaction=False)
         for user_id in user_ids:
-            pipe.zrem(_key(user_id), self.node_id)
+            pipe.zrem(_key(user_id), node_id)
         pipe.execute()
 
     def nodes_of(self, user_ids: Iterable[str]) -> dict[str, set[str]]:
