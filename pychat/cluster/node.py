@@ -434,8 +434,13 @@ class ClusterNode:
     # presence questions (engine thread, REST)
 
     def online(self, user_ids: list[str]) -> set[str]:
-        """Who of these has a connection on some node now."""
-        return {u for u, nodes in self.routes.nodes_of(user_ids).items() if nodes}
+        """Who of these has a connection on some node now (none known while Redis is down: the
+        callers fall back to what this node's gateway knows)."""
+        try:
+            return {u for u, nodes in self.routes.nodes_of(user_ids).items() if nodes}
+        except redis.RedisError as e:
+            log.warning("presence of %d users not read from Redis: %s", len(user_ids), e)
+            return set()
 
     def metrics(self) -> dict[str, int]:
         with self._pending_lock:
