@@ -58,6 +58,7 @@ class Server:
         # Opening a store may block (a network store connects): off the event loop.
         self.store = await asyncio.to_thread(open_store, cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
         secret = cfg.secret_bytes()
+        memberships = await asyncio.to_thread(self.store.all_memberships)
         self.gateway = Gateway(
             host=cfg.host,
             port=cfg.ws_port,
@@ -67,7 +68,9 @@ class Server:
             allowed_origins=cfg.origins,
             cluster=cfg.clustered,
         )
-        for chat_id, kind, members in await asyncio.to_thread(self.store.all_memberships):
+        # At once: the gateway accepts connections from its start, and a send to a chat it has
+        # not been told of is refused `not_found` (a client reconnecting into a restart did).
+        for chat_id, kind, members in memberships:
             self.gateway.set_chat_members(chat_id, members, kind == "direct")
         self.presence: Presence = LocalPresence(self.gateway, self.store)
         self.engine = Engine(self.gateway, self.store, self.metrics, cfg.batch_max)

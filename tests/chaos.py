@@ -6,7 +6,7 @@ are checked against the stored history.
     .venv/bin/python -m tests.chaos --kills 10 --nodes 3   # a cluster: a random node each time
 
 In cluster mode the clients are spread over the nodes (each reconnects to its own node when it is
-back) on the development Cassandra (`make cassandra`) and a Kafka and Redis of the run's own.
+back), on a Cassandra, a Kafka and a Redis of the run's own.
 Bounded runs are part of `make test` (tests/test_chaos.py, tests/test_nodes_chaos.py).
 """
 
@@ -103,7 +103,11 @@ class ChaosReport:
     gaps: int = 0
     reader_gaps: int = 0
     order_violations: int = 0
+    # Sends answered `unavailable` (a store or a node busy or restarting) and sent again.
+    unavailable_retried: int = 0
     delivered_to_readers: int = 0
+    # The first refusals (other than `unavailable` and `rate_limited`), for a failed run's report.
+    refusals: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def assert_clean(self, kills: int) -> None:
@@ -167,8 +171,9 @@ async def chaos_against(
         sent: dict[str, str] = {}
         acked: dict[str, dict[str, Any]] = {}
         refused: list[str] = []
-        futures: list[asyncio.Future[dict[str, Any]]] = []
         stop = asyncio.Event()
+        answered = asyncio.Event()  # every send acked or refused for good, once `stop` is set
+        stop_retrying = asyncio.Event()
 
         async def sender(client: ChatClient, own_direct: str) -> None:
             i = 0
@@ -180,17 +185,31 @@ async def chaos_against(
                 cmid = f"{client.user_id}-{i}"
                 i += 1
                 sent[cmid] = chat
-                fut = client.send_nowait(chat, f"chaos {cmid}", client_msg_id=cmid)
-
-                def done(f: asyncio.Future[dict[str, Any]], cmid: str = cmid) -> None:
-                    if f.cancelled() or f.exception() is not None:
-                        refused.append(f"{cmid}: {f.exception()!r}")
-                    else:
-                        acked[cmid] = f.result()
-
-                fut.add_done_callback(done)
-                futures.append(fut)
+                send(client, chat, cmid)
                 await asyncio.sleep(random.uniform(0, 0.004))
+
+        def send(client: ChatClient, chat: str, cmid: str) -> None:
+            fut = client.send_nowait(chat, f"chaos {cmid}", client_msg_id=cmid)
+
+            def done(f: asyncio.Future[dict[str, Any]]) -> None:
+                error = None if f.cancelled() else f.exception()
+                if (
+                    isinstance(error, ChatError)
+                    and error.code == "unavailable"
+                    and not stop_retrying.is_set()
+                ):
+                    # What a client does with `unavailable`: the same send again, when told.
+                    report.unavailable_retried += 1
+                    delay = (error.retry_after_ms or 1000) / 1000
+                    asyncio.get_running_loop().call_later(delay, send, client, chat, cmid)
+                elif f.cancelled() or error is not None:
+                    refused.append(f"{cmid}: {error!r}")
+                else:
+                    acked[cmid] = f.result()
+                if stop.is_set() and len(acked) + len(refused) >= len(sent):
+                    answered.set()
+
+            fut.add_done_callback(done)
 
         sender_tasks = [asyncio.create_task(sender(c, d)) for c, d in zip(send_clients, directs, strict=True)]
         for _ in range(kills):
@@ -201,7 +220,10 @@ async def chaos_against(
         stop.set()
         await asyncio.gather(*sender_tasks)
         # Everything sent is acked in the end: the SDK re-sends across restarts.
-        await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 120)
+        if len(acked) + len(refused) >= len(sent):
+            answered.set()
+        await asyncio.wait_for(answered.wait(), 120)
+        stop_retrying.set()
         for c in read_clients:
             await c.sync()
         await asyncio.sleep(0.5)
@@ -225,6 +247,7 @@ async def chaos_against(
             elif (copies[0]["message_id"], copies[0]["seq"]) != (ack["message_id"], ack["seq"]):
                 report.ack_mismatches += 1
         report.lost += len([r for r in refused if "rate_limited" not in r])
+        report.refusals = refused[:5]
         for r in reader_state:
             report.order_violations += len(r.order_violations)
             report.delivered_to_readers += r.msgs
@@ -241,13 +264,22 @@ async def chaos_against(
 
 
 def _cluster_chaos(directory: Path, nodes: int, kills: int, senders: int) -> ChaosReport:
-    from services.cassandra import DEV_DIR, CassandraServer
+    from services.cassandra import CassandraServer
+    from tests.conftest import free_port
     from tests.nodekit import running_cluster
 
-    cassandra = CassandraServer.for_directory(DEV_DIR)
+    cassandra = CassandraServer(
+        directory / "cassandra", port=free_port(), storage_port=free_port(), exit_with_parent=True
+    )
+    cassandra.directory.mkdir()
     cassandra.start()
-    with running_cluster(directory, cassandra, nodes, env=CHAOS_ENV) as running:
-        return asyncio.run(chaos_against(AnyNode(running.cluster), kills, senders=senders, pause=(1.0, 3.0)))
+    try:
+        with running_cluster(directory, cassandra, nodes, env=CHAOS_ENV) as running:
+            return asyncio.run(
+                chaos_against(AnyNode(running.cluster), kills, senders=senders, pause=(1.0, 3.0))
+            )
+    finally:
+        cassandra.stop()
 
 
 def main() -> None:
