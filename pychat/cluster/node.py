@@ -94,8 +94,8 @@ class ClusterNode:
         self._stop = threading.Event()
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
-        # Sends produced and not answered yet: key -> (record, when produced).
-        self._pending: dict[tuple[str, str, str], tuple[SendRecord, float]] = {}
+        # Sends produced and not answered yet: key -> (record, first produced, last produced).
+        self._pending: dict[tuple[str, str, str], tuple[SendRecord, float, float]] = {}
         self._pending_lock = threading.Lock()
         # Users with a connection here, and since when.
         self._online: dict[str, int] = {}
@@ -147,7 +147,7 @@ class ClusterNode:
             why = self.sends.produce(record, self._produce_failed)
             if why is None:
                 with self._pending_lock:
-                    self._pending[(send.sender_id, send.chat_id, send.client_msg_id)] = (record, now)
+                    self._pending[(send.sender_id, send.chat_id, send.client_msg_id)] = (record, now, now)
                 results.append(Deferred())
             else:
                 results.append(Failed("unavailable", "the sends log did not take it; retry"))
@@ -174,11 +174,12 @@ class ClusterNode:
         now = time.monotonic()
         again: list[SendRecord] = []
         with self._pending_lock:
-            for key, (record, since) in list(self._pending.items()):
-                if now - since > RESEND_FOR_S:
+            for key, (record, first, last) in list(self._pending.items()):
+                if now - first > RESEND_FOR_S:
                     del self._pending[key]
-                elif now - since > RESEND_S:
+                elif now - last > RESEND_S:
                     again.append(record)
+                    self._pending[key] = (record, first, now)
         for record in again:
             if self.sends.produce(record, self._produce_failed) is None:
                 self.counters["resent"] += 1
