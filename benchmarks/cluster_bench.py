@@ -38,8 +38,9 @@ from benchmarks.store_server import populate  # noqa: E402
 from benchmarks.suite import SOURCE_IPS, UNLIMITED, proc_stats, run_loadgen  # noqa: E402
 from pychat import _core  # noqa: E402
 from services.cassandra import CassandraServer  # noqa: E402
-from services.cluster import PychatCluster, free_port  # noqa: E402
+from services.cluster import PychatCluster  # noqa: E402
 from services.kafka import KafkaServer  # noqa: E402
+from services.process import free_port  # noqa: E402
 from services.redis import RedisServer  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 

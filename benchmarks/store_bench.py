@@ -40,7 +40,6 @@ from pychat.store import Chat, SendRequest, Store, User, open_store  # noqa: E40
 from pychat.store.cassandra import CONCURRENCY, CassandraStore, bucket_of  # noqa: E402
 from pychat.sync import PAGE_ROWS  # noqa: E402
 from services.cassandra import CassandraServer  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
 
 CONTENT = "x" * 100  # bytes of content per message
 
@@ -324,8 +323,7 @@ def run_store(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 @contextlib.contextmanager
 def own_node(directory: Path) -> Iterator[CassandraServer]:
     """A Cassandra node of this run's own in `directory`, on free ports; stopped at the end."""
-    node = CassandraServer(directory, port=free_port(), storage_port=free_port(), exit_with_parent=True)
-    node.directory.mkdir()
+    node = CassandraServer.on_free_ports(directory)
     node.start()
     try:
         yield node

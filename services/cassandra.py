@@ -29,6 +29,7 @@ from services.process import (
     ServiceProcess,
     cli_parser,
     die_with_parent,
+    free_port,
     java,
     maven_jars,
     port_is_open,
@@ -229,6 +230,13 @@ class CassandraServer(ServiceProcess):
     probe_name = "CQL"
     start_timeout = START_TIMEOUT
     stop_timeout = STOP_TIMEOUT
+
+    @classmethod
+    def on_free_ports(cls, directory: Path) -> CassandraServer:
+        """A node of its own in `directory` (made if missing) on free ports, ending with its parent:
+        for a test or a run that may kill it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        return cls(directory, port=free_port(), storage_port=free_port(), exit_with_parent=True)
 
     @classmethod
     def for_directory(

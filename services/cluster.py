@@ -18,7 +18,6 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from services.cassandra import DEV_DIR as CASSANDRA_DIR
 from services.cassandra import CassandraServer
 from services.kafka import DEV_DIR as KAFKA_DIR
 from services.kafka import KafkaServer
-from services.process import CACHE_DIR, HOST, port_is_free, tail
+from services.process import CACHE_DIR, HOST, free_port, port_is_free, tail
 from services.redis import DEV_DIR as REDIS_DIR
 from services.redis import RedisServer
 
@@ -206,12 +205,6 @@ class PychatCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _dev_services() -> tuple[CassandraServer, KafkaServer, RedisServer]:

@@ -36,6 +36,13 @@ class ServiceError(RuntimeError):
     the log's last lines when the server itself failed."""
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick), for a server of a test or a run."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
 def port_is_free(host: str, port: int) -> bool:
     """Whether a server could listen on `host`:`port` now. With SO_REUSEADDR, as the servers bind
     themselves: the connections that a killed server leaves in TIME_WAIT do not hold its port (without

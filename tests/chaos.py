@@ -265,13 +265,9 @@ async def chaos_against(
 
 def _cluster_chaos(directory: Path, nodes: int, kills: int, senders: int) -> ChaosReport:
     from services.cassandra import CassandraServer
-    from tests.conftest import free_port
     from tests.nodekit import running_cluster
 
-    cassandra = CassandraServer(
-        directory / "cassandra", port=free_port(), storage_port=free_port(), exit_with_parent=True
-    )
-    cassandra.directory.mkdir()
+    cassandra = CassandraServer.on_free_ports(directory / "cassandra")
     cassandra.start()
     try:
         with running_cluster(directory, cassandra, nodes, env=CHAOS_ENV) as running:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,9 @@ import httpx
 import pytest
 
 from pychat.client import ChatClient
+from services.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -246,14 +240,7 @@ def cassandra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraSer
     """A running Cassandra 5.0 node, shared by the session. A node that cannot start fails the test
     with the tail of its log: never a skip. The first run downloads Cassandra, so modules that use it
     raise their timeout (see tests/test_cassandra_service.py)."""
-    node = started(
-        CassandraServer(
-            tmp_path_factory.mktemp("cassandra"),
-            port=free_port(),
-            storage_port=free_port(),
-            exit_with_parent=True,
-        )
-    )
+    node = started(CassandraServer.on_free_ports(tmp_path_factory.mktemp("cassandra")))
     yield node
     node.stop()
 

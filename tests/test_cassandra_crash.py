@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from services.cassandra import CassandraServer
-from tests.conftest import Clients, ServerProcess, free_port, started
+from tests.conftest import Clients, ServerProcess, started
 from tests.wsraw import RawWs
 
 pytestmark = pytest.mark.timeout(600)
@@ -22,11 +22,8 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture
 def own_cassandra(tmp_path: Path) -> Iterator[CassandraServer]:
     """A node of this test's own: it gets killed."""
-    node = CassandraServer(
-        tmp_path / "cassandra", port=free_port(), storage_port=free_port(), exit_with_parent=True
-    )
-    node.directory.mkdir()
-    yield started(node)
+    node = started(CassandraServer.on_free_ports(tmp_path / "cassandra"))
+    yield node
     node.stop()
 
 

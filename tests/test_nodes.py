@@ -93,6 +93,7 @@ async def test_a_retry_on_another_node_gets_the_original_ack(nodes: Nodes, six: 
     assert [m["seq"] for m in history] == [1]
     metrics = (await sender.client.http.get("/metrics")).text
     assert "pychat_cluster_pending_sends 0" in metrics and "pychat_cluster_gaps_filled" in metrics
+    assert "pychat_gateway_cluster_frames_dropped_total 0" in metrics
 
 
 async def test_receipts_typing_and_presence_cross_nodes(six: list[ChatClient]) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.cassandra import CassandraServer
-from tests.conftest import free_port, started
+from tests.conftest import started
 from tests.nodekit import Nodes, Sender, check_chat, history_when_up, running_cluster, users_on
 
 pytestmark = [pytest.mark.nodes, pytest.mark.timeout(500)]
@@ -20,14 +20,8 @@ pytestmark = [pytest.mark.nodes, pytest.mark.timeout(500)]
 
 @pytest.fixture(scope="module")
 def own_cassandra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
-    node = CassandraServer(
-        tmp_path_factory.mktemp("cassandra") / "node",
-        port=free_port(),
-        storage_port=free_port(),
-        exit_with_parent=True,
-    )
-    node.directory.mkdir()
-    yield started(node)
+    node = started(CassandraServer.on_free_ports(tmp_path_factory.mktemp("cassandra") / "node"))
+    yield node
     node.stop()
 
 

@@ -341,7 +341,14 @@ impl PyGateway {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        self.inner.hub().counters.snapshot()
+        let hub = self.inner.hub();
+        let mut counters = hub.counters.snapshot();
+        if let Some(link) = &hub.cluster {
+            // Typing and receipt frames for other nodes dropped while the cluster layer lagged.
+            let dropped = link.dropped.load(std::sync::atomic::Ordering::Relaxed);
+            counters.push(("cluster_frames_dropped", dropped));
+        }
+        counters
     }
 
     /// Hands one page of a connection's `sync` backlog to it: rows are `(chat_id, seq,
