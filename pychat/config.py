@@ -55,6 +55,18 @@ class Config:
     kafka: str = ""
     redis: str = ""
     node_id: str = ""
+    # Where the bytes of media live: empty (data_dir/media), file:///path, or
+    # s3://bucket?endpoint=http://host:port (see pychat.blobs and docs/operator.md, "Media").
+    media_store: str = ""
+    # Bytes one user may upload per rolling 24 hours (0: no quota); past it, `rate_limited`.
+    media_quota_bytes_per_day: int = 2 * 1024 * 1024 * 1024
+    # Uploads never posted in a message are removed after this long; the collector runs this often.
+    media_unattached_age_s: int = 24 * 3600
+    media_gc_interval_s: int = 3600
+    # Thumbnails: the longest side, in pixels; images with more pixels than this are refused
+    # (a decompression bomb: a small file that decodes into gigabytes).
+    thumbnail_px: int = 320
+    max_image_pixels: int = 64_000_000
     # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
     secret_key: str = ""
     token_ttl_s: int = 7 * 24 * 3600
@@ -206,6 +218,8 @@ def load_config(
         raise ValueError("a cluster node needs both kafka and redis (or neither, for one node)")
     if config.kafka and not config.store.startswith("cassandra://"):
         raise ValueError("a cluster node needs a shared store: store = cassandra://host:port/keyspace")
+    if config.media_store and config.media_store.split("://", 1)[0] not in ("file", "s3"):
+        raise ValueError(f"unknown media store {config.media_store!r}: use file:///path or s3://bucket")
     if config.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     return config

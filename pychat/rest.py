@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,15 +20,17 @@ from urllib.parse import parse_qsl
 
 from pychat import __version__
 from pychat.auth import DUMMY_HASH, USERNAME, TokenIssuer, hash_password, verify_password
+from pychat.blobs import BlobStore
 from pychat.config import Config
 from pychat.engine import Engine
 from pychat.errors import ApiError, RateLimited
 from pychat.gateway import Gateway
 from pychat.ids import new_id, now_ms
+from pychat.media import IMAGE_TYPES, THUMBNAIL_TYPE, ByteRange, MediaService, disposition, parse_range
 from pychat.metrics import Metrics
 from pychat.presence import Presence
 from pychat.ratelimit import RateLimiter
-from pychat.store import Chat, Store, User
+from pychat.store import Chat, Media, Store, User
 
 if TYPE_CHECKING:
     from pychat.cluster.node import ClusterNode
@@ -52,6 +54,8 @@ class Request:
     params: dict[str, str] = field(default_factory=dict)
     user_id: str = ""
     client: str = ""
+    # For a streamed route (uploads): the body is read by the handler, not before it.
+    receive: Receive | None = None
 
     def json(self) -> dict[str, Any]:
         try:
@@ -84,6 +88,9 @@ class Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # A body sent as it is produced (media downloads), `length` bytes in all, instead of `body`.
+    stream: AsyncIterator[bytes] | None = None
+    length: int = 0
 
 
 def ok(value: Any, status: int = 200) -> Response:
@@ -136,6 +143,7 @@ class RestApi:
         presence: Presence,
         issuer: TokenIssuer,
         metrics: Metrics,
+        blobs: BlobStore,
         cluster: ClusterNode | None = None,
     ) -> None:
         self.config = config
@@ -152,6 +160,7 @@ class RestApi:
         self.register_limit = RateLimiter(config.register_per_min / 60, config.register_per_min)
         self._reads = ThreadPoolExecutor(max(1, config.rest_threads), thread_name_prefix="pychat-rest")
         self._writes = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="pychat-rest-write")
+        self.media = MediaService(config, store, blobs, self._store_call)
         # One member change at a time, from its checks to telling the gateway: with the store
         # calls on threads, two changes could otherwise publish their member lists out of order
         # (a removed member kept in the gateway's cache) or both pass the group-size check.
@@ -176,10 +185,13 @@ class RestApi:
         r("POST", "/api/messages/{message_id}/read", self.mark_read)
         r("GET", "/api/chats/{chat_id}/receipts", self.receipts)
         r("GET", "/api/users/{user_id}/presence", self.get_presence)
+        r("POST", "/api/media", self.upload_media)
+        r("GET", "/api/media/{media_id}", self.download_media)
+        r("GET", "/api/media/{media_id}/thumbnail", self.download_thumbnail)
+        # Routes whose handler reads the body itself, as it arrives.
+        self.streamed = {"/api/media"}
         for method, path in [
             ("GET", "/api/search"),
-            ("POST", "/api/media"),
-            ("GET", "/api/media/{media_id}"),
             ("GET", "/api/chats/{chat_id}/export"),
         ]:
             r(method, path, self.not_yet)
@@ -213,12 +225,28 @@ class RestApi:
             self.metrics.errors.inc(kind="http_internal")
             response = Response(500, json.dumps(ApiError("internal", "internal error").body()).encode())
         headers = [(b"content-type", response.content_type.encode())]
-        headers.append((b"content-length", str(len(response.body)).encode()))
+        length = response.length if response.stream is not None else len(response.body)
+        headers.append((b"content-length", str(length).encode()))
         headers.extend((k.encode(), v.encode()) for k, v in response.headers)
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": response.body})
+        if response.stream is None:
+            await send({"type": "http.response.body", "body": response.body})
+        else:
+            await self._send_stream(response.stream, send)
         self.metrics.http_requests.inc(route=route_label, status=str(response.status))
         self.metrics.http_seconds.observe(time.perf_counter() - started, route=route_label)
+
+    async def _send_stream(self, stream: AsyncIterator[bytes], send: Send) -> None:
+        try:
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except Exception as e:  # the client went away, or the blob store failed midway
+            log.info("a streamed response stopped early: %s", e)
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[Response, str]:
         path: str = scope["path"]
@@ -246,7 +274,10 @@ class RestApi:
                 raise ApiError("forbidden", "origin not allowed")
             if auth:
                 req.user_id = self._authenticate(headers)
-            req.body = await self._read_body(receive)
+            if label in self.streamed:
+                req.receive = receive
+            else:
+                req.body = await self._read_body(receive)
             return await handler(req), label
         if allowed:
             error = ApiError("bad_request", f"method {method} is not allowed here", status=405)
@@ -282,6 +313,7 @@ class RestApi:
         closed after this)."""
         for pool in (self._reads, self._writes):
             await asyncio.to_thread(functools.partial(pool.shutdown, wait=True, cancel_futures=True))
+        await asyncio.to_thread(self.media.close)
 
     # helpers
 
@@ -546,6 +578,68 @@ class RestApi:
                 raise ApiError("not_found", "no such user")
             raise ApiError("forbidden", "you share no chat with this user")
         return ok(await self._store_call(self.presence.status, user_id))
+
+    async def upload_media(self, req: Request) -> Response:
+        assert req.receive is not None
+        media = await self.media.upload(req.user_id, req.headers, req.query, req.receive)
+        answer = {**media.attachment(), "sha256": media.sha256}
+        return ok(answer, 201)
+
+    async def download_media(self, req: Request) -> Response:
+        media = await self.media.readable(req.user_id, req.params["media_id"])
+        inline = media.content_type in IMAGE_TYPES
+        return self._blob_response(req, media, media.sha256, media.size, media.content_type, inline)
+
+    async def download_thumbnail(self, req: Request) -> Response:
+        media = await self.media.readable(req.user_id, req.params["media_id"])
+        if not media.thumb_sha256 or media.thumb_size is None:
+            raise ApiError("not_found", "this media has no thumbnail")
+        return self._blob_response(req, media, media.thumb_sha256, media.thumb_size, THUMBNAIL_TYPE, True)
+
+    def _blob_response(
+        self, req: Request, media: Media, key: str, size: int, content_type: str, inline: bool
+    ) -> Response:
+        """A blob with the caching and safety headers of every media answer; a range of it (206) or
+        416 when `Range` asks; 304 when the client has it (`If-None-Match`)."""
+        etag = f'"{key}"'
+        headers = [
+            ("etag", etag),
+            ("accept-ranges", "bytes"),
+            # Private: access depends on who asks. Immutable: the same URL never has other bytes.
+            ("cache-control", "private, max-age=31536000, immutable"),
+            ("x-content-type-options", "nosniff"),
+            ("content-security-policy", "default-src 'none'; sandbox"),
+            ("content-disposition", disposition(media, inline)),
+        ]
+        if_none_match = req.headers.get("if-none-match")
+        if if_none_match and (
+            if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
+        ):
+            return Response(304, b"", content_type, headers)
+        wanted = parse_range(req.headers.get("range"), size)
+        if_range = req.headers.get("if-range")
+        if if_range is not None and if_range.strip() != etag:
+            wanted = None  # the client's copy is another one: the whole body
+        if wanted == "unsatisfiable":
+            return Response(
+                416,
+                json.dumps(ApiError("bad_request", "the range is outside the file").body()).encode(),
+                headers=[*headers, ("content-range", f"bytes */{size}")],
+            )
+        if isinstance(wanted, ByteRange):
+            end = wanted.start + wanted.length - 1
+            headers.append(("content-range", f"bytes {wanted.start}-{end}/{size}"))
+            stream = self.media.stream(key, wanted.start, wanted.length)
+            return Response(
+                206, content_type=content_type, headers=headers, stream=stream, length=wanted.length
+            )
+        return Response(
+            200,
+            content_type=content_type,
+            headers=headers,
+            stream=self.media.stream(key, 0, size),
+            length=size,
+        )
 
     async def not_yet(self, req: Request) -> Response:
         raise ApiError("unavailable", f"{req.path} is not available in this version yet")

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pychat.auth import TokenIssuer
+from pychat.blobs import open_blob_store
 from pychat.config import Config
 from pychat.engine import Engine
 from pychat.gateway import Gateway
@@ -41,6 +42,7 @@ class Server:
         self.metrics = Metrics()
         self._http: object | None = None
         self._http_task: asyncio.Task[None] | None = None
+        self._collector: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     @property
@@ -57,6 +59,7 @@ class Server:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         # Opening a store may block (a network store connects): off the event loop.
         self.store = await asyncio.to_thread(open_store, cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
+        blobs = await asyncio.to_thread(open_blob_store, cfg.media_store, cfg.data_dir)
         secret = cfg.secret_bytes()
         memberships = await asyncio.to_thread(self.store.all_memberships)
         self.gateway = Gateway(
@@ -93,8 +96,10 @@ class Server:
             self.presence,
             TokenIssuer(secret, cfg.token_ttl_s),
             self.metrics,
+            blobs,
             self.cluster,
         )
+        self._collector = asyncio.create_task(self.api.media.collect_forever())
         from granian.constants import Interfaces
         from granian.server.embed import Server as EmbeddedServer
 
@@ -123,6 +128,8 @@ class Server:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
         if self._http is not None:
             self._http.stop()  # type: ignore[attr-defined]
         if self._http_task is not None:

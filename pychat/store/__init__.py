@@ -58,6 +58,43 @@ class Chat:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Media:
+    """One upload: its own id, the blob it points to (by sha256) and what was read from the bytes."""
+
+    media_id: str
+    uploader_id: str
+    sha256: str
+    content_type: str
+    size: int
+    created_at: int
+    filename: str | None = None
+    width: int | None = None
+    height: int | None = None
+    thumb_sha256: str | None = None
+    thumb_size: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"/api/media/{self.media_id}"
+
+    def attachment(self) -> dict[str, Any]:
+        """The attachment object of PROTOCOL.md (plus what a client needs to lay it out)."""
+        out: dict[str, Any] = {
+            "media_id": self.media_id,
+            "content_type": self.content_type,
+            "size": self.size,
+            "url": self.url,
+        }
+        if self.thumb_sha256:
+            out["thumbnail_url"] = f"{self.url}/thumbnail"
+        if self.width is not None:
+            out["width"], out["height"] = self.width, self.height
+        if self.filename:
+            out["filename"] = self.filename
+        return out
+
+
 class SendRequest(NamedTuple):
     sender_id: str
     chat_id: str
@@ -157,7 +194,30 @@ class MetadataStore(Protocol):
     def last_seen_many(self, user_ids: list[str]) -> dict[str, int | None]: ...
 
 
-class Store(MessageStore, MetadataStore, Protocol):
+class MediaStore(Protocol):
+    """What is known of uploads (the bytes are in a `BlobStore`), who may see them, and which
+    blobs are still pointed to. Sends resolve their attachments in `append_batch`: only media the
+    sender uploaded or may see; storing the message lets the chat's members see them."""
+
+    def add_media(self, media: Media) -> None: ...
+    def get_media(self, media_id: str) -> Media | None: ...
+    def may_see_media(self, media_id: str, user_id: str) -> bool:
+        """The uploader, and the members of every chat where a message with it was posted."""
+
+    def uploaded_since(self, user_id: str, since_ms: int) -> tuple[int, int | None]:
+        """(bytes the user uploaded since then, created_at of the oldest of those uploads)."""
+
+    def unattached_media(self, before_ms: int, limit: int) -> list[Media]:
+        """Uploads older than `before_ms` never posted in a message."""
+
+    def remove_unattached(self, media_id: str) -> bool:
+        """Deletes an upload's row unless a message has taken it meanwhile (False then)."""
+
+    def blob_in_use(self, sha256: str) -> bool:
+        """Whether any upload (or its thumbnail) points to this blob."""
+
+
+class Store(MessageStore, MetadataStore, MediaStore, Protocol):
     """A backend: both halves, opened by `open_store`."""
 
     # What the store raises when it is out of reach for now (a network store down or timing

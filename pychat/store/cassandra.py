@@ -40,6 +40,7 @@ rest on its thread pools.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -68,11 +69,20 @@ from cassandra.query import BatchStatement, BatchType, PreparedStatement
 from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import now_ms
-from pychat.store import BacklogRow, Chat, PointerRequest, PointerResult, SendRequest, SendResult, User
+from pychat.store import (
+    BacklogRow,
+    Chat,
+    Media,
+    PointerRequest,
+    PointerResult,
+    SendRequest,
+    SendResult,
+    User,
+)
 
 log = logging.getLogger("pychat.store.cassandra")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Seqs per messages partition.
 BUCKET_SIZE = 10_000
 # How long a send's key is remembered (PROTOCOL.md: at least 24 h), and the span of one
@@ -89,6 +99,8 @@ WRITE_GROUP = 8
 # goes in several fenced batches in turn, each atomic, so a crash between them leaves no gap.
 FENCE_ROWS = 100
 FENCE_BYTES = 40 * 1024
+# Per-user upload rows are kept for the quota's window (a day) and then some.
+MEDIA_QUOTA_TTL_S = 2 * 86_400
 # Rows per IN query.
 IN_CHUNK = 100
 # How long a chat's members are trusted from memory when another process may change them.
@@ -118,7 +130,25 @@ SCHEMA = [
     f"""CREATE TABLE IF NOT EXISTS send_keys (
         chat_id text, day bigint, sender_id text, client_msg_id text, message_id text, seq bigint,
         PRIMARY KEY ((chat_id, day), sender_id, client_msg_id)) WITH default_time_to_live = {KEYS_TTL_S}""",
+    # Media (schema 3): one row per upload; the blobs they point to (sha256, thumbnail included);
+    # the chats where a message carried it (their members may read it); uploads per user (quota);
+    # uploads not attached yet, by day (collected after `media_unattached_age_s`).
+    """CREATE TABLE IF NOT EXISTS media (
+        media_id text PRIMARY KEY, uploader_id text, sha256 text, content_type text, size bigint,
+        created_at bigint, filename text, width int, height int, thumb_sha256 text, thumb_size bigint,
+        attached boolean)""",
+    "CREATE TABLE IF NOT EXISTS media_blobs (sha256 text, media_id text, PRIMARY KEY (sha256, media_id))",
+    "CREATE TABLE IF NOT EXISTS media_posts (media_id text, chat_id text, PRIMARY KEY (media_id, chat_id))",
+    f"""CREATE TABLE IF NOT EXISTS media_by_uploader (
+        uploader_id text, created_at bigint, media_id text, size bigint,
+        PRIMARY KEY (uploader_id, created_at, media_id)) WITH default_time_to_live = {MEDIA_QUOTA_TTL_S}""",
+    """CREATE TABLE IF NOT EXISTS media_unattached (
+        day bigint, created_at bigint, media_id text, PRIMARY KEY (day, created_at, media_id))""",
 ]
+
+_MEDIA_FIELDS = [f.name for f in dataclasses.fields(Media)]
+_MEDIA_COLUMNS = ", ".join(_MEDIA_FIELDS)
+DAY_MS = 86_400_000
 
 _MESSAGE_FIELDS = "seq, message_id, sender_id, content, attachments, created_at, client_msg_id"
 
@@ -298,6 +328,35 @@ class CassandraStore:
         )
         self._q_user = p(
             "SELECT user_id, username, display_name, password_hash, created_at, last_seen FROM users WHERE user_id = ?"
+        )
+
+        self._q_media_put = p(
+            f"INSERT INTO media ({_MEDIA_COLUMNS}, attached) VALUES ({', '.join('?' * (len(_MEDIA_FIELDS) + 1))})"
+        )
+        self._q_media_get = p(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE media_id = ?")
+        # Compare-and-set both ways: a send marks media attached only if it still exists; garbage
+        # collection deletes it only if still unattached.
+        self._q_media_attach = p("UPDATE media SET attached = true WHERE media_id = ? IF EXISTS")
+        self._q_media_drop = p("DELETE FROM media WHERE media_id = ? IF attached = false")
+        self._q_media_blob = p("INSERT INTO media_blobs (sha256, media_id) VALUES (?, ?)")
+        self._q_media_blob_drop = p("DELETE FROM media_blobs WHERE sha256 = ? AND media_id = ?")
+        self._q_blob_used = p("SELECT media_id FROM media_blobs WHERE sha256 = ? LIMIT 1")
+        self._q_media_post = p("INSERT INTO media_posts (media_id, chat_id) VALUES (?, ?)")
+        self._q_media_chats = p("SELECT chat_id FROM media_posts WHERE media_id = ?")
+        self._q_media_upload = p(
+            "INSERT INTO media_by_uploader (uploader_id, created_at, media_id, size) VALUES (?, ?, ?, ?)"
+        )
+        self._q_media_uploads = p(
+            "SELECT created_at, size FROM media_by_uploader WHERE uploader_id = ? AND created_at >= ?"
+        )
+        self._q_media_unattached = p(
+            "INSERT INTO media_unattached (day, created_at, media_id) VALUES (?, ?, ?)"
+        )
+        self._q_unattached_day = p(
+            "SELECT media_id FROM media_unattached WHERE day = ? AND created_at < ? LIMIT ?"
+        )
+        self._q_unattached_drop = p(
+            "DELETE FROM media_unattached WHERE day = ? AND created_at = ? AND media_id = ?"
         )
 
     def close(self) -> None:
@@ -672,6 +731,7 @@ class CassandraStore:
         }
         if behind:
             self._catch_up(behind, {})
+        media = self._media_of([s for i, s in enumerate(sends) if s.attachments and i not in originals])
         # New sends per chat, in order; a key repeated in the batch is stored once.
         fresh: dict[str, list[int]] = defaultdict(list)
         repeats: dict[int, int] = {}
@@ -683,17 +743,23 @@ class CassandraStore:
                 results[i] = originals[i]
             elif s.sender_id not in members.get(s.chat_id, ()):
                 results[i] = Failed("forbidden", "not a member of this chat")
-            elif s.attachments:  # media is not served by this store yet
-                results[i] = Failed("not_found", f"no such media: {s.attachments[0]}")
+            elif s.attachments and (refused := self._check_attachments(s, media)) is not None:
+                results[i] = refused
             elif (key := (s.chat_id, s.sender_id, s.client_msg_id)) in first_of:
                 repeats[i] = first_of[key]
             else:
                 first_of[key] = i
                 fresh[s.chat_id].append(i)
+        attached: dict[int, str] = {}
+        if media:
+            for i, answer in self._attach(sends, fresh, media, attached).items():
+                results[i] = answer
+            fresh = {c: [i for i in indexes if results[i] is None] for c, indexes in fresh.items()}
+            fresh = {c: indexes for c, indexes in fresh.items() if indexes}
         if fresh:
             created_at = now_ms()
             hints = {c: chat_rows[c].last_seq or 0 for c in fresh}
-            for i, answer in self._store_chats(fresh, sends, hints, created_at).items():
+            for i, answer in self._store_chats(fresh, sends, hints, created_at, attached).items():
                 results[i] = answer
         for i, first in repeats.items():
             was = results[first]
@@ -701,6 +767,126 @@ class CassandraStore:
                 was = Stored(was.message_id, was.seq, was.created_at, was.content, was.attachments, True)
             results[i] = was
         return [r if r is not None else Failed("internal", "no result") for r in results]
+
+    # media
+
+    def _media_of(self, sends: list[SendRequest]) -> dict[str, Media]:
+        wanted = sorted({m for s in sends for m in s.attachments})
+        if not wanted:
+            return {}
+        rows = self._in(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE media_id IN ?", wanted)
+        return {r.media_id: _media(r) for r in rows}
+
+    def _check_attachments(self, s: SendRequest, media: dict[str, Media]) -> Failed | None:
+        for media_id in s.attachments:
+            m = media.get(media_id)
+            if m is None:
+                return Failed("not_found", f"no such media: {media_id}")
+            if m.uploader_id != s.sender_id and not self.may_see_media(media_id, s.sender_id):
+                return Failed("forbidden", f"you may not post media {media_id}")
+        return None
+
+    def _attach(
+        self,
+        sends: list[SendRequest],
+        fresh: dict[str, list[int]],
+        media: dict[str, Media],
+        out: dict[int, str],
+    ) -> dict[int, SendResult]:
+        """Marks the media of these sends attached (a compare-and-set, so an upload being collected
+        at this moment is either kept or refused here, never lost under a message) and lets their
+        chats' members see them. Fills `out` with each send's attachment objects; the answers of
+        sends that cannot be stored."""
+        indexes = [i for chat in fresh.values() for i in chat if sends[i].attachments]
+        ids = sorted({m for i in indexes for m in sends[i].attachments})
+        marked = dict(zip(ids, self._all(self._q_media_attach, [(m,) for m in ids]), strict=True))
+        refused: dict[int, SendResult] = {}
+        for i in indexes:
+            gone = [m for m in sends[i].attachments if not (marked[m] and marked[m][0].applied)]
+            if gone:
+                refused[i] = Failed("not_found", f"no such media: {gone[0]}")
+                continue
+            items = [media[m].attachment() for m in sends[i].attachments]
+            out[i] = json.dumps(items, separators=(",", ":"))
+        grants = {(m, sends[i].chat_id) for i in indexes if i not in refused for m in sends[i].attachments}
+        self._write_all(self._q_media_post, sorted(grants))
+        return refused
+
+    def add_media(self, media: Media) -> None:
+        values = dataclasses.astuple(media)
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        batch.add(self._q_media_put, (*values, False))
+        batch.add(self._q_media_blob, (media.sha256, media.media_id))
+        if media.thumb_sha256:
+            batch.add(self._q_media_blob, (media.thumb_sha256, media.media_id))
+        batch.add(self._q_media_upload, (media.uploader_id, media.created_at, media.media_id, media.size))
+        batch.add(self._q_media_unattached, (media.created_at // DAY_MS, media.created_at, media.media_id))
+        self.session.execute(batch)
+
+    def get_media(self, media_id: str) -> Media | None:
+        row = self.session.execute(self._q_media_get, (media_id,)).one()
+        return _media(row) if row is not None else None
+
+    def may_see_media(self, media_id: str, user_id: str) -> bool:
+        m = self.get_media(media_id)
+        if m is None:
+            return False
+        if m.uploader_id == user_id:
+            return True
+        chats = [r.chat_id for r in self.session.execute(self._q_media_chats, (media_id,))]
+        answers = self._all(self._q_member, [(c, user_id) for c in chats])
+        return any(answers)
+
+    def uploaded_since(self, user_id: str, since_ms: int) -> tuple[int, int | None]:
+        rows = list(self.session.execute(self._q_media_uploads, (user_id, since_ms)))
+        return sum(r.size for r in rows), (rows[0].created_at if rows else None)
+
+    def unattached_media(self, before_ms: int, limit: int) -> list[Media]:
+        # Days from the oldest upload still waiting (kept in meta) up to the cutoff.
+        row = self.session.execute("SELECT value FROM meta WHERE key = 'media_unattached_from'").one()
+        first_day = int(row.value) if row else (before_ms // DAY_MS) - 30
+        ids: list[str] = []
+        for day in range(first_day, before_ms // DAY_MS + 1):
+            for r in self.session.execute(self._q_unattached_day, (day, before_ms, limit - len(ids))):
+                ids.append(r.media_id)
+            if len(ids) >= limit:
+                break
+        media = self._in(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE media_id IN ?", ids) if ids else []
+        found = {r.media_id: r for r in media}
+        out = []
+        for media_id in ids:
+            r = found.get(media_id)
+            if r is not None and not r.attached:
+                out.append(_media(r))
+            else:  # attached since, or removed: nothing to collect
+                self._forget_unattached(media_id, r.created_at if r is not None else None)
+        if len(ids) < limit:
+            self.session.execute(
+                "INSERT INTO meta (key, value) VALUES ('media_unattached_from', %s)",
+                (str(before_ms // DAY_MS - 1),),
+            )
+        return out
+
+    def _forget_unattached(self, media_id: str, created_at: int | None) -> None:
+        if created_at is not None:
+            self.session.execute(self._q_unattached_drop, (created_at // DAY_MS, created_at, media_id))
+
+    def remove_unattached(self, media_id: str) -> bool:
+        m = self.get_media(media_id)
+        if m is None:
+            return False
+        applied = self.session.execute(self._q_media_drop, (media_id,)).one()
+        if not applied.applied:
+            return False
+        self._write_all(
+            self._q_media_blob_drop,
+            [(sha, media_id) for sha in (m.sha256, m.thumb_sha256) if sha],
+        )
+        self._forget_unattached(media_id, m.created_at)
+        return True
+
+    def blob_in_use(self, sha256: str) -> bool:
+        return self.session.execute(self._q_blob_used, (sha256,)).one() is not None
 
     def _cached_members(self, chat_ids: list[str]) -> tuple[dict[str, frozenset[str]], list[str]]:
         """The members of these chats known from a short-lived cache (this store's own membership
@@ -822,6 +1008,7 @@ class CassandraStore:
         sends: list[SendRequest],
         hints: dict[str, int],
         created_at: int,
+        attached: dict[int, str],
     ) -> dict[int, SendResult]:
         """Numbers each chat's new sends after its last seq and stores them fenced, with their
         keys, all chats at once. The answer of each send, by its index in `sends`."""
@@ -842,7 +1029,7 @@ class CassandraStore:
                         message_id_of(c, self._last[c] + 1 + k),
                         sends[i].sender_id,
                         sends[i].content,
-                        "[]",
+                        attached.get(i, "[]"),
                         created_at,
                         sends[i].client_msg_id,
                     )
@@ -1101,6 +1288,10 @@ class CassandraStore:
 
 
 @functools.lru_cache(maxsize=512)
+def _media(row: Any) -> Media:
+    return Media(*(getattr(row, name) for name in _MEDIA_FIELDS))
+
+
 def _row_class(names: tuple[str, ...]) -> Any:
     # "[applied]" (a conditional write's answer) reads as `.applied`, as with the driver's factory.
     return namedtuple("Row", [re.sub(r"[^0-9a-zA-Z_]", "", n) for n in names])

@@ -7,6 +7,7 @@ WAL is fsynced; the engine acks only after COMMIT returns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -18,11 +19,20 @@ from typing import Any
 from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import new_ids, now_ms
-from pychat.store import BacklogRow, Chat, PointerRequest, PointerResult, SendRequest, SendResult, User
+from pychat.store import (
+    BacklogRow,
+    Chat,
+    Media,
+    PointerRequest,
+    PointerResult,
+    SendRequest,
+    SendResult,
+    User,
+)
 
 log = logging.getLogger("pychat.store")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # Messages name their chat and sender by the integer keys `chat_no` / `user_no` rather than
 # the 29-character text ids: every message row and both of its per-chat indexes get smaller,
@@ -90,12 +100,28 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_client_key ON messages (client_msg
 CREATE TABLE IF NOT EXISTS media (
     media_id TEXT PRIMARY KEY,
     uploader_id TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
     content_type TEXT NOT NULL,
     size INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
     created_at INTEGER NOT NULL,
-    thumbnail_media_id TEXT
-);
+    filename TEXT,
+    width INTEGER,
+    height INTEGER,
+    thumb_sha256 TEXT,
+    thumb_size INTEGER,
+    -- Set by the first message that carries it: uploads never attached are collected.
+    attached INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS media_by_uploader ON media (uploader_id, created_at);
+CREATE INDEX IF NOT EXISTS media_by_sha ON media (sha256);
+CREATE INDEX IF NOT EXISTS media_by_thumb ON media (thumb_sha256) WHERE thumb_sha256 IS NOT NULL;
+CREATE INDEX IF NOT EXISTS media_unattached ON media (created_at) WHERE attached = 0;
+-- The chats where a message carried the media: their members may read it (schema 5 -> 6).
+CREATE TABLE IF NOT EXISTS media_posts (
+    media_id TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    PRIMARY KEY (media_id, chat_id)
+) WITHOUT ROWID;
 """
 
 # Version 2 -> 3: the same rows, re-keyed (`user_no` / `chat_no` follow the old rowid order).
@@ -159,6 +185,9 @@ def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
         "client_msg_id": client_msg_id,
     }
 
+
+_MEDIA_FIELDS = len(dataclasses.fields(Media))
+_MEDIA_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Media))
 
 # Page cache per connection (KiB): the engine's inserts descend indexes far larger than the
 # default 2 MiB (measured: ~5% more durable msgs/s once the store holds a few million messages).
@@ -227,6 +256,10 @@ class SqliteStore:
             for statement in _MIGRATE_V2.split(";"):
                 c.execute(statement)
             return True
+        # Version 5 and older had a media table no version ever wrote to: replaced.
+        media_columns = {row[1] for row in c.execute("PRAGMA table_info(media)")}
+        if "thumbnail_media_id" in media_columns:
+            c.execute("DROP TABLE media")
         # Version 3: the idempotency index led by the chat (rebuilt client key first).
         c.execute("DROP INDEX IF EXISTS messages_idempotency")
         return False
@@ -706,26 +739,98 @@ class SqliteStore:
         return found
 
     def _resolve_attachments(self, c: sqlite3.Connection, s: SendRequest) -> tuple[str, Failed | None]:
+        """The attachment objects of a send, as JSON: media the sender uploaded or may see. The
+        chat's members may see them from now on (the grant commits with the message)."""
         if not s.attachments:
             return "[]", None
         items = []
         for media_id in s.attachments:
-            row = c.execute(
-                "SELECT media_id, content_type, size, thumbnail_media_id FROM media WHERE media_id = ?",
-                (media_id,),
-            ).fetchone()
+            row = c.execute(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE media_id = ?", (media_id,)).fetchone()
             if row is None:
                 return "", Failed("not_found", f"no such media: {media_id}")
-            item: dict[str, Any] = {
-                "media_id": row[0],
-                "content_type": row[1],
-                "size": row[2],
-                "url": f"/api/media/{row[0]}",
-            }
-            if row[3]:
-                item["thumbnail_url"] = f"/api/media/{row[3]}"
-            items.append(item)
+            media = Media(*row)
+            if media.uploader_id != s.sender_id and not self._may_see(c, media_id, s.sender_id):
+                return "", Failed("forbidden", f"you may not post media {media_id}")
+            items.append(media.attachment())
+        for media_id in s.attachments:
+            c.execute(
+                "INSERT OR IGNORE INTO media_posts (media_id, chat_id) VALUES (?, ?)", (media_id, s.chat_id)
+            )
+            c.execute("UPDATE media SET attached = 1 WHERE media_id = ? AND attached = 0", (media_id,))
         return json.dumps(items, separators=(",", ":")), None
+
+    @staticmethod
+    def _may_see(c: sqlite3.Connection, media_id: str, user_id: str) -> bool:
+        row = c.execute(
+            "SELECT 1 FROM media_posts p JOIN user_chats uc ON uc.chat_id = p.chat_id"
+            " WHERE p.media_id = ? AND uc.user_id = ? LIMIT 1",
+            (media_id, user_id),
+        ).fetchone()
+        return row is not None
+
+    # media
+
+    def add_media(self, media: Media) -> None:
+        with self._write() as c:
+            c.execute(
+                f"INSERT INTO media ({_MEDIA_COLUMNS}) VALUES ({', '.join('?' * _MEDIA_FIELDS)})",
+                dataclasses.astuple(media),
+            )
+
+    def get_media(self, media_id: str) -> Media | None:
+        row = (
+            self._conn()
+            .execute(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE media_id = ?", (media_id,))
+            .fetchone()
+        )
+        return Media(*row) if row else None
+
+    def may_see_media(self, media_id: str, user_id: str) -> bool:
+        c = self._conn()
+        row = c.execute("SELECT uploader_id FROM media WHERE media_id = ?", (media_id,)).fetchone()
+        if row is None:
+            return False
+        return bool(row[0] == user_id) or self._may_see(c, media_id, user_id)
+
+    def uploaded_since(self, user_id: str, since_ms: int) -> tuple[int, int | None]:
+        total, oldest = (
+            self._conn()
+            .execute(
+                "SELECT COALESCE(SUM(size), 0), MIN(created_at) FROM media"
+                " WHERE uploader_id = ? AND created_at >= ?",
+                (user_id, since_ms),
+            )
+            .fetchone()
+        )
+        return int(total), oldest
+
+    def unattached_media(self, before_ms: int, limit: int) -> list[Media]:
+        rows = (
+            self._conn()
+            .execute(
+                f"SELECT {_MEDIA_COLUMNS} FROM media WHERE attached = 0 AND created_at < ?"
+                " ORDER BY created_at LIMIT ?",
+                (before_ms, limit),
+            )
+            .fetchall()
+        )
+        return [Media(*row) for row in rows]
+
+    def remove_unattached(self, media_id: str) -> bool:
+        with self._write() as c:
+            return (
+                c.execute("DELETE FROM media WHERE media_id = ? AND attached = 0", (media_id,)).rowcount > 0
+            )
+
+    def blob_in_use(self, sha256: str) -> bool:
+        c = self._conn()
+        return (
+            c.execute(
+                "SELECT 1 FROM media WHERE sha256 = ? UNION ALL SELECT 1 FROM media WHERE thumb_sha256 = ? LIMIT 1",
+                (sha256, sha256),
+            ).fetchone()
+            is not None
+        )
 
     def _move_pointer(self, c: sqlite3.Connection, p: PointerRequest, last: int | None) -> PointerResult:
         row = c.execute(

@@ -1,0 +1,542 @@
+"""Media: uploads streamed to disk while hashed, typed from their bytes, thumbnailed, stored once per
+content in a `BlobStore`; downloads with ranges; garbage collection and the upload quota.
+
+An upload is spooled to a file under `data_dir/uploads` (never held in memory: the body arrives
+in chunks, handed to a thread a megabyte at a time) while its sha256 is computed; over the size
+limit it stops at once and the file is removed. The type comes from the first bytes (magic
+numbers), never from the request. Images get their dimensions and a WebP thumbnail (Pillow),
+with decompression bombs refused by their pixel count before anything is decoded. Then the blob
+is put (unless a blob with those bytes exists already) and the upload's row is written.
+
+Garbage collection removes uploads never posted in a message once they are older than
+`media_unattached_age_s`, then the blobs no row points to any more. Deleting a blob that an upload
+of the same bytes is taking at that moment is the race to avoid: the collector first moves the
+blob aside, then looks again for rows, and moves it back if one appeared; an upload writes its row
+first and then checks that its blob is there, putting it again if not. Every interleaving of the
+two ends with the blob present under each row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from pychat.blobs import BlobStore
+from pychat.config import Config
+from pychat.errors import ApiError, RateLimited
+from pychat.ids import new_id, now_ms
+from pychat.store import Media, Store
+
+log = logging.getLogger("pychat.media")
+
+# Bytes handed to the spool thread at once, and read from a blob per chunk of a download.
+SPOOL_CHUNK = 1024 * 1024
+READ_CHUNK = 256 * 1024
+# The first bytes kept for sniffing the type.
+HEAD_BYTES = 4096
+DAY_MS = 86_400_000
+# Uploads kept (typed, thumbnailed, put in the blob store) at once.
+MEDIA_THREADS = 4
+# Uploads the collector looks at per round.
+GC_BATCH = 500
+
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
+THUMBNAIL_TYPE = "image/webp"
+
+
+def sniff(head: bytes) -> str:
+    """The content type of a file from its first bytes. Only what is recognised is named; text is
+    served as plain text (an HTML file never as HTML), anything else as bytes."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "audio/wav"
+    if head.startswith(b"%PDF-"):
+        return "application/pdf"
+    if head.startswith(b"PK\x03\x04"):
+        return "application/zip"
+    if head.startswith(b"\x1f\x8b"):
+        return "application/gzip"
+    if head[4:8] == b"ftyp":
+        return "video/mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video/webm"
+    if head.startswith(b"OggS"):
+        return "audio/ogg"
+    if head.startswith(b"ID3") or head[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "audio/mpeg"
+    if _is_text(head):
+        return "text/plain; charset=utf-8"
+    return "application/octet-stream"
+
+
+def _is_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    for cut in range(4):  # the head may end inside a character
+        try:
+            head[: len(head) - cut].decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            continue
+    return False
+
+
+class Spool:
+    """An upload on its way to disk: the file, its sha256 and size so far, its first bytes."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / new_id("up")
+        self.limit = limit
+        self.size = 0
+        self.head = b""
+        self._sha = hashlib.sha256()
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed by finish() or discard()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()
+
+    async def feed(self, data: bytes) -> None:
+        """Takes the next bytes of the body; too_large past the limit (the caller discards)."""
+        if not data:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            raise ApiError("too_large", f"the upload is larger than {self.limit} bytes")
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= SPOOL_CHUNK:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            await asyncio.to_thread(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._file.write(data)
+
+    async def finish(self) -> None:
+        """Writes what is left and makes the file durable (a blob may be a hard link to it)."""
+        await self.flush()
+        await asyncio.to_thread(self._sync)
+
+    def _sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def discard(self) -> None:
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@dataclass
+class ImageInfo:
+    width: int
+    height: int
+    thumbnail: Path | None
+
+
+def inspect_image(
+    path: Path, content_type: str, max_pixels: int, thumb_px: int, out: Path
+) -> ImageInfo | None:
+    """The dimensions of an image and a WebP thumbnail of it in `out`; None if the bytes do not
+    decode as the type they start like. Refuses (too_large) an image of more than `max_pixels`
+    pixels before decoding it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=[IMAGE_TYPES[content_type]]) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ApiError(
+                        "too_large", f"the image has {width}x{height} pixels; at most {max_pixels} are taken"
+                    )
+                if img.format == "JPEG":
+                    img.draft("RGB", (thumb_px * 2, thumb_px * 2))  # decode at a reduced scale
+                thumb = ImageOps.exif_transpose(img)
+                thumb.thumbnail((thumb_px, thumb_px))
+                if thumb.mode not in ("RGB", "RGBA"):
+                    thumb = thumb.convert(
+                        "RGBA" if "A" in thumb.getbands() or "transparency" in img.info else "RGB"
+                    )
+                thumb.save(out, "WEBP", quality=80)
+                return ImageInfo(width, height, out)
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError("too_large", f"the image decodes to more than {max_pixels} pixels") from None
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as e:
+        log.info("an upload that starts like %s does not decode: %s", content_type, e)
+        with contextlib.suppress(FileNotFoundError):
+            out.unlink()
+        return None
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    start: int
+    length: int
+
+
+def parse_range(header: str | None, size: int) -> ByteRange | str | None:
+    """The one range a `Range: bytes=...` header asks of a `size`-byte body: None for the whole body
+    (no header, another unit, several ranges, a malformed one: all may be ignored, RFC 9110), or
+    "unsatisfiable" (416)."""
+    if not header:
+        return None
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    if m is None:
+        return None
+    first, last = m.group(1), m.group(2)
+    if first == "" and last == "":
+        return None
+    if first == "":  # the last N bytes
+        n = int(last)
+        if n == 0:
+            return "unsatisfiable"
+        n = min(n, size)
+        return ByteRange(size - n, n) if size else "unsatisfiable"
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or (last and end < start):
+        return "unsatisfiable"
+    end = min(end, size - 1)
+    return ByteRange(start, end - start + 1)
+
+
+def disposition(media: Media, inline: bool) -> str:
+    kind = "inline" if inline else "attachment"
+    if not media.filename:
+        return kind
+    ascii_name = re.sub(r"[^A-Za-z0-9._ -]", "_", media.filename)[:128] or "file"
+    return f"{kind}; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(media.filename, safe='')}"
+
+
+def _filename(value: str | None) -> str | None:
+    """A file name a client gave, as a name and not a path, or None."""
+    if not value:
+        return None
+    name = value.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    name = "".join(ch for ch in name if ch.isprintable())[:255]
+    return name or None
+
+
+StoreCall = Callable[..., Awaitable[Any]]
+
+
+class MediaService:
+    """Uploads, downloads and the collector, over one `Store` (rows) and one `BlobStore` (bytes).
+    `store_call` runs a store call off the event loop (the REST API's, which turns an unreachable
+    store into `unavailable`)."""
+
+    def __init__(self, config: Config, store: Store, blobs: BlobStore, store_call: StoreCall) -> None:
+        self.config = config
+        self.store = store
+        self.blobs = blobs
+        self._store_call = store_call
+        # Typing, thumbnailing and putting blobs (seconds for a large file on S3): threads of
+        # their own, so that uploads never hold up the REST API's store threads.
+        self._pool = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="pychat-media")
+        self.spool_dir = config.data_dir / "uploads"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        # Spool files left by a process that died mid-upload: nobody will finish them.
+        for leftover in self.spool_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    # uploads
+
+    async def _check_quota(self, user_id: str, adding: int) -> None:
+        quota = self.config.media_quota_bytes_per_day
+        if quota <= 0:
+            return
+        now = now_ms()
+        used, oldest = await self._store_call(self.store.uploaded_since, user_id, now - DAY_MS)
+        if used + adding > quota:
+            wait = (oldest + DAY_MS - now) if oldest is not None else DAY_MS
+            raise RateLimited(max(1000, wait))
+
+    async def upload(
+        self,
+        user_id: str,
+        headers: dict[str, str],
+        query: dict[str, str],
+        receive: Callable[[], Awaitable[dict[str, Any]]],
+    ) -> Media:
+        limit = self.config.limits.max_upload_bytes
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit + 64 * 1024:  # a multipart body's framing is small
+            raise ApiError("too_large", f"the upload is larger than {limit} bytes")
+        await self._check_quota(user_id, int(declared) if declared.isdigit() else 0)
+        spool = Spool(self.spool_dir, limit)
+        try:
+            content_type = headers.get("content-type", "")
+            if content_type.lower().startswith("multipart/form-data"):
+                filename = await _read_multipart(content_type, receive, spool)
+            else:
+                await _read_body(receive, spool)
+                filename = _filename(query.get("filename"))
+                if filename is None:
+                    _, params = parse_options_header(headers.get("content-disposition", ""))
+                    filename = _filename(params.get(b"filename", b"").decode("utf-8", "replace"))
+            if spool.size == 0:
+                raise ApiError("bad_request", "the upload is empty")
+            await spool.finish()
+            await self._check_quota(user_id, spool.size)
+            loop = asyncio.get_running_loop()
+            try:
+                return await loop.run_in_executor(self._pool, self._keep, user_id, spool, filename)
+            except ApiError:
+                raise
+            except Exception:
+                # The store or the blob store out of reach (or failing): nothing was acknowledged.
+                log.exception("keeping an upload of %d bytes failed", spool.size)
+                raise ApiError("unavailable", "the upload could not be stored; retry") from None
+        finally:
+            spool.discard()
+
+    def _keep(self, user_id: str, spool: Spool, filename: str | None) -> Media:
+        """(On a thread.) Types the spooled file, thumbnails an image, puts the blobs, writes the row."""
+        content_type = sniff(spool.head)
+        info = None
+        thumb_path = spool.path.with_name(spool.path.name + ".thumb")
+        try:
+            if content_type in IMAGE_TYPES:
+                info = inspect_image(
+                    spool.path,
+                    content_type,
+                    self.config.max_image_pixels,
+                    self.config.thumbnail_px,
+                    thumb_path,
+                )
+                if info is None:
+                    content_type = "application/octet-stream"
+            thumb_sha = thumb_size = None
+            if info is not None and info.thumbnail is not None:
+                data = info.thumbnail.read_bytes()
+                thumb_sha, thumb_size = hashlib.sha256(data).hexdigest(), len(data)
+                self._put_once(thumb_sha, info.thumbnail)
+            self._put_once(spool.sha256, spool.path)
+            media = Media(
+                media_id=new_id("md"),
+                uploader_id=user_id,
+                sha256=spool.sha256,
+                content_type=content_type,
+                size=spool.size,
+                created_at=now_ms(),
+                filename=filename,
+                width=info.width if info else None,
+                height=info.height if info else None,
+                thumb_sha256=thumb_sha,
+                thumb_size=thumb_size,
+            )
+            self.store.add_media(media)
+            # The collector may have set a blob of the same bytes aside meanwhile (see the module's
+            # docstring): with the row written, it will not delete it again; put it back if gone.
+            if not self.blobs.exists(spool.sha256):
+                self.blobs.put(spool.sha256, spool.path)
+            if thumb_sha and info is not None and info.thumbnail and not self.blobs.exists(thumb_sha):
+                self.blobs.put(thumb_sha, info.thumbnail)
+            return media
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                thumb_path.unlink()
+
+    def _put_once(self, sha: str, path: Path) -> None:
+        if not self.blobs.exists(sha):
+            self.blobs.put(sha, path)
+
+    # downloads
+
+    async def readable(self, user_id: str, media_id: str) -> Media:
+        """The media, if `user_id` may read it: 404 unknown, 403 for anyone else."""
+        media: Media | None = await self._store_call(self.store.get_media, media_id)
+        if media is None:
+            raise ApiError("not_found", "no such media")
+        if media.uploader_id != user_id and not await self._store_call(
+            self.store.may_see_media, media_id, user_id
+        ):
+            raise ApiError("forbidden", "this media was not shared with you")
+        return media
+
+    async def stream(self, key: str, start: int, length: int) -> AsyncIterator[bytes]:
+        """The bytes of a blob, `length` of them from `start`, a chunk at a time (read on a thread)."""
+        reader = await asyncio.to_thread(self.blobs.open, key, start, length)
+        try:
+            left = length
+            while left > 0:
+                chunk = await asyncio.to_thread(reader.read, min(READ_CHUNK, left))
+                if not chunk:
+                    raise OSError(f"blob {key} ended {left} bytes early")
+                left -= len(chunk)
+                yield chunk
+        finally:
+            await asyncio.to_thread(reader.close)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.blobs.close()
+
+    # garbage collection
+
+    def collect(self, now: int | None = None) -> tuple[int, int]:
+        """(On a thread.) Removes uploads never attached and older than the configured age, then
+        the blobs no upload points to. (uploads removed, blobs deleted)."""
+        cutoff = (now if now is not None else now_ms()) - self.config.media_unattached_age_s * 1000
+        removed = deleted = 0
+        while True:
+            batch = self.store.unattached_media(cutoff, GC_BATCH)
+            progress = 0
+            for m in batch:
+                if not self.store.remove_unattached(m.media_id):
+                    continue  # posted meanwhile
+                progress += 1
+                for sha in {m.sha256, m.thumb_sha256} - {None}:
+                    assert sha is not None
+                    if not self.store.blob_in_use(sha):
+                        deleted += self._delete_blob(sha)
+            removed += progress
+            if len(batch) < GC_BATCH or progress == 0:
+                return removed, deleted
+
+    def _delete_blob(self, sha: str) -> int:
+        aside = f"trash-{sha}"
+        if not self.blobs.move(sha, aside):
+            return 0
+        if self.store.blob_in_use(sha):  # an upload of the same bytes came in meanwhile
+            self.blobs.move(aside, sha)
+            return 0
+        self.blobs.delete(aside)
+        return 1
+
+    async def collect_forever(self) -> None:
+        """Runs the collector every `media_gc_interval_s` (the first round soon after start)."""
+        interval = max(1, self.config.media_gc_interval_s)
+        await asyncio.sleep(min(interval, 5))
+        while True:
+            started = time.monotonic()
+            try:
+                removed, deleted = await asyncio.to_thread(self.collect)
+                if removed or deleted:
+                    log.info(
+                        "media collector: %d unattached uploads removed, %d blobs deleted", removed, deleted
+                    )
+            except Exception:
+                log.exception("the media collector failed; it runs again in %d s", interval)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]], spool: Spool) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError("bad_request", "client disconnected")
+        await spool.feed(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def _read_multipart(
+    content_type: str, receive: Callable[[], Awaitable[dict[str, Any]]], spool: Spool
+) -> str | None:
+    """Spools the first file part of a multipart/form-data body (the part with a filename, or
+    named `file`); the other parts are skipped. Its file name."""
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise ApiError("bad_request", "a multipart body needs a boundary")
+    state: dict[str, Any] = {"field": b"", "value": b"", "headers": {}, "in_file": False, "done": False}
+    chunks: list[bytes] = []
+    filename: list[str | None] = [None]
+
+    def on_part_begin() -> None:
+        state["headers"] = {}
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["headers"][state["field"].lower()] = state["value"]
+        state["field"], state["value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, p = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        is_file = b"filename" in p or p.get(b"name") == b"file"
+        state["in_file"] = is_file and not state["done"]
+        if state["in_file"]:
+            filename[0] = _filename(p.get(b"filename", b"").decode("utf-8", "replace"))
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["in_file"]:
+            chunks.append(data[start:end])
+
+    def on_part_end() -> None:
+        if state["in_file"]:
+            state["done"] = True
+            state["in_file"] = False
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+        },
+    )
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError("bad_request", "client disconnected")
+        body = message.get("body", b"")
+        try:
+            parser.write(body)
+        except Exception as e:  # the parser's own errors
+            raise ApiError("bad_request", f"a malformed multipart body: {e}") from None
+        for chunk in chunks:
+            await spool.feed(chunk)
+        chunks.clear()
+        if not message.get("more_body", False):
+            break
+    if not state["done"]:
+        raise ApiError("bad_request", "the multipart body has no complete file part")
+    return filename[0]
