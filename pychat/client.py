@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -199,6 +201,51 @@ class ChatClient:
         if attachments is not None:
             body["attachments"] = attachments
         return await self.request("POST", "/api/messages", json=body)  # type: ignore[no-any-return]
+
+    # media
+
+    async def upload(
+        self,
+        data: bytes | os.PathLike[str] | str,
+        *,
+        filename: str | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> dict[str, Any]:
+        """Uploads bytes, or a file by its path (streamed from disk, never read whole into memory).
+        The answer's `media_id` goes in `send(..., attachments=[...])`. The server types the file
+        from its bytes; `content_type` is only a hint."""
+        params = {"filename": filename} if filename else None
+        headers = {"Content-Type": content_type}
+        body: bytes | AsyncIterator[bytes]
+        if isinstance(data, bytes):
+            body = data
+        else:
+            path = Path(data)
+            headers["Content-Length"] = str((await asyncio.to_thread(path.stat)).st_size)
+            params = {"filename": filename or path.name}
+            body = _file_chunks(path)
+        media: dict[str, Any] = await self.request(
+            "POST", "/api/media", content=body, params=params, headers=headers
+        )
+        return media
+
+    async def download(self, url_or_id: str, *, to: os.PathLike[str] | str | None = None) -> bytes | None:
+        """An attachment's bytes (by its `url`, `thumbnail_url` or `media_id`); with `to`, written
+        to that file as they arrive and None returned."""
+        path = url_or_id if url_or_id.startswith("/") else f"/api/media/{url_or_id}"
+        async with self.http.stream("GET", path) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _answer(response)
+            if to is None:
+                return await response.aread()
+            f = await asyncio.to_thread(open, to, "wb")
+            try:
+                async for chunk in response.aiter_bytes():
+                    await asyncio.to_thread(f.write, chunk)
+            finally:
+                await asyncio.to_thread(f.close)
+        return None
 
     # WebSocket
 
@@ -478,6 +525,15 @@ class ChatClient:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.http.aclose()
+
+
+async def _file_chunks(path: Path, size: int = 256 * 1024) -> AsyncIterator[bytes]:
+    f = await asyncio.to_thread(open, path, "rb")
+    try:
+        while chunk := await asyncio.to_thread(f.read, size):
+            yield chunk
+    finally:
+        await asyncio.to_thread(f.close)
 
 
 def _answer(response: httpx.Response) -> Any:

@@ -298,20 +298,30 @@ class MediaService:
     ) -> Media:
         limit = self.config.limits.max_upload_bytes
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit + 64 * 1024:  # a multipart body's framing is small
-            raise ApiError("too_large", f"the upload is larger than {limit} bytes")
-        await self._check_quota(user_id, int(declared) if declared.isdigit() else 0)
+        try:
+            if declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing is small
+                raise ApiError("too_large", f"the upload is larger than {limit} bytes")
+            await self._check_quota(user_id, int(declared) if declared.isdigit() else 0)
+        except ApiError:
+            await _drain(receive, limit)
+            raise
         spool = Spool(self.spool_dir, limit)
         try:
             content_type = headers.get("content-type", "")
-            if content_type.lower().startswith("multipart/form-data"):
-                filename = await _read_multipart(content_type, receive, spool)
-            else:
-                await _read_body(receive, spool)
-                filename = _filename(query.get("filename"))
-                if filename is None:
-                    _, params = parse_options_header(headers.get("content-disposition", ""))
-                    filename = _filename(params.get(b"filename", b"").decode("utf-8", "replace"))
+            try:
+                if content_type.lower().startswith("multipart/form-data"):
+                    filename = await _read_multipart(content_type, receive, spool)
+                else:
+                    await _read_body(receive, spool)
+                    filename = _filename(query.get("filename"))
+                    if filename is None:
+                        _, params = parse_options_header(headers.get("content-disposition", ""))
+                        filename = _filename(params.get(b"filename", b"").decode("utf-8", "replace"))
+            except ApiError as e:
+                if e.code == "too_large":  # nothing is kept; the rest is read and dropped
+                    spool.discard()
+                    await _drain(receive, limit)
+                raise
             if spool.size == 0:
                 raise ApiError("bad_request", "the upload is empty")
             await spool.finish()
@@ -457,6 +467,26 @@ class MediaService:
             except Exception:
                 log.exception("the media collector failed; it runs again in %d s", interval)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+async def _drain(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, seconds: float = 10.0) -> None:
+    """Reads and drops what is left of a refused body (up to `limit` more bytes, for a few seconds),
+    so that the client, still sending, reads the error instead of a reset connection."""
+    deadline = time.monotonic() + seconds
+    dropped = 0
+    while dropped <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            message = await asyncio.wait_for(receive(), left)
+        except TimeoutError:
+            return
+        if message["type"] == "http.disconnect":
+            return
+        dropped += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]], spool: Spool) -> None:

@@ -285,3 +285,16 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
     )
     yield node
     node.stop()
+
+
+from services.s3 import S3Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A running S3-compatible server (versitygw, built from the Go module proxy on first use) on a
+    folder of its own, shared by the session. One that cannot start fails the test with its log's
+    tail, never a skip."""
+    node = started(S3Server(tmp_path_factory.mktemp("s3"), port=free_port(), exit_with_parent=True))
+    yield node
+    node.stop()
