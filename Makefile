@@ -29,7 +29,7 @@ nofile = hard=$$(ulimit -Hn); \
 	ulimit -Sn $$hard || { echo "make $@: could not raise the open-files soft limit to $$hard" >&2; exit 1; };
 
 .PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
-	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop \
+	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop s3 s3-stop \
 	cluster cluster-stop test-cluster
 
 help: ## list the targets
@@ -53,10 +53,11 @@ test: build-dev lint test-rust test-py test-cluster ## install everything, build
 test-rust: ## Rust unit tests
 	cargo test -q
 
-services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 and Kafka 4.1 jars from Maven Central, cached; Debian's redis-server 7.0)
+services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 and Kafka 4.1 jars from Maven Central, cached; Debian's redis-server 7.0; versitygw, an S3 server built with go install)
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cassandra install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.kafka install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis install
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.s3 install
 
 test-py: loadgen services ## Python tests against real servers on 127.0.0.1 (pychat on SQLite and on Cassandra)
 	$(call nofile,4096) $(BIN)/pytest -q -m "not nodes" $(ARGS)
@@ -128,6 +129,12 @@ redis: $(VENV)/.deps ## install (first time) and start a development Redis 7.0 o
 
 redis-stop: ## stop the development Redis
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis stop --dir $(CACHE)/redis-dev
+
+s3: $(VENV)/.deps ## build (first time) and start a development S3 server (versitygw) on 127.0.0.1:7070; prints host:port
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.s3 start --dir $(CACHE)/s3-dev $(ARGS)
+
+s3-stop: ## stop the development S3 server
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.s3 stop --dir $(CACHE)/s3-dev
 
 cluster: build-dev services ## start Cassandra, Kafka, Redis and N pychat nodes (N=3) on their own ports; prints each node's URLs
 	$(call nofile,16384) PYCHAT_CACHE=$(CACHE) $(PY) -m services.cluster start --nodes $(N) $(ARGS)

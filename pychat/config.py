@@ -218,6 +218,11 @@ def load_config(
         raise ValueError("a cluster node needs both kafka and redis (or neither, for one node)")
     if config.kafka and not config.store.startswith("cassandra://"):
         raise ValueError("a cluster node needs a shared store: store = cassandra://host:port/keyspace")
+    if config.kafka and not config.media_store:
+        raise ValueError(
+            "a cluster node needs a media store every node shares: media_store = s3://bucket?endpoint=URL"
+            " (or file:///a/folder/every/node/mounts)"
+        )
     if config.media_store and config.media_store.split("://", 1)[0] not in ("file", "s3"):
         raise ValueError(f"unknown media store {config.media_store!r}: use file:///path or s3://bucket")
     if config.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

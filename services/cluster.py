@@ -182,6 +182,8 @@ class PychatCluster:
                     "PYCHAT_PORT": str(ports[k][0]),
                     "PYCHAT_WS_PORT": str(ports[k][1]),
                     "PYCHAT_SECRET_KEY": self.secret,
+                    # Media every node sees: a folder they share on this machine (or env's S3 bucket).
+                    "PYCHAT_MEDIA_STORE": f"file://{directory.resolve() / 'media'}",
                     **(env or {}),
                 },
             )

@@ -39,6 +39,9 @@ def test_defaults_then_toml_then_env_then_arguments(tmp_path: Path) -> None:
         ("kafka = 'k:9092'\nstore = 'cassandra://c:9042/ks'\n", {}),
         ("", {"PYCHAT_REDIS": "redis://r:6379/0", "PYCHAT_STORE": "cassandra://c:9042/ks"}),
         ("kafka = 'k:9092'\nredis = 'redis://r:6379/0'\n", {}),
+        # ... and a media store every node shares.
+        ("kafka = 'k:9092'\nredis = 'redis://r:6379/0'\nstore = 'cassandra://c:9042/ks'\n", {}),
+        ("", {"PYCHAT_MEDIA_STORE": "ftp://somewhere"}),
     ],
 )
 def test_bad_configuration_is_refused(tmp_path: Path, text: str, env: dict[str, str]) -> None:
@@ -50,7 +53,10 @@ def test_bad_configuration_is_refused(tmp_path: Path, text: str, env: dict[str, 
 
 def test_cluster_settings_from_toml_env_and_arguments(tmp_path: Path) -> None:
     toml = tmp_path / "node.toml"
-    toml.write_text("store = 'cassandra://c:9042/ks'\nkafka = 'k1:9092'\nredis = 'redis://r:6379/0'\n")
+    toml.write_text(
+        "store = 'cassandra://c:9042/ks'\nkafka = 'k1:9092'\nredis = 'redis://r:6379/0'\n"
+        "media_store = 's3://media?endpoint=http://s3:7070'\n"
+    )
     config = load_config(toml, env={"PYCHAT_KAFKA": "k2:9092", "PYCHAT_NODE_ID": "n7"})
     assert (config.kafka, config.redis, config.node_name, config.clustered) == (
         "k2:9092",
@@ -114,7 +120,7 @@ def test_migrate_creates_the_schema_on_each_store(tmp_path: Path, cassandra: obj
     try:
         session = cluster.connect("migrated")
         row = session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one()
-        assert row.value == str(cassandra_store.SCHEMA_VERSION) == "2"
+        assert row.value == str(cassandra_store.SCHEMA_VERSION) == "3"
         tables = {
             r.table_name
             for r in session.execute(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pychat.store import Chat, PointerRequest, SendRequest, User
+from pychat.store import Chat, Media, PointerRequest, SendRequest, User
 from pychat.store import sqlite as sqlite_store
 from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.storekit import TupleSqliteStore
@@ -199,11 +199,32 @@ def test_a_version_4_database_gets_the_former_members_table(tmp_path: Path) -> N
     assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
         str(SCHEMA_VERSION),
     )
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     upgraded.append_batch([], [PointerRequest("ub", "c1", "read", 1)])
     upgraded.remove_member("c1", "ub")
     upgraded.add_member("c1", "ub")
     assert upgraded.receipts("c1", 1) == (["ub"], ["ub"])
+    upgraded.close()
+
+
+def test_a_version_5_database_gets_the_media_tables(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    c = store._conn()
+    c.execute("DROP TABLE media")
+    c.execute("DROP TABLE media_posts")
+    # Version 5's media table, which no version ever wrote to.
+    c.execute(
+        "CREATE TABLE media (media_id TEXT PRIMARY KEY, uploader_id TEXT NOT NULL, content_type TEXT NOT NULL,"
+        " size INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at INTEGER NOT NULL, thumbnail_media_id TEXT)"
+    )
+    c.execute("UPDATE meta SET value = '5' WHERE key = 'schema_version'")
+    store.close()
+    upgraded = TupleSqliteStore(tmp_path / "t.db")
+    upgraded.add_media(Media("md1", "ua", "ab" * 32, "image/png", 10, 1, "a.png", 4, 2, "cd" * 32, 3))
+    [stored], _ = upgraded.append_batch([SendRequest("ua", "c1", "k1", "look", ["md1"])], [])
+    assert stored[0] == "stored" and '"media_id":"md1"' in stored[4]
+    assert upgraded.may_see_media("md1", "ub") and not upgraded.may_see_media("md1", "nobody")
+    assert upgraded.blob_in_use("cd" * 32) and not upgraded.blob_in_use("ef" * 32)
     upgraded.close()
 
 

@@ -4,6 +4,8 @@ keyspace, one Kafka broker and one Redis; users spread over the nodes. `make tes
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -11,14 +13,19 @@ import pytest
 
 from pychat.client import ChatClient, ChatError
 from services.cassandra import CassandraServer
+from services.s3 import S3Server
 from tests.nodekit import Nodes, Sender, check_chat, running_cluster, users_on
 
 pytestmark = [pytest.mark.nodes, pytest.mark.timeout(300)]
 
 
 @pytest.fixture(scope="module")
-def nodes(tmp_path_factory: pytest.TempPathFactory, cassandra: CassandraServer) -> Iterator[Nodes]:
-    with running_cluster(tmp_path_factory.mktemp("nodes"), cassandra) as running:
+def nodes(
+    tmp_path_factory: pytest.TempPathFactory, cassandra: CassandraServer, s3: S3Server
+) -> Iterator[Nodes]:
+    # Media in a bucket on a real S3 server, as a deployment would have it.
+    media = {"PYCHAT_MEDIA_STORE": s3.media_store(f"nodes-{uuid.uuid4().hex[:12]}"), **s3.client_env}
+    with running_cluster(tmp_path_factory.mktemp("nodes"), cassandra, env=media) as running:
         yield running
 
 
@@ -155,3 +162,24 @@ async def test_a_membership_change_reaches_every_node_before_the_next_send(six: 
         with pytest.raises(ChatError) as refused:
             await joiner.send(group["chat_id"], "and out")
         assert refused.value.code == "forbidden"
+
+
+async def test_media_uploaded_on_one_node_is_posted_and_read_on_the_others(six: list[ChatClient]) -> None:
+    # six[0] on node 1, six[1] on node 2, six[2] on node 3; six[5] (node 3) is not in the group.
+    uploader, on_two, on_three, outsider = six[0], six[1], six[2], six[5]
+    group = await uploader.create_group("media", [on_two.user_id, on_three.user_id])
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    media = await uploader.upload(data, filename="across.bin")
+    for c in (on_two, on_three, outsider):
+        with pytest.raises(ChatError) as refused:
+            await c.download(media["url"])
+        assert refused.value.code == "forbidden"
+    await asyncio.gather(on_two.sync(), on_three.sync())
+    ack = await uploader.send(group["chat_id"], "a file", attachments=[media["media_id"]])
+    for c in (on_two, on_three):
+        (msg,) = await _msgs(c, group["chat_id"], 1)
+        assert msg["seq"] == ack["seq"] and msg["attachments"][0]["media_id"] == media["media_id"]
+        assert await c.download(msg["attachments"][0]["url"]) == data
+    with pytest.raises(ChatError) as refused:
+        await outsider.download(media["url"])
+    assert refused.value.code == "forbidden"

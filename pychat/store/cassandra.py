@@ -851,7 +851,9 @@ class CassandraStore:
                 ids.append(r.media_id)
             if len(ids) >= limit:
                 break
-        media = self._in(f"SELECT {_MEDIA_COLUMNS}, attached FROM media WHERE media_id IN ?", ids) if ids else []
+        media = (
+            self._in(f"SELECT {_MEDIA_COLUMNS}, attached FROM media WHERE media_id IN ?", ids) if ids else []
+        )
         found = {r.media_id: r for r in media}
         out = []
         for media_id in ids:
