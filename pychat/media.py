@@ -24,10 +24,11 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,15 @@ log = logging.getLogger("pychat.media")
 # Bytes handed to the spool thread at once, and read from a blob per chunk of a download.
 SPOOL_CHUNK = 1024 * 1024
 READ_CHUNK = 256 * 1024
+# Upload bytes written between two fdatasyncs of the spool file.
+SYNC_EVERY = 1024 * 1024
 # The first bytes kept for sniffing the type.
 HEAD_BYTES = 4096
 DAY_MS = 86_400_000
-# Uploads kept (typed, thumbnailed, put in the blob store) at once.
-MEDIA_THREADS = 4
+# Threads for media's disk and blob store work (spooling, typing, thumbnails, putting and reading
+# blobs), at a lower CPU priority than the rest of the server: on a busy box, chat goes first.
+MEDIA_THREADS = 8
+MEDIA_NICE = 10
 # Uploads the collector looks at per round.
 GC_BATCH = 500
 
@@ -106,8 +111,9 @@ def _is_text(head: bytes) -> bool:
 class Spool:
     """An upload on its way to disk: the file, its sha256 and size so far, its first bytes."""
 
-    def __init__(self, directory: Path, limit: int) -> None:
+    def __init__(self, directory: Path, limit: int, pool: Executor) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self._pool = pool
         self.path = directory / new_id("up")
         self.limit = limit
         self.size = 0
@@ -115,6 +121,7 @@ class Spool:
         self._sha = hashlib.sha256()
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed by finish() or discard()
         self._pending: list[bytes] = []
+        self._unsynced = 0
         self._pending_size = 0
 
     @property
@@ -140,16 +147,23 @@ class Spool:
             data = b"".join(self._pending)
             self._pending.clear()
             self._pending_size = 0
-            await asyncio.to_thread(self._write, data)
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._write, data)
 
     def _write(self, data: bytes) -> None:
         self._sha.update(data)
         self._file.write(data)
+        self._unsynced += len(data)
+        if self._unsynced >= SYNC_EVERY:
+            # Written out as it comes instead of all at the end: a large amount of dirty upload
+            # data makes every fsync on the disk wait for it, the message path's commits included.
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
 
     async def finish(self) -> None:
         """Writes what is left and makes the file durable (a blob may be a hard link to it)."""
         await self.flush()
-        await asyncio.to_thread(self._sync)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._sync)
 
     def _sync(self) -> None:
         self._file.flush()
@@ -269,7 +283,9 @@ class MediaService:
         self._store_call = store_call
         # Typing, thumbnailing and putting blobs (seconds for a large file on S3): threads of
         # their own, so that uploads never hold up the REST API's store threads.
-        self._pool = ThreadPoolExecutor(MEDIA_THREADS, thread_name_prefix="pychat-media")
+        self._pool = ThreadPoolExecutor(
+            MEDIA_THREADS, thread_name_prefix="pychat-media", initializer=_lower_priority
+        )
         self.spool_dir = config.data_dir / "uploads"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # Spool files left by a process that died mid-upload: nobody will finish them.
@@ -305,7 +321,7 @@ class MediaService:
         except ApiError:
             await _drain(receive, limit)
             raise
-        spool = Spool(self.spool_dir, limit)
+        spool = Spool(self.spool_dir, limit, self._pool)
         try:
             content_type = headers.get("content-type", "")
             try:
@@ -404,17 +420,18 @@ class MediaService:
 
     async def stream(self, key: str, start: int, length: int) -> AsyncIterator[bytes]:
         """The bytes of a blob, `length` of them from `start`, a chunk at a time (read on a thread)."""
-        reader = await asyncio.to_thread(self.blobs.open, key, start, length)
+        loop = asyncio.get_running_loop()
+        reader = await loop.run_in_executor(self._pool, self.blobs.open, key, start, length)
         try:
             left = length
             while left > 0:
-                chunk = await asyncio.to_thread(reader.read, min(READ_CHUNK, left))
+                chunk = await loop.run_in_executor(self._pool, reader.read, min(READ_CHUNK, left))
                 if not chunk:
                     raise OSError(f"blob {key} ended {left} bytes early")
                 left -= len(chunk)
                 yield chunk
         finally:
-            await asyncio.to_thread(reader.close)
+            await loop.run_in_executor(self._pool, reader.close)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -467,6 +484,12 @@ class MediaService:
             except Exception:
                 log.exception("the media collector failed; it runs again in %d s", interval)
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def _lower_priority() -> None:
+    # Linux schedules threads one by one: a media thread yields the CPU to the message path.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MEDIA_NICE)
 
 
 async def _drain(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, seconds: float = 10.0) -> None:
