@@ -21,6 +21,7 @@ from PIL import Image
 from pychat.client import ChatClient, ChatError
 from services.s3 import S3Server
 from tests.conftest import Clients, ServerProcess
+from tests.test_contract import check_frame, check_rest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -400,6 +401,8 @@ async def test_attachments_in_send_msg_history_and_sync(clients: Clients) -> Non
     ack = await alice.send(chat["chat_id"], "two files", attachments=[photo["media_id"], doc["media_id"]])
     msg = await bob.next_event("msg")
     assert msg["seq"] == ack["seq"]
+    check_frame(msg)
+    check_rest("Media", photo)
     expected = [
         {
             k: photo[k]
@@ -414,6 +417,7 @@ async def test_attachments_in_send_msg_history_and_sync(clients: Clients) -> Non
 
     history = await bob.history(chat["chat_id"])
     assert history["messages"][-1]["attachments"] == msg["attachments"]
+    check_rest("Message", history["messages"][-1])
     late = await clients.device(bob)
     await late.connect()
     backlog = await late.sync({chat["chat_id"]: 0})
