@@ -66,7 +66,7 @@ class Config:
     # Thumbnails: the longest side, in pixels; images with more pixels than this are refused
     # (a decompression bomb: a small file that decodes into gigabytes).
     thumbnail_px: int = 320
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = 50_000_000
     # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
     secret_key: str = ""
     token_ttl_s: int = 7 * 24 * 3600

@@ -24,10 +24,11 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from urllib.parse import quote
 from PIL import Image, ImageOps, UnidentifiedImageError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from pychat.blobs import BlobStore
+from pychat.blobs import BlobReader, BlobStore
 from pychat.config import Config
 from pychat.errors import ApiError, RateLimited
 from pychat.ids import new_id, now_ms
@@ -48,6 +49,8 @@ log = logging.getLogger("pychat.media")
 # Bytes handed to the spool thread at once, and read from a blob per chunk of a download.
 SPOOL_CHUNK = 1024 * 1024
 READ_CHUNK = 256 * 1024
+# What a multipart body may carry beside its file (framing, small fields).
+MULTIPART_SLACK = 64 * 1024
 # Upload bytes written between two fdatasyncs of the spool file.
 SYNC_EVERY = 1024 * 1024
 # The first bytes kept for sniffing the type.
@@ -57,11 +60,27 @@ DAY_MS = 86_400_000
 # blobs), at a lower CPU priority than the rest of the server: on a busy box, chat goes first.
 MEDIA_THREADS = 8
 MEDIA_NICE = 10
+IMAGE_DECODES = 1
 # Uploads the collector looks at per round.
 GC_BATCH = 500
 
 IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/gif": "GIF", "image/webp": "WEBP"}
 THUMBNAIL_TYPE = "image/webp"
+
+
+# ISO base media files (`ftyp`) by their major brand; any other brand is MP4 video.
+_ISO_BRANDS = {
+    b"heic": "image/heic",
+    b"heix": "image/heic",
+    b"mif1": "image/heif",
+    b"msf1": "image/heif",
+    b"avif": "image/avif",
+    b"qt  ": "video/quicktime",
+    b"M4A ": "audio/mp4",
+    b"M4B ": "audio/mp4",
+    b"3gp4": "video/3gpp",
+    b"3gp5": "video/3gpp",
+}
 
 
 def sniff(head: bytes) -> str:
@@ -84,7 +103,7 @@ def sniff(head: bytes) -> str:
     if head.startswith(b"\x1f\x8b"):
         return "application/gzip"
     if head[4:8] == b"ftyp":
-        return "video/mp4"
+        return _ISO_BRANDS.get(head[8:12], "video/mp4")
     if head.startswith(b"\x1a\x45\xdf\xa3"):
         return "video/webm"
     if head.startswith(b"OggS"):
@@ -198,10 +217,10 @@ def inspect_image(
                     raise ApiError(
                         "too_large", f"the image has {width}x{height} pixels; at most {max_pixels} are taken"
                     )
-                if img.format == "JPEG":
-                    img.draft("RGB", (thumb_px * 2, thumb_px * 2))  # decode at a reduced scale
+                # Shrunk first (a JPEG is decoded at a reduced scale), turned upright after: the
+                # full-size image is never copied.
+                img.thumbnail((thumb_px, thumb_px))
                 thumb = ImageOps.exif_transpose(img)
-                thumb.thumbnail((thumb_px, thumb_px))
                 if thumb.mode not in ("RGB", "RGBA"):
                     thumb = thumb.convert(
                         "RGBA" if "A" in thumb.getbands() or "transparency" in img.info else "RGB"
@@ -217,6 +236,35 @@ def inspect_image(
         with contextlib.suppress(FileNotFoundError):
             out.unlink()
         return None
+
+
+class BlobStream:
+    """An open blob read a chunk at a time on a media thread; `aclose` (always called by whoever
+    sends it, also when nothing was sent) closes the reader."""
+
+    def __init__(self, reader: BlobReader, key: str, length: int, pool: Executor) -> None:
+        self._reader: BlobReader | None = reader
+        self._key = key
+        self._left = length
+        self._pool = pool
+
+    def __aiter__(self) -> BlobStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._left <= 0 or self._reader is None:
+            raise StopAsyncIteration
+        loop = asyncio.get_running_loop()
+        chunk = await loop.run_in_executor(self._pool, self._reader.read, min(READ_CHUNK, self._left))
+        if not chunk:
+            raise OSError(f"blob {self._key} ended {self._left} bytes early")
+        self._left -= len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await asyncio.get_running_loop().run_in_executor(self._pool, reader.close)
 
 
 @dataclass(frozen=True)
@@ -286,6 +334,9 @@ class MediaService:
         self._pool = ThreadPoolExecutor(
             MEDIA_THREADS, thread_name_prefix="pychat-media", initializer=_lower_priority
         )
+        # One image decoded at a time: a PNG of `max_image_pixels` takes 4 bytes a pixel while it is
+        # shrunk, whatever the size of its file.
+        self._decoding = threading.Semaphore(IMAGE_DECODES)
         self.spool_dir = config.data_dir / "uploads"
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         # Spool files left by a process that died mid-upload: nobody will finish them.
@@ -315,7 +366,7 @@ class MediaService:
         limit = self.config.limits.max_upload_bytes
         declared = headers.get("content-length", "")
         try:
-            if declared.isdigit() and int(declared) > limit + 64 * 1024:  # multipart framing is small
+            if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
                 raise ApiError("too_large", f"the upload is larger than {limit} bytes")
             await self._check_quota(user_id, int(declared) if declared.isdigit() else 0)
         except ApiError:
@@ -333,14 +384,19 @@ class MediaService:
                     if filename is None:
                         _, params = parse_options_header(headers.get("content-disposition", ""))
                         filename = _filename(params.get(b"filename", b"").decode("utf-8", "replace"))
+                if spool.size == 0:
+                    raise ApiError("bad_request", "the upload is empty")
+                await spool.finish()
             except ApiError as e:
                 if e.code == "too_large":  # nothing is kept; the rest is read and dropped
                     spool.discard()
                     await _drain(receive, limit)
                 raise
-            if spool.size == 0:
-                raise ApiError("bad_request", "the upload is empty")
-            await spool.finish()
+            except OSError:  # the spool's disk (full, failing)
+                log.exception("writing an upload to %s failed", self.spool_dir)
+                spool.discard()
+                await _drain(receive, limit)
+                raise ApiError("unavailable", "the server could not take the upload now; retry") from None
             await self._check_quota(user_id, spool.size)
             loop = asyncio.get_running_loop()
             try:
@@ -361,13 +417,14 @@ class MediaService:
         thumb_path = spool.path.with_name(spool.path.name + ".thumb")
         try:
             if content_type in IMAGE_TYPES:
-                info = inspect_image(
-                    spool.path,
-                    content_type,
-                    self.config.max_image_pixels,
-                    self.config.thumbnail_px,
-                    thumb_path,
-                )
+                with self._decoding:
+                    info = inspect_image(
+                        spool.path,
+                        content_type,
+                        self.config.max_image_pixels,
+                        self.config.thumbnail_px,
+                        thumb_path,
+                    )
                 if info is None:
                     content_type = "application/octet-stream"
             thumb_sha = thumb_size = None
@@ -418,20 +475,12 @@ class MediaService:
             raise ApiError("forbidden", "this media was not shared with you")
         return media
 
-    async def stream(self, key: str, start: int, length: int) -> AsyncIterator[bytes]:
-        """The bytes of a blob, `length` of them from `start`, a chunk at a time (read on a thread)."""
+    async def open_stream(self, key: str, start: int, length: int) -> BlobStream:
+        """The bytes of a blob, `length` of them from `start`. The blob is opened before this
+        returns, so a missing one fails before any answer is sent."""
         loop = asyncio.get_running_loop()
         reader = await loop.run_in_executor(self._pool, self.blobs.open, key, start, length)
-        try:
-            left = length
-            while left > 0:
-                chunk = await loop.run_in_executor(self._pool, reader.read, min(READ_CHUNK, left))
-                if not chunk:
-                    raise OSError(f"blob {key} ended {left} bytes early")
-                left -= len(chunk)
-                yield chunk
-        finally:
-            await loop.run_in_executor(self._pool, reader.close)
+        return BlobStream(reader, key, length, self._pool)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -460,7 +509,8 @@ class MediaService:
                 return removed, deleted
 
     def _delete_blob(self, sha: str) -> int:
-        aside = f"trash-{sha}"
+        # A name of this attempt's own: collectors on other nodes may set the same blob aside too.
+        aside = f"trash-{sha}-{secrets.token_hex(6)}"
         if not self.blobs.move(sha, aside):
             return 0
         if self.store.blob_in_use(sha):  # an upload of the same bytes came in meanwhile
@@ -564,23 +614,30 @@ async def _read_multipart(
             state["done"] = True
             state["in_file"] = False
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-        },
-    )
+    try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": on_part_begin,
+                "on_header_field": on_header_field,
+                "on_header_value": on_header_value,
+                "on_header_end": on_header_end,
+                "on_headers_finished": on_headers_finished,
+                "on_part_data": on_part_data,
+                "on_part_end": on_part_end,
+            },
+        )
+    except Exception as e:  # e.g. a boundary longer than the parser takes
+        raise ApiError("bad_request", f"a malformed multipart body: {e}") from None
+    received = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ApiError("bad_request", "client disconnected")
         body = message.get("body", b"")
+        received += len(body)
+        if received > spool.limit + MULTIPART_SLACK:  # the other parts count too
+            raise ApiError("too_large", f"the upload is larger than {spool.limit} bytes")
         try:
             parser.write(body)
         except Exception as e:  # the parser's own errors

@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,7 +26,15 @@ from pychat.engine import Engine
 from pychat.errors import ApiError, RateLimited
 from pychat.gateway import Gateway
 from pychat.ids import new_id, now_ms
-from pychat.media import IMAGE_TYPES, THUMBNAIL_TYPE, ByteRange, MediaService, disposition, parse_range
+from pychat.media import (
+    IMAGE_TYPES,
+    THUMBNAIL_TYPE,
+    BlobStream,
+    ByteRange,
+    MediaService,
+    disposition,
+    parse_range,
+)
 from pychat.metrics import Metrics
 from pychat.presence import Presence
 from pychat.ratelimit import RateLimiter
@@ -89,7 +97,7 @@ class Response:
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
     # A body sent as it is produced (media downloads), `length` bytes in all, instead of `body`.
-    stream: AsyncIterator[bytes] | None = None
+    stream: BlobStream | None = None
     length: int = 0
 
 
@@ -226,27 +234,28 @@ class RestApi:
             response = Response(500, json.dumps(ApiError("internal", "internal error").body()).encode())
         headers = [(b"content-type", response.content_type.encode())]
         length = response.length if response.stream is not None else len(response.body)
-        headers.append((b"content-length", str(length).encode()))
+        if response.status != 304:  # a 304 has no body, and its length would be the 200's
+            headers.append((b"content-length", str(length).encode()))
         headers.extend((k.encode(), v.encode()) for k, v in response.headers)
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        if response.stream is None:
-            await send({"type": "http.response.body", "body": response.body})
-        else:
-            await self._send_stream(response.stream, send)
+        try:
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            if response.stream is None:
+                await send({"type": "http.response.body", "body": response.body})
+            else:
+                await self._send_stream(response.stream, send)
+        finally:
+            if response.stream is not None:
+                await response.stream.aclose()
         self.metrics.http_requests.inc(route=route_label, status=str(response.status))
         self.metrics.http_seconds.observe(time.perf_counter() - started, route=route_label)
 
-    async def _send_stream(self, stream: AsyncIterator[bytes], send: Send) -> None:
+    async def _send_stream(self, stream: BlobStream, send: Send) -> None:
         try:
             async for chunk in stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         except Exception as e:  # the client went away, or the blob store failed midway
             log.info("a streamed response stopped early: %s", e)
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[Response, str]:
         path: str = scope["path"]
@@ -588,15 +597,17 @@ class RestApi:
     async def download_media(self, req: Request) -> Response:
         media = await self.media.readable(req.user_id, req.params["media_id"])
         inline = media.content_type in IMAGE_TYPES
-        return self._blob_response(req, media, media.sha256, media.size, media.content_type, inline)
+        return await self._blob_response(req, media, media.sha256, media.size, media.content_type, inline)
 
     async def download_thumbnail(self, req: Request) -> Response:
         media = await self.media.readable(req.user_id, req.params["media_id"])
         if not media.thumb_sha256 or media.thumb_size is None:
             raise ApiError("not_found", "this media has no thumbnail")
-        return self._blob_response(req, media, media.thumb_sha256, media.thumb_size, THUMBNAIL_TYPE, True)
+        return await self._blob_response(
+            req, media, media.thumb_sha256, media.thumb_size, THUMBNAIL_TYPE, True
+        )
 
-    def _blob_response(
+    async def _blob_response(
         self, req: Request, media: Media, key: str, size: int, content_type: str, inline: bool
     ) -> Response:
         """A blob with the caching and safety headers of every media answer; a range of it (206) or
@@ -612,9 +623,9 @@ class RestApi:
             ("content-disposition", disposition(media, inline)),
         ]
         if_none_match = req.headers.get("if-none-match")
-        if if_none_match and (
-            if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
-        ):
+        # Weak comparison (RFC 9110 13.1.2): W/"x" matches "x".
+        held = [t.strip().removeprefix("W/") for t in (if_none_match or "").split(",")]
+        if if_none_match and (if_none_match.strip() == "*" or etag in held):
             return Response(304, b"", content_type, headers)
         wanted = parse_range(req.headers.get("range"), size)
         if_range = req.headers.get("if-range")
@@ -629,17 +640,22 @@ class RestApi:
         if isinstance(wanted, ByteRange):
             end = wanted.start + wanted.length - 1
             headers.append(("content-range", f"bytes {wanted.start}-{end}/{size}"))
-            stream = self.media.stream(key, wanted.start, wanted.length)
+            stream = await self._open_blob(key, wanted.start, wanted.length)
             return Response(
                 206, content_type=content_type, headers=headers, stream=stream, length=wanted.length
             )
-        return Response(
-            200,
-            content_type=content_type,
-            headers=headers,
-            stream=self.media.stream(key, 0, size),
-            length=size,
-        )
+        stream = await self._open_blob(key, 0, size)
+        return Response(200, content_type=content_type, headers=headers, stream=stream, length=size)
+
+    async def _open_blob(self, key: str, start: int, length: int) -> BlobStream:
+        try:
+            return await self.media.open_stream(key, start, length)
+        except FileNotFoundError:
+            log.error("the blob %s of a media row is missing from the media store", key)
+            raise ApiError("internal", "the file is missing from the media store") from None
+        except Exception:
+            log.exception("the media store did not open blob %s", key)
+            raise ApiError("unavailable", "the media store is unavailable; retry") from None
 
     async def not_yet(self, req: Request) -> Response:
         raise ApiError("unavailable", f"{req.path} is not available in this version yet")

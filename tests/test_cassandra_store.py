@@ -12,7 +12,7 @@ from cassandra.query import BatchStatement, SimpleStatement
 
 from pychat.gateway import Failed, Stored
 from pychat.store import Chat, SendRequest, User, open_store
-from pychat.store.cassandra import CassandraStore
+from pychat.store.cassandra import SCHEMA_VERSION, CassandraStore
 from services.cassandra import CassandraServer
 
 pytestmark = pytest.mark.timeout(600)
@@ -129,7 +129,9 @@ def test_a_schema_1_keyspace_is_upgraded_and_its_keys_still_answer_retries(
     upgraded = open_cassandra(keyspace, tmp_path)
     try:
         assert (
-            upgraded.session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one().value == "2"
+            upgraded.session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one().value
+            == str(SCHEMA_VERSION)
+            == "3"
         )
         retry, new = send(upgraded, a, chat_id, ["old-key", "new-key"])
         assert isinstance(retry, Stored) and (retry.message_id, retry.seq, retry.duplicate) == (

@@ -84,6 +84,16 @@ def blob_keys(server: ServerProcess) -> set[str]:
     if not store:
         root = server.data_dir / "media"
         return {p.name for p in root.glob("*/*") if p.is_file() and not p.name.startswith(".")}
+    client, bucket = _s3_client(server)
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return {o["Key"] for page in pages for o in page.get("Contents", [])}
+    finally:
+        client.close()
+
+
+def _s3_client(server: ServerProcess) -> tuple[object, str]:
+    store = server.env["PYCHAT_MEDIA_STORE"]
     bucket, _, query = store[len("s3://") :].partition("?")
     endpoint = dict(kv.split("=", 1) for kv in query.split("&"))["endpoint"]
     client = boto3.client(
@@ -93,9 +103,17 @@ def blob_keys(server: ServerProcess) -> set[str]:
         aws_access_key_id=server.env["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=server.env["AWS_SECRET_ACCESS_KEY"],
     )
+    return client, bucket
+
+
+def delete_blob(server: ServerProcess, key: str) -> None:
+    """Removes a blob behind the server's back (a lost file)."""
+    if not server.env.get("PYCHAT_MEDIA_STORE"):
+        (server.data_dir / "media" / key[:2] / key).unlink()
+        return
+    client, bucket = _s3_client(server)
     try:
-        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        return {o["Key"] for page in pages for o in page.get("Contents", [])}
+        client.delete_object(Bucket=bucket, Key=key)
     finally:
         client.close()
 
@@ -186,6 +204,17 @@ async def test_the_same_bytes_are_stored_once(clients: Clients, server: ServerPr
     added = blob_keys(server) - before
     assert added == {sha(data)}, added
     assert await alice.download(first["media_id"]) == await bob.download(second["media_id"]) == data
+
+
+async def test_the_same_bytes_uploaded_at_once_by_many(clients: Clients, server: ServerProcess) -> None:
+    users = [await clients.user("twin") for _ in range(6)]
+    data = os.urandom(2 * MiB)
+    answers = await asyncio.gather(*[u.upload(data) for u in users])
+    assert len({a["media_id"] for a in answers}) == 6 and {a["sha256"] for a in answers} == {sha(data)}
+    assert sha(data) in blob_keys(server)
+    for u, a in zip(users, answers, strict=True):
+        assert await u.download(a["media_id"]) == data
+    assert spooled(server) == []
 
 
 async def test_the_type_is_read_from_the_bytes(clients: Clients) -> None:
@@ -292,8 +321,12 @@ async def test_etag_and_if_none_match(clients: Clients) -> None:
     r = await raw(alice, "GET", url)
     assert r.headers["etag"] == f'"{sha(data)}"'
     assert "private" in r.headers["cache-control"] and "immutable" in r.headers["cache-control"]
-    r = await raw(alice, "GET", url, headers={"If-None-Match": r.headers["etag"]})
-    assert r.status_code == 304 and r.content == b""
+    etag = r.headers["etag"]
+    r = await raw(alice, "GET", url, headers={"If-None-Match": etag})
+    assert r.status_code == 304 and r.content == b"" and r.headers["etag"] == etag
+    assert "content-length" not in r.headers or r.headers["content-length"] == str(len(data))
+    r = await raw(alice, "GET", url, headers={"If-None-Match": f'"other", W/{etag}'})
+    assert r.status_code == 304
     r = await raw(alice, "GET", url, headers={"If-None-Match": '"stale", "other"'})
     assert r.status_code == 200 and r.content == data
 
@@ -314,6 +347,14 @@ async def test_bad_uploads_get_clear_errors(clients: Clients, server: ServerProc
         headers={"Content-Type": "multipart/form-data; boundary=b"},
     )
     assert r.status_code == 400 and "file part" in r.json()["error"]["message"]
+    r = await raw(
+        alice,
+        "POST",
+        "/api/media",
+        content=b"--" + b"b" * 300 + b"\r\n",
+        headers={"Content-Type": "multipart/form-data; boundary=" + "b" * 300},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
     async with httpx.AsyncClient(base_url=server.url) as anonymous:
         r = await anonymous.post("/api/media", content=b"data")
         assert r.status_code == 401
@@ -343,6 +384,18 @@ async def test_an_upload_over_the_limit_gets_413_and_leaves_nothing(
     assert spooled(server) == []
     # The server goes on serving.
     assert (await alice.upload(b"small"))["size"] == 5
+
+
+async def test_a_lost_blob_is_an_error_not_a_truncated_file(clients: Clients, server: ServerProcess) -> None:
+    alice = await clients.user("alice")
+    data = os.urandom(30_000)
+    media = await alice.upload(data)
+    delete_blob(server, sha(data))
+    r = await raw(alice, "GET", media["url"])
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
+    # The same bytes uploaded again bring the blob back for both uploads.
+    await alice.upload(data)
+    assert await alice.download(media["url"]) == data
 
 
 # -- access ------------------------------------------------------------------------------------

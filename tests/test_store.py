@@ -109,6 +109,8 @@ CREATE TABLE messages (chat_id TEXT NOT NULL, seq INTEGER NOT NULL, message_id T
     sender_id TEXT NOT NULL, content TEXT NOT NULL, attachments TEXT NOT NULL DEFAULT '[]',
     created_at INTEGER NOT NULL, client_msg_id TEXT NOT NULL, PRIMARY KEY (chat_id, seq));
 CREATE UNIQUE INDEX messages_idempotency ON messages (chat_id, sender_id, client_msg_id);
+CREATE TABLE media (media_id TEXT PRIMARY KEY, uploader_id TEXT NOT NULL, content_type TEXT NOT NULL,
+    size INTEGER NOT NULL, sha256 TEXT NOT NULL, created_at INTEGER NOT NULL, thumbnail_media_id TEXT);
 INSERT INTO meta VALUES ('schema_version', '2');
 INSERT INTO users VALUES ('ua', 'Ann', 'ann', 'scrypt$x', NULL, 1, 5), ('ub', 'Bob', 'bob', 'scrypt$y', 'B', 2, NULL);
 INSERT INTO chats VALUES ('c1', 'direct', NULL, 'ua', 3, 2, 4, 'ua|ub'), ('c2', 'group', 'G', 'ub', 3, 1, 4, NULL);

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import BinaryIO
@@ -42,12 +43,10 @@ class LocalBlobStore:
     def put(self, key: str, path: Path) -> None:
         target = self._path(key)
         target.parent.mkdir(exist_ok=True)
-        tmp = target.with_name(f".{key}.{os.getpid()}.tmp")
+        # A name of this call's own: two uploads of the same bytes may put the same key at once.
+        tmp = target.with_name(f".{key}.{secrets.token_hex(8)}.tmp")
         # A hard link when the upload spool is on the same file system (the default layout): no copy.
         try:
-            os.link(path, tmp)
-        except FileExistsError:
-            os.unlink(tmp)
             os.link(path, tmp)
         except OSError:
             shutil.copyfile(path, tmp)

@@ -332,6 +332,7 @@ class CassandraStore:
 
         self._q_media_put = p(
             f"INSERT INTO media ({_MEDIA_COLUMNS}, attached) VALUES ({', '.join('?' * (len(_MEDIA_FIELDS) + 1))})"
+            " IF NOT EXISTS"
         )
         self._q_media_get = p(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE media_id = ?")
         # Compare-and-set both ways: a send marks media attached only if it still exists; garbage
@@ -770,18 +771,20 @@ class CassandraStore:
 
     # media
 
-    def _media_of(self, sends: list[SendRequest]) -> dict[str, Media]:
+    def _media_of(self, sends: list[SendRequest]) -> dict[str, tuple[Media, bool]]:
+        """The media these sends carry, and whether each was attached already."""
         wanted = sorted({m for s in sends for m in s.attachments})
         if not wanted:
             return {}
-        rows = self._in(f"SELECT {_MEDIA_COLUMNS} FROM media WHERE media_id IN ?", wanted)
-        return {r.media_id: _media(r) for r in rows}
+        rows = self._in(f"SELECT {_MEDIA_COLUMNS}, attached FROM media WHERE media_id IN ?", wanted)
+        return {r.media_id: (_media(r), bool(r.attached)) for r in rows}
 
-    def _check_attachments(self, s: SendRequest, media: dict[str, Media]) -> Failed | None:
+    def _check_attachments(self, s: SendRequest, media: dict[str, tuple[Media, bool]]) -> Failed | None:
         for media_id in s.attachments:
-            m = media.get(media_id)
-            if m is None:
+            found = media.get(media_id)
+            if found is None:
                 return Failed("not_found", f"no such media: {media_id}")
+            m = found[0]
             if m.uploader_id != s.sender_id and not self.may_see_media(media_id, s.sender_id):
                 return Failed("forbidden", f"you may not post media {media_id}")
         return None
@@ -790,7 +793,7 @@ class CassandraStore:
         self,
         sends: list[SendRequest],
         fresh: dict[str, list[int]],
-        media: dict[str, Media],
+        media: dict[str, tuple[Media, bool]],
         out: dict[int, str],
     ) -> dict[int, SendResult]:
         """Marks the media of these sends attached (a compare-and-set, so an upload being collected
@@ -798,24 +801,29 @@ class CassandraStore:
         chats' members see them. Fills `out` with each send's attachment objects; the answers of
         sends that cannot be stored."""
         indexes = [i for chat in fresh.values() for i in chat if sends[i].attachments]
-        ids = sorted({m for i in indexes for m in sends[i].attachments})
+        # Media attached once stays attached: only the others need the compare-and-set.
+        ids = sorted({m for i in indexes for m in sends[i].attachments if not media[m][1]})
         marked = dict(zip(ids, self._all(self._q_media_attach, [(m,) for m in ids]), strict=True))
         refused: dict[int, SendResult] = {}
         for i in indexes:
-            gone = [m for m in sends[i].attachments if not (marked[m] and marked[m][0].applied)]
+            gone = [
+                m for m in sends[i].attachments if m in marked and not (marked[m] and marked[m][0].applied)
+            ]
             if gone:
                 refused[i] = Failed("not_found", f"no such media: {gone[0]}")
                 continue
-            items = [media[m].attachment() for m in sends[i].attachments]
+            items = [media[m][0].attachment() for m in sends[i].attachments]
             out[i] = json.dumps(items, separators=(",", ":"))
         grants = {(m, sends[i].chat_id) for i in indexes if i not in refused for m in sends[i].attachments}
         self._write_all(self._q_media_post, sorted(grants))
         return refused
 
     def add_media(self, media: Media) -> None:
-        values = dataclasses.astuple(media)
+        # The row through Paxos like every later write of `attached` (a send's compare-and-set,
+        # the collector's conditional delete): a plain write's client timestamp could otherwise
+        # land after a send's mark and set the media unattached again.
+        self.session.execute(self._q_media_put, (*dataclasses.astuple(media), False))
         batch = BatchStatement(batch_type=BatchType.LOGGED)
-        batch.add(self._q_media_put, (*values, False))
         batch.add(self._q_media_blob, (media.sha256, media.media_id))
         if media.thumb_sha256:
             batch.add(self._q_media_blob, (media.thumb_sha256, media.media_id))
@@ -862,7 +870,7 @@ class CassandraStore:
                 out.append(_media(r))
             else:  # attached since, or removed: nothing to collect
                 self._forget_unattached(media_id, r.created_at if r is not None else None)
-        if len(ids) < limit:
+        if not ids:  # every upload before the cutoff is collected: later rounds start later
             self.session.execute(
                 "INSERT INTO meta (key, value) VALUES ('media_unattached_from', %s)",
                 (str(before_ms // DAY_MS - 1),),
@@ -1289,11 +1297,11 @@ class CassandraStore:
         return self._message_json(chat_id, m) if m and m.message_id == message_id else None
 
 
-@functools.lru_cache(maxsize=512)
 def _media(row: Any) -> Media:
     return Media(*(getattr(row, name) for name in _MEDIA_FIELDS))
 
 
+@functools.lru_cache(maxsize=512)
 def _row_class(names: tuple[str, ...]) -> Any:
     # "[applied]" (a conditional write's answer) reads as `.applied`, as with the driver's factory.
     return namedtuple("Row", [re.sub(r"[^0-9a-zA-Z_]", "", n) for n in names])

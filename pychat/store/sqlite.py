@@ -250,16 +250,16 @@ class SqliteStore:
         user_columns = {row[1] for row in c.execute("PRAGMA table_info(users)")}
         if not user_columns:
             return False  # a new database
+        # Versions 1 to 5 had a media table no version ever wrote to: replaced.
+        media_columns = {row[1] for row in c.execute("PRAGMA table_info(media)")}
+        if "thumbnail_media_id" in media_columns:
+            c.execute("DROP TABLE media")
         if "last_seen" not in user_columns:  # version 1
             c.execute("ALTER TABLE users ADD COLUMN last_seen INTEGER")
         if "user_no" not in user_columns:  # version 2: text ids in messages
             for statement in _MIGRATE_V2.split(";"):
                 c.execute(statement)
             return True
-        # Version 5 and older had a media table no version ever wrote to: replaced.
-        media_columns = {row[1] for row in c.execute("PRAGMA table_info(media)")}
-        if "thumbnail_media_id" in media_columns:
-            c.execute("DROP TABLE media")
         # Version 3: the idempotency index led by the chat (rebuilt client key first).
         c.execute("DROP INDEX IF EXISTS messages_idempotency")
         return False
@@ -535,6 +535,7 @@ class SqliteStore:
                     c, sends, dict(last_seq), keys, existing, created_at, message_ids, one_by_one=True
                 )
             send_results, last_seq, touched = plan.results, plan.last_seq, plan.touched
+            self._grant_media(c, sends, send_results)
             c.executemany(
                 "UPDATE chats SET last_seq = ?, last_activity = ? WHERE chat_no = ?",
                 [(last_seq[chat], at, keys.chat_no[chat]) for chat, at in touched.items()],
@@ -739,8 +740,7 @@ class SqliteStore:
         return found
 
     def _resolve_attachments(self, c: sqlite3.Connection, s: SendRequest) -> tuple[str, Failed | None]:
-        """The attachment objects of a send, as JSON: media the sender uploaded or may see. The
-        chat's members may see them from now on (the grant commits with the message)."""
+        """The attachment objects of a send, as JSON: media the sender uploaded or may see."""
         if not s.attachments:
             return "[]", None
         items = []
@@ -752,12 +752,26 @@ class SqliteStore:
             if media.uploader_id != s.sender_id and not self._may_see(c, media_id, s.sender_id):
                 return "", Failed("forbidden", f"you may not post media {media_id}")
             items.append(media.attachment())
-        for media_id in s.attachments:
-            c.execute(
-                "INSERT OR IGNORE INTO media_posts (media_id, chat_id) VALUES (?, ?)", (media_id, s.chat_id)
-            )
-            c.execute("UPDATE media SET attached = 1 WHERE media_id = ? AND attached = 0", (media_id,))
         return json.dumps(items, separators=(",", ":")), None
+
+    @staticmethod
+    def _grant_media(c: sqlite3.Connection, sends: list[SendRequest], results: list[SendResult]) -> None:
+        """The members of each chat where a message with media was stored may see that media (in
+        the transaction that stores the messages, once their rows are in)."""
+        posts = {
+            (media_id, s.chat_id)
+            for s, r in zip(sends, results, strict=True)
+            if s.attachments and isinstance(r, Stored) and not r.duplicate
+            for media_id in s.attachments
+        }
+        if posts:
+            c.executemany(
+                "INSERT OR IGNORE INTO media_posts (media_id, chat_id) VALUES (?, ?)", sorted(posts)
+            )
+            c.executemany(
+                "UPDATE media SET attached = 1 WHERE media_id = ? AND attached = 0",
+                sorted({(media_id,) for media_id, _ in posts}),
+            )
 
     @staticmethod
     def _may_see(c: sqlite3.Connection, media_id: str, user_id: str) -> bool:
