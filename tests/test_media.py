@@ -57,25 +57,14 @@ def server(
 
 @pytest.fixture
 def media_server(
-    tmp_path: Path, store_env: dict[str, str], blob_kind: str, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., ServerProcess]]:
-    """Servers of the test's own, on a fresh data dir, store and bucket, with extra settings."""
-    made: list[ServerProcess] = []
+    server_factory: Callable[..., ServerProcess], blob_kind: str, request: pytest.FixtureRequest
+) -> Callable[..., ServerProcess]:
+    """Servers of the test's own (fresh data dir, store and bucket), with extra settings."""
 
     def make(env: dict[str, str]) -> ServerProcess:
-        own = dict(store_env)
-        if "PYCHAT_STORE" in own:
-            own["PYCHAT_STORE"] = own["PYCHAT_STORE"].rsplit("/", 1)[0] + f"/srv_{uuid.uuid4().hex[:12]}"
-        data_dir = tmp_path / f"data{len(made)}"
-        data_dir.mkdir()
-        srv = ServerProcess(data_dir, env={**own, **_media_env(blob_kind, request), **env})
-        srv.start()
-        made.append(srv)
-        return srv
+        return server_factory({**_media_env(blob_kind, request), **env})
 
-    yield make
-    for srv in made:
-        srv.stop()
+    return make
 
 
 def blob_keys(server: ServerProcess) -> set[str]:
