@@ -67,6 +67,9 @@ class Config:
     # (a decompression bomb: a small file that decodes into gigabytes).
     thumbnail_px: int = 320
     max_image_pixels: int = 50_000_000
+    # Full-text search over messages (GET /api/search), indexed in data_dir/search.db off the
+    # message path (see pychat.search). One node only for now: a cluster node answers 503.
+    search: bool = True
     # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
     secret_key: str = ""
     token_ttl_s: int = 7 * 24 * 3600
@@ -152,6 +155,13 @@ class Config:
 
 
 def _coerce(kind: Any, raw: Any, name: str) -> Any:
+    if kind in (bool, "bool"):
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"{name} must be true or false")
+        return text in ("1", "true", "yes", "on")
     if kind in (int, "int"):
         return int(raw)
     if kind in (float, "float"):

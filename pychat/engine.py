@@ -17,6 +17,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pychat.errors import ApiError
@@ -67,6 +68,8 @@ class Engine:
         self._syncs: SyncStreamer | None = None
         # On a node of a cluster: sends go to the sends log, the chat's sequencer stores them.
         self.cluster: ClusterNode | None = None
+        # Told after each batch which chats have new messages, up to which seq (the search index).
+        self.on_stored: Callable[[dict[str, int]], None] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -162,13 +165,19 @@ class Engine:
                 results[i] = seen_result
             self.metrics.store_seconds.observe(time.perf_counter() - started)
             stored = 0
-            for (i, _), r in zip(sends, send_results, strict=True):
+            heads: dict[str, int] = {}
+            for (i, s), r in zip(sends, send_results, strict=True):
                 results[i] = r
-                stored += isinstance(r, Stored) and not r.duplicate
+                if isinstance(r, Stored) and not r.duplicate:
+                    stored += 1
+                    if r.seq > heads.get(s.chat_id, 0):
+                        heads[s.chat_id] = r.seq
             for (i, _), pr in zip(pointers, pointer_results, strict=True):
                 results[i] = pr
             if stored:
                 self.metrics.messages.inc(stored)
+                if self.on_stored is not None:
+                    self.on_stored(heads)
         for i, q in queries:
             try:
                 visible = self.store.visible_users(q.viewer_id, q.user_ids)

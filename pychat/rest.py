@@ -38,6 +38,7 @@ from pychat.media import (
 from pychat.metrics import Metrics
 from pychat.presence import Presence
 from pychat.ratelimit import RateLimiter
+from pychat.search import SearchIndex
 from pychat.store import Chat, Media, Store, User
 
 if TYPE_CHECKING:
@@ -129,6 +130,10 @@ def _id_list(body: dict[str, Any], key: str, max_items: int) -> list[str]:
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+# Search: the longest query, and the most results on a page.
+MAX_QUERY_CHARS = 256
+SEARCH_MAX = 200
+
 # The largest seq a client can name (JSON numbers stay exact up to 2**53 - 1).
 MAX_SEQ = 2**53 - 1
 
@@ -153,6 +158,7 @@ class RestApi:
         metrics: Metrics,
         blobs: BlobStore,
         cluster: ClusterNode | None = None,
+        search: SearchIndex | None = None,
     ) -> None:
         self.config = config
         self.cluster = cluster
@@ -169,6 +175,7 @@ class RestApi:
         self._reads = ThreadPoolExecutor(max(1, config.rest_threads), thread_name_prefix="pychat-rest")
         self._writes = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="pychat-rest-write")
         self.media = MediaService(config, store, blobs, self._store_call)
+        self.search_index = search
         # One member change at a time, from its checks to telling the gateway: with the store
         # calls on threads, two changes could otherwise publish their member lists out of order
         # (a removed member kept in the gateway's cache) or both pass the group-size check.
@@ -198,11 +205,8 @@ class RestApi:
         r("GET", "/api/media/{media_id}/thumbnail", self.download_thumbnail)
         # Routes whose handler reads the body itself, as it arrives.
         self.streamed = {"/api/media"}
-        for method, path in [
-            ("GET", "/api/search"),
-            ("GET", "/api/chats/{chat_id}/export"),
-        ]:
-            r(method, path, self.not_yet)
+        r("GET", "/api/search", self.search)
+        r("GET", "/api/chats/{chat_id}/export", self.not_yet)
 
     def _route(self, method: str, path: str, handler: Handler, auth: bool = True) -> None:
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
@@ -587,6 +591,43 @@ class RestApi:
                 raise ApiError("not_found", "no such user")
             raise ApiError("forbidden", "you share no chat with this user")
         return ok(await self._store_call(self.presence.status, user_id))
+
+    async def search(self, req: Request) -> Response:
+        q = (req.query.get("q") or "").strip()
+        if not q:
+            raise ApiError("bad_request", "`q` is required")
+        if len(q) > MAX_QUERY_CHARS:
+            raise ApiError("bad_request", f"`q` is longer than {MAX_QUERY_CHARS} characters")
+        limit = req.int_query("limit", 1, SEARCH_MAX, default=50)
+        before = req.int_query("before", 1, MAX_SEQ)
+        assert limit is not None
+        chat_id = req.query.get("chat_id") or None
+        sender = req.query.get("sender_id") or None
+        if self.search_index is None:
+            raise ApiError(
+                "unavailable", "search is not available on this server (a cluster node, or search = false)"
+            )
+        if chat_id is not None:
+            chats = [(await self._member_chat(chat_id, req.user_id)).chat_id]
+        else:
+            if before is not None:
+                raise ApiError("bad_request", "`before` (a seq) needs `chat_id`")
+            chats = [c for c, _, _ in await self._store_call(self.store.sync_chats, req.user_id, {})]
+        try:
+            results, cursor = await self._store_call(
+                functools.partial(
+                    self.search_index.search,
+                    q,
+                    chats,
+                    sender=sender,
+                    before=before,
+                    limit=limit,
+                    cursor=req.query.get("cursor"),
+                )
+            )
+        except ValueError as e:
+            raise ApiError("bad_request", str(e)) from None
+        return ok({"results": results, "next_cursor": cursor})
 
     async def upload_media(self, req: Request) -> Response:
         assert req.receive is not None

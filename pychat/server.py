@@ -24,6 +24,7 @@ from pychat.metrics import Metrics
 from pychat.presence import Presence
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
+from pychat.search import SearchIndex
 from pychat.store import open_store
 
 if TYPE_CHECKING:
@@ -87,6 +88,11 @@ class Server:
             self.cluster.start()
             self.engine.cluster = self.cluster
             self.presence = ClusterPresence(self.gateway, self.store, self.cluster.online)
+        self.search: SearchIndex | None = None
+        if cfg.search and not cfg.clustered:
+            self.search = await asyncio.to_thread(SearchIndex, cfg.data_dir / "search.db", self.store)
+            self.engine.on_stored = self.search.notify
+            self.search.start()
         self.engine.start(asyncio.get_running_loop())
         self.api = RestApi(
             cfg,
@@ -98,6 +104,7 @@ class Server:
             self.metrics,
             blobs,
             self.cluster,
+            self.search,
         )
         self._collector = asyncio.create_task(self.api.media.collect_forever())
         from granian.constants import Interfaces
@@ -140,6 +147,8 @@ class Server:
         self.gateway.shutdown()
         await asyncio.to_thread(self.engine.join)
         await self.engine.stop_syncs()
+        if self.search is not None:
+            await asyncio.to_thread(self.search.close)
         self.store.close()
         self._stopped.set()
 

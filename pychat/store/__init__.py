@@ -145,6 +145,9 @@ class MessageStore(Protocol):
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None: ...
 
+    def chat_heads(self) -> list[tuple[str, int]]:
+        """(chat_id, last_seq) of every chat with messages (the search index catches up from it)."""
+
 
 class MetadataStore(Protocol):
     """Users, chats, members, pointers and presence."""

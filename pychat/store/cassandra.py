@@ -1288,6 +1288,12 @@ class CassandraStore:
         has_more = len(found) > limit
         return [self._message_json(chat_id, m) for m in reversed(found[:limit])], has_more
 
+    def chat_heads(self) -> list[tuple[str, int]]:
+        # Hints: a chat's last seq may lag its rows by a batch whose hint write failed; the rows
+        # above it are read when the chat's next message moves it.
+        rows = self.session.execute("SELECT chat_id, last_seq FROM chats")
+        return [(r.chat_id, r.last_seq) for r in rows if r.last_seq]
+
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
         where = message_place(message_id)
         if where is None:

@@ -914,6 +914,9 @@ class SqliteStore:
             rows = rows[:limit][::-1]
         return [_message_json(r) for r in rows], has_more
 
+    def chat_heads(self) -> list[tuple[str, int]]:
+        return self._conn().execute("SELECT chat_id, last_seq FROM chats WHERE last_seq > 0").fetchall()
+
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
         row = self._conn().execute(f"{_MESSAGE_SELECT} WHERE m.message_id = ?", (message_id,)).fetchone()
         return _message_json(row) if row else None

@@ -1,0 +1,184 @@
+"""Search over a real server: scope by membership, ranking, highlights, any language, phrases,
+senders, pages, and an index that catches up after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from pychat.client import ChatClient
+from tests.conftest import Clients, ServerProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def search(client: ChatClient, q: str, **params: Any) -> dict[str, Any]:
+    return await client.request("GET", "/api/search", params={"q": q, **params})  # type: ignore[no-any-return]
+
+
+async def found(client: ChatClient, q: str, expected: int, **params: Any) -> list[dict[str, Any]]:
+    """The results once the index has caught up to `expected` of them (indexing is off the
+    message path: a message is searchable shortly after its ack)."""
+    deadline = time.monotonic() + 15
+    while True:
+        results: list[dict[str, Any]] = (await search(client, q, **params))["results"]
+        if len(results) >= expected or time.monotonic() > deadline:
+            return results
+        await asyncio.sleep(0.1)
+
+
+async def test_only_chats_the_caller_belongs_to(clients: Clients) -> None:
+    alice = await clients.user("alice")
+    bob = await clients.user("bob")
+    carol = await clients.user("carol")
+    group = await alice.create_group("plans", [bob.user_id, carol.user_id])
+    direct = await alice.create_direct(bob.user_id)
+    await alice.post_message(group["chat_id"], "the zanzibar offsite is booked")
+    await bob.post_message(direct["chat_id"], "zanzibar between us")
+    assert len(await found(bob, "zanzibar", 2)) == 2
+    mine = await found(carol, "zanzibar", 1)
+    assert [r["chat_id"] for r in mine] == [group["chat_id"]]
+    r = await carol.http.get("/api/search", params={"q": "zanzibar", "chat_id": direct["chat_id"]})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
+    # A member removed stops seeing the chat's messages at once.
+    await alice.request("DELETE", f"/api/chats/{group['chat_id']}/members/{carol.user_id}")
+    assert (await search(carol, "zanzibar"))["results"] == []
+    outsider = await clients.user("outsider")
+    assert (await search(outsider, "zanzibar"))["results"] == []
+
+
+async def test_results_are_message_objects_with_a_highlight(clients: Clients) -> None:
+    alice = await clients.user("alice")
+    bob = await clients.user("bob")
+    chat = await alice.create_direct(bob.user_id)
+    ack = await alice.post_message(chat["chat_id"], "<script>alert('x')</script> & the quokka said hi")
+    (hit,) = await found(bob, "quokka", 1)
+    assert hit["message_id"] == ack["message_id"] and hit["seq"] == ack["seq"]
+    assert hit["sender_id"] == alice.user_id and hit["attachments"] == []
+    assert hit["content"] == "<script>alert('x')</script> & the quokka said hi"
+    assert (
+        hit["highlight"]
+        == "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; the <mark>quokka</mark> said hi"
+    )
+
+
+async def test_ranking_puts_the_better_match_first(clients: Clients) -> None:
+    alice = await clients.user("alice")
+    bob = await clients.user("bob")
+    chat = await alice.create_direct(bob.user_id)
+    weak = await alice.post_message(
+        chat["chat_id"],
+        "long notes about many things, the weather, lunch, and somewhere a walrus, then more text",
+    )
+    strong = await alice.post_message(chat["chat_id"], "walrus walrus walrus")
+    results = await found(bob, "walrus", 2)
+    assert [r["message_id"] for r in results] == [strong["message_id"], weak["message_id"]]
+
+
+@pytest.mark.parametrize(
+    ("content", "queries"),
+    [
+        ("Crème brûlée at the Café Zürich", ["creme brulee", "cafe", "ZURICH", "café"]),
+        ("naïve façade of the Ångström lab", ["naive", "facade", "angstrom"]),
+        ("東京都の天気は晴れです", ["天気", "京都", "晴れ", "東京都の天気", "す"]),
+        ("我们明天去北京开会", ["北京", "明天", "开会"]),
+        ("서울에서 내일 만나요", ["서울", "내일", "만나"]),
+        ("Встреча в Москве завтра", ["москве", "встреча"]),
+        ("meeting at the conference centre", ["conf", "centre", "MEETING"]),
+    ],
+)
+async def test_any_language(clients: Clients, content: str, queries: list[str]) -> None:
+    alice = await clients.user("alice")
+    bob = await clients.user("bob")
+    chat = await alice.create_direct(bob.user_id)
+    await alice.post_message(chat["chat_id"], "something else entirely")
+    ack = await alice.post_message(chat["chat_id"], content)
+    for q in queries:
+        results = await found(bob, q, 1, chat_id=chat["chat_id"])
+        assert [r["message_id"] for r in results] == [ack["message_id"]], q
+        assert "<mark>" in results[0]["highlight"], (q, results[0]["highlight"])
+    assert (await search(bob, "北海道", chat_id=chat["chat_id"]))["results"] == []
+
+
+async def test_phrases_senders_and_before(clients: Clients) -> None:
+    alice = await clients.user("alice")
+    bob = await clients.user("bob")
+    chat = await alice.create_direct(bob.user_id)
+    first = await alice.post_message(chat["chat_id"], "a red apple on the table")
+    second = await bob.post_message(chat["chat_id"], "the apple is red")
+    assert len(await found(alice, "apple", 2, chat_id=chat["chat_id"])) == 2
+    phrase = await search(alice, '"red apple"', chat_id=chat["chat_id"])
+    assert [r["message_id"] for r in phrase["results"]] == [first["message_id"]]
+    by_bob = await search(alice, "apple", sender_id=bob.user_id)
+    assert [r["message_id"] for r in by_bob["results"]] == [second["message_id"]]
+    older = await search(alice, "apple", chat_id=chat["chat_id"], before=second["seq"])
+    assert [r["message_id"] for r in older["results"]] == [first["message_id"]]
+
+
+async def test_pages_cover_every_match_once(clients: Clients) -> None:
+    alice = await clients.user("alice")
+    bob = await clients.user("bob")
+    chat = await alice.create_direct(bob.user_id)
+    for i in range(25):
+        await alice.post_message(chat["chat_id"], f"pangolin number {i}")
+    await found(bob, "pangolin", 20, limit=20)
+    seen: list[int] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 10}
+        if cursor:
+            params["cursor"] = cursor
+        page = await search(bob, "pangolin", **params)
+        seen += [r["seq"] for r in page["results"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    # Messages sent after the first page do not shift the pages.
+    assert pages == 3 and sorted(seen) == list(range(1, 26))
+
+
+async def test_bad_searches_get_clear_errors(clients: Clients, server: ServerProcess) -> None:
+    alice = await clients.user("alice")
+    for params in ({}, {"q": "  "}, {"q": "x" * 300}, {"q": "a", "limit": "0"}, {"q": "a", "before": "3"}):
+        r = await alice.http.get("/api/search", params=params)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", params
+    r = await alice.http.get("/api/search", params={"q": "a", "cursor": "not-a-cursor"})
+    assert r.status_code == 400
+    r = await alice.http.get("/api/search", params={"q": "a", "chat_id": "c-unknown"})
+    assert r.status_code == 404
+    # Punctuation only, quotes and FTS5 syntax are text, not errors.
+    for q in ('"""', "*", "NEAR(a b)", "a OR", "-", "chat:x"):
+        r = await alice.http.get("/api/search", params={"q": q})
+        assert r.status_code == 200, (q, r.text)
+    async with httpx.AsyncClient(base_url=server.url) as anonymous:
+        assert (await anonymous.get("/api/search", params={"q": "a"})).status_code == 401
+
+
+async def test_the_index_catches_up_after_a_kill_and_is_rebuilt_when_lost(server_factory: Any) -> None:
+    srv = server_factory()
+    made = Clients(srv)
+    alice = await made.user("alice")
+    bob = await made.user("bob")
+    chat = await alice.create_direct(bob.user_id)
+    for i in range(30):
+        await alice.post_message(chat["chat_id"], f"armadillo {i}")
+    await made.close()
+    srv.kill()  # some of them may not be indexed yet
+    (srv.data_dir / "search.db").unlink()
+    for extra in ("search.db-wal", "search.db-shm"):
+        (srv.data_dir / extra).unlink(missing_ok=True)
+    srv.start()
+    made = Clients(srv)
+    try:
+        bob = ChatClient(srv.url, bob.token, bob.user_id)  # its token outlives the restart
+        made.made.append(bob)
+        results = await found(bob, "armadillo", 30, limit=50)
+        assert sorted(r["seq"] for r in results) == list(range(1, 31))
+    finally:
+        await made.close()
