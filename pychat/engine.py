@@ -168,16 +168,17 @@ class Engine:
             heads: dict[str, int] = {}
             for (i, s), r in zip(sends, send_results, strict=True):
                 results[i] = r
-                if isinstance(r, Stored) and not r.duplicate:
-                    stored += 1
+                if isinstance(r, Stored):
+                    stored += not r.duplicate
+                    # A duplicate too: its first answer may have been lost (a store timeout).
                     if r.seq > heads.get(s.chat_id, 0):
                         heads[s.chat_id] = r.seq
             for (i, _), pr in zip(pointers, pointer_results, strict=True):
                 results[i] = pr
             if stored:
                 self.metrics.messages.inc(stored)
-                if self.on_stored is not None:
-                    self.on_stored(heads)
+            if heads and self.on_stored is not None:
+                self.on_stored(heads)
         for i, q in queries:
             try:
                 visible = self.store.visible_users(q.viewer_id, q.user_ids)

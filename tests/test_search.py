@@ -89,6 +89,12 @@ async def test_ranking_puts_the_better_match_first(clients: Clients) -> None:
         ("서울에서 내일 만나요", ["서울", "내일", "만나"]),
         ("Встреча в Москве завтра", ["москве", "встреча"]),
         ("meeting at the conference centre", ["conf", "centre", "MEETING"]),
+        ("東京2020オリンピックの会議室Aで", ["東京2020", "会議室A", "オリンピック", "ピック", "2020オリ"]),
+        ("2024年度の第3章", ["2024年", "第3章", "年度"]),
+        ("spotkanie w Łodzi, potem Øresund", ["lodzi", "oresund"]),
+        ("قال مُحَمَّد كَتَبَ", ["محمد", "كتب"]),
+        ("हिन्दी भाषा सीखना", ["हिन्दी", "भाषा"]),
+        ("ภาษาไทยง่ายมาก", ["ไทย", "ภาษา"]),
     ],
 )
 async def test_any_language(clients: Clients, content: str, queries: list[str]) -> None:
@@ -102,6 +108,9 @@ async def test_any_language(clients: Clients, content: str, queries: list[str]) 
         assert [r["message_id"] for r in results] == [ack["message_id"]], q
         assert "<mark>" in results[0]["highlight"], (q, results[0]["highlight"])
     assert (await search(bob, "北海道", chat_id=chat["chat_id"]))["results"] == []
+    # The index's own tokens (chats, senders) are not text.
+    assert (await search(bob, "k", chat_id=chat["chat_id"]))["results"] == []
+    assert (await search(bob, "ハ", chat_id=chat["chat_id"]))["results"] == []
 
 
 async def test_phrases_senders_and_before(clients: Clients) -> None:

@@ -29,8 +29,9 @@ from pychat.store import BacklogRow, Store
 log = logging.getLogger("pychat.search")
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE VIRTUAL TABLE IF NOT EXISTS docs USING fts5(
-    body, chat, sender, tokenize = 'unicode61 remove_diacritics 2'
+    body, chat, sender, tokenize = 'unicode61 remove_diacritics 2', prefix = '2 3'
 );
 CREATE TABLE IF NOT EXISTS hits (
     doc INTEGER PRIMARY KEY,
@@ -47,8 +48,14 @@ CREATE TABLE IF NOT EXISTS hits (
 CREATE TABLE IF NOT EXISTS cursors (chat_id TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 """
 
-# Messages read from the store per call, and indexed per transaction.
+# What the index holds and how text is folded: an index of another version is rebuilt.
+INDEX_VERSION = "2"
+# Messages read from the store per call; rows indexed per transaction; chats per round.
 PAGE = 500
+TXN_ROWS = 2_000
+CHATS_PER_ROUND = 100
+# The deepest result a cursor reaches.
+MAX_OFFSET = 10_000
 # Relevance halves every this many days of age (BM25 divided by 1 + age / RECENCY_DAYS).
 RECENCY_DAYS = 30.0
 DAY_MS = 86_400_000
@@ -64,8 +71,16 @@ class SearchIndex:
         self.path = Path(path)
         self.store = store
         self._local = threading.local()
-        with self._conn() as c:
-            c.executescript(SCHEMA)
+        c = self._conn()
+        c.executescript(SCHEMA)
+        version = c.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+        if version is None or version[0] != INDEX_VERSION:
+            # Another folding or schema: rebuilt from the store (the catch-up reads every chat).
+            with c:
+                c.execute("DELETE FROM docs")
+                c.execute("DELETE FROM hits")
+                c.execute("DELETE FROM cursors")
+                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('version', ?)", (INDEX_VERSION,))
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -117,7 +132,11 @@ class SearchIndex:
             self._wake.wait(1.0)
             self._wake.clear()
             with self._lock:
-                pending, self._pending = self._pending, {}
+                # A bounded slice per round: a long catch-up leaves room for chats that move.
+                chats = list(self._pending)[:CHATS_PER_ROUND]
+                pending = {c: self._pending.pop(c) for c in chats}
+                if self._pending:
+                    self._wake.set()
             if not pending:
                 self._caught_up.set()
                 continue
@@ -129,36 +148,50 @@ class SearchIndex:
                 self._stop.wait(1)
 
     def _index(self, heads: dict[str, int]) -> None:
+        """Reads each chat from its cursor to its end (not only to the head it was told: a
+        Cassandra chat's head is a hint that may lag its rows) and indexes what it finds."""
         c = self._conn()
-        cursors = dict(c.execute("SELECT chat_id, seq FROM cursors"))
-        for chat_id, head in heads.items():
+        marks = ",".join("?" * len(heads))
+        cursors = dict(c.execute(f"SELECT chat_id, seq FROM cursors WHERE chat_id IN ({marks})", list(heads)))
+        batch: list[tuple[str, list[BacklogRow]]] = []
+        size = 0
+        for chat_id in heads:
             after = cursors.get(chat_id, 0)
-            while after < head and not self._stop.is_set():
+            while not self._stop.is_set():
                 rows = self.store.messages_after(chat_id, after, PAGE)
-                if not rows:
+                if rows:
+                    batch.append((chat_id, rows))
+                    size += len(rows)
+                    after = rows[-1][1]
+                if size >= TXN_ROWS:
+                    self._add(c, batch)
+                    batch, size = [], 0
+                if len(rows) < PAGE:
                     break
-                self._add(c, chat_id, rows)
-                after = rows[-1][1]
+        if batch:
+            self._add(c, batch)
 
     @staticmethod
-    def _add(c: sqlite3.Connection, chat_id: str, rows: list[BacklogRow]) -> None:
+    def _add(c: sqlite3.Connection, batch: list[tuple[str, list[BacklogRow]]]) -> None:
+        """Indexes pages of chats' messages and moves their cursors, in one transaction."""
         with c:
-            for chat, seq, message_id, sender_id, content, attachments, created_at, client_msg_id in rows:
-                cur = c.execute(
-                    "INSERT OR IGNORE INTO hits (chat_id, seq, message_id, sender_id, content, attachments,"
-                    " created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (chat, seq, message_id, sender_id, content, attachments, created_at, client_msg_id),
-                )
-                if cur.rowcount:
-                    c.execute(
-                        "INSERT INTO docs (rowid, body, chat, sender) VALUES (?, ?, ?, ?)",
-                        (cur.lastrowid, index_text(content), token(chat), token(sender_id)),
+            for chat_id, rows in batch:
+                for chat, seq, message_id, sender_id, content, attachments, created_at, client_msg_id in rows:
+                    cur = c.execute(
+                        "INSERT OR IGNORE INTO hits (chat_id, seq, message_id, sender_id, content, attachments,"
+                        " created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (chat, seq, message_id, sender_id, content, attachments, created_at, client_msg_id),
                     )
-            c.execute(
-                "INSERT INTO cursors (chat_id, seq) VALUES (?, ?)"
-                " ON CONFLICT (chat_id) DO UPDATE SET seq = max(seq, excluded.seq)",
-                (chat_id, rows[-1][1]),
-            )
+                    if cur.rowcount:
+                        c.execute(
+                            "INSERT INTO docs (rowid, body, chat, sender) VALUES (?, ?, ?, ?)",
+                            (cur.lastrowid, index_text(content), token(chat), token(sender_id)),
+                        )
+                c.execute(
+                    "INSERT INTO cursors (chat_id, seq) VALUES (?, ?)"
+                    " ON CONFLICT (chat_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                    (chat_id, rows[-1][1]),
+                )
 
     # searching
 
@@ -174,15 +207,16 @@ class SearchIndex:
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Messages of `chats` matching `q`, best first, and the cursor of the next page (None at
         the end). `before` (with one chat) keeps messages below that seq."""
-        offset, ceiling = _read_cursor(cursor)
+        offset, ceiling, now = _read_cursor(cursor)
         query = parse_query(q)
         if query is None or not chats:
             return [], None
         c = self._conn()
-        if ceiling is None:  # the first page fixes what the later pages see
+        if ceiling is None:  # the first page fixes which messages the later pages take
             ceiling = c.execute("SELECT coalesce(max(doc), 0) FROM hits").fetchone()[0]
+            now = int(time.time() * 1000)
         scope = "chat : (" + " OR ".join(token(x) for x in chats) + ")"
-        expression = f"({query.expression}) AND {scope}"
+        expression = f"body : ({query.expression}) AND {scope}"
         if sender:
             expression += f" AND sender : {token(sender)}"
         sql = (
@@ -194,8 +228,10 @@ class SearchIndex:
         if before is not None:
             sql += " AND h.seq < ?"
             params.append(before)
-        now = int(time.time() * 1000)
-        sql += " ORDER BY bm25(docs, 1.0, 0.0, 0.0) / (1.0 + (? - h.created_at) / ?) LIMIT ? OFFSET ?"
+        sql += (
+            " ORDER BY bm25(docs, 1.0, 0.0, 0.0) / (1.0 + max(0, ? - h.created_at) / ?), h.doc DESC"
+            " LIMIT ? OFFSET ?"
+        )
         params += [now, RECENCY_DAYS * DAY_MS, limit + 1, offset]
         rows = c.execute(sql, params).fetchall()
         results = []
@@ -215,24 +251,31 @@ class SearchIndex:
                     "highlight": highlight(content, query.terms),
                 }
             )
-        next_cursor = _write_cursor(offset + limit, ceiling) if len(rows) > limit else None
+        more = len(rows) > limit and offset + limit < MAX_OFFSET
+        next_cursor = _write_cursor(offset + limit, ceiling, now) if more else None
         return results, next_cursor
 
     def close(self) -> None:
         self.stop()
 
 
-def _write_cursor(offset: int, ceiling: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps([offset, ceiling]).encode()).decode().rstrip("=")
+def _write_cursor(offset: int, ceiling: int, now: int | None) -> str:
+    return base64.urlsafe_b64encode(json.dumps([offset, ceiling, now]).encode()).decode().rstrip("=")
 
 
-def _read_cursor(cursor: str | None) -> tuple[int, int | None]:
+def _read_cursor(cursor: str | None) -> tuple[int, int | None, int | None]:
     if not cursor:
-        return 0, None
-    try:
-        offset, ceiling = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if isinstance(offset, int) and isinstance(ceiling, int) and 0 <= offset <= 10_000 and ceiling >= 0:
-            return offset, ceiling
-    except (ValueError, TypeError):
-        pass
+        return 0, None, None
+    if len(cursor) <= 200:
+        try:
+            value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        except (ValueError, TypeError, RecursionError):
+            value = None
+        if (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            and value[0] <= MAX_OFFSET
+        ):
+            return value[0], value[1], value[2]
     raise ValueError("not a cursor of this server")

@@ -15,12 +15,20 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-# Han (with extensions A and compatibility), Hiragana, Katakana, Hangul syllables and jamo.
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
-CJK_RUN = re.compile(f"[{_CJK}]+")
-# A word of a query: letters, digits, marks (and the CJK runs, split apart later).
-WORD = re.compile(r"[^\W_]+", re.UNICODE)
+# Scripts written without spaces between words: Han (with extension A and compatibility), kana,
+# Hangul (syllables and jamo), Thai, Lao, Khmer and Myanmar.
+_RUNS = (
+    "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af\u1100-\u11ff\u3130-\u318f"
+    "\u0e00-\u0eff\u1780-\u17ff\u1000-\u109f"
+)
+CJK_RUN = re.compile(f"[{_RUNS}]+")
 QUOTED = re.compile(r'"([^"]*)"')
+# Most query words a search takes (each one is a lookup in the index).
+MAX_TERMS = 16
+# Letters that Unicode does not decompose into a base letter and a mark.
+_LETTERS = str.maketrans(
+    {"ł": "l", "ø": "o", "đ": "d", "ħ": "h", "\u0131": "i", "æ": "ae", "œ": "oe", "ß": "ss", "þ": "th"}
+)
 
 
 def _grams(run: str) -> list[str]:
@@ -29,9 +37,42 @@ def _grams(run: str) -> list[str]:
     return [run[i : i + 2] for i in range(len(run) - 1)] + [run[-1]]
 
 
+def fold_text(text: str) -> str:
+    """Case, marks (accents, Arabic and Hebrew vowel signs, Indic vowel signs) and a few letters
+    folded: what is indexed and what is searched."""
+    if text.isascii():
+        return text.lower()
+    out: list[str] = []
+    kana = False
+    for c in unicodedata.normalize("NFKD", text.casefold()):
+        if unicodedata.category(c).startswith("M"):
+            if kana:  # the voicing marks of kana tell words apart (ハ, バ, パ)
+                out.append(c)
+            continue
+        out.append(c)
+        kana = "\u3040" <= c <= "\u30ff"
+    # Composed again: Hangul syllables and voiced kana are one character each, as typed.
+    return unicodedata.normalize("NFC", "".join(out)).translate(_LETTERS)
+
+
+def _words(text: str) -> list[str]:
+    """The words of folded text: runs of letters and digits."""
+    out: list[str] = []
+    current: list[str] = []
+    for ch in text:
+        if ch.isalnum():
+            current.append(ch)
+        elif current:
+            out.append("".join(current))
+            current = []
+    if current:
+        out.append("".join(current))
+    return out
+
+
 def index_text(content: str) -> str:
     """What the index tokenizes for a message's content."""
-    return CJK_RUN.sub(lambda m: " " + " ".join(_grams(m.group())) + " ", content)
+    return CJK_RUN.sub(lambda m: " " + " ".join(_grams(m.group())) + " ", fold_text(content))
 
 
 @dataclass(frozen=True)
@@ -42,71 +83,71 @@ class Query:
     terms: tuple[str, ...]
 
 
-def _fts_string(token: str) -> str:
-    return '"' + token.replace('"', '""') + '"'
-
-
-def _phrase(text: str, prefix_last: bool) -> tuple[str | None, list[str]]:
-    """One FTS5 phrase for `text` (its words and CJK runs as tokens, in order), and the words to
+def _phrase(text: str, prefix_word: bool) -> tuple[str | None, list[str]]:
+    """One FTS5 phrase for `text` (its words and runs as tokens, in order), and the words to
     highlight. None if `text` has no word."""
     tokens: list[str] = []
-    shown: list[str] = []
-    for m in WORD.finditer(text):
-        word = m.group()
+    prefix = False
+    words = _words(fold_text(text))
+    for w, word in enumerate(words):
         pos = 0
-        for run in CJK_RUN.finditer(word):
+        runs = list(CJK_RUN.finditer(word))
+        for r, run in enumerate(runs):
             if run.start() > pos:
                 tokens.append(word[pos : run.start()])
             grams = _grams(run.group())
-            # A run's last character is indexed alone too: a query run's own last one is not
-            # needed in the phrase (its bigram ends there).
-            tokens.extend(grams[:-1] if len(run.group()) > 1 else grams)
+            last = w == len(words) - 1 and r == len(runs) - 1 and run.end() == len(word)
+            if last and len(grams) > 1:
+                # The phrase ends inside the run: its last bigram ends where the query does.
+                tokens.extend(grams[:-1])
+            else:
+                # Followed by more, the run ends here in the text too (its last character is
+                # indexed alone); a phrase ending on one character takes any bigram it starts.
+                tokens.extend(grams)
+                prefix = prefix or (last and len(grams) == 1)
             pos = run.end()
         if pos < len(word):
             tokens.append(word[pos:])
-        shown.append(word)
+            # A lone word matches as a prefix ("conf" finds "conference"), from two characters.
+            prefix = prefix_word and len(words) == 1 and len(word) - pos >= 2 and w == len(words) - 1
     if not tokens:
         return None, []
     body = " ".join(t.replace('"', '""') for t in tokens)
-    star = "*" if prefix_last and len(tokens) == 1 else ""
-    return f'"{body}"{star}', shown
+    return f'"{body}"' + ("*" if prefix else ""), [text.strip()]
 
 
 def parse_query(q: str) -> Query | None:
-    """`"exact phrase"` parts and words, all required; a lone word also matches as a prefix
-    ("conf" finds "conference"). None if the query has no word at all."""
+    """`"exact phrase"` parts and words, all required (at most MAX_TERMS); a lone word also
+    matches as a prefix. None if the query has no word at all."""
     parts: list[str] = []
     terms: list[str] = []
     for m in QUOTED.finditer(q):
-        phrase, shown = _phrase(m.group(1), prefix_last=False)
+        phrase, shown = _phrase(m.group(1), prefix_word=False)
         if phrase:
             parts.append(phrase)
-            terms.append(" ".join(shown))
-    rest = QUOTED.sub(" ", q)
-    for m in WORD.finditer(rest):
-        phrase, shown = _phrase(m.group(), prefix_last=True)
+            terms.extend(shown)
+    for word in QUOTED.sub(" ", q).split():
+        phrase, shown = _phrase(word, prefix_word=True)
         if phrase:
             parts.append(phrase)
             terms.extend(shown)
     if not parts:
         return None
+    parts = list(dict.fromkeys(parts))[:MAX_TERMS]
     return Query(" AND ".join(parts), tuple(dict.fromkeys(terms)))
 
 
 def fold(text: str) -> tuple[str, list[int]]:
-    """`text` without case and diacritics, and for each character of the result the index of the
+    """`text` folded like `fold_text`, and for each character of the result the index of the
     character of `text` it came from (to mark matches in the original)."""
     if text.isascii():
         return text.lower(), list(range(len(text)))
     out: list[str] = []
     origin: list[int] = []
     for i, ch in enumerate(text):
-        for c in unicodedata.normalize("NFKD", ch):
-            if unicodedata.combining(c):
-                continue
-            for f in c.casefold():
-                out.append(f)
-                origin.append(i)
+        for f in fold_text(ch):
+            out.append(f)
+            origin.append(i)
     return "".join(out), origin
 
 
