@@ -25,6 +25,7 @@ from pychat.presence import Presence
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
 from pychat.search import SearchIndex
+from pychat.search.worker import Indexer
 from pychat.store import open_store
 
 if TYPE_CHECKING:
@@ -89,10 +90,13 @@ class Server:
             self.engine.cluster = self.cluster
             self.presence = ClusterPresence(self.gateway, self.store, self.cluster.online)
         self.search: SearchIndex | None = None
+        self.indexer: Indexer | None = None
         if cfg.search and not cfg.clustered:
+            # Queries here; indexing in a process of its own (pychat.search.worker).
             self.search = await asyncio.to_thread(SearchIndex, cfg.data_dir / "search.db", self.store)
-            self.engine.on_stored = self.search.notify
-            self.search.start()
+            self.indexer = Indexer(cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
+            self.indexer.start()
+            self.engine.on_stored = self.indexer.notify
         self.engine.start(asyncio.get_running_loop())
         self.api = RestApi(
             cfg,
@@ -147,8 +151,8 @@ class Server:
         self.gateway.shutdown()
         await asyncio.to_thread(self.engine.join)
         await self.engine.stop_syncs()
-        if self.search is not None:
-            await asyncio.to_thread(self.search.close)
+        if self.indexer is not None:
+            await asyncio.to_thread(self.indexer.stop)
         self.store.close()
         self._stopped.set()
 

@@ -4,7 +4,10 @@ senders, pages, and an index that catches up after a restart."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -189,5 +192,36 @@ async def test_the_index_catches_up_after_a_kill_and_is_rebuilt_when_lost(server
         made.made.append(bob)
         results = await found(bob, "armadillo", 30, limit=50)
         assert sorted(r["seq"] for r in results) == list(range(1, 31))
+    finally:
+        await made.close()
+
+
+def _indexer_pid(srv: ServerProcess) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pychat.search.worker" in cmdline and str(srv.data_dir).encode() in cmdline:
+            return int(entry.name)
+    raise AssertionError("no indexer process for this server")
+
+
+async def test_a_killed_indexer_is_started_again_and_catches_up(server_factory: Any) -> None:
+    srv = server_factory()
+    made = Clients(srv)
+    try:
+        alice = await made.user("alice")
+        bob = await made.user("bob")
+        chat = await alice.create_direct(bob.user_id)
+        await alice.post_message(chat["chat_id"], "okapi one")
+        assert len(await found(bob, "okapi", 1)) == 1
+        os.kill(_indexer_pid(srv), signal.SIGKILL)
+        for i in range(5):
+            await alice.post_message(chat["chat_id"], f"okapi {i}")
+        results = await found(bob, "okapi", 6)
+        assert sorted(r["seq"] for r in results) == list(range(1, 7))
     finally:
         await made.close()

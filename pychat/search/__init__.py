@@ -1,9 +1,10 @@
 """Search over messages: a full-text index kept beside the store, off the message path.
 
 The index is an SQLite FTS5 database of its own (`data_dir/search.db`), whatever the store: a
-message is indexed after it is stored, by a thread that follows per-chat cursors (the engine
-tells it which chats moved; at start it catches up every chat from the store), so an ack never
-waits for the index and the index never takes the store's write lock. Each indexed message keeps
+message is indexed after it is stored, by a process of its own (`pychat.search.worker`, at a
+lower CPU priority) that follows per-chat cursors (the engine tells it which chats moved; at
+start it catches up every chat from the store), so an ack never waits for the index, the index
+never takes the store's write lock, and its Python work never holds the server's GIL. Each indexed message keeps
 a copy of what a search result shows, so results are answered from the index alone.
 
 A query is scoped to the chats the caller belongs to *now* (asked of the store each time): the
@@ -85,7 +86,6 @@ class SearchIndex:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._caught_up = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pychat-indexer", daemon=True)
 
     def _conn(self) -> sqlite3.Connection:
@@ -117,9 +117,6 @@ class SearchIndex:
                     self._pending[chat_id] = seq
         self._wake.set()
 
-    def wait_caught_up(self, timeout: float) -> bool:
-        return self._caught_up.wait(timeout)
-
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
@@ -138,7 +135,6 @@ class SearchIndex:
                 if self._pending:
                     self._wake.set()
             if not pending:
-                self._caught_up.set()
                 continue
             try:
                 self._index(pending)
