@@ -12,10 +12,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qsl
 
 from pychat import __version__
@@ -24,6 +24,7 @@ from pychat.blobs import BlobStore
 from pychat.config import Config
 from pychat.engine import Engine
 from pychat.errors import ApiError, RateLimited
+from pychat.export import FORMATS, ChatExport
 from pychat.gateway import Gateway
 from pychat.ids import new_id, now_ms
 from pychat.media import (
@@ -91,15 +92,23 @@ class Request:
         return value
 
 
+class BodyStream(Protocol):
+    """A response body produced as it is sent; `aclose` is always called after."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+    async def aclose(self) -> None: ...
+
+
 @dataclass
 class Response:
     status: int
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = field(default_factory=list)
-    # A body sent as it is produced (media downloads), `length` bytes in all, instead of `body`.
-    stream: BlobStream | None = None
-    length: int = 0
+    # A body sent as it is produced (media downloads, exports) instead of `body`: `length` bytes
+    # in all, or None when not known before the end (then sent chunked).
+    stream: BodyStream | None = None
+    length: int | None = None
 
 
 def ok(value: Any, status: int = 200) -> Response:
@@ -206,7 +215,7 @@ class RestApi:
         # Routes whose handler reads the body itself, as it arrives.
         self.streamed = {"/api/media"}
         r("GET", "/api/search", self.search)
-        r("GET", "/api/chats/{chat_id}/export", self.not_yet)
+        r("GET", "/api/chats/{chat_id}/export", self.export)
 
     def _route(self, method: str, path: str, handler: Handler, auth: bool = True) -> None:
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
@@ -238,7 +247,7 @@ class RestApi:
             response = Response(500, json.dumps(ApiError("internal", "internal error").body()).encode())
         headers = [(b"content-type", response.content_type.encode())]
         length = response.length if response.stream is not None else len(response.body)
-        if response.status != 304:  # a 304 has no body, and its length would be the 200's
+        if response.status != 304 and length is not None:  # a 304's length would be the 200's
             headers.append((b"content-length", str(length).encode()))
         headers.extend((k.encode(), v.encode()) for k, v in response.headers)
         try:
@@ -253,7 +262,7 @@ class RestApi:
         self.metrics.http_requests.inc(route=route_label, status=str(response.status))
         self.metrics.http_seconds.observe(time.perf_counter() - started, route=route_label)
 
-    async def _send_stream(self, stream: BlobStream, send: Send) -> None:
+    async def _send_stream(self, stream: BodyStream, send: Send) -> None:
         try:
             async for chunk in stream:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -628,6 +637,27 @@ class RestApi:
         except ValueError as e:
             raise ApiError("bad_request", str(e)) from None
         return ok({"results": results, "next_cursor": cursor})
+
+    async def export(self, req: Request) -> Response:
+        fmt = req.query.get("format") or "parquet"
+        if fmt not in FORMATS:
+            raise ApiError("bad_request", f"`format` must be one of {', '.join(FORMATS)}")
+        after = req.int_query("after", 0, MAX_SEQ, default=0)
+        assert after is not None
+        chat = await self._member_chat(req.params["chat_id"], req.user_id)
+        content_type, extension = FORMATS[fmt]
+        stream = ChatExport(self.store, chat.chat_id, fmt, after, self._reads)
+        try:
+            await stream.prefetch()
+        except self.store.unavailable_errors:
+            raise ApiError("unavailable", "the store is unavailable; retry") from None
+        name = f"chat-{chat.chat_id}-after-{after}.{extension}"
+        headers = [
+            ("content-disposition", f'attachment; filename="{re.sub(r"[^A-Za-z0-9._-]", "_", name)}"'),
+            ("cache-control", "no-store"),
+            ("x-content-type-options", "nosniff"),
+        ]
+        return Response(200, content_type=content_type, headers=headers, stream=stream)
 
     async def upload_media(self, req: Request) -> Response:
         assert req.receive is not None

@@ -1,0 +1,196 @@
+"""A chat's history as a file: Parquet, Arrow IPC stream or JSON lines, written as it is read.
+
+The store is read a page at a time (`messages_after`), each page becomes one Arrow record batch
+(one Parquet row group), is encoded on a thread and handed to the HTTP response; the chat is
+never held whole in memory. `after` makes an export incremental: only messages with a higher seq.
+
+The schema (also in api/openapi.json, `ExportRow`):
+
+    message_id string, chat_id string, seq int64, sender_id string, content string,
+    attachments list<struct<media_id, content_type, size int64, url, thumbnail_url,
+                            width int32, height int32, filename>>,
+    created_at timestamp[ms, UTC], client_msg_id string (null when none)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import Executor
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pychat.store import BacklogRow, Store
+
+# Messages per record batch (and Parquet row group): about 20 MB of Arrow data at most for
+# messages of 64 KiB of text, usually a few MB.
+PAGE = 20_000
+
+ATTACHMENT = pa.struct(
+    [
+        ("media_id", pa.string()),
+        ("content_type", pa.string()),
+        ("size", pa.int64()),
+        ("url", pa.string()),
+        ("thumbnail_url", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("filename", pa.string()),
+    ]
+)
+SCHEMA = pa.schema(
+    [
+        pa.field("message_id", pa.string(), nullable=False),
+        pa.field("chat_id", pa.string(), nullable=False),
+        pa.field("seq", pa.int64(), nullable=False),
+        pa.field("sender_id", pa.string(), nullable=False),
+        pa.field("content", pa.string(), nullable=False),
+        pa.field("attachments", pa.list_(ATTACHMENT), nullable=False),
+        pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("client_msg_id", pa.string()),
+    ]
+)
+
+FORMATS = {
+    "parquet": ("application/vnd.apache.parquet", "parquet"),
+    "arrow": ("application/vnd.apache.arrow.stream", "arrows"),
+    "jsonl": ("application/x-ndjson", "jsonl"),
+}
+
+
+def record_batch(rows: list[BacklogRow]) -> pa.RecordBatch:
+    """One page of the store as a record batch of SCHEMA."""
+    chat_ids, seqs, message_ids, senders, contents, attachments, created, client_ids = zip(*rows, strict=True)
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(message_ids, pa.string()),
+            pa.array(chat_ids, pa.string()),
+            pa.array(seqs, pa.int64()),
+            pa.array(senders, pa.string()),
+            pa.array(contents, pa.string()),
+            pa.array([json.loads(a) if a != "[]" else [] for a in attachments], pa.list_(ATTACHMENT)),
+            pa.array(created, pa.timestamp("ms", tz="UTC")),
+            pa.array(client_ids, pa.string()),
+        ],
+        schema=SCHEMA,
+    )
+
+
+class _Sink:
+    """What a pyarrow writer writes into: bytes collected until the exporter takes them."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.closed = False
+        self.position = 0
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self.parts.append(chunk)
+        self.position += len(chunk)
+        return len(chunk)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        return out
+
+
+class ChatExport:
+    """The export of one chat as an async iterator of byte chunks (one per page)."""
+
+    def __init__(self, store: Store, chat_id: str, fmt: str, after: int, pool: Executor) -> None:
+        self.store = store
+        self.chat_id = chat_id
+        self.format = fmt
+        self.after = after
+        self.pool = pool
+        self._sink = _Sink()
+        self._writer: Any = None
+        self._done = False
+        self._first: bytes | None = None
+
+    async def prefetch(self) -> None:
+        """Reads and encodes the first page now: a store that fails fails before an answer starts."""
+        self._first = await self._read()
+
+    def __aiter__(self) -> ChatExport:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        if self._done:
+            raise StopAsyncIteration
+        return await self._read()
+
+    async def _read(self) -> bytes:
+        chunk: bytes = await asyncio.get_running_loop().run_in_executor(self.pool, self._next_chunk)
+        return chunk
+
+    def _next_chunk(self) -> bytes:
+        """(On a thread.) The encoding of the next page; the format's end after the last one."""
+        rows = self.store.messages_after(self.chat_id, self.after, PAGE)
+        if rows:
+            self.after = rows[-1][1]
+            self._write(rows)
+        if len(rows) < PAGE:
+            self._finish()
+            self._done = True
+        return self._sink.take()
+
+    def _write(self, rows: list[BacklogRow]) -> None:
+        if self.format == "jsonl":
+            self._sink.write(jsonl(rows))
+            return
+        batch = record_batch(rows)
+        self._writer_for().write_batch(batch)
+
+    def _writer_for(self) -> Any:
+        if self._writer is None:
+            if self.format == "parquet":
+                self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd")
+            else:
+                self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
+        return self._writer
+
+    def _finish(self) -> None:
+        if self.format != "jsonl":
+            self._writer_for().close()  # an empty export is still a valid file with the schema
+
+    async def aclose(self) -> None:
+        self._done = True
+
+
+def jsonl(rows: list[BacklogRow]) -> bytes:
+    lines = []
+    for chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id in rows:
+        lines.append(
+            json.dumps(
+                {
+                    "message_id": message_id,
+                    "chat_id": chat_id,
+                    "seq": seq,
+                    "sender_id": sender_id,
+                    "content": content,
+                    "attachments": json.loads(attachments),
+                    "created_at": created_at,
+                    "client_msg_id": client_msg_id,
+                },
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+        )
+    return ("\n".join(lines) + "\n").encode()
