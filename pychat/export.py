@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
+import threading
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pychat.store import BacklogRow, Store
@@ -60,6 +64,34 @@ FORMATS = {
 }
 
 
+def from_raw(raw: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch as the store's SQL gives it (attachments as JSON text, created_at as integer ms)
+    in SCHEMA. Vectorized: only messages that have attachments are parsed in Python."""
+    n = raw.num_rows
+    text = raw.column("attachments")
+    empty = pc.fill_null(pc.equal(text, "[]"), True)
+    if pc.all(empty).as_py():
+        attachments = pa.ListArray.from_arrays(pa.array([0] * (n + 1), pa.int32()), pa.array([], ATTACHMENT))
+    else:
+        values = [
+            [] if e else json.loads(t) for e, t in zip(empty.to_pylist(), text.to_pylist(), strict=True)
+        ]
+        attachments = pa.array(values, pa.list_(ATTACHMENT))
+    return pa.RecordBatch.from_arrays(
+        [
+            raw.column("message_id").cast(pa.string()),
+            raw.column("chat_id").cast(pa.string()),
+            raw.column("seq").cast(pa.int64()),
+            raw.column("sender_id").cast(pa.string()),
+            raw.column("content").cast(pa.string()),
+            attachments,
+            raw.column("created_at").cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+            raw.column("client_msg_id").cast(pa.string()),
+        ],
+        schema=SCHEMA,
+    )
+
+
 def record_batch(rows: list[BacklogRow]) -> pa.RecordBatch:
     """One page of the store as a record batch of SCHEMA."""
     chat_ids, seqs, message_ids, senders, contents, attachments, created, client_ids = zip(*rows, strict=True)
@@ -76,6 +108,60 @@ def record_batch(rows: list[BacklogRow]) -> pa.RecordBatch:
         ],
         schema=SCHEMA,
     )
+
+
+class _Prefetch:
+    """An iterator read ahead on a thread of its own (at most `depth` items waiting): the store's
+    next batch is read while this one is encoded, on the other core."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[Any], depth: int = 2) -> None:
+        self._source = source
+        self._queue: queue.Queue[Any] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pychat-export-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    break
+            self._queue.put(self._END)
+        except BaseException as e:  # handed to the reader
+            self._queue.put(e)
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self) -> _Prefetch:
+        return self
+
+    def __next__(self) -> Any:
+        item = self._queue.get()
+        if item is self._END:
+            self._queue.put(self._END)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # unblock the reader if it waits for room
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(5)
 
 
 class _Sink:
@@ -120,6 +206,7 @@ class ChatExport:
         self._writer: Any = None
         self._done = False
         self._first: bytes | None = None
+        self._batches: Iterator[pa.RecordBatch] | None = None
 
     async def prefetch(self) -> None:
         """Reads and encodes the first page now: a store that fails fails before an answer starts."""
@@ -142,6 +229,17 @@ class ChatExport:
 
     def _next_chunk(self) -> bytes:
         """(On a thread.) The encoding of the next page; the format's end after the last one."""
+        if self.format != "jsonl" and hasattr(self.store, "arrow_batches"):
+            # A store that reads straight into Arrow (SQLite through ADBC): no Python row objects.
+            if self._batches is None:
+                self._batches = _Prefetch(iter(self.store.arrow_batches(self.chat_id, self.after, PAGE)))
+            raw = next(self._batches, None)
+            if raw is not None and raw.num_rows:
+                self._writer_for().write_batch(from_raw(raw))
+            if raw is None:
+                self._finish()
+                self._done = True
+            return self._sink.take()
         rows = self.store.messages_after(self.chat_id, self.after, PAGE)
         if rows:
             self.after = rows[-1][1]
@@ -172,6 +270,10 @@ class ChatExport:
 
     async def aclose(self) -> None:
         self._done = True
+        batches, self._batches = self._batches, None
+        close = getattr(batches, "close", None)
+        if close is not None:  # stops the read-ahead thread (which closes the ADBC connection)
+            await asyncio.get_running_loop().run_in_executor(self.pool, close)
 
 
 def jsonl(rows: list[BacklogRow]) -> bytes:

@@ -639,7 +639,7 @@ class RestApi:
         return ok({"results": results, "next_cursor": cursor})
 
     async def export(self, req: Request) -> Response:
-        fmt = req.query.get("format") or "parquet"
+        fmt = req.query.get("format") or "jsonl"
         if fmt not in FORMATS:
             raise ApiError("bad_request", f"`format` must be one of {', '.join(FORMATS)}")
         after = req.int_query("after", 0, MAX_SEQ, default=0)

@@ -91,3 +91,62 @@ async def test_only_members_export(clients: Clients, server: ServerProcess) -> N
     async with httpx.AsyncClient(base_url=server.url) as anonymous:
         r = await anonymous.get(f"/api/chats/{chat['chat_id']}/export")
         assert r.status_code == 401
+
+
+def _rss_kib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status").read().splitlines():  # noqa: SIM115
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+async def test_exporting_a_million_messages_keeps_the_server_small(tmp_path: Any, fmt: str) -> None:
+    """1,000,000 messages stored in a SQLite file first, then served: streamed exports of all of
+    them raise the server's RSS by less than 64 MiB."""
+    from pathlib import Path
+
+    from pychat.store import Chat, SendRequest, User, open_store
+
+    data = Path(str(tmp_path))
+    store = open_store("", data, "NORMAL")
+    for u in ("ua", "ub"):
+        store.create_user(User(u, u, None, "scrypt$x", 1))
+    store.create_chat(Chat("c1", "direct", None, "ua", 1, 0, ["ua", "ub"]), "ua|ub")
+    total = 1_000_000
+    for start in range(0, total, 5_000):
+        store.append_batch(
+            [
+                SendRequest("ua", "c1", f"k{i:08d}", f"message {i} of a long history", [])
+                for i in range(start, start + 5_000)
+            ],
+            [],
+        )
+    store.close()
+    srv = ServerProcess(data)
+    srv.start()
+    try:
+        from pychat.auth import TokenIssuer
+
+        token, _ = TokenIssuer(srv.secret, 3600).issue("ub")
+        assert srv.proc is not None
+        async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {token}"}) as http:
+            # Warm up the path (imports, threads, the driver) on a small slice.
+            r = await http.get("/api/chats/c1/export", params={"format": fmt, "after": total - 10})
+            assert r.status_code == 200
+            before = _rss_kib(srv.proc.pid)
+            size = 0
+            peak = before
+            async with http.stream("GET", "/api/chats/c1/export", params={"format": fmt}, timeout=300) as r:
+                assert r.status_code == 200
+                async for chunk in r.aiter_raw():
+                    size += len(chunk)
+                    peak = max(peak, _rss_kib(srv.proc.pid))
+            growth = (peak - before) / 1024
+            print(
+                f"{fmt}: {size / 1e6:.1f} MB exported, server RSS {before / 1024:.1f} MiB, peak +{growth:.1f} MiB"
+            )
+            assert size > 1_000_000 and growth < 64, growth
+    finally:
+        srv.stop()
