@@ -16,7 +16,7 @@ from pychat.config import load_config
 from pychat.errors import ApiError
 from pychat.ids import new_id, now_ms
 from pychat.server import Server
-from pychat.store import Chat, User, open_store
+from pychat.store import Chat, Store, User, open_store
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--kind", choices=["direct", "group"], default="group")
     create.add_argument("--title")
     create.add_argument("members", nargs="+", help="usernames; the first one is the creator")
+    export = sub.add_parser(
+        "export",
+        help="export chats' histories into Parquet files by chat and day, incrementally (a watermark file in OUT)",
+    )
+    _common(export)
+    export.add_argument("out", help="the folder to write (and its _watermark.json)")
+    export.add_argument("--chat", action="append", default=[], help="this chat only (repeatable)")
+    export.add_argument("--user", help="the chats of this user (by username)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -106,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 out["password"] = password
             _print(out)
             return 0
+        if args.command == "export":
+            return _export(store, args)
         if args.command == "chat":
             users = [store.user_by_name(n) for n in args.members]
             if any(u is None for u in users):
@@ -129,6 +140,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         store.close()
     return 2
+
+
+def _export(store: Store, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pychat.archive import export_chats
+
+    heads = dict(store.chat_heads())
+    if args.chat:
+        chats = [(c, heads.get(c, 0)) for c in args.chat]
+    elif args.user:
+        user = store.user_by_name(args.user)
+        if user is None:
+            print(f"pychat: no such user: {args.user}", file=sys.stderr)
+            return 2
+        chats = [(c, last) for c, _, last in store.sync_chats(user.user_id, {})]
+    else:
+        chats = sorted(heads.items())
+    summary = export_chats(store, chats, Path(args.out), progress=not args.quiet)
+    _print(summary.as_json())
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import asyncio
 import json
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from typing import Any
@@ -27,6 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pychat.store import BacklogRow, Store
+
+DAY_MS = 86_400_000
 
 # Messages per record batch (and Parquet row group): about 20 MB of Arrow data at most for
 # messages of 64 KiB of text, usually a few MB.
@@ -296,3 +299,31 @@ def jsonl(rows: list[BacklogRow]) -> bytes:
             )
         )
     return ("\n".join(lines) + "\n").encode()
+
+
+def batches_of(store: Store, chat_id: str, after: int) -> Iterator[pa.RecordBatch]:
+    """The chat's messages above `after` as SCHEMA record batches, a page at a time."""
+    if hasattr(store, "arrow_batches"):
+        reader = _Prefetch(iter(store.arrow_batches(chat_id, after, PAGE)))
+        try:
+            for raw in reader:
+                if raw.num_rows:
+                    yield from_raw(raw)
+        finally:
+            reader.close()
+        return
+    while True:
+        rows = store.messages_after(chat_id, after, PAGE)
+        if rows:
+            yield record_batch(rows)
+            after = rows[-1][1]
+        if len(rows) < PAGE:
+            return
+
+
+def by_day(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """The batch split by the UTC day of `created_at` ("YYYY-MM-DD"), in order."""
+    days = pc.divide(batch.column("created_at").cast(pa.int64()), DAY_MS)
+    for day in pc.unique(days).to_pylist():
+        name = time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
+        yield name, batch.filter(pc.equal(days, day))
