@@ -31,9 +31,11 @@ from pychat.store import BacklogRow, Store
 
 DAY_MS = 86_400_000
 
-# Messages per record batch (and Parquet row group): about 20 MB of Arrow data at most for
-# messages of 64 KiB of text, usually a few MB.
-PAGE = 20_000
+# Messages per record batch (and Parquet row group) read straight into Arrow; a few MB usually.
+PAGE = 10_000
+# Messages per page read as Python rows (JSON lines, stores without an Arrow reader): each row is
+# a handful of objects, so fewer at a time.
+ROW_PAGE = 5_000
 
 ATTACHMENT = pa.struct(
     [
@@ -119,7 +121,7 @@ class _Prefetch:
 
     _END = object()
 
-    def __init__(self, source: Iterator[Any], depth: int = 2) -> None:
+    def __init__(self, source: Iterator[Any], depth: int = 1) -> None:
         self._source = source
         self._queue: queue.Queue[Any] = queue.Queue(depth)
         self._stop = threading.Event()
@@ -242,12 +244,14 @@ class ChatExport:
             if raw is None:
                 self._finish()
                 self._done = True
+            # Arrow's allocator keeps freed pages for reuse; a long export would hold many.
+            pa.default_memory_pool().release_unused()
             return self._sink.take()
-        rows = self.store.messages_after(self.chat_id, self.after, PAGE)
+        rows = self.store.messages_after(self.chat_id, self.after, ROW_PAGE)
         if rows:
             self.after = rows[-1][1]
             self._write(rows)
-        if len(rows) < PAGE:
+        if len(rows) < ROW_PAGE:
             self._finish()
             self._done = True
         return self._sink.take()
@@ -313,11 +317,11 @@ def batches_of(store: Store, chat_id: str, after: int) -> Iterator[pa.RecordBatc
             reader.close()
         return
     while True:
-        rows = store.messages_after(chat_id, after, PAGE)
+        rows = store.messages_after(chat_id, after, ROW_PAGE)
         if rows:
             yield record_batch(rows)
             after = rows[-1][1]
-        if len(rows) < PAGE:
+        if len(rows) < ROW_PAGE:
             return
 
 

@@ -146,6 +146,9 @@ SEARCH_MAX = 200
 # The largest seq a client can name (JSON numbers stay exact up to 2**53 - 1).
 MAX_SEQ = 2**53 - 1
 
+# Threads that encode exports (each export runs on one at a time).
+EXPORT_THREADS = 2
+
 # Threads for REST's store writes. SQLite takes one writer at a time, so more would only wait for
 # its lock; they are apart from the read threads so that reads never queue behind such waits.
 WRITE_THREADS = 2
@@ -183,6 +186,9 @@ class RestApi:
         self.register_limit = RateLimiter(config.register_per_min / 60, config.register_per_min)
         self._reads = ThreadPoolExecutor(max(1, config.rest_threads), thread_name_prefix="pychat-rest")
         self._writes = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="pychat-rest-write")
+        # Exports encode pages on threads of their own: few, so that the memory each thread's
+        # allocator keeps after a page stays small, and exports never hold up the REST reads.
+        self._exports = ThreadPoolExecutor(EXPORT_THREADS, thread_name_prefix="pychat-export")
         self.media = MediaService(config, store, blobs, self._store_call)
         self.search_index = search
         # One member change at a time, from its checks to telling the gateway: with the store
@@ -333,7 +339,7 @@ class RestApi:
     async def close(self) -> None:
         """Stops the store threads: queued calls are dropped, running ones finish (the store is
         closed after this)."""
-        for pool in (self._reads, self._writes):
+        for pool in (self._reads, self._writes, self._exports):
             await asyncio.to_thread(functools.partial(pool.shutdown, wait=True, cancel_futures=True))
         await asyncio.to_thread(self.media.close)
 
@@ -646,7 +652,7 @@ class RestApi:
         assert after is not None
         chat = await self._member_chat(req.params["chat_id"], req.user_id)
         content_type, extension = FORMATS[fmt]
-        stream = ChatExport(self.store, chat.chat_id, fmt, after, self._reads)
+        stream = ChatExport(self.store, chat.chat_id, fmt, after, self._exports)
         try:
             await stream.prefetch()
         except self.store.unavailable_errors:

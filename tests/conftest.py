@@ -132,17 +132,43 @@ def store_env(store_kind: str, request: pytest.FixtureRequest) -> dict[str, str]
     return {"PYCHAT_STORE": f"cassandra://{node.host}:{node.port}/srv_{uuid.uuid4().hex[:12]}"}
 
 
+def keyspace_dropper(
+    request: pytest.FixtureRequest, store_env: dict[str, str]
+) -> Callable[[dict[str, str]], None]:
+    """What drops a server's keyspace once the server has stopped (a test run makes hundreds:
+    kept, they filled the session node's heap). Resolved at setup, used at teardown."""
+    if not store_env.get("PYCHAT_STORE", "").startswith("cassandra://"):
+        return lambda env: None
+    cluster = request.getfixturevalue("cassandra_cluster")
+
+    def drop(env: dict[str, str]) -> None:
+        keyspace = env["PYCHAT_STORE"].rsplit("/", 1)[1].split("?")[0]
+        session = cluster.connect()
+        try:
+            session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=120)
+        finally:
+            session.shutdown()
+
+    return drop
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, store_env: dict[str, str]) -> Iterator[ServerProcess]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, store_env: dict[str, str], request: pytest.FixtureRequest
+) -> Iterator[ServerProcess]:
     """One server per test module (per store); tests keep apart by using fresh users."""
+    drop = keyspace_dropper(request, store_env)
     srv = ServerProcess(tmp_path_factory.mktemp("pychat"), env=dict(store_env))
     srv.start()
     yield srv
     srv.stop()
+    drop(srv.env)
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path, store_env: dict[str, str]) -> Iterator[Callable[..., ServerProcess]]:
+def server_factory(
+    tmp_path: Path, store_env: dict[str, str], request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ServerProcess]]:
     """Starts servers of the test's own (on a fresh data dir and store, with extra environment);
     stops them after."""
     started: list[ServerProcess] = []
@@ -158,9 +184,11 @@ def server_factory(tmp_path: Path, store_env: dict[str, str]) -> Iterator[Callab
         started.append(srv)
         return srv
 
+    drop = keyspace_dropper(request, store_env)
     yield make
     for srv in started:
         srv.stop()
+        drop(srv.env)
 
 
 _names = itertools.count(1)
@@ -235,12 +263,18 @@ def started(server: Service) -> Service:
     return server
 
 
+SESSION_CASSANDRA_HEAP_MB = 1024
+
+
 @pytest.fixture(scope="session")
 def cassandra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraServer]:
     """A running Cassandra 5.0 node, shared by the session. A node that cannot start fails the test
     with the tail of its log: never a skip. The first run downloads Cassandra, so modules that use it
     raise their timeout (see tests/test_cassandra_service.py)."""
-    node = started(CassandraServer.on_free_ports(tmp_path_factory.mktemp("cassandra")))
+    node = CassandraServer.on_free_ports(tmp_path_factory.mktemp("cassandra"))
+    # It hosts every test's keyspace (dropped after each server, but many live at once).
+    node.heap_mb = SESSION_CASSANDRA_HEAP_MB
+    node = started(node)
     yield node
     node.stop()
 

@@ -7,6 +7,7 @@ import asyncio
 import math
 import sqlite3
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -100,11 +101,11 @@ async def test_read_pointers_are_kept_when_a_member_is_removed_and_added_again(
     await ws.ws.close()
 
 
-async def test_unavailable_answers_carry_retry_after_ms_and_a_retry_after_header(
-    server: ServerProcess, clients: Clients
-) -> None:
-    alice = await clients.user("busy")
-    r = await alice.http.get("/api/search", params={"q": "x"})  # specified, not built yet: 503
+async def test_unavailable_answers_carry_retry_after_ms_and_a_retry_after_header(server_factory: Any) -> None:
+    made = Clients(server_factory({"PYCHAT_SEARCH": "false"}))
+    alice = await made.user("busy")
+    r = await alice.http.get("/api/search", params={"q": "x"})  # search turned off: 503
+    await made.close()
     assert r.status_code == 503
     error = r.json()["error"]
     assert error["code"] == "unavailable"

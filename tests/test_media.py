@@ -20,7 +20,7 @@ from PIL import Image
 
 from pychat.client import ChatClient, ChatError
 from services.s3 import S3Server
-from tests.conftest import Clients, ServerProcess
+from tests.conftest import Clients, ServerProcess, keyspace_dropper
 from tests.test_contract import check_frame, check_rest
 
 pytestmark = pytest.mark.timeout(180)
@@ -49,10 +49,12 @@ def server(
     blob_kind: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[ServerProcess]:
+    drop = keyspace_dropper(request, store_env)
     srv = ServerProcess(tmp_path_factory.mktemp("media"), env={**store_env, **_media_env(blob_kind, request)})
     srv.start()
     yield srv
     srv.stop()
+    drop(srv.env)
 
 
 @pytest.fixture
