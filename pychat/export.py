@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pychat.store import BacklogRow, Store
+from pychat.store import BacklogRow, Store, message_object
 
 DAY_MS = 86_400_000
 
@@ -284,24 +284,7 @@ class ChatExport:
 
 
 def jsonl(rows: list[BacklogRow]) -> bytes:
-    lines = []
-    for chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id in rows:
-        lines.append(
-            json.dumps(
-                {
-                    "message_id": message_id,
-                    "chat_id": chat_id,
-                    "seq": seq,
-                    "sender_id": sender_id,
-                    "content": content,
-                    "attachments": json.loads(attachments),
-                    "created_at": created_at,
-                    "client_msg_id": client_msg_id,
-                },
-                ensure_ascii=False,
-                separators=(",", ":"),
-            )
-        )
+    lines = [json.dumps(message_object(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pychat.search.text import highlight, index_text, parse_query
-from pychat.store import BacklogRow, Store
+from pychat.store import BacklogRow, Store, message_object
 
 log = logging.getLogger("pychat.search")
 
@@ -230,23 +230,9 @@ class SearchIndex:
         )
         params += [now, RECENCY_DAYS * DAY_MS, limit + 1, offset]
         rows = c.execute(sql, params).fetchall()
-        results = []
-        for _, chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id in rows[
-            :limit
-        ]:
-            results.append(
-                {
-                    "message_id": message_id,
-                    "chat_id": chat_id,
-                    "seq": seq,
-                    "sender_id": sender_id,
-                    "content": content,
-                    "attachments": json.loads(attachments),
-                    "created_at": created_at,
-                    "client_msg_id": client_msg_id,
-                    "highlight": highlight(content, query.terms),
-                }
-            )
+        results = [
+            {**message_object(row[1:]), "highlight": highlight(row[5], query.terms)} for row in rows[:limit]
+        ]
         more = len(rows) > limit and offset + limit < MAX_OFFSET
         next_cursor = _write_cursor(offset + limit, ceiling, now) if more else None
         return results, next_cursor

@@ -16,6 +16,8 @@ or a thread pool, never on the asyncio loop.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -116,6 +118,21 @@ SendResult = Stored | Failed
 PointerResult = PointerMoved | Failed
 # (chat_id, seq, message_id, sender_id, content, attachments_json, created_at, client_msg_id)
 BacklogRow = tuple[str, int, str, str, str, str, int, str | None]
+
+
+def message_object(row: Sequence[Any]) -> dict[str, Any]:
+    """PROTOCOL.md's message object from a row in `BacklogRow` order."""
+    chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id = row
+    return {
+        "message_id": message_id,
+        "chat_id": chat_id,
+        "seq": seq,
+        "sender_id": sender_id,
+        "content": content,
+        "attachments": json.loads(attachments),
+        "created_at": created_at,
+        "client_msg_id": client_msg_id,
+    }
 
 
 class MessageStore(Protocol):

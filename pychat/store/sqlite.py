@@ -29,6 +29,7 @@ from pychat.store import (
     SendRequest,
     SendResult,
     User,
+    message_object,
 )
 
 log = logging.getLogger("pychat.store")
@@ -171,20 +172,6 @@ _LIST_CHATS = (
     " LEFT JOIN users u ON u.user_no = m.sender_no"
     " WHERE uc.user_id = ? ORDER BY c.last_activity DESC, c.chat_id"
 )
-
-
-def _message_json(row: tuple[Any, ...]) -> dict[str, Any]:
-    chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id = row
-    return {
-        "message_id": message_id,
-        "chat_id": chat_id,
-        "seq": seq,
-        "sender_id": sender_id,
-        "content": content,
-        "attachments": json.loads(attachments),
-        "created_at": created_at,
-        "client_msg_id": client_msg_id,
-    }
 
 
 _MEDIA_FIELDS = len(dataclasses.fields(Media))
@@ -418,7 +405,7 @@ class SqliteStore:
             chat = Chat(chat_id, kind, title, created_by, created_at, last_seq, members.get(chat_id, []))
             item = chat.to_json()
             last = (chat_id, *row[7:])
-            item["last_message"] = _message_json(last) if last[2] is not None else None
+            item["last_message"] = message_object(last) if last[2] is not None else None
             item["unread"] = unread
             out.append(item)
         return out
@@ -920,7 +907,7 @@ class SqliteStore:
             ).fetchall()
             has_more = len(rows) > limit
             rows = rows[:limit][::-1]
-        return [_message_json(r) for r in rows], has_more
+        return [message_object(r) for r in rows], has_more
 
     def arrow_batches(self, chat_id: str, after: int, batch_rows: int) -> Iterator[Any]:
         """The chat's messages with seq > `after` as Arrow record batches, read by ADBC's SQLite
@@ -943,7 +930,7 @@ class SqliteStore:
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
         row = self._conn().execute(f"{_MESSAGE_SELECT} WHERE m.message_id = ?", (message_id,)).fetchone()
-        return _message_json(row) if row else None
+        return message_object(row) if row else None
 
     def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
         rows = (
