@@ -166,12 +166,13 @@ class Engine:
             self.metrics.store_seconds.observe(time.perf_counter() - started)
             stored = 0
             heads: dict[str, int] = {}
+            track = self.on_stored is not None  # per-message work only for a listener
             for (i, s), r in zip(sends, send_results, strict=True):
                 results[i] = r
                 if isinstance(r, Stored):
                     stored += not r.duplicate
                     # A duplicate too: its first answer may have been lost (a store timeout).
-                    if r.seq > heads.get(s.chat_id, 0):
+                    if track and r.seq > heads.get(s.chat_id, 0):
                         heads[s.chat_id] = r.seq
             for (i, _), pr in zip(pointers, pointer_results, strict=True):
                 results[i] = pr

@@ -237,9 +237,6 @@ class SearchIndex:
         next_cursor = _write_cursor(offset + limit, ceiling, now) if more else None
         return results, next_cursor
 
-    def close(self) -> None:
-        self.stop()
-
 
 def _write_cursor(offset: int, ceiling: int, now: int | None) -> str:
     return base64.urlsafe_b64encode(json.dumps([offset, ceiling, now]).encode()).decode().rstrip("=")
