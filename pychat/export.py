@@ -1,6 +1,6 @@
 """A chat's history as a file: Parquet, Arrow IPC stream or JSON lines, written as it is read.
 
-The store is read a page at a time (`messages_after`), each page becomes one Arrow record batch
+The store is read a page at a time (`chained_after`), each page becomes one Arrow record batch
 (one Parquet row group), is encoded on a thread and handed to the HTTP response; the chat is
 never held whole in memory. `after` makes an export incremental: only messages with a higher seq.
 
@@ -9,7 +9,10 @@ The schema (also in api/openapi.json, `ExportRow`):
     message_id string, chat_id string, seq int64, sender_id string, content string,
     attachments list<struct<media_id, content_type, size int64, url, thumbnail_url,
                             width int32, height int32, filename>>,
-    created_at timestamp[ms, UTC], client_msg_id string (null when none)
+    created_at timestamp[ms, UTC], client_msg_id string (null when none),
+    chain fixed_size_binary[32] (the message's hash chain value, pychat/chain.py)
+
+JSON lines carry PROTOCOL.md's message objects, `chain` in hex.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pychat.store import BacklogRow, Store, message_object
+from pychat.store import ChainedRow, Store, message_object
 
 DAY_MS = 86_400_000
 
@@ -59,6 +62,7 @@ SCHEMA = pa.schema(
         pa.field("attachments", pa.list_(ATTACHMENT), nullable=False),
         pa.field("created_at", pa.timestamp("ms", tz="UTC"), nullable=False),
         pa.field("client_msg_id", pa.string()),
+        pa.field("chain", pa.binary(32)),
     ]
 )
 
@@ -92,14 +96,17 @@ def from_raw(raw: pa.RecordBatch) -> pa.RecordBatch:
             attachments,
             raw.column("created_at").cast(pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
             raw.column("client_msg_id").cast(pa.string()),
+            raw.column("chain").cast(pa.binary(32)),
         ],
         schema=SCHEMA,
     )
 
 
-def record_batch(rows: list[BacklogRow]) -> pa.RecordBatch:
+def record_batch(rows: list[ChainedRow]) -> pa.RecordBatch:
     """One page of the store as a record batch of SCHEMA."""
-    chat_ids, seqs, message_ids, senders, contents, attachments, created, client_ids = zip(*rows, strict=True)
+    chat_ids, seqs, message_ids, senders, contents, attachments, created, client_ids, chains = zip(
+        *rows, strict=True
+    )
     return pa.RecordBatch.from_arrays(
         [
             pa.array(message_ids, pa.string()),
@@ -110,6 +117,7 @@ def record_batch(rows: list[BacklogRow]) -> pa.RecordBatch:
             pa.array([json.loads(a) if a != "[]" else [] for a in attachments], pa.list_(ATTACHMENT)),
             pa.array(created, pa.timestamp("ms", tz="UTC")),
             pa.array(client_ids, pa.string()),
+            pa.array(chains, pa.binary(32)),
         ],
         schema=SCHEMA,
     )
@@ -247,7 +255,7 @@ class ChatExport:
             # Arrow's allocator keeps freed pages for reuse; a long export would hold many.
             pa.default_memory_pool().release_unused()
             return self._sink.take()
-        rows = self.store.messages_after(self.chat_id, self.after, ROW_PAGE)
+        rows = self.store.chained_after(self.chat_id, self.after, ROW_PAGE)
         if rows:
             self.after = rows[-1][1]
             self._write(rows)
@@ -256,7 +264,7 @@ class ChatExport:
             self._done = True
         return self._sink.take()
 
-    def _write(self, rows: list[BacklogRow]) -> None:
+    def _write(self, rows: list[ChainedRow]) -> None:
         if self.format == "jsonl":
             self._sink.write(jsonl(rows))
             return
@@ -283,7 +291,7 @@ class ChatExport:
             await asyncio.get_running_loop().run_in_executor(self.pool, close)
 
 
-def jsonl(rows: list[BacklogRow]) -> bytes:
+def jsonl(rows: list[ChainedRow]) -> bytes:
     lines = [json.dumps(message_object(row), ensure_ascii=False, separators=(",", ":")) for row in rows]
     return ("\n".join(lines) + "\n").encode()
 
@@ -300,7 +308,7 @@ def batches_of(store: Store, chat_id: str, after: int) -> Iterator[pa.RecordBatc
             reader.close()
         return
     while True:
-        rows = store.messages_after(chat_id, after, ROW_PAGE)
+        rows = store.chained_after(chat_id, after, ROW_PAGE)
         if rows:
             yield record_batch(rows)
             after = rows[-1][1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pychat.chain import GENESIS, link
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.store import PointerRequest, SendRequest
 from pychat.store.sqlite import SqliteStore
@@ -30,3 +31,18 @@ class TupleSqliteStore(SqliteStore):
     ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         send_results, pointer_results = super().append_batch(sends, pointers, seen)
         return [as_tuple(r) for r in send_results], [as_tuple(r) for r in pointer_results]
+
+
+def assert_chained(history: list[dict[str, Any]]) -> None:
+    """Each message's chain value follows from the one before (from the chat's first message)."""
+    prev = GENESIS
+    for m in history:
+        prev = link(
+            prev,
+            m["seq"],
+            m["sender_id"],
+            m["content"],
+            m["created_at"],
+            [a["media_id"] for a in m["attachments"]],
+        )
+        assert m["chain"] == prev.hex(), m

@@ -14,6 +14,7 @@ from pychat.gateway import Failed, Stored
 from pychat.store import Chat, SendRequest, User, open_store
 from pychat.store.cassandra import SCHEMA_VERSION, CassandraStore
 from services.cassandra import CassandraServer
+from tests.storekit import assert_chained
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -97,6 +98,7 @@ def test_messages_whose_keys_did_not_land_are_unacked_and_their_retries_get_the_
         )
         page = writer.history(chat_id, None, None, 50)[0]
         assert [(m["seq"], m["client_msg_id"]) for m in page] == [(1, "k1"), (2, "k2"), (3, "k3"), (4, "k4")]
+        assert_chained(page)  # k4 chains after the rows the first writer caught up on
         chat = writer.get_chat(chat_id)
         assert chat is not None and chat.last_seq == 4
     finally:
@@ -131,7 +133,7 @@ def test_a_schema_1_keyspace_is_upgraded_and_its_keys_still_answer_retries(
         assert (
             upgraded.session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one().value
             == str(SCHEMA_VERSION)
-            == "3"
+            == "4"
         )
         retry, new = send(upgraded, a, chat_id, ["old-key", "new-key"])
         assert isinstance(retry, Stored) and (retry.message_id, retry.seq, retry.duplicate) == (
@@ -168,6 +170,33 @@ def test_a_fence_that_fails_on_rows_of_the_same_sends_answers_them_with_the_orig
         ], again
         page = writer.history(chat_id, None, None, 50)[0]
         assert [(m["seq"], m["client_msg_id"]) for m in page] == [(1, "k1"), (2, "k2"), (3, "k3"), (4, "k4")]
+        assert_chained(page)
     finally:
         lost.close()
         writer.close()
+
+
+def test_a_schema_3_keyspace_gets_chain_values_equal_to_those_the_message_path_computes(
+    keyspace: str, tmp_path: Path
+) -> None:
+    old = open_cassandra(keyspace, tmp_path)
+    try:
+        a, chat_id = setup_chat(old)
+        _, other = setup_chat(old)
+        old.add_member(other, a)
+        send(old, a, chat_id, [f"k{i}" for i in range(12)])
+        send(old, a, other, ["x1", "x2"])
+        live = old.history(chat_id, None, None, 50)[0]
+        assert_chained(live)
+        old.session.execute("ALTER TABLE messages DROP chain")
+        old.session.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '3')")
+    finally:
+        old.close()
+    upgraded = open_cassandra(keyspace, tmp_path)
+    try:
+        assert upgraded.history(chat_id, None, None, 50)[0] == live
+        assert_chained(upgraded.history(other, None, None, 50)[0])
+        assert [r.seq for r in send(upgraded, a, chat_id, ["after"]) if isinstance(r, Stored)] == [13]
+        assert_chained(upgraded.history(chat_id, None, None, 50)[0])
+    finally:
+        upgraded.close()

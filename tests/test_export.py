@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pychat.chain import GENESIS, link
 from pychat.client import ChatClient
 from pychat.export import SCHEMA
 from tests.conftest import Clients, ServerProcess
@@ -35,6 +36,7 @@ def rows_of(fmt: str, body: bytes) -> list[dict[str, Any]]:
     for row in table.to_pylist():
         row["created_at"] = int(row["created_at"].timestamp() * 1000)
         row["attachments"] = [{k: v for k, v in a.items() if v is not None} for a in row["attachments"]]
+        row["chain"] = row["chain"].hex()
         out.append(row)
     return out
 
@@ -62,6 +64,18 @@ async def test_each_format_reads_back_as_the_history(clients: Clients, fmt: str)
     assert r.headers["content-disposition"].startswith("attachment;")
     exported = rows_of(fmt, r.content)
     assert exported == history
+    # Every message carries its chain value, computed from the one before (pychat/chain.py).
+    prev = GENESIS
+    for m in history:
+        prev = link(
+            prev,
+            m["seq"],
+            m["sender_id"],
+            m["content"],
+            m["created_at"],
+            [a["media_id"] for a in m["attachments"]],
+        )
+        assert m["chain"] == prev.hex(), m["seq"]
     assert exported[4]["attachments"][0]["filename"] == "spec.pdf"
     # Incremental: only what came after a seq.
     r = await export(alice, chat["chat_id"], fmt, after=40)

@@ -12,7 +12,7 @@ import pytest
 from pychat.store import Chat, Media, PointerRequest, SendRequest, User
 from pychat.store import sqlite as sqlite_store
 from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore
-from tests.storekit import TupleSqliteStore
+from tests.storekit import TupleSqliteStore, assert_chained
 
 
 def _store(tmp_path: Path) -> SqliteStore:
@@ -47,7 +47,10 @@ def test_a_chat_whose_last_seq_fell_behind_continues_after_its_highest_seq_and_f
     assert [r[2] for r in first] == [1, 2, 3, 4, 5]
     # As after restoring an old copy of `chats`: last_seq says 2, messages 3..5 are stored.
     damage = sqlite3.connect(db, isolation_level=None)
-    damage.execute("UPDATE chats SET last_seq = 2 WHERE chat_id = 'c1'")
+    damage.execute(
+        "UPDATE chats SET last_seq = 2, last_chain = (SELECT chain FROM messages WHERE chat_no = chats.chat_no"
+        " AND seq = 2) WHERE chat_id = 'c1'"
+    )
     damage.close()
     sends, _ = store.append_batch(
         [
@@ -68,6 +71,7 @@ def test_a_chat_whose_last_seq_fell_behind_continues_after_its_highest_seq_and_f
     # The next batch takes the fast path again, numbering on.
     again, _ = store.append_batch([SendRequest("ua", "c1", "new3", "fast", [])], [])
     assert again[0][:3] == ("stored", again[0][1], 8)
+    assert_chained(store.history("c1", None, None, 10)[0])  # the repaired sends chain after seq 5
     store.close()
 
 
@@ -199,7 +203,7 @@ def test_a_version_4_database_gets_the_former_members_table(tmp_path: Path) -> N
     assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
         str(SCHEMA_VERSION),
     )
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     upgraded.append_batch([], [PointerRequest("ub", "c1", "read", 1)])
     upgraded.remove_member("c1", "ub")
     upgraded.add_member("c1", "ub")

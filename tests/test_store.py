@@ -5,9 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from pychat.chain import GENESIS, link
 from pychat.store import Chat, PointerRequest, SendRequest, User
 from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore, _stored_lookup_sql
-from tests.storekit import TupleSqliteStore
+from tests.storekit import TupleSqliteStore, assert_chained
 
 
 def _store(tmp_path: Path) -> SqliteStore:
@@ -142,6 +143,7 @@ def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its
         "attachments": [],
         "created_at": 4,
         "client_msg_id": "k1",
+        "chain": link(GENESIS, 1, "ub", "note", 4, []).hex(),
     }
     assert store.user_by_id("ub") == User("ub", "Bob", "B", "scrypt$y", 2)
     assert store.last_seen("ua") == 5
@@ -163,7 +165,30 @@ def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its
     store.close()
     again = TupleSqliteStore(tmp_path / "t.db")  # reopening an upgraded store changes nothing
     assert [m["seq"] for m in again.history("c1", None, None, 10)[0]] == [1, 2, 3]
+    assert_chained(again.history("c1", None, None, 10)[0])
     again.close()
+
+
+def test_a_version_6_database_gets_chain_values_equal_to_those_the_message_path_computes(
+    tmp_path: Path,
+) -> None:
+    store = _store(tmp_path)
+    store.append_batch(
+        [SendRequest("ua" if i % 2 else "ub", "c1", f"k{i}", f"m{i} é", []) for i in range(7)], []
+    )
+    live = store.history("c1", None, None, 20)[0]
+    assert_chained(live)
+    c = store._conn()
+    c.execute("ALTER TABLE messages DROP COLUMN chain")
+    c.execute("ALTER TABLE chats DROP COLUMN last_chain")
+    c.execute("UPDATE meta SET value = '6' WHERE key = 'schema_version'")
+    store.close()
+    upgraded = TupleSqliteStore(tmp_path / "t.db")
+    assert upgraded.history("c1", None, None, 20)[0] == live
+    sends, _ = upgraded.append_batch([SendRequest("ua", "c1", "k-new", "after the upgrade", [])], [])
+    assert sends[0][2] == 8
+    assert_chained(upgraded.history("c1", None, None, 20)[0])
+    upgraded.close()
 
 
 def test_a_version_3_database_gets_the_client_key_led_idempotency_index_and_keeps_answering_retries(

@@ -118,12 +118,20 @@ SendResult = Stored | Failed
 PointerResult = PointerMoved | Failed
 # (chat_id, seq, message_id, sender_id, content, attachments_json, created_at, client_msg_id)
 BacklogRow = tuple[str, int, str, str, str, str, int, str | None]
+# A `BacklogRow` and the message's chain value (pychat/chain.py): what history and export carry.
+ChainedRow = tuple[str, int, str, str, str, str, int, str | None, bytes | None]
+
+
+def follows(rows: Sequence[Sequence[Any]], last: int) -> bool:
+    """Whether the rows' seqs (second field) run on from `last` without a gap."""
+    return all(row[1] == last + 1 + k for k, row in enumerate(rows))
 
 
 def message_object(row: Sequence[Any]) -> dict[str, Any]:
-    """PROTOCOL.md's message object from a row in `BacklogRow` order."""
-    chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id = row
-    return {
+    """PROTOCOL.md's message object from a row in `BacklogRow` order, with `chain` (hex) when the
+    row is a `ChainedRow`."""
+    chat_id, seq, message_id, sender_id, content, attachments, created_at, client_msg_id = row[:8]
+    out = {
         "message_id": message_id,
         "chat_id": chat_id,
         "seq": seq,
@@ -133,6 +141,9 @@ def message_object(row: Sequence[Any]) -> dict[str, Any]:
         "created_at": created_at,
         "client_msg_id": client_msg_id,
     }
+    if len(row) > 8 and row[8] is not None:
+        out["chain"] = row[8].hex()
+    return out
 
 
 class MessageStore(Protocol):
@@ -155,10 +166,18 @@ class MessageStore(Protocol):
     def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
         """Up to `limit` messages of the chat with seq > `after`, in seq order."""
 
+    def chained_after(self, chat_id: str, after: int, limit: int) -> list[ChainedRow]:
+        """`messages_after` with each message's chain value (export, verify, import)."""
+
+    def restore_messages(self, chat_id: str, rows: list[ChainedRow]) -> None:
+        """Writes messages read from an export as they were (ids, seqs, times, chain values),
+        after the chat's last one; `pychat import` into an empty server. The rows follow the
+        chat's last seq without a gap (ValueError otherwise)."""
+
     def history(
         self, chat_id: str, before: int | None, after: int | None, limit: int
     ) -> tuple[list[dict[str, Any]], bool]:
-        """A page of message objects in ascending seq, and whether there are more."""
+        """A page of message objects (with `chain`) in ascending seq, and whether there are more."""
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None: ...
 

@@ -66,11 +66,13 @@ from cassandra.concurrent import execute_concurrent
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
+from pychat.chain import GENESIS, link_stored
 from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import now_ms
 from pychat.store import (
     BacklogRow,
+    ChainedRow,
     Chat,
     Media,
     PointerRequest,
@@ -78,11 +80,12 @@ from pychat.store import (
     SendRequest,
     SendResult,
     User,
+    follows,
 )
 
 log = logging.getLogger("pychat.store.cassandra")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Seqs per messages partition.
 BUCKET_SIZE = 10_000
 # How long a send's key is remembered (PROTOCOL.md: at least 24 h), and the span of one
@@ -126,7 +129,7 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS messages (
         chat_id text, bucket bigint, seq bigint, bucket_last_seq bigint STATIC,
         message_id text, sender_id text, content text, attachments text, created_at bigint,
-        client_msg_id text, PRIMARY KEY ((chat_id, bucket), seq))""",
+        client_msg_id text, chain blob, PRIMARY KEY ((chat_id, bucket), seq))""",
     f"""CREATE TABLE IF NOT EXISTS send_keys (
         chat_id text, day bigint, sender_id text, client_msg_id text, message_id text, seq bigint,
         PRIMARY KEY ((chat_id, day), sender_id, client_msg_id)) WITH default_time_to_live = {KEYS_TTL_S}""",
@@ -150,7 +153,7 @@ _MEDIA_FIELDS = [f.name for f in dataclasses.fields(Media)]
 _MEDIA_COLUMNS = ", ".join(_MEDIA_FIELDS)
 DAY_MS = 86_400_000
 
-_MESSAGE_FIELDS = "seq, message_id, sender_id, content, attachments, created_at, client_msg_id"
+_MESSAGE_FIELDS = "seq, message_id, sender_id, content, attachments, created_at, client_msg_id, chain"
 
 
 def bucket_of(seq: int) -> int:
@@ -217,11 +220,15 @@ class CassandraStore:
         self._cluster = cluster
         # The true last seq of each chat this process writes (it is the chats' only writer).
         self._last: dict[str, int] = {}
+        # ... and the chain value of the message at that seq (pychat/chain.py).
+        self._chain: dict[str, bytes] = {}
         self._prepared: dict[str, PreparedStatement] = {}
         self._members_cache: dict[str, tuple[float, frozenset[str]]] = {}
         self._members_lock = threading.Lock()
-        self._migrate()
+        unchained = self._migrate()
         self._prepare()
+        if unchained:
+            self._chain_stored()
 
     @classmethod
     def from_url(cls, url: str) -> CassandraStore:
@@ -250,8 +257,9 @@ class CassandraStore:
         session.set_keyspace(u.keyspace)
         return cls(session, cluster)
 
-    def _migrate(self) -> None:
-        """Creates the tables (or keeps them: every statement is IF NOT EXISTS) and records the version."""
+    def _migrate(self) -> bool:
+        """Creates the tables (or keeps them: every statement is IF NOT EXISTS) and records the
+        version. True when messages stored before schema 4 need their chain values."""
         row = None
         try:
             row = self.session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one()
@@ -263,6 +271,14 @@ class CassandraStore:
             )
         for statement in SCHEMA:
             self.session.execute(statement)
+        unchained = row is not None and int(row.value) < 4
+        if unchained:
+            columns = self.session.execute(
+                "SELECT column_name FROM system_schema.columns WHERE keyspace_name = %s AND table_name = 'messages'",
+                (self.session.keyspace,),
+            )
+            if "chain" not in {c.column_name for c in columns}:
+                self.session.execute("ALTER TABLE messages ADD chain blob")
         if row is not None and int(row.value) == 1:
             # Schema 1 kept keys in `idempotency`, one partition each: they are still looked up
             # there until the last of them has expired.
@@ -275,6 +291,47 @@ class CassandraStore:
         )
         legacy = self.session.execute("SELECT value FROM meta WHERE key = 'legacy_keys_until'").one()
         self._legacy_keys_until = int(legacy.value) if legacy else 0
+        return unchained
+
+    def _chain_stored(self) -> None:
+        """Schema 3 -> 4: the chain values of the messages stored before, chat by chat."""
+        started, total = time.monotonic(), 0
+        for r in self.session.execute("SELECT chat_id FROM chats"):
+            total += self._chain_chat(r.chat_id)[1]
+        log.info(
+            "computed the chain values of %d stored messages (%.1f s)", total, time.monotonic() - started
+        )
+
+    def _chain_chat(self, chat_id: str) -> tuple[bytes, int]:
+        """Writes the chain value of every message of the chat (stored before there were any);
+        its last value and how many messages it has."""
+        prev, after, count = GENESIS, 0, 0
+        while True:
+            rows = self._rows_after(chat_id, after, 1000)
+            values = []
+            for m in rows:
+                prev = link_stored(prev, m.seq, m.sender_id, m.content, m.created_at, m.attachments or "[]")
+                values.append((prev, chat_id, bucket_of(m.seq), m.seq))
+            self._write_all(self._q_chain_put, values)
+            count += len(rows)
+            if len(rows) < 1000:
+                return prev, count
+            after = rows[-1].seq
+
+    def _chain_at(self, chat_id: str, seq: int) -> bytes:
+        """The chain value of the chat's message `seq` (GENESIS for 0)."""
+        if seq <= 0:
+            return GENESIS
+        row = self.session.execute(self._q_message, (chat_id, bucket_of(seq), seq)).one()
+        if row is None or row.chain is None:  # written by a version before chains
+            return self._chain_chat(chat_id)[0]
+        return bytes(row.chain)
+
+    def _head(self, chat_id: str, hint: int) -> None:
+        """This writer learns the chat's true last seq and its chain value."""
+        last = self._true_last(chat_id, hint)
+        self._chain[chat_id] = self._chain_at(chat_id, last)
+        self._last[chat_id] = last
 
     def _prepare(self) -> None:
         p = self.session.prepare
@@ -301,8 +358,9 @@ class CassandraStore:
         )
         self._q_row = p(
             "INSERT INTO messages (chat_id, bucket, seq, message_id, sender_id, content, attachments,"
-            " created_at, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " created_at, client_msg_id, chain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )
+        self._q_chain_put = p("UPDATE messages SET chain = ? WHERE chat_id = ? AND bucket = ? AND seq = ?")
         self._q_chat_last = p("UPDATE chats USING TIMESTAMP ? SET last_seq = ? WHERE chat_id = ?")
         self._q_chat = p(
             "SELECT chat_id, kind, title, created_by, created_at, last_seq FROM chats WHERE chat_id = ?"
@@ -986,6 +1044,10 @@ class CassandraStore:
                         caught[key] = Stored(
                             m.message_id, m.seq, m.created_at, m.content, m.attachments, True
                         )
+                chain = bytes(rows[-1].chain) if rows and rows[-1].seq == last and rows[-1].chain else None
+                self._chain[chat_id] = chain or self._chain_at(chat_id, last)
+            else:
+                self._chain[chat_id] = self._chain_at(chat_id, last)
             self._last[chat_id] = last
         return caught
 
@@ -1029,22 +1091,11 @@ class CassandraStore:
                 break
             for c in pending:
                 if c not in self._last:
-                    self._last[c] = self._true_last(c, hints.get(c, 0))
+                    self._head(c, hints.get(c, 0))
             rows = {
-                c: [
-                    (
-                        c,
-                        bucket_of(self._last[c] + 1 + k),
-                        self._last[c] + 1 + k,
-                        message_id_of(c, self._last[c] + 1 + k),
-                        sends[i].sender_id,
-                        sends[i].content,
-                        attached.get(i, "[]"),
-                        created_at,
-                        sends[i].client_msg_id,
-                    )
-                    for k, i in enumerate(indexes)
-                ]
+                c: self._numbered(
+                    c, [sends[i] for i in indexes], [attached.get(i, "[]") for i in indexes], created_at
+                )
                 for c, indexes in pending.items()
             }
             # The keys go beside the fenced batches (see the module's docstring for a crash
@@ -1068,7 +1119,7 @@ class CassandraStore:
                 count = fenced[c]
                 if count is None or c in keys_failed:
                     # Stored or not, unknown: the next touch reads the truth and writes missing keys.
-                    self._last.pop(c, None)
+                    self._forget_head(c)
                     for i in pending.pop(c):
                         out[i] = Failed("unavailable", "the store did not take the message; retry")
                     continue
@@ -1077,6 +1128,7 @@ class CassandraStore:
                     out[i] = Stored(r[3], r[2], created_at, r[5], r[6], False)
                 if written:
                     self._last[c] = written[-1][2]
+                    self._chain[c] = written[-1][9]
                     done[c] = written
                 if len(written) == len(chat_rows):
                     del pending[c]
@@ -1104,7 +1156,7 @@ class CassandraStore:
                         caught.update(self._catch_up({c: self._last[c]}, wanted))
                     except Exception:
                         log.exception("catching up chat %s failed", c)
-                        self._last.pop(c, None)
+                        self._forget_head(c)
                         for i in pending.pop(c):
                             out[i] = Failed("unavailable", "the store did not take the message; retry")
                 for c in list(pending):
@@ -1119,6 +1171,37 @@ class CassandraStore:
             for i in indexes:
                 out[i] = Failed("unavailable", "the chat is contended by another writer; retry")
         return out
+
+    def _numbered(
+        self, chat_id: str, sends: list[SendRequest], attachments: list[str], created_at: int
+    ) -> list[tuple[Any, ...]]:
+        """The message rows of a chat's new sends, numbered and chained after its head (the
+        `_q_row` columns)."""
+        rows: list[tuple[Any, ...]] = []
+        seq, chain = self._last[chat_id], self._chain[chat_id]
+        for s, attached in zip(sends, attachments, strict=True):
+            seq += 1
+            chain = link_stored(chain, seq, s.sender_id, s.content, created_at, attached)
+            rows.append(
+                (
+                    chat_id,
+                    bucket_of(seq),
+                    seq,
+                    message_id_of(chat_id, seq),
+                    s.sender_id,
+                    s.content,
+                    attached,
+                    created_at,
+                    s.client_msg_id,
+                    chain,
+                )
+            )
+        return rows
+
+    def _forget_head(self, chat_id: str) -> None:
+        """The chat's head is unknown (a write's outcome is): the next touch reads it."""
+        self._last.pop(chat_id, None)
+        self._chain.pop(chat_id, None)
 
     def _fenced_writes(self, chats: dict[str, tuple[int, list[tuple[Any, ...]]]]) -> dict[str, int | None]:
         """For each chat, its rows in one conditional batch per bucket, each fenced on the bucket's
@@ -1215,7 +1298,7 @@ class CassandraStore:
         return results
 
     def _message_json(self, chat_id: str, m: Any) -> dict[str, Any]:
-        return {
+        out = {
             "message_id": m.message_id,
             "chat_id": chat_id,
             "seq": m.seq,
@@ -1225,6 +1308,9 @@ class CassandraStore:
             "created_at": m.created_at,
             "client_msg_id": m.client_msg_id,
         }
+        if m.chain is not None:
+            out["chain"] = bytes(m.chain).hex()
+        return out
 
     def _rows_after(self, chat_id: str, after: int, limit: int) -> list[Any]:
         """Up to `limit` message rows with seq > `after`, walking the buckets in order. A chat's
@@ -1254,6 +1340,56 @@ class CassandraStore:
             )
             for m in self._rows_after(chat_id, after, limit)
         ]
+
+    def chained_after(self, chat_id: str, after: int, limit: int) -> list[ChainedRow]:
+        return [
+            (
+                chat_id,
+                m.seq,
+                m.message_id,
+                m.sender_id,
+                m.content,
+                m.attachments or "[]",
+                m.created_at,
+                m.client_msg_id,
+                bytes(m.chain) if m.chain is not None else None,
+            )
+            for m in self._rows_after(chat_id, after, limit)
+        ]
+
+    def restore_messages(self, chat_id: str, rows: list[ChainedRow]) -> None:
+        """Through the message path's own writes: fenced batches after the chat's last seq, the
+        keys, then the hint."""
+        if not rows:
+            return
+        chat = self.session.execute(self._q_chat, (chat_id,)).one()
+        if chat is None:
+            raise ValueError(f"no chat {chat_id}")
+        last = self._true_last(chat_id, chat.last_seq or 0)
+        if not follows(rows, last):
+            raise ValueError(f"chat {chat_id}: the rows do not follow seq {last} without a gap")
+        written = [
+            (
+                chat_id,
+                bucket_of(seq),
+                seq,
+                message_id,
+                sender,
+                content,
+                attachments,
+                at,
+                client_msg_id or message_id,
+                chain,
+            )
+            for _, seq, message_id, sender, content, attachments, at, client_msg_id, chain in rows
+        ]
+        for batch in self._key_writes(written):
+            self.session.execute(batch)
+        if self._fenced_writes({chat_id: (last, written)})[chat_id] != len(written):
+            raise RuntimeError(f"chat {chat_id}: another writer moved the chat during the import")
+        top = written[-1][2]
+        self.session.execute(self._q_chat_last, (top, top, chat_id))
+        self._forget_head(chat_id)
 
     def history(
         self, chat_id: str, before: int | None, after: int | None, limit: int

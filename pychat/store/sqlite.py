@@ -12,16 +12,19 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pychat.chain import GENESIS, link_stored
 from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import new_ids, now_ms
 from pychat.store import (
     BacklogRow,
+    ChainedRow,
     Chat,
     Media,
     PointerRequest,
@@ -29,12 +32,13 @@ from pychat.store import (
     SendRequest,
     SendResult,
     User,
+    follows,
     message_object,
 )
 
 log = logging.getLogger("pychat.store")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # Messages name their chat and sender by the integer keys `chat_no` / `user_no` rather than
 # the 29-character text ids: every message row and both of its per-chat indexes get smaller,
@@ -53,6 +57,8 @@ CREATE TABLE IF NOT EXISTS users (
     created_at INTEGER NOT NULL,
     last_seen INTEGER
 );
+-- `last_chain` is the chain value (pychat/chain.py) of the message at `last_seq`, `messages.chain`
+-- each message's (schema 6 -> 7, computed then for the messages stored before).
 CREATE TABLE IF NOT EXISTS chats (
     chat_no INTEGER PRIMARY KEY,
     chat_id TEXT NOT NULL UNIQUE,
@@ -62,7 +68,8 @@ CREATE TABLE IF NOT EXISTS chats (
     created_at INTEGER NOT NULL,
     last_seq INTEGER NOT NULL DEFAULT 0,
     last_activity INTEGER NOT NULL,
-    direct_key TEXT UNIQUE
+    direct_key TEXT UNIQUE,
+    last_chain BLOB
 );
 CREATE TABLE IF NOT EXISTS user_chats (
     user_id TEXT NOT NULL,
@@ -91,6 +98,7 @@ CREATE TABLE IF NOT EXISTS messages (
     attachments TEXT NOT NULL DEFAULT '[]',
     created_at INTEGER NOT NULL,
     client_msg_id TEXT NOT NULL,
+    chain BLOB,
     PRIMARY KEY (chat_no, seq)
 );
 -- Idempotency across restarts: one message per (chat, sender, client_msg_id). The client's key
@@ -149,7 +157,9 @@ DROP TABLE chats_v2;
 DROP TABLE users_v2;
 """
 
-_MESSAGE_COLUMNS = "chat_no, seq, message_id, sender_no, content, attachments, created_at, client_msg_id"
+_MESSAGE_COLUMNS = (
+    "chat_no, seq, message_id, sender_no, content, attachments, created_at, client_msg_id, chain"
+)
 _MESSAGE_MARKS = ", ".join("?" * len(_MESSAGE_COLUMNS.split(", ")))
 # A message as the API names it (text ids); `WHERE c.chat_id = ?` finds the chat first and then
 # reads its messages through the (chat_no, seq) key.
@@ -158,14 +168,17 @@ _MESSAGE_SELECT = (
     " FROM messages m JOIN chats c ON c.chat_no = m.chat_no JOIN users u ON u.user_no = m.sender_no"
 )
 
+# The same with the message's chain value last (`ChainedRow`).
+_CHAINED_SELECT = _MESSAGE_SELECT.replace(", m.client_msg_id FROM", ", m.client_msg_id, m.chain FROM")
+
 # The rows of `list_chats`: chat, unread count, then the last message's columns as in
-# `_MESSAGE_SELECT` after its chat_id (all NULL without messages). The last message is one
+# `_CHAINED_SELECT` after its chat_id (all NULL without messages). The last message is one
 # primary-key seek; the unread count one range of the same key, both inside this one statement.
 _LIST_CHATS = (
     "SELECT c.chat_id, c.kind, c.title, c.created_by, c.created_at, c.last_seq,"
     " (SELECT COUNT(*) FROM messages n WHERE n.chat_no = c.chat_no AND n.seq > uc.read_seq"
     "  AND n.sender_no != COALESCE(me.user_no, -1)),"
-    " m.seq, m.message_id, u.user_id, m.content, m.attachments, m.created_at, m.client_msg_id"
+    " m.seq, m.message_id, u.user_id, m.content, m.attachments, m.created_at, m.client_msg_id, m.chain"
     " FROM user_chats uc JOIN chats c ON c.chat_id = uc.chat_id"
     " LEFT JOIN users me ON me.user_id = uc.user_id"
     " LEFT JOIN messages m ON m.chat_no = c.chat_no AND m.seq = c.last_seq"
@@ -180,7 +193,7 @@ _MEDIA_COLUMNS = ", ".join(f.name for f in dataclasses.fields(Media))
 # A chat's messages in export order, for ADBC (`arrow_batches`).
 _ARROW_EXPORT = (
     "SELECT m.message_id, c.chat_id, m.seq, u.user_id AS sender_id, m.content, m.attachments,"
-    " m.created_at, m.client_msg_id FROM messages m JOIN chats c ON c.chat_no = m.chat_no"
+    " m.created_at, m.client_msg_id, m.chain FROM messages m JOIN chats c ON c.chat_no = m.chat_no"
     " JOIN users u ON u.user_no = m.sender_no WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq"
 )
 
@@ -206,6 +219,7 @@ class SqliteStore:
         self._all_lock = threading.Lock()
         with self._write() as c:
             copy_v2 = self._migrate(c)
+            unchained = self._add_chain_columns(c)
             for statement in SCHEMA.split(";"):
                 c.execute(statement)
             c.execute(
@@ -215,6 +229,8 @@ class SqliteStore:
             if copy_v2:
                 for statement in _COPY_V2.split(";"):
                     c.execute(statement)
+            if unchained or copy_v2:
+                self._chain_stored(c)
         # Checkpoints (copying the WAL into the database file, with its own fsync) mostly run on
         # this thread, outside any commit. SQLite's own autocheckpoint stays on: it finds the
         # frames already copied, and it is what lets the WAL start over (without it the WAL grew
@@ -258,6 +274,47 @@ class SqliteStore:
         # Version 3: the idempotency index led by the chat (rebuilt client key first).
         c.execute("DROP INDEX IF EXISTS messages_idempotency")
         return False
+
+    @staticmethod
+    def _add_chain_columns(c: sqlite3.Connection) -> bool:
+        """Schema 6 -> 7: the chain columns. True when messages stored before need their values."""
+        message_columns = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
+        if not message_columns or "chain" in message_columns:
+            return False
+        c.execute("ALTER TABLE messages ADD COLUMN chain BLOB")
+        c.execute("ALTER TABLE chats ADD COLUMN last_chain BLOB")
+        return True
+
+    @staticmethod
+    def _chain_stored(c: sqlite3.Connection) -> None:
+        """Computes the chain values of the messages stored before there were any (in the
+        upgrade's transaction), chat by chat in seq order."""
+        chats = c.execute("SELECT chat_no FROM chats ORDER BY chat_no").fetchall()
+        started, total = time.monotonic(), 0
+        for (chat_no,) in chats:
+            prev, seq = GENESIS, 0
+            while True:
+                rows = c.execute(
+                    "SELECT m.seq, u.user_id, m.content, m.created_at, m.attachments FROM messages m"
+                    " JOIN users u ON u.user_no = m.sender_no WHERE m.chat_no = ? AND m.seq > ?"
+                    " ORDER BY m.seq LIMIT 5000",
+                    (chat_no, seq),
+                ).fetchall()
+                if not rows:
+                    break
+                values = []
+                for seq, sender_id, content, created_at, attachments in rows:
+                    prev = link_stored(prev, seq, sender_id, content, created_at, attachments)
+                    values.append((prev, chat_no, seq))
+                c.executemany("UPDATE messages SET chain = ? WHERE chat_no = ? AND seq = ?", values)
+                total += len(values)
+            c.execute("UPDATE chats SET last_chain = ? WHERE chat_no = ?", (prev if seq else None, chat_no))
+        log.info(
+            "computed the chain values of %d stored messages in %d chats (%.1f s)",
+            total,
+            len(chats),
+            time.monotonic() - started,
+        )
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -506,13 +563,14 @@ class SqliteStore:
             # A few queries for the whole batch instead of two per chat: each chat's last seq and
             # whether each sender is (still) a member.
             chats = self._chats(c, {s.chat_id for s in sends} | {p.chat_id for p in pointers})
-            last_seq = {chat_id: last for chat_id, (_, last) in chats.items()}
+            last_seq = {chat_id: last for chat_id, (_, last, _) in chats.items()}
+            last_chain = {chat_id: chain for chat_id, (_, _, chain) in chats.items()}
             members = self._memberships(c, {(s.sender_id, s.chat_id) for s in sends})
             # Senders who have left one of the chats (rare): a retry of what they sent while members
             # is answered from the idempotency index, anything else is refused.
             outsiders = [s for s in sends if s.chat_id in chats and (s.sender_id, s.chat_id) not in members]
             keys = _Keys(
-                {chat_id: no for chat_id, (no, _) in chats.items()},
+                {chat_id: no for chat_id, (no, _, _) in chats.items()},
                 members,
                 self._user_nos(c, {s.sender_id for s in outsiders}),
             )
@@ -523,17 +581,19 @@ class SqliteStore:
             # rest from memory), so first assume none is stored: insert all in one statement, and
             # only if a row did not go in undo that and store send by send (`_insert_one`).
             stored_before = self._stored_already(c, outsiders, keys) if outsiders else {}
-            plan = self._plan_sends(c, sends, dict(last_seq), keys, stored_before, created_at, message_ids)
+            heads = _Heads(dict(last_seq), dict(last_chain))
+            plan = self._plan_sends(c, sends, heads, keys, stored_before, created_at, message_ids)
             if not self._insert_fresh(c, plan.rows):
                 existing = self._stored_already(c, sends, keys)
+                heads = _Heads(dict(last_seq), dict(last_chain))
                 plan = self._plan_sends(
-                    c, sends, dict(last_seq), keys, existing, created_at, message_ids, one_by_one=True
+                    c, sends, heads, keys, existing, created_at, message_ids, one_by_one=True
                 )
-            send_results, last_seq, touched = plan.results, plan.last_seq, plan.touched
+            send_results, last_seq, touched = plan.results, heads.seq, plan.touched
             self._grant_media(c, sends, send_results)
             c.executemany(
-                "UPDATE chats SET last_seq = ?, last_activity = ? WHERE chat_no = ?",
-                [(last_seq[chat], at, keys.chat_no[chat]) for chat, at in touched.items()],
+                "UPDATE chats SET last_seq = ?, last_chain = ?, last_activity = ? WHERE chat_no = ?",
+                [(last_seq[chat], heads.chain[chat], at, keys.chat_no[chat]) for chat, at in touched.items()],
             )
             for p in pointers:
                 pointer_results.append(self._move_pointer(c, p, last_seq.get(p.chat_id)))
@@ -566,7 +626,7 @@ class SqliteStore:
         self,
         c: sqlite3.Connection,
         sends: list[SendRequest],
-        last_seq: dict[str, int],
+        heads: _Heads,
         keys: _Keys,
         existing: dict[tuple[str, str, str], tuple[Any, ...]],
         created_at: int,
@@ -576,7 +636,7 @@ class SqliteStore:
         """Each send's result and row: stored already, refused, or the next seq of its chat.
         `one_by_one` also inserts each row as it is planned, so a row the store refuses takes no
         seq: the chat's later sends move down and its numbering stays gap-free."""
-        plan = _SendPlan(rows=[], results=[], last_seq=last_seq, touched={})
+        plan = _SendPlan(rows=[], results=[], touched={})
         ids = iter(message_ids)
         planned: dict[tuple[str, str, str], Stored] = {}  # the same key twice in one batch
         for s in sends:
@@ -589,7 +649,7 @@ class SqliteStore:
                 p = planned[key]
                 plan.results.append(Stored(p.message_id, p.seq, p.created_at, p.content, p.attachments, True))
                 continue
-            last = last_seq.get(s.chat_id)
+            last = heads.seq.get(s.chat_id)
             if last is None:
                 plan.results.append(Failed("not_found", "no such chat"))
                 continue
@@ -610,30 +670,34 @@ class SqliteStore:
                 attachments,
                 created_at,
                 s.client_msg_id,
+                link_stored(
+                    heads.chain[s.chat_id], last + 1, s.sender_id, s.content, created_at, attachments
+                ),
             ]
             if one_by_one:
-                refused = self._insert_one(c, row)
+                refused = self._insert_one(c, row, s.sender_id)
                 if refused is not None:
                     plan.results.append(refused)
                     if isinstance(refused, Stored):
                         planned[key] = refused
                     continue
-            seq, message_id = row[1], row[2]  # `_insert_one` may have changed them
+            seq, message_id = row[1], row[2]  # `_insert_one` may have changed them (and the chain)
             plan.rows.append(row)
-            last_seq[s.chat_id] = seq
+            heads.seq[s.chat_id] = seq
+            heads.chain[s.chat_id] = row[8]
             plan.touched[s.chat_id] = created_at
             planned[key] = Stored(message_id, seq, created_at, s.content, attachments, False)
             plan.results.append(planned[key])
         return plan
 
     @staticmethod
-    def _insert_one(c: sqlite3.Connection, row: list[Any]) -> SendResult | None:
+    def _insert_one(c: sqlite3.Connection, row: list[Any], sender_id: str) -> SendResult | None:
         """Inserts one message row in a savepoint of its own. Repairs what can be repaired safely
         and tries again: a message_id taken draws a new one; a seq taken (the chat's last_seq fell
         behind its messages, e.g. an old backup of `chats` restored) continues after the chat's
         highest stored seq, so no seq is ever used twice. None: stored (`row` holds the id and seq
         it was stored with); else the send's result: the stored original, or an error."""
-        chat_no, _, _, sender_no, _, _, _, client_msg_id = row
+        chat_no, _, _, sender_no, _, _, _, client_msg_id, _ = row
         for _ in range(_REPAIRS):
             c.execute("SAVEPOINT one")
             try:
@@ -665,23 +729,27 @@ class SqliteStore:
                     top,
                 )
                 row[1] = top + 1
+                (prev,) = c.execute(
+                    "SELECT chain FROM messages WHERE chat_no = ? AND seq = ?", (chat_no, top)
+                ).fetchone()
+                row[8] = link_stored(prev or GENESIS, top + 1, sender_id, row[4], row[6], row[5])
                 continue
             break
         log.error("a message of chat %s could not be stored: %s", chat_no, failure)
         return Failed("internal", "the store refused this message; it was not stored")
 
     @staticmethod
-    def _chats(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, tuple[int, int]]:
-        """chat_id -> (chat_no, last seq) of the chats that exist."""
+    def _chats(c: sqlite3.Connection, chat_ids: set[str]) -> dict[str, tuple[int, int, bytes]]:
+        """chat_id -> (chat_no, last seq, last chain value) of the chats that exist."""
         ids = list(chat_ids)
-        found: dict[str, tuple[int, int]] = {}
+        found: dict[str, tuple[int, int, bytes]] = {}
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            for chat_id, chat_no, last in c.execute(
-                f"SELECT chat_id, chat_no, last_seq FROM chats WHERE chat_id IN ({marks})", chunk
+            for chat_id, chat_no, last, chain in c.execute(
+                f"SELECT chat_id, chat_no, last_seq, last_chain FROM chats WHERE chat_id IN ({marks})", chunk
             ):
-                found[chat_id] = (chat_no, last)
+                found[chat_id] = (chat_no, last, chain or GENESIS)
         return found
 
     @staticmethod
@@ -893,7 +961,7 @@ class SqliteStore:
         lo = after if after is not None else 0
         if after is not None and before is None:
             rows = c.execute(
-                f"{_MESSAGE_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+                f"{_CHAINED_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
                 (chat_id, lo, limit + 1),
             ).fetchall()
             has_more = len(rows) > limit
@@ -901,13 +969,60 @@ class SqliteStore:
         else:
             hi = before if before is not None else 2**62
             rows = c.execute(
-                f"{_MESSAGE_SELECT} WHERE c.chat_id = ? AND m.seq < ? AND m.seq > ?"
+                f"{_CHAINED_SELECT} WHERE c.chat_id = ? AND m.seq < ? AND m.seq > ?"
                 " ORDER BY m.seq DESC LIMIT ?",
                 (chat_id, hi, lo, limit + 1),
             ).fetchall()
             has_more = len(rows) > limit
             rows = rows[:limit][::-1]
         return [message_object(r) for r in rows], has_more
+
+    def chained_after(self, chat_id: str, after: int, limit: int) -> list[ChainedRow]:
+        return (
+            self._conn()
+            .execute(
+                f"{_CHAINED_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
+                (chat_id, after, limit),
+            )
+            .fetchall()
+        )
+
+    def restore_messages(self, chat_id: str, rows: list[ChainedRow]) -> None:
+        if not rows:
+            return
+        with self._write() as c:
+            found = self._chats(c, {chat_id})
+            if chat_id not in found:
+                raise ValueError(f"no chat {chat_id}")
+            chat_no, last, _ = found[chat_id]
+            if not follows(rows, last):
+                raise ValueError(f"chat {chat_id}: the rows do not follow seq {last} without a gap")
+            senders = self._user_nos(c, {r[3] for r in rows})
+            missing = {r[3] for r in rows} - senders.keys()
+            if missing:
+                raise ValueError(f"chat {chat_id}: unknown senders {sorted(missing)}")
+            c.executemany(
+                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES ({_MESSAGE_MARKS})",
+                [
+                    (
+                        chat_no,
+                        seq,
+                        message_id,
+                        senders[sender],
+                        content,
+                        attachments,
+                        at,
+                        client_msg_id or message_id,
+                        chain,
+                    )
+                    for _, seq, message_id, sender, content, attachments, at, client_msg_id, chain in rows
+                ],
+            )
+            c.execute(
+                "UPDATE chats SET last_seq = ?, last_chain = ?, last_activity = MAX(last_activity, ?)"
+                " WHERE chat_no = ?",
+                (rows[-1][1], rows[-1][8], rows[-1][6], chat_no),
+            )
 
     def arrow_batches(self, chat_id: str, after: int, batch_rows: int) -> Iterator[Any]:
         """The chat's messages with seq > `after` as Arrow record batches, read by ADBC's SQLite
@@ -929,7 +1044,7 @@ class SqliteStore:
         return self._conn().execute("SELECT chat_id, last_seq FROM chats WHERE last_seq > 0").fetchall()
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
-        row = self._conn().execute(f"{_MESSAGE_SELECT} WHERE m.message_id = ?", (message_id,)).fetchone()
+        row = self._conn().execute(f"{_CHAINED_SELECT} WHERE m.message_id = ?", (message_id,)).fetchone()
         return message_object(row) if row else None
 
     def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
@@ -963,10 +1078,17 @@ class _Keys:
 
 
 @dataclass
+class _Heads:
+    """Each chat's last seq and chain value, moved as a batch's sends are numbered."""
+
+    seq: dict[str, int]
+    chain: dict[str, bytes]
+
+
+@dataclass
 class _SendPlan:
     rows: list[list[Any]]
     results: list[SendResult]
-    last_seq: dict[str, int]
     touched: dict[str, int]
 
 
