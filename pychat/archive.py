@@ -1,31 +1,52 @@
-"""`pychat export`: chats' histories into Parquet files for operators, partitioned by chat and by
-day, incremental from a watermark file, so a nightly job copies only what is new.
+"""`pychat export` / `pychat import`: chats' histories as Parquet files for operators, partitioned
+by chat and by day, incremental from a watermark file (a nightly job copies only what is new), and
+read back into an empty server (a restore, or a move from one store to another).
 
     OUT/chat=<chat_id>/day=<YYYY-MM-DD>/part-<first seq>-<last seq>.parquet
-    OUT/_watermark.json     {chat_id: last exported seq}
+    OUT/_watermark.json     {chat_id: {"seq": last exported seq, "chain": its chain value (hex)}}
+    OUT/_chats.jsonl        each exported chat: kind, title, creator, members and their read seqs
+    OUT/_users.jsonl        the users those chats name (password hashes included: keep OUT private)
 
-Readable as one dataset: `pyarrow.dataset.dataset(OUT, partitioning="hive")`. The watermark is
-written last (after the files are durable), so an interrupted run is repeated from where the
-previous one ended (part files are named by their seqs: written again, never twice).
+Readable as one dataset: `pyarrow.dataset.dataset(OUT, partitioning="hive")` (files starting
+with `_` are not part of it). The watermark is written last (after the files are durable), so an
+interrupted run is repeated from where the previous one ended (part files are named by their
+seqs: written again, never twice). `pychat verify OUT` checks the files against the chain values
+(pychat/verify.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pychat.export import batches_of, by_day
-from pychat.store import Store
+from pychat.export import PAGE, SCHEMA, batches_of, by_day, rows_of
+from pychat.store import ChainedRow, Chat, PointerRequest, Store, User
 
 WATERMARK = "_watermark.json"
+CHATS = "_chats.jsonl"
+USERS = "_users.jsonl"
+# Messages per write when importing (one transaction on SQLite, fenced batches on Cassandra).
+IMPORT_PAGE = 5_000
+
+
+@dataclass(frozen=True)
+class Mark:
+    """How far a chat is exported: its last seq and that message's chain value."""
+
+    seq: int
+    chain: str | None = None
 
 
 @dataclass
@@ -49,21 +70,73 @@ class ExportSummary:
         }
 
 
-def read_watermark(out: Path) -> dict[str, int]:
+def read_watermark(out: Path) -> dict[str, Mark]:
     path = out / WATERMARK
     if not path.exists():
         return {}
     value = json.loads(path.read_text())
-    return {str(k): int(v) for k, v in value.items()}
+    # Written before chain values: a bare seq.
+    return {
+        str(k): Mark(int(v)) if isinstance(v, int) else Mark(int(v["seq"]), v.get("chain"))
+        for k, v in value.items()
+    }
 
 
-def write_watermark(out: Path, marks: dict[str, int]) -> None:
-    tmp = out / (WATERMARK + ".tmp")
+def write_watermark(out: Path, marks: dict[str, Mark]) -> None:
+    _write_durably(
+        out / WATERMARK,
+        json.dumps({c: {"seq": m.seq, "chain": m.chain} for c, m in sorted(marks.items())}, indent=1),
+    )
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(dict(sorted(marks.items())), f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out / WATERMARK)
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path, key: str) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    return {item[key]: item for item in map(json.loads, path.read_text().splitlines()) if item}
+
+
+def _write_jsonl(path: Path, items: dict[str, dict[str, Any]]) -> None:
+    _write_durably(path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for _, v in sorted(items.items())))
+
+
+def _write_metadata(store: Store, out: Path, chat_ids: list[str], senders: set[str]) -> None:
+    """The chats' records (members and their read seqs) and their users', merged into what earlier
+    runs wrote: what `pychat import` needs beside the messages."""
+    chats = _read_jsonl(out / CHATS, "chat_id")
+    users = _read_jsonl(out / USERS, "user_id")
+    wanted = set(senders)
+    for chat_id in chat_ids:
+        chat = store.get_chat(chat_id)
+        if chat is None:
+            continue
+        record = chat.to_json()
+        record.pop("last_seq")
+        record["read"] = {}
+        chats[chat_id] = record
+        wanted.update(chat.members, [chat.created_by])
+    read_seqs: dict[str, dict[str, int]] = {}
+    for user_id in sorted(wanted):
+        user = store.user_by_id(user_id)
+        if user is not None:
+            users[user_id] = dataclasses.asdict(user)
+            read_seqs[user_id] = {c: cursor for c, cursor, _ in store.sync_chats(user_id, {})}
+    for chat_id in chat_ids:
+        if chat_id in chats:
+            record = chats[chat_id]
+            record["read"] = {
+                u: read_seqs[u][chat_id] for u in record["members"] if chat_id in read_seqs.get(u, {})
+            }
+    _write_jsonl(out / USERS, users)
+    _write_jsonl(out / CHATS, chats)
 
 
 def export_chats(
@@ -72,15 +145,19 @@ def export_chats(
     """Exports each (chat_id, last_seq) above the watermark into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     marks = read_watermark(out)
-    todo = [(c, head) for c, head in chats if head > marks.get(c, 0)]
+    done = {c: m.seq for c, m in marks.items()}
+    todo = [(c, head) for c, head in chats if head > done.get(c, 0)]
     summary = ExportSummary()
+    senders: set[str] = set()
     started = time.perf_counter()
-    bar = tqdm(total=sum(head - marks.get(c, 0) for c, head in todo), unit="msg", disable=not progress)
+    bar = tqdm(total=sum(head - done.get(c, 0) for c, head in todo), unit="msg", disable=not progress)
     try:
         for chat_id, _ in todo:
             written: list[Path] = []
             try:
-                after = _export_chat(store, chat_id, marks.get(chat_id, 0), out, written, summary, bar)
+                mark = _export_chat(
+                    store, chat_id, marks.get(chat_id, Mark(0)), out, written, summary, bar, senders
+                )
             except BaseException:
                 # Files of a chat not finished are removed: the next run writes them again from
                 # the watermark, and a dataset never holds a message twice.
@@ -89,7 +166,8 @@ def export_chats(
                 raise
             if written:
                 summary.chats += 1
-                marks[chat_id] = after
+                marks[chat_id] = mark
+        _write_metadata(store, out, [c for c, _ in chats], senders)
     finally:
         bar.close()
         write_watermark(out, marks)
@@ -98,9 +176,16 @@ def export_chats(
 
 
 def _export_chat(
-    store: Store, chat_id: str, after: int, out: Path, written: list[Path], summary: ExportSummary, bar: tqdm
-) -> int:
-    for batch in batches_of(store, chat_id, after):
+    store: Store,
+    chat_id: str,
+    mark: Mark,
+    out: Path,
+    written: list[Path],
+    summary: ExportSummary,
+    bar: tqdm,
+    senders: set[str],
+) -> Mark:
+    for batch in batches_of(store, chat_id, mark.seq):
         for day, part in by_day(batch):
             seqs = part.column("seq")
             first, last = seqs[0].as_py(), seqs[len(seqs) - 1].as_py()
@@ -113,7 +198,100 @@ def _export_chat(
                 os.fsync(f.fileno())
             summary.files += 1
             summary.bytes += path.stat().st_size
-        after = batch.column("seq")[batch.num_rows - 1].as_py()
+        last = batch.num_rows - 1
+        chain = batch.column("chain")[last].as_py()
+        mark = Mark(batch.column("seq")[last].as_py(), chain.hex() if chain is not None else None)
+        senders.update(pc.unique(batch.column("sender_id")).to_pylist())
         summary.messages += batch.num_rows
         bar.update(batch.num_rows)
-    return after
+    return mark
+
+
+def dataset_chats(out: Path) -> dict[str, list[Path]]:
+    """Each chat in an export folder and its part files in seq order."""
+    chats: dict[str, list[Path]] = {}
+    for folder in sorted(out.glob("chat=*")):
+        parts = sorted(folder.glob("day=*/part-*.parquet"), key=lambda p: p.name)
+        chats[unquote(folder.name.removeprefix("chat="))] = parts
+    return chats
+
+
+def chat_batches(parts: list[Path]) -> Iterator[pa.RecordBatch]:
+    """A chat's exported messages, file after file, a record batch at a time."""
+    for path in parts:
+        yield from pq.ParquetFile(path).iter_batches(batch_size=PAGE, columns=SCHEMA.names)
+
+
+@dataclass
+class ImportSummary:
+    users: int = 0
+    chats: int = 0
+    messages: int = 0
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, object]:
+        rate = round(self.messages / self.seconds) if self.seconds else 0
+        return dataclasses.asdict(self) | {"seconds": round(self.seconds, 2), "messages_per_s": rate}
+
+
+class ImportRefused(Exception):
+    """The export cannot be imported into this store (it does not verify, or the store is not empty)."""
+
+
+def import_export(store: Store, out: Path, progress: bool = True) -> ImportSummary:
+    """Reads an export folder (verified first) into a store that holds none of it: users (with
+    their password hashes), chats with their members, every message as it was (ids, seqs, times,
+    chain values), then each member's read seq. Media bytes are not in an export: attachments
+    keep their descriptions, and their downloads answer 404."""
+    from pychat.verify import verify_export
+
+    started = time.perf_counter()
+    report = verify_export(out)
+    if not report.ok:
+        raise ImportRefused(f"the export does not verify: {report.breaks[0]}")
+    users = _read_jsonl(out / USERS, "user_id")
+    chats = _read_jsonl(out / CHATS, "chat_id")
+    marks = read_watermark(out)
+    unknown = sorted(set(marks) - set(chats))
+    if unknown:
+        raise ImportRefused(f"no {CHATS} record for chat {unknown[0]} (exported by an older pychat)")
+    if store.chat_heads() or store.existing_users(list(users)) or any(store.get_chat(c) for c in chats):
+        raise ImportRefused("the store is not empty: import into a new data directory or keyspace")
+    summary = ImportSummary()
+    for record in users.values():
+        store.create_user(User(**record))
+        summary.users += 1
+    for chat_id, record in chats.items():
+        members = list(record["members"])
+        key = "|".join(sorted(members)) if record["kind"] == "direct" else None
+        chat = Chat(
+            chat_id, record["kind"], record["title"], record["created_by"], record["created_at"], 0, members
+        )
+        store.create_chat(chat, key)
+        summary.chats += 1
+    bar = tqdm(total=sum(m.seq for m in marks.values()), unit="msg", disable=not progress)
+    try:
+        for chat_id, parts in dataset_chats(out).items():
+            pending: list[ChainedRow] = []
+            for batch in chat_batches(parts):
+                pending.extend(rows_of(batch))
+                while len(pending) >= IMPORT_PAGE:
+                    store.restore_messages(chat_id, pending[:IMPORT_PAGE])
+                    del pending[:IMPORT_PAGE]
+                    summary.messages += IMPORT_PAGE
+                    bar.update(IMPORT_PAGE)
+            store.restore_messages(chat_id, pending)
+            summary.messages += len(pending)
+            bar.update(len(pending))
+    finally:
+        bar.close()
+    pointers = [
+        PointerRequest(user_id, chat_id, "read", seq)
+        for chat_id, record in chats.items()
+        for user_id, seq in record["read"].items()
+        if seq > 0
+    ]
+    for start in range(0, len(pointers), IMPORT_PAGE):
+        store.append_batch([], pointers[start : start + IMPORT_PAGE])
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -62,6 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--chat", action="append", default=[], help="this chat only (repeatable)")
     export.add_argument("--user", help="the chats of this user (by username)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
+    verify = sub.add_parser(
+        "verify",
+        help="check an export (a `pychat export` folder or one exported file) against its hash chain",
+    )
+    _common(verify)
+    verify.add_argument("export", help="the folder or file")
+    verify.add_argument(
+        "--against-store", action="store_true", help="also compare each chat's last message with the store's"
+    )
+    restore = sub.add_parser(
+        "import",
+        help="read a `pychat export` folder into an empty store (a restore, or a move between stores)",
+    )
+    _common(restore)
+    restore.add_argument("export", help="the folder `pychat export` wrote")
+    restore.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
@@ -92,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         asyncio.run(Server(config).serve_forever())
         return 0
+    if args.command == "verify" and not args.against_store:
+        return _verify(None, args)  # the export alone: no store is opened
     # Admin commands write the same store; safe while a server runs (SQLite WAL, busy timeout).
     store = open_store(config.store, config.data_dir, config.sqlite_synchronous)
     try:
@@ -117,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "export":
             return _export(store, args)
+        if args.command == "verify":
+            return _verify(store, args)
+        if args.command == "import":
+            return _import(store, args)
         if args.command == "chat":
             users = [store.user_by_name(n) for n in args.members]
             if any(u is None for u in users):
@@ -160,6 +182,37 @@ def _export(store: Store, args: argparse.Namespace) -> int:
         chats = sorted(heads.items())
     summary = export_chats(store, chats, Path(args.out), progress=not args.quiet)
     _print(summary.as_json())
+    return 0
+
+
+def _verify(store: Store | None, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pychat.verify import describe, verify_export
+
+    path = Path(args.export)
+    if not path.exists():
+        print(f"pychat: no such export: {path}", file=sys.stderr)
+        return 2
+    report = verify_export(path, against=store)
+    for line in describe(report):
+        print(line, file=sys.stderr)
+    _print(report.as_json())
+    return 0 if report.ok else 1
+
+
+def _import(store: Store, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pychat.archive import ImportRefused, import_export
+
+    try:
+        summary = import_export(store, Path(args.export), progress=not args.quiet)
+    except ImportRefused as e:
+        print(f"pychat: import refused: {e}", file=sys.stderr)
+        return 1
+    _print(summary.as_json())
+    print("note: a running server learns of imported chats on restart", file=sys.stderr)
     return 0
 
 

@@ -123,6 +123,36 @@ def record_batch(rows: list[ChainedRow]) -> pa.RecordBatch:
     )
 
 
+def rows_of(batch: pa.RecordBatch) -> list[ChainedRow]:
+    """A SCHEMA batch (an export read back) as store rows: attachments as JSON text, created_at
+    as integer ms (the inverse of `record_batch`)."""
+    columns = {
+        name: batch.column(name).to_pylist()
+        for name in ("chat_id", "seq", "message_id", "sender_id", "content", "client_msg_id", "chain")
+    }
+    created = batch.column("created_at").cast(pa.int64()).to_pylist()
+    attachments = [
+        json.dumps([{k: v for k, v in a.items() if v is not None} for a in items], separators=(",", ":"))
+        if items
+        else "[]"
+        for items in batch.column("attachments").to_pylist()
+    ]
+    return list(
+        zip(
+            columns["chat_id"],
+            columns["seq"],
+            columns["message_id"],
+            columns["sender_id"],
+            columns["content"],
+            attachments,
+            created,
+            columns["client_msg_id"],
+            columns["chain"],
+            strict=True,
+        )
+    )
+
+
 class _Prefetch:
     """An iterator read ahead on a thread of its own (at most `depth` items waiting): the store's
     next batch is read while this one is encoded, on the other core."""

@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +18,7 @@ import pytest
 from pychat.chain import GENESIS, link
 from pychat.client import ChatClient
 from pychat.export import SCHEMA
+from pychat.verify import verify_export
 from tests.conftest import Clients, ServerProcess
 
 pytestmark = pytest.mark.timeout(120)
@@ -56,7 +58,7 @@ async def chat_with_history(clients: Clients, count: int) -> tuple[ChatClient, C
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "arrow", "jsonl"])
-async def test_each_format_reads_back_as_the_history(clients: Clients, fmt: str) -> None:
+async def test_each_format_reads_back_as_the_history(clients: Clients, fmt: str, tmp_path: Path) -> None:
     alice, bob, chat = await chat_with_history(clients, 45)
     history = await bob.history_all(chat["chat_id"])
     r = await export(bob, chat["chat_id"], fmt)
@@ -77,9 +79,27 @@ async def test_each_format_reads_back_as_the_history(clients: Clients, fmt: str)
         )
         assert m["chain"] == prev.hex(), m["seq"]
     assert exported[4]["attachments"][0]["filename"] == "spec.pdf"
+    # The file verifies on its own (`pychat verify`); a changed line does not.
+    path = tmp_path / f"export.{fmt}"
+    path.write_bytes(r.content)
+    assert verify_export(path).as_json() == {
+        "ok": True,
+        "chats": 1,
+        "messages": 45,
+        "breaks": [],
+        "notes": [],
+    }
+    if fmt == "jsonl":
+        lines = r.content.decode().splitlines()
+        lines[7] = lines[7].replace("message 7", "message seven")
+        path.write_text("\n".join(lines) + "\n")
+        assert [(b.seq, "edited" in b.problem) for b in verify_export(path).breaks] == [(8, True)]
     # Incremental: only what came after a seq.
     r = await export(alice, chat["chat_id"], fmt, after=40)
     assert [m["seq"] for m in rows_of(fmt, r.content)] == [41, 42, 43, 44, 45]
+    path.write_bytes(r.content)
+    report = verify_export(path)
+    assert report.ok and report.messages == 5 and "starts at seq 41" in report.notes[0]
     r = await export(alice, chat["chat_id"], fmt, after=45)
     assert rows_of(fmt, r.content) == []
 
