@@ -68,7 +68,7 @@ class Config:
     thumbnail_px: int = 320
     max_image_pixels: int = 50_000_000
     # Full-text search over messages (GET /api/search), indexed in data_dir/search.db off the
-    # message path (see pychat.search). One node only for now: a cluster node answers 503.
+    # message path (see pychat.search); on a cluster, every node keeps an index of every chat.
     search: bool = True
     # Shared by the token issuer (Python) and verifier (Rust). Empty: kept in data_dir/secret.key.
     secret_key: str = ""

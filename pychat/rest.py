@@ -619,9 +619,7 @@ class RestApi:
         chat_id = req.query.get("chat_id") or None
         sender = req.query.get("sender_id") or None
         if self.search_index is None:
-            raise ApiError(
-                "unavailable", "search is not available on this server (a cluster node, or search = false)"
-            )
+            raise ApiError("unavailable", "search is turned off on this server (search = false)")
         if chat_id is not None:
             chats = [(await self._member_chat(chat_id, req.user_id)).chat_id]
         else:

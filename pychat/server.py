@@ -24,7 +24,7 @@ from pychat.metrics import Metrics
 from pychat.presence import Presence
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
-from pychat.search import SearchIndex
+from pychat.search import CLUSTER_RESCAN_S, SearchIndex
 from pychat.search.worker import Indexer
 from pychat.store import open_store
 
@@ -91,12 +91,22 @@ class Server:
             self.presence = ClusterPresence(self.gateway, self.store, self.cluster.online)
         self.search: SearchIndex | None = None
         self.indexer: Indexer | None = None
-        if cfg.search and not cfg.clustered:
-            # Queries here; indexing in a process of its own (pychat.search.worker).
+        if cfg.search:
+            # Queries here; indexing in a process of its own (pychat.search.worker). A cluster
+            # node keeps an index of every chat: the sequencers tell every node which chats
+            # moved, and a periodic rescan of the store covers what such a word lost.
             self.search = await asyncio.to_thread(SearchIndex, cfg.data_dir / "search.db", self.store)
-            self.indexer = Indexer(cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
+            self.indexer = Indexer(
+                cfg.store,
+                cfg.data_dir,
+                cfg.sqlite_synchronous,
+                rescan_s=CLUSTER_RESCAN_S if self.cluster else 0,
+            )
             self.indexer.start()
-            self.engine.on_stored = self.indexer.notify
+            if self.cluster is not None:
+                self.cluster.on_heads = self.indexer.notify
+            else:
+                self.engine.on_stored = self.indexer.notify
         self.engine.start(asyncio.get_running_loop())
         self.api = RestApi(
             cfg,

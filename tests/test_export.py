@@ -15,11 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pychat.chain import GENESIS, link
 from pychat.client import ChatClient
 from pychat.export import SCHEMA
 from pychat.verify import verify_export
 from tests.conftest import Clients, ServerProcess
+from tests.storekit import assert_chained
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,18 +66,7 @@ async def test_each_format_reads_back_as_the_history(clients: Clients, fmt: str,
     assert r.headers["content-disposition"].startswith("attachment;")
     exported = rows_of(fmt, r.content)
     assert exported == history
-    # Every message carries its chain value, computed from the one before (pychat/chain.py).
-    prev = GENESIS
-    for m in history:
-        prev = link(
-            prev,
-            m["seq"],
-            m["sender_id"],
-            m["content"],
-            m["created_at"],
-            [a["media_id"] for a in m["attachments"]],
-        )
-        assert m["chain"] == prev.hex(), m["seq"]
+    assert_chained(history)  # every message carries its chain value (pychat/chain.py)
     assert exported[4]["attachments"][0]["filename"] == "spec.pdf"
     # The file verifies on its own (`pychat verify`); a changed line does not.
     path = tmp_path / f"export.{fmt}"

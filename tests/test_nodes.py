@@ -183,3 +183,36 @@ async def test_media_uploaded_on_one_node_is_posted_and_read_on_the_others(six: 
     with pytest.raises(ChatError) as refused:
         await outsider.download(media["url"])
     assert refused.value.code == "forbidden"
+
+
+async def _found(client: ChatClient, q: str, expected: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+    """Search results once `expected` are there (indexing follows the acks), or what there is."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        page = await client.request("GET", "/api/search", params={"q": q})
+        results: list[dict[str, Any]] = page["results"]
+        if len(results) >= expected or asyncio.get_running_loop().time() > deadline:
+            return results
+        await asyncio.sleep(0.2)
+
+
+async def test_search_on_any_node_finds_every_chat_of_the_caller_and_no_other(six: list[ChatClient]) -> None:
+    # six[0] on node 1, six[1] on node 2, six[2] on node 3; six[4] (node 2) is in neither chat.
+    word = f"kumquat{uuid.uuid4().hex[:6]}"
+    group = await six[0].create_group("fruit", [six[1].user_id, six[2].user_id])
+    direct = await six[1].create_direct(six[2].user_id)
+    await six[0].send(group["chat_id"], f"the {word} crate arrived")
+    await six[1].send(direct["chat_id"], f"{word} between us")
+    # Each node answers for both chats, whichever node sequenced and stored them.
+    for reader in (six[0], six[1], six[2]):
+        expected = 2 if reader is not six[0] else 1
+        results = await _found(reader, word, expected)
+        assert sorted(r["chat_id"] for r in results) == sorted(
+            [group["chat_id"], direct["chat_id"]][:expected]
+        ), (reader.user_id, results)
+        assert f"<mark>{word}</mark>" in results[0]["highlight"]
+    assert (await six[4].request("GET", "/api/search", params={"q": word}))["results"] == []
+    # A member removed on one node stops seeing the chat's messages on every node.
+    await six[0].request("DELETE", f"/api/chats/{group['chat_id']}/members/{six[2].user_id}")
+    results = await _found(six[2], word, 1)
+    assert [r["chat_id"] for r in results] == [direct["chat_id"]]

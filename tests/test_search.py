@@ -14,7 +14,10 @@ import httpx
 import pytest
 
 from pychat.client import ChatClient
+from pychat.search import SearchIndex
+from pychat.store import Chat, SendRequest, User
 from tests.conftest import Clients, ServerProcess
+from tests.storekit import TupleSqliteStore
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -225,3 +228,27 @@ async def test_a_killed_indexer_is_started_again_and_catches_up(server_factory: 
         assert sorted(r["seq"] for r in results) == list(range(1, 7))
     finally:
         await made.close()
+
+
+def test_an_index_with_a_rescan_finds_messages_no_one_announced(tmp_path: Path) -> None:
+    """A cluster node's index: the word of which chats moved may be lost (Redis pub/sub), so it
+    also looks at the store's chat heads every `rescan_s` (here messages are stored behind its
+    back and never announced)."""
+    store = TupleSqliteStore(tmp_path / "store.db")
+    index = SearchIndex(tmp_path / "search.db", store, rescan_s=0.5)
+    try:
+        for u in ("ua", "ub"):
+            store.create_user(User(u, u, None, "scrypt$x", 1))
+        store.create_chat(Chat("c1", "group", None, "ua", 1, 0, ["ua", "ub"]), None)
+        index.start()
+        store.append_batch([SendRequest("ua", "c1", "k1", "an unannounced persimmon", [])], [])
+        deadline = time.monotonic() + 20
+        results: list[dict[str, Any]] = []
+        while not results and time.monotonic() < deadline:
+            results, _ = index.search("persimmon", ["c1"])
+            time.sleep(0.1)
+        assert [r["seq"] for r in results] == [1]
+        assert index.search("persimmon", ["c2"])[0] == []
+    finally:
+        index.stop()
+        store.close()

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -103,6 +103,8 @@ class ClusterNode:
         self._applying: dict[str, _Change] = {}
         self._applying_lock = threading.Lock()
         self.counters = {"resent": 0, "relay_errors": 0, "nodes_claimed": 0}
+        # Told of the chats that moved anywhere in the cluster (the search indexer).
+        self.on_heads: Callable[[dict[str, int]], None] | None = None
 
     # lifecycle
 
@@ -231,6 +233,11 @@ class ClusterNode:
                 self._inbox.put(message)
             else:
                 self.relay.send(node, _dumps(message))
+        if rows:
+            # Every node's search indexer reads these chats (best effort: each also rescans).
+            heads = {chat: chat_rows[-1][1] for chat, chat_rows in rows.items()}
+            with contextlib.suppress(redis.RedisError):
+                self.relay.broadcast(_dumps({"t": "heads", "heads": heads}))
 
     def _members(self, chat_id: str) -> list[str]:
         members = self.gateway.chat_members(chat_id)
@@ -293,6 +300,8 @@ class ClusterNode:
                 self.relay.send(m["from"], _dumps({"t": "applied", "id": m["id"]}))
         elif kind == "applied":
             self._applied(m["id"])
+        elif kind == "heads" and self.on_heads is not None:
+            self.on_heads({str(c): int(s) for c, s in m["heads"].items()})
 
     # membership (REST, on a thread)
 

@@ -59,6 +59,10 @@ CHATS_PER_ROUND = 100
 MAX_OFFSET = 10_000
 # Relevance halves every this many days of age (BM25 divided by 1 + age / RECENCY_DAYS).
 RECENCY_DAYS = 30.0
+# On a cluster node, how often the index looks for chats that moved without a word reaching it
+# (a Redis message lost, the node restarting): a lost word delays a message's findability by
+# at most this much.
+CLUSTER_RESCAN_S = 30.0
 DAY_MS = 86_400_000
 
 
@@ -68,9 +72,10 @@ def token(value: str) -> str:
 
 
 class SearchIndex:
-    def __init__(self, path: Path, store: Store) -> None:
+    def __init__(self, path: Path, store: Store, rescan_s: float = 0) -> None:
         self.path = Path(path)
         self.store = store
+        self.rescan_s = rescan_s
         self._local = threading.local()
         c = self._conn()
         c.executescript(SCHEMA)
@@ -117,17 +122,30 @@ class SearchIndex:
                     self._pending[chat_id] = seq
         self._wake.set()
 
+    def _rescan(self) -> None:
+        """Every chat whose head is past what is indexed of it, to be indexed."""
+        heads = self.store.chat_heads()
+        cursors = dict(self._conn().execute("SELECT chat_id, seq FROM cursors"))
+        self.notify({chat_id: head for chat_id, head in heads if head > cursors.get(chat_id, 0)})
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.notify(dict(self.store.chat_heads()))
+                self._rescan()
                 break
             except Exception:
                 log.exception("the search index could not list the chats; trying again")
                 self._stop.wait(2)
+        next_scan = time.monotonic() + self.rescan_s
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
+            if self.rescan_s and time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + self.rescan_s
+                try:
+                    self._rescan()
+                except Exception:
+                    log.exception("looking for chats that moved failed; trying at the next round")
             with self._lock:
                 # A bounded slice per round: a long catch-up leaves room for chats that move.
                 chats = list(self._pending)[:CHATS_PER_ROUND]

@@ -3,7 +3,9 @@
     python -m pychat.search.worker --store URL --data-dir DIR [--sqlite-synchronous S]
 
 reads lines of JSON on stdin, each `{chat_id: seq}` (chats with new messages), and indexes them
-into `DIR/search.db`; at start it catches up every chat from the store; it stops at end of input.
+into `DIR/search.db`; at start it catches up every chat from the store (and every `--rescan-s`
+seconds if given: on a cluster node, where the word of which chats moved comes over Redis and
+may be lost); it stops at end of input.
 In its own process the indexer's Python work (reading rows, folding text) never holds the
 server's GIL, and it runs at a lower CPU priority: on a busy box the message path goes first.
 """
@@ -34,7 +36,9 @@ class Indexer:
     """The server's side: starts the worker, hands it the chats that moved (never blocking the
     engine: a feeder thread writes them), and starts it again if it dies."""
 
-    def __init__(self, store: str, data_dir: Path, sqlite_synchronous: str = "FULL") -> None:
+    def __init__(
+        self, store: str, data_dir: Path, sqlite_synchronous: str = "FULL", rescan_s: float = 0
+    ) -> None:
         self.command = [
             sys.executable,
             "-m",
@@ -45,6 +49,8 @@ class Indexer:
             str(data_dir),
             "--sqlite-synchronous",
             sqlite_synchronous,
+            "--rescan-s",
+            str(rescan_s),
         ]
         self.log_path = Path(data_dir) / "indexer.log"
         self._pending: dict[str, int] = {}
@@ -121,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--sqlite-synchronous", default="FULL")
+    p.add_argument(
+        "--rescan-s", type=float, default=0, help="look for chats that moved unannounced this often"
+    )
     args = p.parse_args(argv)
     with contextlib.suppress(OSError):
         os.nice(INDEXER_NICE)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = open_store(args.store, args.data_dir, args.sqlite_synchronous)
-    index = SearchIndex(args.data_dir / "search.db", store)
+    index = SearchIndex(args.data_dir / "search.db", store, rescan_s=args.rescan_s)
     index.start()
     try:
         for line in sys.stdin.buffer:

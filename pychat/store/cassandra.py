@@ -1327,19 +1327,7 @@ class CassandraStore:
         return out
 
     def messages_after(self, chat_id: str, after: int, limit: int) -> list[BacklogRow]:
-        return [
-            (
-                chat_id,
-                m.seq,
-                m.message_id,
-                m.sender_id,
-                m.content,
-                m.attachments or "[]",
-                m.created_at,
-                m.client_msg_id,
-            )
-            for m in self._rows_after(chat_id, after, limit)
-        ]
+        return [row[:8] for row in self.chained_after(chat_id, after, limit)]
 
     def chained_after(self, chat_id: str, after: int, limit: int) -> list[ChainedRow]:
         return [
