@@ -1,7 +1,9 @@
 """Export (issue 15) on SQLite, measured on this machine: rows/s of a chat's history exported
 to Parquet, Arrow IPC and JSON lines through pychat's exporter (what GET /api/chats/{id}/export
 runs, without HTTP), against the floor measured in the same run: pyarrow writing the same rows
-to Parquet / Arrow from a table already in memory.
+to Parquet / Arrow from a table already in memory. Then the operators' path on the same chat:
+`pychat export` into a folder, `pychat verify` of that folder (every chain value recomputed) and
+`pychat import` of it into an empty SQLite store, each in messages/s.
 
     .venv/bin/python benchmarks/export_bench.py            # one chat of 1,000,000 messages
     .venv/bin/python benchmarks/export_bench.py --quick    # 100,000
@@ -29,8 +31,10 @@ import pyarrow.parquet as pq  # noqa: E402
 
 import pychat.store as store_module  # noqa: E402
 from benchmarks.results import imported_code, record  # noqa: E402
-from pychat.export import SCHEMA, ChatExport, record_batch  # noqa: E402
+from pychat.archive import export_chats, import_export  # noqa: E402
+from pychat.export import PAGE, SCHEMA, ChatExport, record_batch  # noqa: E402
 from pychat.store import Chat, SendRequest, Store, User, open_store  # noqa: E402
+from pychat.verify import verify_export  # noqa: E402
 
 BATCH = 2_000
 
@@ -69,11 +73,37 @@ def floor(table: pa.Table, fmt: str) -> float:
     sink = io.BytesIO()
     started = time.perf_counter()
     if fmt == "parquet":
-        pq.write_table(table, sink, compression="zstd", row_group_size=20_000)
+        pq.write_table(table, sink, compression="zstd", row_group_size=PAGE)
     else:
         with pa.ipc.new_stream(sink, SCHEMA) as writer:
-            writer.write_table(table, max_chunksize=20_000)
+            writer.write_table(table, max_chunksize=PAGE)
     return time.perf_counter() - started
+
+
+def folder_path(store: Store, chat_id: str, messages: int, tmp: Path) -> dict[str, Any]:
+    """`pychat export` / `verify` / `import` of the chat, once each: messages/s."""
+    out = tmp / "folder"
+    started = time.perf_counter()
+    export_chats(store, [(chat_id, messages)], out, progress=False)
+    exported_s = time.perf_counter() - started
+    started = time.perf_counter()
+    report = verify_export(out)
+    verified_s = time.perf_counter() - started
+    assert report.ok and report.messages == messages, report.as_json()
+    target = open_store("", tmp / "imported")
+    try:
+        started = time.perf_counter()
+        summary = import_export(target, out, progress=False)
+        imported_s = time.perf_counter() - started
+    finally:
+        target.close()
+    assert summary.messages == messages
+    return {
+        "export_per_s": round(messages / exported_s),
+        "verify_per_s": round(messages / verified_s),
+        "import_per_s": round(messages / imported_s),
+        "note": "import verifies the folder first: its rate includes a verify",
+    }
 
 
 def main() -> None:
@@ -88,10 +118,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(1) as pool:
         store = open_store("", Path(tmp))
         chat_id = fill(store, args.messages)
-        rows = store.messages_after(chat_id, 0, args.messages)
-        table = pa.Table.from_batches(
-            [record_batch(rows[i : i + 20_000]) for i in range(0, len(rows), 20_000)]
-        )
+        rows = store.chained_after(chat_id, 0, args.messages)
+        table = pa.Table.from_batches([record_batch(rows[i : i + PAGE]) for i in range(0, len(rows), PAGE)])
         del rows
         for fmt in ("parquet", "arrow", "jsonl"):
             runs = [exported(store, chat_id, fmt, pool) for _ in range(args.repeats)]
@@ -107,6 +135,7 @@ def main() -> None:
                 out["floor_rows_per_s"] = round(args.messages / statistics.median(floors))
                 out["vs_floor"] = round(out["rows_per_s"] / out["floor_rows_per_s"], 3)
             results[fmt] = out
+        results["folder"] = folder_path(store, chat_id, args.messages, Path(tmp))
         store.close()
     record("export", results, imported_code(store_module))
 
