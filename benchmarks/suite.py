@@ -45,6 +45,10 @@ UNLIMITED = {
     "PYCHAT_LOG_LEVEL": "warning",
 }
 
+# More environment for every pychat server this process starts (benchmarks/plugin_cost.py sets
+# PYCHAT_CONFIG to load plugins).
+SERVER_ENV: dict[str, str] = {}
+
 # The code every pychat server of this process ran (`server_code`), for the results' commit.
 SERVERS: list[Code] = []
 
@@ -123,7 +127,7 @@ class Target:
     def __init__(self, kind: str, data: Path, ids: list[str], chats: dict[str, list[str]]) -> None:
         self.kind, self.data = kind, data
         if kind == "pychat":
-            self.srv = ServerProcess(data, env=UNLIMITED)
+            self.srv = ServerProcess(data, env={**UNLIMITED, **SERVER_ENV})
             self.srv.start()
             assert self.srv.proc is not None
             self.pid, self.port = self.srv.proc.pid, self.srv.ws_port

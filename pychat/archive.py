@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pychat.export import PAGE, SCHEMA, batches_of, by_day, rows_of
+from pychat.gateway import PointerMoved
 from pychat.store import ChainedRow, Chat, PointerRequest, Store, User
 
 WATERMARK = "_watermark.json"
@@ -91,7 +92,7 @@ def write_watermark(out: Path, marks: dict[str, Mark]) -> None:
 
 def _write_durably(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -143,8 +144,13 @@ def export_chats(
     store: Store, chats: list[tuple[str, int]], out: Path, progress: bool = True
 ) -> ExportSummary:
     """Exports each (chat_id, last_seq) above the watermark into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)  # it holds password hashes
     marks = read_watermark(out)
+    older = [c for c, m in marks.items() if m.seq and m.chain is None]
+    if older:
+        raise ValueError(
+            f"{out} was written by a pychat without chain values (chat {older[0]}): export into a new folder"
+        )
     done = {c: m.seq for c, m in marks.items()}
     todo = [(c, head) for c, head in chats if head > done.get(c, 0)]
     summary = ExportSummary()
@@ -167,9 +173,10 @@ def export_chats(
             if written:
                 summary.chats += 1
                 marks[chat_id] = mark
-        _write_metadata(store, out, [c for c, _ in chats], senders)
     finally:
         bar.close()
+        # The records first: a watermark never names messages whose senders are not recorded.
+        _write_metadata(store, out, [c for c, _ in chats], senders)
         write_watermark(out, marks)
         summary.seconds = time.perf_counter() - started
     return summary
@@ -234,30 +241,15 @@ class ImportSummary:
         return dataclasses.asdict(self) | {"seconds": round(self.seconds, 2), "messages_per_s": rate}
 
 
-class ImportRefused(Exception):
-    """The export cannot be imported into this store (it does not verify, or the store is not empty)."""
-
-
-def import_export(store: Store, out: Path, progress: bool = True) -> ImportSummary:
-    """Reads an export folder (verified first) into a store that holds none of it: users (with
-    their password hashes), chats with their members, every message as it was (ids, seqs, times,
-    chain values), then each member's read seq. Media bytes are not in an export: attachments
-    keep their descriptions, and their downloads answer 404."""
-    from pychat.verify import verify_export
-
-    started = time.perf_counter()
-    report = verify_export(out)
-    if not report.ok:
-        raise ImportRefused(f"the export does not verify: {report.breaks[0]}")
-    users = _read_jsonl(out / USERS, "user_id")
-    chats = _read_jsonl(out / CHATS, "chat_id")
-    marks = read_watermark(out)
-    unknown = sorted(set(marks) - set(chats))
-    if unknown:
-        raise ImportRefused(f"no {CHATS} record for chat {unknown[0]} (exported by an older pychat)")
-    if store.chat_heads() or store.existing_users(list(users)) or any(store.get_chat(c) for c in chats):
-        raise ImportRefused("the store is not empty: import into a new data directory or keyspace")
-    summary = ImportSummary()
+def _restore(
+    store: Store,
+    out: Path,
+    users: dict[str, dict[str, Any]],
+    chats: dict[str, dict[str, Any]],
+    marks: dict[str, Mark],
+    summary: ImportSummary,
+    progress: bool,
+) -> None:
     for record in users.values():
         store.create_user(User(**record))
         summary.users += 1
@@ -285,13 +277,55 @@ def import_export(store: Store, out: Path, progress: bool = True) -> ImportSumma
             bar.update(len(pending))
     finally:
         bar.close()
+    # Read positions (recorded after the messages were read: never past what was exported).
     pointers = [
-        PointerRequest(user_id, chat_id, "read", seq)
+        PointerRequest(user_id, chat_id, "read", min(seq, marks[chat_id].seq))
         for chat_id, record in chats.items()
+        if chat_id in marks
         for user_id, seq in record["read"].items()
         if seq > 0
     ]
     for start in range(0, len(pointers), IMPORT_PAGE):
-        store.append_batch([], pointers[start : start + IMPORT_PAGE])
+        _, results = store.append_batch([], pointers[start : start + IMPORT_PAGE])
+        refused = [r for r in results if not isinstance(r, PointerMoved)]
+        if refused:
+            raise RuntimeError(f"the store refused a read position: {refused[0]}")
+
+
+class ImportRefused(Exception):
+    """The export cannot be imported into this store (it does not verify, or the store is not empty)."""
+
+
+def import_export(store: Store, out: Path, progress: bool = True) -> ImportSummary:
+    """Reads an export folder (verified first) into a store that holds none of it: users (with
+    their password hashes), chats with their members, every message as it was (ids, seqs, times,
+    chain values), then each member's read seq. Media bytes are not in an export: attachments
+    keep their descriptions, and their downloads answer 404."""
+    from pychat.verify import verify_export
+
+    started = time.perf_counter()
+    report = verify_export(out)
+    if not report.ok:
+        raise ImportRefused(f"the export does not verify: {report.breaks[0]}")
+    users = _read_jsonl(out / USERS, "user_id")
+    chats = _read_jsonl(out / CHATS, "chat_id")
+    marks = read_watermark(out)
+    unknown = sorted(set(marks) - set(chats))
+    if unknown:
+        raise ImportRefused(f"no {CHATS} record for chat {unknown[0]} (exported by an older pychat)")
+    needed = report.senders | {u for r in chats.values() for u in (*r["members"], r["created_by"])}
+    missing = sorted(needed - set(users))
+    if missing:
+        raise ImportRefused(f"user {missing[0]} sent or belongs, and is not in {USERS}")
+    if store.chat_heads() or store.existing_users(list(users)) or any(store.get_chat(c) for c in chats):
+        raise ImportRefused("the store is not empty: import into a new data directory or keyspace")
+    summary = ImportSummary()
+    try:
+        _restore(store, out, users, chats, marks, summary, progress)
+    except Exception as e:
+        raise ImportRefused(
+            f"the import failed midway ({e!r}); the store now holds part of the export: remove it"
+            " (the data directory or keyspace) before trying again"
+        ) from e
     summary.seconds = time.perf_counter() - started
     return summary

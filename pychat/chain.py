@@ -1,8 +1,8 @@
 """Verifiable history: each chat's messages form a hash chain.
 
-A message's `chain` value is SHA-256 over the previous message's value (32 zero bytes before the
-chat's first message) and what the message says, each field length-prefixed so no two messages
-encode alike:
+A message's `chain` value is SHA-256 over the previous message's value (before the chat's first
+message: `genesis(chat_id)`, so a chat's history cannot pass for another chat's) and what the
+message says, each field length-prefixed so no two messages encode alike:
 
     chain(n) = SHA-256( chain(n-1)
                         || seq (8 bytes, big-endian) || created_at ms (8 bytes, big-endian)
@@ -22,9 +22,14 @@ import json
 import struct
 from collections.abc import Iterable
 
-GENESIS = bytes(32)
+_GENESIS_TAG = b"pychat chain v1\0"
 _HEAD = struct.Struct(">qq")
 _LEN = struct.Struct(">I")
+
+
+def genesis(chat_id: str) -> bytes:
+    """The value a chat's first message follows."""
+    return hashlib.sha256(_GENESIS_TAG + chat_id.encode()).digest()
 
 
 def link(

@@ -15,6 +15,7 @@ from pychat.auth import TokenIssuer, hash_password
 from pychat.config import load_config
 from pychat.errors import ApiError
 from pychat.ids import new_id, now_ms
+from pychat.plugins.host import PluginError
 from pychat.server import Server
 from pychat.store import Chat, Store, User, open_store
 
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--kafka", help="cluster node: Kafka bootstrap servers (host:port)")
     serve.add_argument("--redis", help="cluster node: Redis URL (redis://host:port/0)")
     serve.add_argument("--node-id", help="cluster node: this node's id (default host-port)")
+    plugins = sub.add_parser("plugins", help="load the configured plugins and list them with their hooks")
+    _common(plugins)
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema, then exit")
     _common(migrate)
     user = sub.add_parser("user", help="user administration")
@@ -106,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "serve":
-        asyncio.run(Server(config).serve_forever())
+        try:
+            asyncio.run(Server(config).serve_forever())
+        except PluginError as e:
+            print(f"pychat: plugin error: {e}", file=sys.stderr)
+            return 2
         return 0
+    if args.command == "plugins":
+        return _plugins(config.plugins)
     if args.command == "verify" and not args.against_store:
         return _verify(None, args)  # the export alone: no store is opened
     # Admin commands write the same store; safe while a server runs (SQLite WAL, busy timeout).
@@ -178,10 +187,47 @@ def _export(store: Store, args: argparse.Namespace) -> int:
             print(f"pychat: no such user: {args.user}", file=sys.stderr)
             return 2
         chats = [(c, last) for c, _, last in store.sync_chats(user.user_id, {})]
-    else:
-        chats = sorted(heads.items())
-    summary = export_chats(store, chats, Path(args.out), progress=not args.quiet)
+    else:  # every chat (those without messages too: an import recreates them)
+        chats = sorted((chat_id, heads.get(chat_id, 0)) for chat_id, _, _ in store.all_memberships())
+    try:
+        summary = export_chats(store, chats, Path(args.out), progress=not args.quiet)
+    except ValueError as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
     _print(summary.as_json())
+    return 0
+
+
+def _plugins(raw: list[dict[str, Any]]) -> int:
+    import importlib.metadata
+
+    from pychat.plugins.host import ENTRY_POINTS, PluginSpec, load
+
+    try:
+        loaded = load([PluginSpec.parse(r, f"plugins[{i}]") for i, r in enumerate(raw)])
+    except PluginError as e:
+        print(f"pychat: plugin error: {e}", file=sys.stderr)
+        return 2
+    _print(
+        {
+            "loaded": [
+                {
+                    "name": p.spec.name,
+                    "use": p.spec.use,
+                    "hooks": p.hooks,
+                    "policy": p.spec.policy,
+                    "budget_ms": p.spec.budget_ms,
+                    "after_store_budget_ms": p.spec.after_store_budget_ms,
+                }
+                for p in loaded
+            ],
+            "available": sorted(
+                f"{ep.name} ({ep.value})" for ep in importlib.metadata.entry_points(group=ENTRY_POINTS)
+            ),
+        }
+    )
+    for p in loaded:
+        p.executor.shutdown(wait=False)
     return 0
 
 

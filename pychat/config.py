@@ -123,6 +123,9 @@ class Config:
     allowed_origins: str = ""
     log_level: str = "info"
     limits: Limits = field(default_factory=Limits)
+    # `[[plugins]]` tables (pychat.plugins, docs/plugins.md): each `use`, `settings`, `budget_ms`,
+    # `after_store_budget_ms`, `policy`. Only in the TOML file.
+    plugins: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def clustered(self) -> bool:
@@ -181,6 +184,11 @@ def _apply(target: Any, values: dict[str, Any], where: str) -> None:
         f = fields.get(key)
         if f is None:
             raise ValueError(f"{where}: unknown setting {key!r}")
+        if key == "plugins":
+            if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+                raise ValueError(f"{where}: plugins are [[plugins]] tables in the configuration file")
+            target.plugins = [dict(p) for p in raw]
+            continue
         if key == "limits":
             if not isinstance(raw, dict):
                 raise ValueError(f"{where}: [limits] must be a table")
@@ -204,7 +212,7 @@ def load_config(
     if path:
         with open(path, "rb") as f:
             _apply(config, tomllib.load(f), str(path))
-    top = {f.name for f in dataclasses.fields(Config)} - {"limits"}
+    top = {f.name for f in dataclasses.fields(Config)} - {"limits", "plugins"}
     limit_names = {f.name for f in dataclasses.fields(Limits)}
     from_env: dict[str, Any] = {}
     limits_env: dict[str, Any] = {}

@@ -43,6 +43,7 @@ from pychat.sync import SyncStreamer
 
 if TYPE_CHECKING:
     from pychat.cluster.node import ClusterNode
+    from pychat.plugins.host import PluginHost
 
 Event = SendEvent | PointerEvent | SyncEvent | SeenEvent | PresenceQuery
 Result = Stored | PointerMoved | Failed | Done | Deferred | PresenceInfo
@@ -68,8 +69,11 @@ class Engine:
         self._syncs: SyncStreamer | None = None
         # On a node of a cluster: sends go to the sends log, the chat's sequencer stores them.
         self.cluster: ClusterNode | None = None
-        # Told after each batch which chats have new messages, up to which seq (the search index).
+        # Told after each batch which chats have new messages, up to which seq (the search index,
+        # the plugins' after_store feeds).
         self.on_stored: Callable[[dict[str, int]], None] | None = None
+        # The plugins' before_send hooks see each batch's sends before they are stored.
+        self.plugins: PluginHost | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -141,6 +145,15 @@ class Engine:
                 seen.append((i, (ev.user_id, ev.at)))
             else:
                 queries.append((i, ev))
+        if sends and self.plugins is not None and self.plugins.senders:
+            # One call per plugin for the whole batch (never per message); on a cluster node,
+            # before the send is produced (the node that received it checks it).
+            changed, refused = self.plugins.before_send([s for _, s in sends])
+            for k, failed in refused.items():
+                results[sends[k][0]] = failed
+            sends = [
+                (i, s) for k, ((i, _), s) in enumerate(zip(sends, changed, strict=True)) if k not in refused
+            ]
         if sends and self.cluster is not None:
             # Answered later, when the chat's sequencer has stored them (see pychat.cluster.node).
             for (i, _), produced in zip(sends, self.cluster.submit_sends([s for _, s in sends]), strict=True):

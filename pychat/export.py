@@ -347,8 +347,15 @@ def batches_of(store: Store, chat_id: str, after: int) -> Iterator[pa.RecordBatc
 
 
 def by_day(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.RecordBatch]]:
-    """The batch split by the UTC day of `created_at` ("YYYY-MM-DD"), in order."""
+    """The batch cut where the UTC day of `created_at` ("YYYY-MM-DD") changes: runs of
+    consecutive messages, in seq order (a clock that stepped back over midnight gives a day
+    twice, never a file whose seqs interleave with another's)."""
+    n = batch.num_rows
+    if n == 0:
+        return
     days = pc.divide(batch.column("created_at").cast(pa.int64()), DAY_MS)
-    for day in pc.unique(days).to_pylist():
-        name = time.strftime("%Y-%m-%d", time.gmtime(day * 86_400))
-        yield name, batch.filter(pc.equal(days, day))
+    changes = pc.indices_nonzero(pc.not_equal(days.slice(1), days.slice(0, n - 1))).to_pylist()
+    starts = [0, *(i + 1 for i in changes)]
+    for start, end in zip(starts, [*starts[1:], n], strict=True):
+        name = time.strftime("%Y-%m-%d", time.gmtime(days[start].as_py() * 86_400))
+        yield name, batch.slice(start, end - start)

@@ -84,13 +84,35 @@ class Metrics:
         )
         self.errors = Counter("pychat_errors_total", "Errors by kind")
         self.messages = Counter("pychat_messages_stored_total", "Messages stored")
+        # Plugins (pychat.plugins), by plugin and hook.
+        self.plugin_calls = Counter("pychat_plugin_calls_total", "Plugin hook calls")
+        self.plugin_errors = Counter(
+            "pychat_plugin_errors_total", "Plugin hook calls that raised or answered nonsense"
+        )
+        self.plugin_timeouts = Counter("pychat_plugin_timeouts_total", "Plugin hook calls past their budget")
+        self.plugin_skipped = Counter(
+            "pychat_plugin_skipped_total", "Hook calls skipped while a plugin cools down after failures"
+        )
+        self.plugin_seconds = Histogram(
+            "pychat_plugin_seconds",
+            "Plugin hook latency (as the caller waited)",
+            [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
+        )
 
     def render(self, gateway_counters: list[tuple[str, int]], connections: int) -> str:
         lines: list[str] = []
         for m in (self.http_requests, self.http_seconds, self.batch_size, self.store_seconds):
             lines.extend(m.render())
-        for m2 in (self.errors, self.messages):
+        for m2 in (
+            self.errors,
+            self.messages,
+            self.plugin_calls,
+            self.plugin_errors,
+            self.plugin_timeouts,
+            self.plugin_skipped,
+        ):
             lines.extend(m2.render())
+        lines.extend(self.plugin_seconds.render())
         lines.append("# HELP pychat_connections Open WebSocket connections")
         lines.append("# TYPE pychat_connections gauge")
         lines.append(f"pychat_connections {connections}")

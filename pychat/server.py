@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pychat.auth import TokenIssuer
@@ -21,6 +22,8 @@ from pychat.config import Config
 from pychat.engine import Engine
 from pychat.gateway import Gateway
 from pychat.metrics import Metrics
+from pychat.plugins.feed import AfterStoreFeed
+from pychat.plugins.host import PluginHost, PluginSpec
 from pychat.presence import Presence
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
@@ -29,6 +32,7 @@ from pychat.search.worker import Indexer
 from pychat.store import open_store
 
 if TYPE_CHECKING:
+    from pychat.cluster.lease import Lease
     from pychat.cluster.node import ClusterNode
 
 log = logging.getLogger("pychat")
@@ -36,6 +40,20 @@ log = logging.getLogger("pychat")
 
 # Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 20_000
+
+
+def _always() -> bool:
+    return True
+
+
+def _tell_all(listeners: list[Callable[[dict[str, int]], None]]) -> Callable[[dict[str, int]], None]:
+    """One callback for the engine (or the cluster) that tells each listener which chats moved."""
+
+    def tell(heads: dict[str, int]) -> None:
+        for listener in listeners:
+            listener(heads)
+
+    return tell
 
 
 class Server:
@@ -46,6 +64,9 @@ class Server:
         self._http_task: asyncio.Task[None] | None = None
         self._collector: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.plugins: PluginHost | None = None
+        self.feeds: list[AfterStoreFeed] = []
+        self._lease: Lease | None = None
 
     @property
     def http_url(self) -> str:
@@ -58,6 +79,13 @@ class Server:
     async def start(self) -> None:
         """Opens the store, starts the gateway and engine, then serves REST; returns once all accept."""
         cfg = self.config
+        # Plugins first: one that fails to import stops the server before it opens anything.
+        specs = [PluginSpec.parse(raw, f"plugins[{i}]") for i, raw in enumerate(cfg.plugins)]
+        self.plugins = (
+            PluginHost(specs, self.metrics, cfg.limits.max_content_bytes, cfg.limits.max_attachments)
+            if specs
+            else None
+        )
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         # Opening a store may block (a network store connects): off the event loop.
         self.store = await asyncio.to_thread(open_store, cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
@@ -89,8 +117,25 @@ class Server:
             self.cluster.start()
             self.engine.cluster = self.cluster
             self.presence = ClusterPresence(self.gateway, self.store, self.cluster.online)
+        self.engine.plugins = self.plugins
         self.search: SearchIndex | None = None
         self.indexer: Indexer | None = None
+        listeners: list[Callable[[dict[str, int]], None]] = []
+        if self.plugins is not None:
+            # after_store: on a cluster, only the node holding the lease feeds the plugins
+            # (each stored message once per deployment); every node hears which chats moved.
+            active: Callable[[], bool] = _always
+            if self.cluster is not None:
+                from pychat.cluster.lease import Lease
+
+                self._lease = Lease(self.cluster.redis, "plugin_feeds", cfg.node_name)
+                active = self._lease.held
+            for p in self.plugins.plugins:
+                if "after_store" in p.hooks:
+                    feed = AfterStoreFeed(self.plugins, p, self.store, active)
+                    feed.start()
+                    self.feeds.append(feed)
+                    listeners.append(feed.notify)
         if cfg.search:
             # Queries here; indexing in a process of its own (pychat.search.worker). A cluster
             # node keeps an index of every chat: the sequencers tell every node which chats
@@ -103,10 +148,12 @@ class Server:
                 rescan_s=CLUSTER_RESCAN_S if self.cluster else 0,
             )
             self.indexer.start()
+            listeners.append(self.indexer.notify)
+        if listeners:
             if self.cluster is not None:
-                self.cluster.on_heads = self.indexer.notify
+                self.cluster.on_heads = _tell_all(listeners)
             else:
-                self.engine.on_stored = self.indexer.notify
+                self.engine.on_stored = _tell_all(listeners)
         self.engine.start(asyncio.get_running_loop())
         self.api = RestApi(
             cfg,
@@ -163,6 +210,12 @@ class Server:
         await self.engine.stop_syncs()
         if self.indexer is not None:
             await asyncio.to_thread(self.indexer.stop)
+        for feed in self.feeds:
+            await asyncio.to_thread(feed.stop)
+        if self._lease is not None:
+            await asyncio.to_thread(self._lease.release)
+        if self.plugins is not None:
+            await asyncio.to_thread(self.plugins.close)
         self.store.close()
         self._stopped.set()
 

@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pychat.chain import GENESIS, link, media_ids_of
+from pychat.chain import genesis, link, media_ids_of
 from pychat.export import PAGE, rows_of
 from pychat.store import ChainedRow, MessageStore
 
@@ -48,6 +48,9 @@ class Report:
     # chat_id -> (last seq, its chain value) as verified
     heads: dict[str, tuple[int, bytes]] = field(default_factory=dict)
 
+    # Everyone who sent a message in the export (an import needs each as a user).
+    senders: set[str] = field(default_factory=set)
+
     @property
     def ok(self) -> bool:
         return not self.breaks
@@ -70,7 +73,7 @@ class _Chain:
         self.report = report
         self.from_start = from_start
         self.seq = 0
-        self.chain = GENESIS
+        self.chain = genesis(chat_id)
         self.breaks = 0
 
     def _break(self, seq: int, problem: str) -> None:
@@ -83,8 +86,10 @@ class _Chain:
     def add(self, row: ChainedRow) -> None:
         _, seq, _, sender_id, content, attachments, created_at, _, chain = row
         self.report.messages += 1
+        self.report.senders.add(sender_id)
         if chain is None or len(chain) != 32:
             self._break(seq, "no chain value")
+            self.seq = max(self.seq, seq)
             return
         if self.seq == 0 and not self.from_start and seq != 1:
             # A file exported with `after`: what came before is not in it.
@@ -142,6 +147,13 @@ def _verify_folder(out: Path, report: Report) -> None:
     for chat_id, parts in chats.items():
         report.chats += 1
         check = _Chain(chat_id, report, from_start=True)
+        unchained = [p for p in parts if "chain" not in pq.ParquetFile(p).schema_arrow.names]
+        if unchained:
+            check._break(
+                0,
+                f"{unchained[0].name} has no chain values (written by an older pychat): export again into a new folder",
+            )
+            continue
         for batch in chat_batches(parts):
             for row in rows_of(batch):
                 if row[0] != chat_id:
@@ -179,11 +191,11 @@ def _file_rows(path: Path) -> Iterator[list[ChainedRow]]:
         magic = f.read(4)
     if magic == b"PAR1":
         for batch in pq.ParquetFile(path).iter_batches(batch_size=PAGE):
-            yield rows_of(batch)
+            yield rows_of(_with_chain(batch))
     elif magic == b"\xff\xff\xff\xff":  # an Arrow IPC stream (a continuation marker first)
         with pa.ipc.open_stream(path) as reader:
             for batch in reader:
-                yield rows_of(batch)
+                yield rows_of(_with_chain(batch))
     else:
         with open(path, encoding="utf-8") as lines:
             page: list[ChainedRow] = []
@@ -194,6 +206,13 @@ def _file_rows(path: Path) -> Iterator[list[ChainedRow]]:
                     yield page
                     page = []
             yield page
+
+
+def _with_chain(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A file from an older pychat has no chain column: its rows then each break as `no chain value`."""
+    if "chain" in batch.schema.names:
+        return batch
+    return batch.append_column("chain", pa.nulls(batch.num_rows, pa.binary(32)))
 
 
 def _json_row(m: dict[str, Any]) -> ChainedRow:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pychat.chain import GENESIS, link
+from pychat.chain import genesis, link
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.store import PointerRequest, SendRequest
 from pychat.store.sqlite import SqliteStore
@@ -35,7 +35,7 @@ class TupleSqliteStore(SqliteStore):
 
 def assert_chained(history: list[dict[str, Any]]) -> None:
     """Each message's chain value follows from the one before (from the chat's first message)."""
-    prev = GENESIS
+    prev = genesis(history[0]["chat_id"]) if history else b""
     for m in history:
         prev = link(
             prev,

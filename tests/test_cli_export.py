@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pychat.chain import GENESIS, link
+from pychat.chain import genesis, link
 from pychat.gateway import Stored
 from pychat.store import Chat, PointerRequest, SendRequest, User, open_store
 from services.cassandra import CassandraServer
@@ -161,7 +161,7 @@ def test_verify_says_where_an_export_was_cut_reordered_or_edited(tmp_path: Path)
     # against the store, which keeps the real values.
     def forge(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows = edit(rows)
-        prev = GENESIS
+        prev = genesis("c-one")
         for r in rows:
             created = int(r["created_at"].timestamp() * 1000)
             prev = link(prev, r["seq"], r["sender_id"], r["content"], created, [])
@@ -217,7 +217,16 @@ def test_import_restores_an_export_into_an_empty_store_of_either_kind(
     finally:
         store.close()
     assert _cli("export", str(out), "--data-dir", str(data), "--quiet").returncode == 0
+    assert (out / "_users.jsonl").stat().st_mode & 0o077 == 0, "password hashes are for the owner only"
     original = _snapshot("", data)
+
+    # An export that names a sender it has no record of is refused before anything is written.
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    users = [line for line in (partial / "_users.jsonl").read_text().splitlines() if '"uc"' not in line]
+    (partial / "_users.jsonl").write_text("\n".join(users) + "\n")
+    done = _cli("import", str(partial), "--data-dir", str(tmp_path / "never"), "--quiet")
+    assert done.returncode == 1 and "user uc" in done.stderr, done.stderr
 
     keyspace = f"cassandra://{cassandra.host}:{cassandra.port}/imp_{uuid.uuid4().hex[:10]}"
     for target, url in ((tmp_path / "restored", ""), (tmp_path / "moved", keyspace)):
@@ -231,6 +240,9 @@ def test_import_restores_an_export_into_an_empty_store_of_either_kind(
             sent, _ = store.append_batch([SendRequest("ua", "c-one", "after", "after the import", [])], [])
             assert isinstance(sent[0], Stored) and sent[0].seq == 301
             assert_chained(store.history("c-one", None, None, 500)[0])
+            # Ids minted by the other store still find their message (mark-read by id).
+            first = original["chats"]["c-two"][3][0]
+            assert store.message_by_id(first["message_id"]) == first
         finally:
             store.close()
         again = _cli("import", str(out), "--data-dir", str(target), "--store", url, "--quiet")
@@ -249,3 +261,16 @@ def _snapshot_empty(data: Path) -> bool:
         return not store.chat_heads() and store.user_by_id("ua") is None
     finally:
         store.close()
+
+
+def test_a_folder_from_before_chain_values_is_refused_and_reported(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    _fill(data, "c-one", 0, 10)
+    assert _cli("export", str(out), "--data-dir", str(data), "--quiet").returncode == 0
+    part = sorted(out.rglob("part-*.parquet"))[0]
+    pq.write_table(pq.read_table(part).drop_columns(["chain"]), part)
+    (out / "_watermark.json").write_text(json.dumps({"c-one": 10}))  # the old format: a bare seq
+    breaks = _broken(out)
+    assert "no chain values" in breaks[0]["problem"], breaks
+    again = _cli("export", str(out), "--data-dir", str(data), "--quiet")
+    assert again.returncode == 2 and "without chain values" in again.stderr

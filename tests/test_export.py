@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pychat.client import ChatClient
-from pychat.export import SCHEMA
+from pychat.export import SCHEMA, by_day, record_batch
 from pychat.verify import verify_export
 from tests.conftest import Clients, ServerProcess
 from tests.storekit import assert_chained
@@ -175,3 +175,14 @@ async def test_exporting_a_million_messages_keeps_the_server_small(tmp_path: Any
             assert size > 1_000_000 and growth < 64, growth
     finally:
         srv.stop()
+
+
+def test_files_split_by_day_hold_runs_of_consecutive_messages() -> None:
+    """A clock that steps back over midnight gives a day twice, never interleaved seqs."""
+    day = 86_400_000
+    at = [5 * day - 2, 5 * day + 1, 5 * day - 1, 5 * day - 1, 5 * day + 3]
+    batch = record_batch(
+        [("c", i + 1, f"m{i}", "u", "x", "[]", t, None, bytes(32)) for i, t in enumerate(at)]
+    )
+    runs = [(name, part.column("seq").to_pylist()) for name, part in by_day(batch)]
+    assert runs == [("1970-01-05", [1]), ("1970-01-06", [2]), ("1970-01-05", [3, 4]), ("1970-01-06", [5])]

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pychat.chain import GENESIS, link
+from pychat.chain import genesis, link
 from pychat.client import ChatClient, ChatError
 from tests.conftest import Clients, ServerProcess
 from tests.wsraw import RawWs, client_frame, raw_upgrade
@@ -288,7 +288,7 @@ async def test_history_pagination_and_bounds(server: ServerProcess, clients: Cli
         "attachments": [],
         "created_at": page["messages"][0]["created_at"],
         "client_msg_id": page["messages"][0]["client_msg_id"],
-        "chain": link(GENESIS, 1, alice.user_id, "m1", page["messages"][0]["created_at"], []).hex(),
+        "chain": link(genesis(chat_id), 1, alice.user_id, "m1", page["messages"][0]["created_at"], []).hex(),
     }
     for bad in ({"limit": 0}, {"limit": 201}, {"limit": "x"}, {"before": -1}, {"after": "1.5"}):
         with pytest.raises(ChatError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from pychat.chain import GENESIS, link
+from pychat.chain import genesis, link
 from pychat.store import Chat, PointerRequest, SendRequest, User
 from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore, _stored_lookup_sql
 from tests.storekit import TupleSqliteStore, assert_chained
@@ -143,7 +143,7 @@ def test_a_version_2_database_is_upgraded_in_place_keeping_every_message_and_its
         "attachments": [],
         "created_at": 4,
         "client_msg_id": "k1",
-        "chain": link(GENESIS, 1, "ub", "note", 4, []).hex(),
+        "chain": link(genesis("c2"), 1, "ub", "note", 4, []).hex(),
     }
     assert store.user_by_id("ub") == User("ub", "Bob", "B", "scrypt$y", 2)
     assert store.last_seen("ua") == 5

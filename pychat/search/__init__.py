@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pychat.heads import PendingHeads
 from pychat.search.text import highlight, index_text, parse_query
 from pychat.store import BacklogRow, Store, message_object
 
@@ -87,9 +88,7 @@ class SearchIndex:
                 c.execute("DELETE FROM hits")
                 c.execute("DELETE FROM cursors")
                 c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('version', ?)", (INDEX_VERSION,))
-        self._pending: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._pending = PendingHeads()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pychat-indexer", daemon=True)
 
@@ -110,17 +109,13 @@ class SearchIndex:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self._pending.wake.set()
         if self._thread.is_alive():
             self._thread.join(10)
 
     def notify(self, heads: dict[str, int]) -> None:
         """These chats have messages up to these seqs (called by the engine after a batch)."""
-        with self._lock:
-            for chat_id, seq in heads.items():
-                if seq > self._pending.get(chat_id, 0):
-                    self._pending[chat_id] = seq
-        self._wake.set()
+        self._pending.add(heads)
 
     def _rescan(self) -> None:
         """Every chat whose head is past what is indexed of it, to be indexed."""
@@ -138,20 +133,16 @@ class SearchIndex:
                 self._stop.wait(2)
         next_scan = time.monotonic() + self.rescan_s
         while not self._stop.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
+            self._pending.wake.wait(1.0)
+            self._pending.wake.clear()
             if self.rescan_s and time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + self.rescan_s
                 try:
                     self._rescan()
                 except Exception:
                     log.exception("looking for chats that moved failed; trying at the next round")
-            with self._lock:
-                # A bounded slice per round: a long catch-up leaves room for chats that move.
-                chats = list(self._pending)[:CHATS_PER_ROUND]
-                pending = {c: self._pending.pop(c) for c in chats}
-                if self._pending:
-                    self._wake.set()
+            # A bounded slice per round: a long catch-up leaves room for chats that move.
+            pending = self._pending.take(CHATS_PER_ROUND)
             if not pending:
                 continue
             try:

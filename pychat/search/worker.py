@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from pychat.heads import PendingHeads
 from pychat.search import SearchIndex
 from pychat.store import open_store
 
@@ -53,9 +54,7 @@ class Indexer:
             str(rescan_s),
         ]
         self.log_path = Path(data_dir) / "indexer.log"
-        self._pending: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._pending = PendingHeads()
         self._stop = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._feeder = threading.Thread(target=self._feed, name="pychat-indexer-feed", daemon=True)
@@ -76,16 +75,12 @@ class Indexer:
     def notify(self, heads: dict[str, int]) -> None:
         """Chats with messages up to these seqs (the engine thread, after a batch): merged and
         handed over by the feeder thread."""
-        with self._lock:
-            for chat_id, seq in heads.items():
-                if seq > self._pending.get(chat_id, 0):
-                    self._pending[chat_id] = seq
-        self._wake.set()
+        self._pending.add(heads)
 
     def _feed(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(1.0)
-            self._wake.clear()
+            self._pending.wake.wait(1.0)
+            self._pending.wake.clear()
             proc = self._proc
             if proc is None or proc.poll() is not None:
                 if self._stop.is_set():
@@ -94,8 +89,7 @@ class Indexer:
                 time.sleep(1)
                 self._spawn()  # it catches up every chat from the store at start
                 continue
-            with self._lock:
-                pending, self._pending = self._pending, {}
+            pending = self._pending.take()
             if not pending:
                 continue
             try:
@@ -107,7 +101,7 @@ class Indexer:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self._pending.wake.set()
         proc = self._proc
         if proc is not None:
             with contextlib.suppress(OSError):

@@ -184,6 +184,12 @@ class MessageStore(Protocol):
     def chat_heads(self) -> list[tuple[str, int]]:
         """(chat_id, last_seq) of every chat with messages (the search index catches up from it)."""
 
+    def hook_cursors(self, plugin: str) -> dict[str, int]:
+        """How far a plugin's `after_store` has taken each chat (pychat/plugins/feed.py)."""
+
+    def move_hook_cursors(self, plugin: str, cursors: dict[str, int]) -> None:
+        """Moves a plugin's cursors forward (never back), durably."""
+
 
 class MetadataStore(Protocol):
     """Users, chats, members, pointers and presence."""

@@ -66,7 +66,7 @@ from cassandra.concurrent import execute_concurrent
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 from cassandra.query import BatchStatement, BatchType, PreparedStatement
 
-from pychat.chain import GENESIS, link_stored
+from pychat.chain import genesis, link_stored
 from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import now_ms
@@ -142,6 +142,11 @@ SCHEMA = [
         attached boolean)""",
     "CREATE TABLE IF NOT EXISTS media_blobs (sha256 text, media_id text, PRIMARY KEY (sha256, media_id))",
     "CREATE TABLE IF NOT EXISTS media_posts (media_id text, chat_id text, PRIMARY KEY (media_id, chat_id))",
+    # How far each plugin's after_store has taken each chat (pychat/plugins/feed.py); written
+    # USING TIMESTAMP of the seq, so a cursor never moves back.
+    # Where messages imported from another store are (their ids do not say: `message_by_id`).
+    "CREATE TABLE IF NOT EXISTS message_ids (message_id text PRIMARY KEY, chat_id text, seq bigint)",
+    "CREATE TABLE IF NOT EXISTS plugin_cursors (plugin text, chat_id text, seq bigint, PRIMARY KEY (plugin, chat_id))",
     f"""CREATE TABLE IF NOT EXISTS media_by_uploader (
         uploader_id text, created_at bigint, media_id text, size bigint,
         PRIMARY KEY (uploader_id, created_at, media_id)) WITH default_time_to_live = {MEDIA_QUOTA_TTL_S}""",
@@ -286,18 +291,25 @@ class CassandraStore:
             self.session.execute(
                 "INSERT INTO meta (key, value) VALUES ('legacy_keys_until', %s) IF NOT EXISTS", (str(until),)
             )
-        self.session.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
-        )
+        if not unchained:  # else once every message has its value (`_chain_stored`)
+            self._record_version()
         legacy = self.session.execute("SELECT value FROM meta WHERE key = 'legacy_keys_until'").one()
         self._legacy_keys_until = int(legacy.value) if legacy else 0
         return unchained
 
+    def _record_version(self) -> None:
+        self.session.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),)
+        )
+
     def _chain_stored(self) -> None:
-        """Schema 3 -> 4: the chain values of the messages stored before, chat by chat."""
+        """Schema 3 -> 4: the chain values of the messages stored before, chat by chat; the
+        version is recorded after the last, so an upgrade cut short starts over (it rewrites
+        the same values)."""
         started, total = time.monotonic(), 0
         for r in self.session.execute("SELECT chat_id FROM chats"):
             total += self._chain_chat(r.chat_id)[1]
+        self._record_version()
         log.info(
             "computed the chain values of %d stored messages (%.1f s)", total, time.monotonic() - started
         )
@@ -305,7 +317,7 @@ class CassandraStore:
     def _chain_chat(self, chat_id: str) -> tuple[bytes, int]:
         """Writes the chain value of every message of the chat (stored before there were any);
         its last value and how many messages it has."""
-        prev, after, count = GENESIS, 0, 0
+        prev, after, count = genesis(chat_id), 0, 0
         while True:
             rows = self._rows_after(chat_id, after, 1000)
             values = []
@@ -319,9 +331,9 @@ class CassandraStore:
             after = rows[-1].seq
 
     def _chain_at(self, chat_id: str, seq: int) -> bytes:
-        """The chain value of the chat's message `seq` (GENESIS for 0)."""
+        """The chain value of the chat's message `seq` (the chat's genesis value for 0)."""
         if seq <= 0:
-            return GENESIS
+            return genesis(chat_id)
         row = self.session.execute(self._q_message, (chat_id, bucket_of(seq), seq)).one()
         if row is None or row.chain is None:  # written by a version before chains
             return self._chain_chat(chat_id)[0]
@@ -1373,6 +1385,11 @@ class CassandraStore:
         ]
         for batch in self._key_writes(written):
             self.session.execute(batch)
+        # Ids minted by another store (SQLite's) do not say where the message is: a table does.
+        foreign = [(r[3], chat_id, r[2]) for r in written if message_place(r[3]) != (chat_id, r[2])]
+        if foreign:
+            put = self._statement("INSERT INTO message_ids (message_id, chat_id, seq) VALUES (?, ?, ?)")
+            self._write_all(put, foreign)
         if self._fenced_writes({chat_id: (last, written)})[chat_id] != len(written):
             raise RuntimeError(f"chat {chat_id}: another writer moved the chat during the import")
         top = written[-1][2]
@@ -1418,10 +1435,25 @@ class CassandraStore:
         rows = self.session.execute("SELECT chat_id, last_seq FROM chats")
         return [(r.chat_id, r.last_seq) for r in rows if r.last_seq]
 
+    def hook_cursors(self, plugin: str) -> dict[str, int]:
+        rows = self.session.execute("SELECT chat_id, seq FROM plugin_cursors WHERE plugin = %s", (plugin,))
+        return {r.chat_id: r.seq for r in rows}
+
+    def move_hook_cursors(self, plugin: str, cursors: dict[str, int]) -> None:
+        statement = self._statement(
+            "UPDATE plugin_cursors USING TIMESTAMP ? SET seq = ? WHERE plugin = ? AND chat_id = ?"
+        )
+        self._write_all(statement, [(seq, seq, plugin, chat_id) for chat_id, seq in cursors.items()])
+
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
         where = message_place(message_id)
-        if where is None:
-            return None
+        if where is None:  # an id from another store, imported (`restore_messages`)
+            row = self.session.execute(
+                self._statement("SELECT chat_id, seq FROM message_ids WHERE message_id = ?"), (message_id,)
+            ).one()
+            if row is None:
+                return None
+            where = (row.chat_id, row.seq)
         chat_id, seq = where
         m = self.session.execute(self._q_message, (chat_id, bucket_of(seq), seq)).one()
         return self._message_json(chat_id, m) if m and m.message_id == message_id else None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pychat.chain import GENESIS, link_stored
+from pychat.chain import genesis, link_stored
 from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import new_ids, now_ms
@@ -126,6 +126,13 @@ CREATE INDEX IF NOT EXISTS media_by_uploader ON media (uploader_id, created_at);
 CREATE INDEX IF NOT EXISTS media_by_sha ON media (sha256);
 CREATE INDEX IF NOT EXISTS media_by_thumb ON media (thumb_sha256) WHERE thumb_sha256 IS NOT NULL;
 CREATE INDEX IF NOT EXISTS media_unattached ON media (created_at) WHERE attached = 0;
+-- How far each plugin's after_store has taken each chat (pychat/plugins/feed.py).
+CREATE TABLE IF NOT EXISTS plugin_cursors (
+    plugin TEXT NOT NULL,
+    chat_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (plugin, chat_id)
+) WITHOUT ROWID;
 -- The chats where a message carried the media: their members may read it (schema 5 -> 6).
 CREATE TABLE IF NOT EXISTS media_posts (
     media_id TEXT NOT NULL,
@@ -289,10 +296,10 @@ class SqliteStore:
     def _chain_stored(c: sqlite3.Connection) -> None:
         """Computes the chain values of the messages stored before there were any (in the
         upgrade's transaction), chat by chat in seq order."""
-        chats = c.execute("SELECT chat_no FROM chats ORDER BY chat_no").fetchall()
+        chats = c.execute("SELECT chat_no, chat_id FROM chats ORDER BY chat_no").fetchall()
         started, total = time.monotonic(), 0
-        for (chat_no,) in chats:
-            prev, seq = GENESIS, 0
+        for chat_no, chat_id in chats:
+            prev, seq = genesis(chat_id), 0
             while True:
                 rows = c.execute(
                     "SELECT m.seq, u.user_id, m.content, m.created_at, m.attachments FROM messages m"
@@ -675,7 +682,7 @@ class SqliteStore:
                 ),
             ]
             if one_by_one:
-                refused = self._insert_one(c, row, s.sender_id)
+                refused = self._insert_one(c, row, s.sender_id, s.chat_id)
                 if refused is not None:
                     plan.results.append(refused)
                     if isinstance(refused, Stored):
@@ -691,7 +698,7 @@ class SqliteStore:
         return plan
 
     @staticmethod
-    def _insert_one(c: sqlite3.Connection, row: list[Any], sender_id: str) -> SendResult | None:
+    def _insert_one(c: sqlite3.Connection, row: list[Any], sender_id: str, chat_id: str) -> SendResult | None:
         """Inserts one message row in a savepoint of its own. Repairs what can be repaired safely
         and tries again: a message_id taken draws a new one; a seq taken (the chat's last_seq fell
         behind its messages, e.g. an old backup of `chats` restored) continues after the chat's
@@ -732,7 +739,7 @@ class SqliteStore:
                 (prev,) = c.execute(
                     "SELECT chain FROM messages WHERE chat_no = ? AND seq = ?", (chat_no, top)
                 ).fetchone()
-                row[8] = link_stored(prev or GENESIS, top + 1, sender_id, row[4], row[6], row[5])
+                row[8] = link_stored(prev or genesis(chat_id), top + 1, sender_id, row[4], row[6], row[5])
                 continue
             break
         log.error("a message of chat %s could not be stored: %s", chat_no, failure)
@@ -749,7 +756,7 @@ class SqliteStore:
             for chat_id, chat_no, last, chain in c.execute(
                 f"SELECT chat_id, chat_no, last_seq, last_chain FROM chats WHERE chat_id IN ({marks})", chunk
             ):
-                found[chat_id] = (chat_no, last, chain or GENESIS)
+                found[chat_id] = (chat_no, last, chain or genesis(chat_id))
         return found
 
     @staticmethod
@@ -1042,6 +1049,20 @@ class SqliteStore:
 
     def chat_heads(self) -> list[tuple[str, int]]:
         return self._conn().execute("SELECT chat_id, last_seq FROM chats WHERE last_seq > 0").fetchall()
+
+    def hook_cursors(self, plugin: str) -> dict[str, int]:
+        rows = self._conn().execute("SELECT chat_id, seq FROM plugin_cursors WHERE plugin = ?", (plugin,))
+        return dict(rows.fetchall())
+
+    def move_hook_cursors(self, plugin: str, cursors: dict[str, int]) -> None:
+        if not cursors:
+            return
+        with self._write() as c:
+            c.executemany(
+                "INSERT INTO plugin_cursors (plugin, chat_id, seq) VALUES (?, ?, ?)"
+                " ON CONFLICT (plugin, chat_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+                [(plugin, chat_id, seq) for chat_id, seq in cursors.items()],
+            )
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
         row = self._conn().execute(f"{_CHAINED_SELECT} WHERE m.message_id = ?", (message_id,)).fetchone()

@@ -1,0 +1,115 @@
+"""`after_store`: stored messages handed to a plugin from a durable cursor, at least once.
+
+One feed per plugin with the hook, on a thread of its own. It keeps, in the store, the last seq
+of each chat the hook has returned for (`hook_cursors`); it is told which chats moved (by the
+engine after each batch, or on a cluster by the sequencers' word) and, at start and every
+`RESCAN_S`, compares the store's chat heads with its cursors. It reads each moved chat from its
+cursor to its end, hands the hook up to `HOOK_BATCH` messages at a time, and moves the cursors
+only after the hook returned. A hook that fails is called again with the same messages after a
+pause that grows to `MAX_BACKOFF_S`: a crash, a kill or a failing hook may repeat messages,
+never skip one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from pychat.heads import PendingHeads
+from pychat.plugins.host import HookFailed, LoadedPlugin, PluginHost
+from pychat.store import Store, message_object
+
+log = logging.getLogger("pychat.plugins")
+
+HOOK_BATCH = 500
+RESCAN_S = 30.0
+MAX_BACKOFF_S = 30.0
+
+
+class AfterStoreFeed:
+    def __init__(
+        self,
+        host: PluginHost,
+        plugin: LoadedPlugin,
+        store: Store,
+        active: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.host = host
+        self.plugin = plugin
+        self.store = store
+        # On a cluster, whether this node is the one that feeds the deployment's plugins now.
+        self.active = active
+        self._pending = PendingHeads()
+        self._cursors: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"pychat-feed-{plugin.spec.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pending.wake.set()
+        self._thread.join(10)
+
+    def notify(self, heads: dict[str, int]) -> None:
+        self._pending.add(heads)
+
+    def _rescan(self) -> None:
+        self._cursors = self.store.hook_cursors(self.plugin.spec.name)
+        self.notify({c: head for c, head in self.store.chat_heads() if head > self._cursors.get(c, 0)})
+
+    def _run(self) -> None:
+        backoff = 0.0
+        next_scan = 0.0
+        while not self._stop.is_set():
+            if not self.active():
+                next_scan = 0.0  # read the cursors again when this node takes over
+                self._stop.wait(1.0)
+                continue
+            try:
+                if time.monotonic() >= next_scan:
+                    self._rescan()
+                    next_scan = time.monotonic() + RESCAN_S
+                self._pending.wake.wait(1.0)
+                self._pending.wake.clear()
+                self._feed()
+                backoff = 0.0
+            except Exception as e:
+                if not isinstance(e, HookFailed):
+                    log.exception(
+                        "the after_store feed of plugin %s failed; trying again", self.plugin.spec.name
+                    )
+                backoff = min(MAX_BACKOFF_S, max(0.5, backoff * 2))
+                self._stop.wait(backoff)
+
+    def _feed(self) -> None:
+        """Hands every moved chat's new messages to the hook, a batch at a time."""
+        pending = self._pending.take()
+        heads = dict(pending)
+        try:
+            while pending and not self._stop.is_set() and self.active():
+                batch: list[dict[str, object]] = []
+                moved: dict[str, int] = {}
+                for chat_id in list(pending):
+                    want = HOOK_BATCH - len(batch)
+                    rows = self.store.chained_after(chat_id, self._cursors.get(chat_id, 0), want)
+                    batch.extend(message_object(r) for r in rows)
+                    if rows:
+                        moved[chat_id] = rows[-1][1]
+                    if len(rows) < want:
+                        del pending[chat_id]  # read to its end
+                    if len(batch) >= HOOK_BATCH:
+                        break
+                if not batch:
+                    return
+                self.host.call(
+                    self.plugin, "after_store", batch, self.plugin.spec.after_store_budget_ms / 1000
+                )
+                self.store.move_hook_cursors(self.plugin.spec.name, moved)
+                self._cursors.update(moved)
+        except BaseException:
+            self.notify(heads)  # read again from the cursors next round
+            raise

@@ -1,0 +1,278 @@
+"""Loading plugins and calling their hooks within a time budget (see pychat/plugins/__init__.py).
+
+Every call of a hook runs off the calling thread: a plain hook on the plugin's own thread, an
+`async def` hook on the host's event loop thread; the caller waits at most the plugin's budget.
+A hook that raises, answers something that is not a verdict list, or overruns is counted
+(`pychat_plugin_*` in /metrics) and its policy applies; a hook still busy with an earlier call
+is not called again (that counts as a timeout), and after `TRIP_AFTER` failures in a row a
+plugin is skipped for `TRIP_S` (its policy applied without calling it), so one plugin that hangs
+costs the message path at most one budget now and then, never a stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pychat.gateway import Failed
+from pychat.metrics import Metrics
+from pychat.plugins import Accept, Reject, Rewrite, Send, hooks_of
+from pychat.store import SendRequest
+
+log = logging.getLogger("pychat.plugins")
+
+ENTRY_POINTS = "pychat.plugins"
+# Failures in a row after which a plugin is skipped for a while, and for how long.
+TRIP_AFTER = 3
+TRIP_S = 10.0
+# A send refused by a failing plugin whose policy is `closed` is asked to retry after this.
+CLOSED_RETRY_MS = 1_000
+
+
+class PluginError(Exception):
+    """A plugin that cannot be loaded or configured: `pychat serve` stops with this message."""
+
+
+class HookFailed(Exception):
+    """A hook raised, answered nonsense or overran its budget (already counted)."""
+
+
+@dataclass
+class PluginSpec:
+    """One `[[plugins]]` table of the configuration."""
+
+    name: str  # what /metrics and `pychat plugins` call it
+    use: str  # a `pychat.plugins` entry point name, or module:Class
+    settings: dict[str, Any] = field(default_factory=dict)
+    budget_ms: float = 100.0  # before_send
+    after_store_budget_ms: float = 10_000.0
+    policy: str = "open"  # before_send failing or overrunning: "open" or "closed"
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> PluginSpec:
+        if not isinstance(raw, dict) or not isinstance(raw.get("use") or raw.get("name"), str):
+            raise PluginError(
+                f"{where}: a [[plugins]] table needs `use` (an entry point name or module:Class)"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise PluginError(f"{where}: unknown plugin setting {unknown[0]!r} (its own go in `settings`)")
+        use = str(raw.get("use") or raw["name"])
+        spec = cls(
+            name=str(raw.get("name") or use.rsplit(":", 1)[-1]),
+            use=use,
+            settings=dict(raw.get("settings") or {}),
+            budget_ms=float(raw.get("budget_ms", 100.0)),
+            after_store_budget_ms=float(raw.get("after_store_budget_ms", 10_000.0)),
+            policy=str(raw.get("policy", "open")),
+        )
+        if spec.policy not in ("open", "closed"):
+            raise PluginError(
+                f"{where}: plugin {spec.name}: policy is `open` or `closed`, not {spec.policy!r}"
+            )
+        if spec.budget_ms <= 0 or spec.after_store_budget_ms <= 0:
+            raise PluginError(f"{where}: plugin {spec.name}: budgets are positive milliseconds")
+        return spec
+
+
+def resolve(use: str) -> Any:
+    """The plugin class (or factory) a spec names."""
+    if ":" not in use:
+        found = [ep for ep in importlib.metadata.entry_points(group=ENTRY_POINTS) if ep.name == use]
+        if not found:
+            raise PluginError(
+                f"no plugin named {use!r}: not a `{ENTRY_POINTS}` entry point (or use module:Class)"
+            )
+        try:
+            return found[0].load()
+        except Exception as e:
+            raise PluginError(f"plugin {use!r} ({found[0].value}) failed to import: {e!r}") from e
+    module_name, _, attr = use.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise PluginError(f"plugin {use!r}: module {module_name!r} failed to import: {e!r}") from e
+    target = getattr(module, attr, None)
+    if target is None:
+        raise PluginError(f"plugin {use!r}: {module_name} has no {attr!r}")
+    return target
+
+
+@dataclass
+class LoadedPlugin:
+    spec: PluginSpec
+    instance: Any
+    hooks: list[str]
+    executor: concurrent.futures.ThreadPoolExecutor
+    busy: dict[str, concurrent.futures.Future[Any]] = field(default_factory=dict)
+    failures: int = 0
+    skip_until: float = 0.0
+
+
+def load(specs: list[PluginSpec]) -> list[LoadedPlugin]:
+    loaded: list[LoadedPlugin] = []
+    names: set[str] = set()
+    for spec in specs:
+        if spec.name in names:
+            raise PluginError(f"two plugins are named {spec.name!r}: give one a `name`")
+        names.add(spec.name)
+        factory = resolve(spec.use)
+        try:
+            instance = factory(spec.settings)
+        except Exception as e:
+            raise PluginError(f"plugin {spec.name!r} refused its settings: {e!r}") from e
+        hooks = hooks_of(instance)
+        if not hooks:
+            raise PluginError(f"plugin {spec.name!r} has no hook (before_send, after_store)")
+        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pychat-plugin-{spec.name}")
+        loaded.append(LoadedPlugin(spec, instance, hooks, executor))
+    return loaded
+
+
+class PluginHost:
+    def __init__(
+        self, specs: list[PluginSpec], metrics: Metrics, max_content_bytes: int, max_attachments: int
+    ) -> None:
+        self.metrics = metrics
+        self.max_content_bytes = max_content_bytes
+        self.max_attachments = max_attachments
+        self.plugins = load(specs)
+        self.senders = [p for p in self.plugins if "before_send" in p.hooks]
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="pychat-plugins", daemon=True
+        )
+        self._loop_thread.start()
+
+    def close(self) -> None:
+        for p in self.plugins:
+            close = getattr(p.instance, "close", None)
+            if callable(close):
+                with contextlib.suppress(HookFailed):
+                    self.call(p, "close", None, 5.0)
+            p.executor.shutdown(wait=False, cancel_futures=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(5)
+
+    # calling
+
+    def call(self, p: LoadedPlugin, hook: str, arg: Any, budget_s: float) -> Any:
+        """The hook's answer, or HookFailed (counted, logged once per failure)."""
+        labels = {"plugin": p.spec.name, "hook": hook}
+        now = time.monotonic()
+        if now < p.skip_until:
+            self.metrics.plugin_skipped.inc(1, **labels)
+            raise HookFailed(f"plugin {p.spec.name} is skipped after {TRIP_AFTER} failures in a row")
+        self.metrics.plugin_calls.inc(1, **labels)
+        earlier = p.busy.get(hook)
+        if earlier is not None and not earlier.done():
+            self._failed(p, labels, "timeouts", "still busy with an earlier call")
+        fn = getattr(p.instance, hook)
+        started = time.perf_counter()
+        future: concurrent.futures.Future[Any]
+        try:
+            if inspect.iscoroutinefunction(fn):
+                future = asyncio.run_coroutine_threadsafe(fn(arg) if arg is not None else fn(), self._loop)
+            else:
+                future = p.executor.submit(fn, arg) if arg is not None else p.executor.submit(fn)
+        except Exception as e:  # e.g. the executor is shut down
+            self._failed(p, labels, "errors", repr(e))
+        p.busy[hook] = future
+        try:
+            value = future.result(timeout=budget_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            self._failed(p, labels, "timeouts", f"overran its budget of {budget_s * 1000:g} ms")
+        except Exception as e:
+            self._failed(p, labels, "errors", repr(e))
+        finally:
+            self.metrics.plugin_seconds.observe(time.perf_counter() - started, **labels)
+        p.failures = 0
+        return value
+
+    def _failed(self, p: LoadedPlugin, labels: dict[str, str], kind: str, why: str) -> None:
+        (self.metrics.plugin_timeouts if kind == "timeouts" else self.metrics.plugin_errors).inc(1, **labels)
+        p.failures += 1
+        if p.failures >= TRIP_AFTER:
+            p.skip_until = time.monotonic() + TRIP_S
+            p.failures = 0
+            log.error(
+                "plugin %s: %s failed %d times in a row; skipped for %g s",
+                p.spec.name,
+                labels["hook"],
+                TRIP_AFTER,
+                TRIP_S,
+            )
+        log.warning("plugin %s: %s %s", p.spec.name, labels["hook"], why)
+        raise HookFailed(why)
+
+    # before_send (the engine thread)
+
+    def before_send(self, sends: list[SendRequest]) -> tuple[list[SendRequest], dict[int, Failed]]:
+        """The sends as the plugins leave them, and the refused ones' answers by index."""
+        current = [
+            Send(s.sender_id, s.chat_id, s.client_msg_id, s.content, list(s.attachments)) for s in sends
+        ]
+        refused: dict[int, Failed] = {}
+        alive = list(range(len(sends)))
+        for p in self.senders:
+            if not alive:
+                break
+            batch = [current[i] for i in alive]
+            try:
+                verdicts = self._verdicts(p, batch)
+            except HookFailed:
+                if p.spec.policy == "closed":
+                    for i in alive:
+                        refused[i] = Failed(
+                            "unavailable",
+                            f"the {p.spec.name} plugin could not check this message; retry",
+                            CLOSED_RETRY_MS,
+                        )
+                    alive = []
+                continue
+            for i, verdict in zip(alive, verdicts, strict=True):
+                if isinstance(verdict, Reject):
+                    refused[i] = Failed(verdict.code, verdict.message)
+                elif isinstance(verdict, Rewrite):
+                    s = current[i]
+                    attachments = s.attachments if verdict.attachments is None else list(verdict.attachments)
+                    current[i] = dataclasses.replace(s, content=verdict.content, attachments=attachments)
+            alive = [i for i in alive if i not in refused]
+        out = [
+            SendRequest(c.sender_id, c.chat_id, c.client_msg_id, c.content, c.attachments)
+            if (c.content, c.attachments) != (s.content, list(s.attachments))
+            else s
+            for s, c in zip(sends, current, strict=True)
+        ]
+        return out, refused
+
+    def _verdicts(self, p: LoadedPlugin, batch: list[Send]) -> list[Accept | Reject | Rewrite | None]:
+        answer = self.call(p, "before_send", batch, p.spec.budget_ms / 1000)
+        if answer is None:
+            return [None] * len(batch)
+        labels = {"plugin": p.spec.name, "hook": "before_send"}
+        if not isinstance(answer, list) or len(answer) != len(batch):
+            self._failed(p, labels, "errors", f"answered {type(answer).__name__}, not one verdict per send")
+        for v in answer:
+            if v is not None and not isinstance(v, Accept | Reject | Rewrite):
+                self._failed(p, labels, "errors", f"answered {v!r}, not a verdict")
+            if isinstance(v, Rewrite) and (
+                not isinstance(v.content, str)
+                or len(v.content.encode()) > self.max_content_bytes
+                or len(v.attachments or []) > self.max_attachments
+            ):
+                self._failed(p, labels, "errors", "rewrote a message past the content or attachment limits")
+        verdicts: list[Accept | Reject | Rewrite | None] = answer
+        return verdicts

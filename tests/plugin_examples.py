@@ -1,0 +1,46 @@
+"""Plugins the tests load into real servers (`use = "tests.plugin_examples:..."`)."""
+
+from __future__ import annotations
+
+import time
+
+from pychat.plugins import Plugin, Reject, Rewrite, Send
+
+
+class Gatekeeper(Plugin):
+    """Rejects messages with "forbidden" in them; `shout: x` is stored as `X` in capitals."""
+
+    def before_send(self, batch: list[Send]) -> list[Reject | Rewrite | None]:
+        out: list[Reject | Rewrite | None] = []
+        for s in batch:
+            if "forbidden" in s.content:
+                out.append(Reject("forbidden", "the gatekeeper refused this"))
+            elif s.content.startswith("shout: "):
+                out.append(Rewrite(s.content.removeprefix("shout: ").upper()))
+            else:
+                out.append(None)
+        return out
+
+
+class Raiser(Plugin):
+    def before_send(self, batch: list[Send]) -> None:
+        raise RuntimeError("this plugin always fails")
+
+
+class Sleeper(Plugin):
+    def before_send(self, batch: list[Send]) -> None:
+        time.sleep(float(self.settings.get("sleep_s", 1.0)))
+
+
+class AsyncTagger(Plugin):
+    """An async hook: appends a tag to every message."""
+
+    async def before_send(self, batch: list[Send]) -> list[Rewrite]:
+        return [Rewrite(s.content + " #tagged") for s in batch]
+
+
+class NoOp(Plugin):
+    """Looks at every send and changes nothing (the benchmark's plugin)."""
+
+    def before_send(self, batch: list[Send]) -> None:
+        return None
