@@ -25,6 +25,8 @@ ACTIONS = ("mask", "reject", "off")
 
 def _fold(text: str) -> str:
     """Lower case without accents, the same length as the text (so a match masks the original)."""
+    if text.isascii():  # most messages: one C call
+        return text.lower()
     out = []
     for ch in text:
         base = unicodedata.normalize("NFD", ch)[0] if ch.isalpha() else ch
