@@ -350,10 +350,10 @@ def test_the_word_filter_settings_per_chat() -> None:
     f = WordFilter({"words": ["darn"], "action": "mask", "chats": {"kids": "reject", "adults": "off"}})
     verdicts = f.before_send(
         [
-            Send("u", "general", "k1", "oh darn"),
-            Send("u", "kids", "k2", "Darn!"),
-            Send("u", "adults", "k3", "darn"),
-            Send("u", "general", "k4", "darning socks"),
+            Send("u", "general", "k1", "oh darn", []),
+            Send("u", "kids", "k2", "Darn!", []),
+            Send("u", "adults", "k3", "darn", []),
+            Send("u", "general", "k4", "darning socks", []),
         ]
     )
     assert verdicts[0] == Rewrite("oh ****")

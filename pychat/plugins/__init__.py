@@ -25,8 +25,10 @@ and a policy for `before_send` when it fails or overruns (`open`: the sends go o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from pychat.store import SendRequest
 
 # The codes a plugin may reject a send with (PROTOCOL.md).
 REJECT_CODES = frozenset(
@@ -34,15 +36,9 @@ REJECT_CODES = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """A send as a plugin sees it (content and attachments as earlier plugins left them)."""
-
-    sender_id: str
-    chat_id: str
-    client_msg_id: str
-    content: str
-    attachments: list[str] = field(default_factory=list)
+# A send as a plugin sees it: sender_id, chat_id, client_msg_id, content, attachments (media ids),
+# as earlier plugins left them. Immutable: answer a `Rewrite` to change it.
+Send = SendRequest
 
 
 @dataclass(frozen=True, slots=True)

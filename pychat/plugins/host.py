@@ -220,18 +220,18 @@ class PluginHost:
     # before_send (the engine thread)
 
     def before_send(self, sends: list[SendRequest]) -> tuple[list[SendRequest], dict[int, Failed]]:
-        """The sends as the plugins leave them, and the refused ones' answers by index."""
-        current = [
-            Send(s.sender_id, s.chat_id, s.client_msg_id, s.content, list(s.attachments)) for s in sends
-        ]
+        """The sends as the plugins leave them, and the refused ones' answers by index. A plugin
+        sees the engine's own immutable `SendRequest`s (no copy per message); a verdict of None
+        costs nothing more."""
+        current = list(sends)
         refused: dict[int, Failed] = {}
         alive = list(range(len(sends)))
         for p in self.senders:
             if not alive:
                 break
-            batch = [current[i] for i in alive]
+            batch = current if len(alive) == len(current) else [current[i] for i in alive]
             try:
-                verdicts = self._verdicts(p, batch)
+                changes = self._verdicts(p, batch)
             except HookFailed:
                 if p.spec.policy == "closed":
                     for i in alive:
@@ -242,37 +242,40 @@ class PluginHost:
                         )
                     alive = []
                 continue
-            for i, verdict in zip(alive, verdicts, strict=True):
+            for k, verdict in changes.items():
+                i = alive[k]
                 if isinstance(verdict, Reject):
                     refused[i] = Failed(verdict.code, verdict.message)
-                elif isinstance(verdict, Rewrite):
+                else:
                     s = current[i]
                     attachments = s.attachments if verdict.attachments is None else list(verdict.attachments)
-                    current[i] = dataclasses.replace(s, content=verdict.content, attachments=attachments)
-            alive = [i for i in alive if i not in refused]
-        out = [
-            SendRequest(c.sender_id, c.chat_id, c.client_msg_id, c.content, c.attachments)
-            if (c.content, c.attachments) != (s.content, list(s.attachments))
-            else s
-            for s, c in zip(sends, current, strict=True)
-        ]
-        return out, refused
+                    current[i] = s._replace(content=verdict.content, attachments=attachments)
+            if refused:
+                alive = [i for i in alive if i not in refused]
+        return current, refused
 
-    def _verdicts(self, p: LoadedPlugin, batch: list[Send]) -> list[Accept | Reject | Rewrite | None]:
+    def _verdicts(self, p: LoadedPlugin, batch: list[Send]) -> dict[int, Reject | Rewrite]:
+        """The plugin's verdicts that change something, by position in `batch`."""
         answer = self.call(p, "before_send", batch, p.spec.budget_ms / 1000)
         if answer is None:
-            return [None] * len(batch)
+            return {}
         labels = {"plugin": p.spec.name, "hook": "before_send"}
         if not isinstance(answer, list) or len(answer) != len(batch):
             self._failed(p, labels, "errors", f"answered {type(answer).__name__}, not one verdict per send")
-        for v in answer:
-            if v is not None and not isinstance(v, Accept | Reject | Rewrite):
+        changes: dict[int, Reject | Rewrite] = {}
+        for k, v in enumerate(answer):
+            if v is None or isinstance(v, Accept):
+                continue
+            if isinstance(v, Rewrite):
+                if (
+                    not isinstance(v.content, str)
+                    or len(v.content.encode()) > self.max_content_bytes
+                    or len(v.attachments or []) > self.max_attachments
+                ):
+                    self._failed(
+                        p, labels, "errors", "rewrote a message past the content or attachment limits"
+                    )
+            elif not isinstance(v, Reject):
                 self._failed(p, labels, "errors", f"answered {v!r}, not a verdict")
-            if isinstance(v, Rewrite) and (
-                not isinstance(v.content, str)
-                or len(v.content.encode()) > self.max_content_bytes
-                or len(v.attachments or []) > self.max_attachments
-            ):
-                self._failed(p, labels, "errors", "rewrote a message past the content or attachment limits")
-        verdicts: list[Accept | Reject | Rewrite | None] = answer
-        return verdicts
+            changes[k] = v
+        return changes
