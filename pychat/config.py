@@ -126,6 +126,9 @@ class Config:
     # `[[plugins]]` tables (pychat.plugins, docs/plugins.md): each `use`, `settings`, `budget_ms`,
     # `after_store_budget_ms`, `policy`. Only in the TOML file.
     plugins: list[dict[str, Any]] = field(default_factory=list)
+    # How long the gateway keeps a plugin's `on_connect` verdict on a user (a reconnect storm
+    # asks once per user per this).
+    plugin_connect_cache_s: float = 60.0
 
     @property
     def clustered(self) -> bool:

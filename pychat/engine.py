@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pychat.errors import ApiError
 from pychat.gateway import (
     Acked,
+    ConnectEvent,
     Deferred,
     Done,
     Failed,
@@ -38,6 +39,7 @@ from pychat.gateway import (
     SyncEvent,
 )
 from pychat.metrics import Metrics
+from pychat.plugins import Connect
 from pychat.store import PointerRequest, SendRequest, Store
 from pychat.sync import SyncStreamer
 
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
     from pychat.cluster.node import ClusterNode
     from pychat.plugins.host import PluginHost
 
-Event = SendEvent | PointerEvent | SyncEvent | SeenEvent | PresenceQuery
+Event = SendEvent | PointerEvent | SyncEvent | SeenEvent | PresenceQuery | ConnectEvent
 Result = Stored | PointerMoved | Failed | Done | Deferred | PresenceInfo
 # What a REST ticket gets back.
 TicketOutcome = Acked | PointerMoved | Failed
@@ -118,6 +120,18 @@ class Engine:
             except Exception:  # keep serving: the batch's senders retry, the store dedupes
                 log.exception("completing an engine batch failed")
 
+    def _answer_connects(
+        self, connects: list[tuple[int, ConnectEvent]], results: list[Result | None]
+    ) -> None:
+        """Upgrades waiting for the plugins' `on_connect` (one call for all of the batch's)."""
+        if self.plugins is None:
+            for i, _ in connects:
+                results[i] = Done()
+            return
+        attempts = [Connect(ev.user_id, ev.address, "websocket", ev.origin) for _, ev in connects]
+        for (i, _), refused in zip(connects, self.plugins.on_connect(attempts), strict=True):
+            results[i] = refused if refused is not None else Done()
+
     def _hand_out(self, tickets: list[tuple[int, TicketOutcome]]) -> None:
         if tickets and self._loop is not None:
             self._loop.call_soon_threadsafe(self._resolve, tickets)
@@ -131,6 +145,7 @@ class Engine:
         syncs: list[SyncEvent] = []
         seen: list[tuple[int, tuple[str, int]]] = []
         queries: list[tuple[int, PresenceQuery]] = []
+        connects: list[tuple[int, ConnectEvent]] = []
         for i, ev in enumerate(events):
             if isinstance(ev, SendEvent):
                 sends.append(
@@ -143,8 +158,12 @@ class Engine:
                 results[i] = Deferred()
             elif isinstance(ev, SeenEvent):
                 seen.append((i, (ev.user_id, ev.at)))
+            elif isinstance(ev, ConnectEvent):
+                connects.append((i, ev))
             else:
                 queries.append((i, ev))
+        if connects:
+            self._answer_connects(connects, results)
         if sends and self.plugins is not None and self.plugins.senders:
             # One call per plugin for the whole batch (never per message); on a cluster node,
             # before the send is produced (the node that received it checks it).

@@ -37,6 +37,7 @@ from pychat.media import (
     parse_range,
 )
 from pychat.metrics import Metrics
+from pychat.plugins import Connect
 from pychat.presence import Presence
 from pychat.ratelimit import RateLimiter
 from pychat.search import SearchIndex
@@ -419,6 +420,12 @@ class RestApi:
             self.login_limit.check(key)
             self.login_failures.check(req.client)
             raise ApiError("unauthorized", "wrong username or password")
+        plugins = self.engine.plugins
+        if plugins is not None and plugins.connectors:
+            attempt = Connect(user.user_id, req.client, "login", req.headers.get("origin"))
+            (refused,) = await asyncio.to_thread(plugins.on_connect, [attempt])
+            if refused is not None:
+                raise ApiError(refused.code, refused.message, retry_after_ms=refused.retry_after_ms)
         token, expires_at = self.issuer.issue(user.user_id)
         return ok({"token": token, "user_id": user.user_id, "expires_at": expires_at})
 

@@ -118,6 +118,8 @@ class Server:
             self.engine.cluster = self.cluster
             self.presence = ClusterPresence(self.gateway, self.store, self.cluster.online)
         self.engine.plugins = self.plugins
+        if self.plugins is not None and self.plugins.connectors:
+            self.gateway.set_connect_gate(max(1, int(cfg.plugin_connect_cache_s * 1000)))
         self.search: SearchIndex | None = None
         self.indexer: Indexer | None = None
         listeners: list[Callable[[dict[str, int]], None]] = []

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from pychat.plugins import Plugin, Reject, Rewrite, Send
+from pychat.plugins import Connect, Plugin, Reject, Rewrite, Send
 
 
 class Gatekeeper(Plugin):
@@ -44,3 +45,12 @@ class NoOp(Plugin):
 
     def before_send(self, batch: list[Send]) -> None:
         return None
+
+
+class Bouncer(Plugin):
+    """Refuses the users listed in the file `settings["banned"]` (read at each call)."""
+
+    def on_connect(self, attempts: list[Connect]) -> list[Reject | None]:
+        path = Path(self.settings["banned"])
+        banned = set(path.read_text().split()) if path.exists() else set()
+        return [Reject("forbidden", "you are banned here") if a.user_id in banned else None for a in attempts]

@@ -366,3 +366,44 @@ def test_the_word_filter_settings_per_chat() -> None:
     ):
         with pytest.raises(ValueError):
             WordFilter(bad)
+
+
+async def test_on_connect_refuses_a_banned_user_at_login_and_upgrade_and_asks_once_per_user(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    banned = tmp_path / "banned.txt"
+    server = server_factory(
+        configured(
+            tmp_path,
+            f'[[plugins]]\nuse = "tests.plugin_examples:Bouncer"\n[plugins.settings]\nbanned = "{banned}"\n',
+        )
+    )
+    names = [unique_name("guest"), unique_name("troll")]
+    for name in names:
+        await ChatClient.register(server.url, name, PASSWORD)
+    guest = await ChatClient.login(server.url, names[0], PASSWORD)
+    troll = await ChatClient.login(server.url, names[1], PASSWORD)  # before the ban: a valid token
+    storm: list[ChatClient] = []
+    try:
+        banned.write_text(troll.user_id)
+        with pytest.raises(ChatError) as login:
+            await ChatClient.login(server.url, names[1], PASSWORD)
+        assert login.value.code == "forbidden" and login.value.status == 403
+        with pytest.raises(ChatError) as upgrade:
+            await troll.connect()
+        assert upgrade.value.code == "forbidden" and "banned" in str(upgrade.value)
+        # A reconnect storm of one user: 20 upgrades at once, the plugin asked once.
+        before = await metric(server, "pychat_plugin_calls_total", "Bouncer")
+        storm = [ChatClient(server.url, guest.token, guest.user_id) for _ in range(20)]
+        hellos = await asyncio.gather(*(c.connect() for c in storm))
+        assert all(h["type"] == "hello" for h in hellos)
+        asked = await metric(server, "pychat_plugin_calls_total", "Bouncer") - before
+        assert asked == 1, f"asked {asked} times for 20 upgrades of one user"
+        # The refusal is kept too: the banned user's retries do not reach Python.
+        for _ in range(5):
+            with pytest.raises(ChatError):
+                await troll.connect()
+        assert await metric(server, "pychat_plugin_calls_total", "Bouncer") - before == 1
+    finally:
+        for c in (guest, troll, *storm):
+            await c.close()

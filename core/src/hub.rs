@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use serde_json::value::RawValue;
 
 use crate::cluster::{ClusterEvent, ClusterLink};
+use crate::gate::ConnectGate;
 use crate::membership::{Members, MembershipCache};
 use crate::metrics::{self, Counters};
 use crate::outbox::Outgoing;
@@ -62,6 +63,12 @@ pub enum EngineEvent {
         conn: ConnId,
         user: UserId,
         user_ids: Vec<String>,
+    },
+    /// An upgrade waits for the plugins' `on_connect` verdict on `user` (see `crate::gate`).
+    Connect {
+        user: UserId,
+        address: String,
+        origin: Option<String>,
     },
 }
 
@@ -206,6 +213,8 @@ pub struct Hub {
     pub counters: Counters,
     /// Set on a node of a cluster: what other nodes must hear goes out through it.
     pub cluster: Option<ClusterLink>,
+    /// Plugins' verdicts on upgrades (`on_connect`); off unless a plugin has the hook.
+    pub connect_gate: ConnectGate,
 }
 
 impl Hub {
@@ -235,6 +244,7 @@ impl Hub {
             )),
             counters: Counters::default(),
             cluster: None,
+            connect_gate: ConnectGate::default(),
         }
     }
 
@@ -544,6 +554,17 @@ impl Hub {
                 }
                 EngineEvent::PresenceQuery { conn, .. } => {
                     self.complete_presence_query(conn, result)
+                }
+                EngineEvent::Connect { user, .. } => {
+                    let verdict = match result {
+                        EngineResult::Done => Ok(()),
+                        EngineResult::Failed(e) => Err(e),
+                        _ => Err(FrameError::new(
+                            ErrorCode::Internal,
+                            "engine answered a connect with another kind of result",
+                        )),
+                    };
+                    self.connect_gate.answer(&user, verdict, now);
                 }
             }
         }

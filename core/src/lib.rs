@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod fasthash;
+pub mod gate;
 pub mod gateway;
 pub mod hub;
 pub mod membership;

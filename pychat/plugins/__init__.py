@@ -12,6 +12,10 @@ A plugin is a class with some of these hooks (each plain or `async def`):
   message)` answers the sender with that error (nothing is stored; a retry asks again),
   `Rewrite(content, attachments)` stores the new text (what every member then receives, live and
   in history, sync and export). Answering `None` for the whole batch accepts all of it.
+- `on_connect` sees users about to connect (a WebSocket upgrade with a valid token, or a login
+  with the right password) and answers one verdict each: `None` lets them in, `Reject(code,
+  message)` refuses them (the upgrade gets that HTTP error, the login 403). Verdicts on upgrades
+  are kept per user for `plugin_connect_cache_s` in the gateway, so a reconnect storm asks once.
 - `after_store` gets stored messages (PROTOCOL.md message objects) after their commit, off the
   ack path, from a durable cursor per plugin and chat: each message reaches it at least once, also
   across crashes (the cursor moves only after the hook returns); a hook that fails is called again
@@ -65,6 +69,17 @@ class Rewrite:
 Verdict = Accept | Reject | Rewrite
 
 
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """Someone about to connect: `via` is "websocket" (an upgrade with a valid token) or "login"
+    (a correct password at POST /api/auth/login); `origin` is the browser's Origin, if any."""
+
+    user_id: str
+    address: str
+    via: str
+    origin: str | None = None
+
+
 class Plugin:
     """A base class for plugins (optional: any class with the hooks will do). `settings` is the
     plugin's `settings` table from the configuration."""
@@ -77,7 +92,7 @@ class Plugin:
     # A plugin may also have `close()` (plain or async): called once when the server stops.
 
 
-HOOKS = ("before_send", "after_store")
+HOOKS = ("before_send", "after_store", "on_connect")
 
 
 def hooks_of(plugin: object) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pychat.gateway import Failed
 from pychat.metrics import Metrics
-from pychat.plugins import Accept, Reject, Rewrite, Send, hooks_of
+from pychat.plugins import Accept, Connect, Reject, Rewrite, Send, hooks_of
 from pychat.store import SendRequest
 
 log = logging.getLogger("pychat.plugins")
@@ -134,7 +134,7 @@ def load(specs: list[PluginSpec]) -> list[LoadedPlugin]:
             raise PluginError(f"plugin {spec.name!r} refused its settings: {e!r}") from e
         hooks = hooks_of(instance)
         if not hooks:
-            raise PluginError(f"plugin {spec.name!r} has no hook (before_send, after_store)")
+            raise PluginError(f"plugin {spec.name!r} has no hook (before_send, after_store, on_connect)")
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pychat-plugin-{spec.name}")
         loaded.append(LoadedPlugin(spec, instance, hooks, executor))
     return loaded
@@ -149,6 +149,7 @@ class PluginHost:
         self.max_attachments = max_attachments
         self.plugins = load(specs)
         self.senders = [p for p in self.plugins if "before_send" in p.hooks]
+        self.connectors = [p for p in self.plugins if "on_connect" in p.hooks]
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="pychat-plugins", daemon=True
@@ -279,3 +280,37 @@ class PluginHost:
                 self._failed(p, labels, "errors", f"answered {v!r}, not a verdict")
             changes[k] = v
         return changes
+
+    # on_connect (the engine thread for upgrades, a REST thread for logins)
+
+    def on_connect(self, attempts: list[Connect]) -> list[Failed | None]:
+        """None (let in) or the refusal, per attempt; every plugin with the hook must let it in."""
+        out: list[Failed | None] = [None] * len(attempts)
+        for p in self.connectors:
+            alive = [i for i, r in enumerate(out) if r is None]
+            if not alive:
+                break
+            labels = {"plugin": p.spec.name, "hook": "on_connect"}
+            try:
+                answer = self.call(p, "on_connect", [attempts[i] for i in alive], p.spec.budget_ms / 1000)
+                if answer is None:
+                    continue
+                if not isinstance(answer, list) or len(answer) != len(alive):
+                    self._failed(
+                        p, labels, "errors", f"answered {type(answer).__name__}, not one verdict each"
+                    )
+                if any(v is not None and not isinstance(v, Accept | Reject) for v in answer):
+                    self._failed(p, labels, "errors", "answered something that is not None, Accept or Reject")
+            except HookFailed:
+                if p.spec.policy == "closed":
+                    for i in alive:
+                        out[i] = Failed(
+                            "unavailable",
+                            f"the {p.spec.name} plugin could not check this connection; retry",
+                            CLOSED_RETRY_MS,
+                        )
+                continue
+            for i, verdict in zip(alive, answer, strict=True):
+                if isinstance(verdict, Reject):
+                    out[i] = Failed(verdict.code, verdict.message)
+        return out

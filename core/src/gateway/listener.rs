@@ -17,9 +17,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{connection, Shared};
-use crate::hub::now_ms;
+use crate::gate::Admission;
+use crate::hub::{now_ms, EngineEvent};
 use crate::metrics;
 use crate::protocol::{ErrorCode, FrameError};
+use crate::sequencer::UserId;
 use crate::websocket::{self, HandshakeError};
 
 const LISTEN_BACKLOG: u32 = 4096;
@@ -266,6 +268,54 @@ fn admit_upgrade(shared: &Shared, up: &websocket::Upgrade<'_>) -> Result<String,
     Ok(user)
 }
 
+/// The plugins' `on_connect` verdict on this user (cached per user: see `crate::gate`).
+async fn gate_upgrade(
+    shared: &Shared,
+    user: &str,
+    address: String,
+    origin: Option<&str>,
+) -> Result<(), Refusal> {
+    let gate = &shared.hub.connect_gate;
+    if !gate.enabled() {
+        return Ok(());
+    }
+    let user: UserId = user.into();
+    let answer = match gate.admit(&user, now_ms()) {
+        Admission::Allowed => return Ok(()),
+        Admission::Refused(error) => return Err(refused(error)),
+        Admission::Ask(answer) => {
+            let ev = EngineEvent::Connect {
+                user: user.clone(),
+                address,
+                origin: origin.map(str::to_owned),
+            };
+            if shared.events.try_send(ev).is_err() {
+                let mut busy = FrameError::new(ErrorCode::Unavailable, "the server is busy; retry");
+                busy.retry_after_ms = Some(1_000);
+                gate.answer(&user, Err(busy), now_ms());
+            }
+            answer
+        }
+        Admission::Wait(answer) => answer,
+    };
+    match answer.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(refused(error)),
+        Err(_) => Err(Refusal::new(
+            503,
+            ErrorCode::Unavailable,
+            "the connection check was lost; retry",
+        )),
+    }
+}
+
+fn refused(error: FrameError) -> Refusal {
+    Refusal {
+        status: error.code.http_status(),
+        error,
+    }
+}
+
 async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, slot: Slot) {
     let _ = stream.set_nodelay(true);
     let deadline = Duration::from_millis(shared.config.handshake_timeout_ms.max(1));
@@ -317,6 +367,15 @@ async fn upgrade(shared: &Shared, stream: &mut TcpStream) -> Option<(String, Vec
             }
             Ok(up) => match admit_upgrade(shared, &up) {
                 Ok(user) => {
+                    let address = stream
+                        .peer_addr()
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    if let Err(refusal) = gate_upgrade(shared, &user, address, up.origin).await {
+                        let _ = stream.write_all(&refusal.response()).await;
+                        let _ = stream.shutdown().await;
+                        return None;
+                    }
                     let leftover = buf[up.head_len..].to_vec();
                     stream
                         .write_all(&websocket::switching_protocols(&up.accept))

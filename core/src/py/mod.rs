@@ -318,6 +318,12 @@ impl PyGateway {
         self.inner.hub().remove_chat(chat_id);
     }
 
+    /// Upgrades wait for the plugins' `on_connect` verdict (a `ConnectEvent` in the engine's
+    /// batches), kept per user this long; 0 turns the gate off.
+    fn set_connect_gate(&self, ttl_ms: u64) {
+        self.inner.hub().connect_gate.set_ttl(ttl_ms);
+    }
+
     /// (online, last_seen) as this node knows it, given the stored last_seen.
     #[pyo3(signature = (user_id, stored_last_seen=None))]
     fn presence_of(&self, user_id: &str, stored_last_seen: Option<u64>) -> (bool, Option<u64>) {

@@ -50,6 +50,14 @@ pub struct SeenEvent {
     at: u64,
 }
 
+/// An upgrade of `user_id` waits for the plugins' `on_connect` verdict (`Done` or `Failed`).
+#[pyclass(frozen, get_all, module = "pychat._core")]
+pub struct ConnectEvent {
+    user_id: Py<PyString>,
+    address: Py<PyString>,
+    origin: Option<Py<PyString>>,
+}
+
 /// `presence.subscribe`: which of `user_ids` may `viewer_id` follow.
 #[pyclass(frozen, get_all, module = "pychat._core")]
 pub struct PresenceQuery {
@@ -130,6 +138,19 @@ pub fn event_to_python(py: Python<'_>, ev: &EngineEvent) -> PyResult<Py<PyAny>> 
             PresenceQuery {
                 viewer_id: s(py, user),
                 user_ids: PyList::new(py, user_ids)?.unbind(),
+            },
+        )?
+        .into_any(),
+        EngineEvent::Connect {
+            user,
+            address,
+            origin,
+        } => Py::new(
+            py,
+            ConnectEvent {
+                user_id: s(py, user),
+                address: s(py, address),
+                origin: origin.as_deref().map(|o| s(py, o)),
             },
         )?
         .into_any(),
@@ -372,6 +393,7 @@ pub fn add_classes(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<SyncEvent>()?;
     m.add_class::<SeenEvent>()?;
     m.add_class::<PresenceQuery>()?;
+    m.add_class::<ConnectEvent>()?;
     m.add_class::<Stored>()?;
     m.add_class::<PointerMoved>()?;
     m.add_class::<Failed>()?;
