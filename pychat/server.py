@@ -22,8 +22,8 @@ from pychat.config import Config
 from pychat.engine import Engine
 from pychat.gateway import Gateway
 from pychat.metrics import Metrics
-from pychat.plugins.feed import AfterStoreFeed
-from pychat.plugins.host import PluginHost, PluginSpec
+from pychat.plugins.feed import EVENT_HOOKS, AfterStoreFeed, EventFeed
+from pychat.plugins.host import PluginError, PluginHost, PluginSpec
 from pychat.presence import Presence
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
@@ -66,6 +66,7 @@ class Server:
         self._stopped = asyncio.Event()
         self.plugins: PluginHost | None = None
         self.feeds: list[AfterStoreFeed] = []
+        self.event_feeds: list[EventFeed] = []
         self._lease: Lease | None = None
 
     @property
@@ -132,7 +133,14 @@ class Server:
 
                 self._lease = Lease(self.cluster.redis, "plugin_feeds", cfg.node_name)
                 active = self._lease.held
+            kinds = {EVENT_HOOKS[h][0] for p in self.plugins.plugins for h in p.hooks if h in EVENT_HOOKS}
+            if kinds:
+                if not hasattr(self.store, "record_events"):
+                    raise PluginError("on_receipt and on_chat_event need the SQLite store for now")
+                self.store.record_events(kinds)
             for p in self.plugins.plugins:
+                for hook in (h for h in p.hooks if h in EVENT_HOOKS):
+                    self.event_feeds.append(EventFeed(self.plugins, p, hook, self.store, self.event_feeds))
                 if "after_store" in p.hooks:
                     feed = AfterStoreFeed(self.plugins, p, self.store, active)
                     feed.start()
@@ -151,6 +159,8 @@ class Server:
             )
             self.indexer.start()
             listeners.append(self.indexer.notify)
+        for event_feed in self.event_feeds:
+            event_feed.start()
         if listeners:
             if self.cluster is not None:
                 self.cluster.on_heads = _tell_all(listeners)
@@ -214,6 +224,8 @@ class Server:
             await asyncio.to_thread(self.indexer.stop)
         for feed in self.feeds:
             await asyncio.to_thread(feed.stop)
+        for event_feed in self.event_feeds:
+            await asyncio.to_thread(event_feed.stop)
         if self._lease is not None:
             await asyncio.to_thread(self._lease.release)
         if self.plugins is not None:

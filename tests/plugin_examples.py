@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 from pychat.plugins import Connect, Plugin, Reject, Rewrite, Send
 
@@ -54,3 +57,20 @@ class Bouncer(Plugin):
         path = Path(self.settings["banned"])
         banned = set(path.read_text().split()) if path.exists() else set()
         return [Reject("forbidden", "you are banned here") if a.user_id in banned else None for a in attempts]
+
+
+class EventLog(Plugin):
+    """Appends every receipt and chat event it is handed to the file `settings["path"]`."""
+
+    def _write(self, items: list[dict[str, Any]]) -> None:
+        with open(self.settings["path"], "a") as f:
+            for item in items:
+                f.write(json.dumps(item) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def on_receipt(self, receipts: list[dict[str, Any]]) -> None:
+        self._write(receipts)
+
+    def on_chat_event(self, events: list[dict[str, Any]]) -> None:
+        self._write(events)

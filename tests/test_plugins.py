@@ -407,3 +407,57 @@ async def test_on_connect_refuses_a_banned_user_at_login_and_upgrade_and_asks_on
     finally:
         for c in (guest, troll, *storm):
             await c.close()
+
+
+async def test_receipts_and_chat_events_reach_their_hooks_in_order_across_a_sigkill(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    log_path = tmp_path / "events.jsonl"
+    server = server_factory(
+        configured(
+            tmp_path,
+            f'[[plugins]]\nuse = "tests.plugin_examples:EventLog"\n[plugins.settings]\npath = "{log_path}"\n',
+        )
+    )
+    clients = Clients(server)
+
+    def logged() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+
+    async def until(check: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+        for _ in range(200):
+            if check(events := logged()):
+                return events
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"not logged: {logged()}")
+
+    try:
+        alice, bob, carol = (
+            await clients.user("alice"),
+            await clients.user("bob"),
+            await clients.user("carol"),
+        )
+        group = await alice.create_group("events", [bob.user_id])
+        chat_id = group["chat_id"]
+        await alice.request("POST", f"/api/chats/{chat_id}/members", json={"user_id": carol.user_id})
+        await alice.request("DELETE", f"/api/chats/{chat_id}/members/{carol.user_id}")
+        ack = await alice.post_message(chat_id, "read me")
+        await bob.request("POST", f"/api/messages/{ack['message_id']}/read")
+        events = await until(lambda e: any(x["type"] == "receipt" for x in e))
+        kinds = [(e["type"], e.get("user_id")) for e in events]
+        assert kinds[:3] == [
+            ("chat.created", None),
+            ("member.added", carol.user_id),
+            ("member.removed", carol.user_id),
+        ]
+        assert ("receipt", bob.user_id) in kinds
+        (receipt,) = [e for e in events if e["type"] == "receipt" and e["user_id"] == bob.user_id]
+        assert receipt["read"] == receipt["delivered"] == ack["seq"] and receipt["chat_id"] == chat_id
+        # Killed and started again: what came after is handed over too, nothing before is lost.
+        server.kill()
+        server.start()
+        await alice.request("POST", f"/api/chats/{chat_id}/members", json={"user_id": carol.user_id})
+        events = await until(lambda e: [x["type"] for x in e].count("member.added") == 2)
+        assert [e["type"] for e in events].count("chat.created") >= 1
+    finally:
+        await clients.close()

@@ -16,6 +16,10 @@ A plugin is a class with some of these hooks (each plain or `async def`):
   with the right password) and answers one verdict each: `None` lets them in, `Reject(code,
   message)` refuses them (the upgrade gets that HTTP error, the login 403). Verdicts on upgrades
   are kept per user for `plugin_connect_cache_s` in the gateway, so a reconnect storm asks once.
+- `on_receipt` gets receipts (`{"type": "receipt", chat_id, user_id, delivered, read}`: a
+  member's pointers after they moved) and `on_chat_event` chat events (`chat.created`,
+  `member.added`, `member.removed`, with chat_id, user_id or members, at) the same way as
+  `after_store`: in order, at least once, from a durable cursor (SQLite store for now).
 - `after_store` gets stored messages (PROTOCOL.md message objects) after their commit, off the
   ack path, from a durable cursor per plugin and chat: each message reaches it at least once, also
   across crashes (the cursor moves only after the hook returns); a hook that fails is called again
@@ -92,7 +96,7 @@ class Plugin:
     # A plugin may also have `close()` (plain or async): called once when the server stops.
 
 
-HOOKS = ("before_send", "after_store", "on_connect")
+HOOKS = ("before_send", "after_store", "on_connect", "on_receipt", "on_chat_event")
 
 
 def hooks_of(plugin: object) -> list[str]:

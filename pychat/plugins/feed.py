@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pychat.heads import PendingHeads
 from pychat.plugins.host import HookFailed, LoadedPlugin, PluginHost
@@ -113,3 +114,80 @@ class AfterStoreFeed:
         except BaseException:
             self.notify(heads)  # read again from the cursors next round
             raise
+
+
+# The cursor of an event hook, beside the per-chat ones in `plugin_cursors`.
+EVENT_HOOKS = {"on_receipt": ("receipt", "#receipts"), "on_chat_event": ("chat", "#chat_events")}
+EVENT_BATCH = 500
+EVENT_POLL_S = 0.2
+
+
+class EventFeed:
+    """`on_receipt` / `on_chat_event`: the store's event outbox (written in the same transaction
+    as the receipt or the membership change, only while such a plugin is loaded), handed to the
+    hook in order from a durable cursor, at least once. Events every such feed has taken are
+    deleted from the outbox."""
+
+    def __init__(
+        self, host: PluginHost, plugin: LoadedPlugin, hook: str, store: Any, peers: list[EventFeed]
+    ) -> None:
+        self.host = host
+        self.plugin = plugin
+        self.hook = hook
+        self.kind, self.key = EVENT_HOOKS[hook]
+        self.store = store
+        self.peers = peers  # every event feed of the server (for deleting what all have taken)
+        self.cursor = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"pychat-events-{plugin.spec.name}-{hook}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                self.cursor = max(
+                    self.cursor, self.store.hook_cursors(self.plugin.spec.name).get(self.key, 0)
+                )
+                break
+            except Exception:
+                log.exception("reading the %s cursor of plugin %s failed", self.hook, self.plugin.spec.name)
+                self._stop.wait(1.0)
+        while not self._stop.is_set():
+            try:
+                moved = self._feed()
+                backoff = 0.0
+                if not moved:
+                    self._stop.wait(EVENT_POLL_S)
+            except Exception as e:
+                if not isinstance(e, HookFailed):
+                    log.exception("the %s feed of plugin %s failed", self.hook, self.plugin.spec.name)
+                backoff = min(MAX_BACKOFF_S, max(0.5, backoff * 2))
+                self._stop.wait(backoff)
+
+    def _feed(self) -> bool:
+        events = self.store.events_after(self.cursor, EVENT_BATCH)
+        if not events:
+            return False
+        last = events[-1][0]
+        mine = [body for _, body in events if _kind_of(body) == self.kind]
+        if mine:
+            self.host.call(self.plugin, self.hook, mine, self.plugin.spec.after_store_budget_ms / 1000)
+        self.store.move_hook_cursors(self.plugin.spec.name, {self.key: last})
+        self.cursor = last
+        taken = min(feed.cursor for feed in self.peers)
+        if taken > 0:
+            self.store.forget_events(taken)
+        return True
+
+
+def _kind_of(body: dict[str, Any]) -> str:
+    return "receipt" if body.get("type") == "receipt" else "chat"

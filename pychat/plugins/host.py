@@ -26,7 +26,7 @@ from typing import Any
 
 from pychat.gateway import Failed
 from pychat.metrics import Metrics
-from pychat.plugins import Accept, Connect, Reject, Rewrite, Send, hooks_of
+from pychat.plugins import HOOKS, Accept, Connect, Reject, Rewrite, Send, hooks_of
 from pychat.store import SendRequest
 
 log = logging.getLogger("pychat.plugins")
@@ -134,7 +134,7 @@ def load(specs: list[PluginSpec]) -> list[LoadedPlugin]:
             raise PluginError(f"plugin {spec.name!r} refused its settings: {e!r}") from e
         hooks = hooks_of(instance)
         if not hooks:
-            raise PluginError(f"plugin {spec.name!r} has no hook (before_send, after_store, on_connect)")
+            raise PluginError(f"plugin {spec.name!r} has no hook ({', '.join(HOOKS)})")
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pychat-plugin-{spec.name}")
         loaded.append(LoadedPlugin(spec, instance, hooks, executor))
     return loaded

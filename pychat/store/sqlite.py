@@ -126,6 +126,12 @@ CREATE INDEX IF NOT EXISTS media_by_uploader ON media (uploader_id, created_at);
 CREATE INDEX IF NOT EXISTS media_by_sha ON media (sha256);
 CREATE INDEX IF NOT EXISTS media_by_thumb ON media (thumb_sha256) WHERE thumb_sha256 IS NOT NULL;
 CREATE INDEX IF NOT EXISTS media_unattached ON media (created_at) WHERE attached = 0;
+-- Receipts and chat events for plugins' on_receipt / on_chat_event, written in the same
+-- transaction as what they record (only while such a plugin is loaded), read in event_no order.
+CREATE TABLE IF NOT EXISTS plugin_events (
+    event_no INTEGER PRIMARY KEY AUTOINCREMENT,
+    body TEXT NOT NULL
+);
 -- How far each plugin's after_store has taken each chat (pychat/plugins/feed.py).
 CREATE TABLE IF NOT EXISTS plugin_cursors (
     plugin TEXT NOT NULL,
@@ -224,6 +230,8 @@ class SqliteStore:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        # What plugins' event hooks want recorded ("receipt", "chat"; `record_events`).
+        self.event_kinds: frozenset[str] = frozenset()
         with self._write() as c:
             copy_v2 = self._migrate(c)
             unchained = self._add_chain_columns(c)
@@ -430,6 +438,18 @@ class SqliteStore:
                 "INSERT INTO user_chats (user_id, chat_id, joined_at) VALUES (?, ?, ?)",
                 [(m, chat.chat_id, chat.created_at) for m in chat.members],
             )
+            self._event(
+                c,
+                "chat",
+                {
+                    "type": "chat.created",
+                    "chat_id": chat.chat_id,
+                    "kind": chat.kind,
+                    "members": list(chat.members),
+                    "by": chat.created_by,
+                    "at": chat.created_at,
+                },
+            )
         return chat, True
 
     def _get_chat(self, c: sqlite3.Connection, chat_id: str) -> Chat | None:
@@ -489,6 +509,12 @@ class SqliteStore:
             )
             if cur.rowcount == 1 and former:
                 c.execute("DELETE FROM former_members WHERE user_id = ? AND chat_id = ?", (user_id, chat_id))
+            if cur.rowcount == 1:
+                self._event(
+                    c,
+                    "chat",
+                    {"type": "member.added", "chat_id": chat_id, "user_id": user_id, "at": now_ms()},
+                )
             return cur.rowcount == 1
 
     def remove_member(self, chat_id: str, user_id: str) -> bool:
@@ -501,6 +527,12 @@ class SqliteStore:
                 (user_id, chat_id),
             )
             cur = c.execute("DELETE FROM user_chats WHERE user_id = ? AND chat_id = ?", (user_id, chat_id))
+            if cur.rowcount == 1:
+                self._event(
+                    c,
+                    "chat",
+                    {"type": "member.removed", "chat_id": chat_id, "user_id": user_id, "at": now_ms()},
+                )
             return cur.rowcount == 1
 
     def forget_members(self, chat_id: str) -> None:
@@ -604,6 +636,20 @@ class SqliteStore:
             )
             for p in pointers:
                 pointer_results.append(self._move_pointer(c, p, last_seq.get(p.chat_id)))
+            if "receipt" in self.event_kinds:
+                for p, moved in zip(pointers, pointer_results, strict=True):
+                    if isinstance(moved, PointerMoved) and (moved.moved_delivered or moved.moved_read):
+                        self._event(
+                            c,
+                            "receipt",
+                            {
+                                "type": "receipt",
+                                "chat_id": p.chat_id,
+                                "user_id": p.user_id,
+                                "delivered": moved.delivered,
+                                "read": moved.read,
+                            },
+                        )
             if seen:
                 c.executemany(
                     "UPDATE users SET last_seen = MAX(COALESCE(last_seen, 0), ?) WHERE user_id = ?",
@@ -1049,6 +1095,28 @@ class SqliteStore:
 
     def chat_heads(self) -> list[tuple[str, int]]:
         return self._conn().execute("SELECT chat_id, last_seq FROM chats WHERE last_seq > 0").fetchall()
+
+    # plugins' event hooks
+
+    def record_events(self, kinds: set[str]) -> None:
+        self.event_kinds = frozenset(kinds)
+
+    def _event(self, c: sqlite3.Connection, kind: str, body: dict[str, Any]) -> None:
+        if kind in self.event_kinds:
+            c.execute(
+                "INSERT INTO plugin_events (body) VALUES (?)", (json.dumps(body, separators=(",", ":")),)
+            )
+
+    def events_after(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = self._conn().execute(
+            "SELECT event_no, body FROM plugin_events WHERE event_no > ? ORDER BY event_no LIMIT ?",
+            (after, limit),
+        )
+        return [(no, json.loads(body)) for no, body in rows]
+
+    def forget_events(self, upto: int) -> None:
+        with self._write() as c:
+            c.execute("DELETE FROM plugin_events WHERE event_no <= ?", (upto,))
 
     def hook_cursors(self, plugin: str) -> dict[str, int]:
         rows = self._conn().execute("SELECT chat_id, seq FROM plugin_cursors WHERE plugin = ?", (plugin,))
