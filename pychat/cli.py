@@ -227,7 +227,7 @@ def _plugins(raw: list[dict[str, Any]]) -> int:
         }
     )
     for p in loaded:
-        p.executor.shutdown(wait=False)
+        p.shutdown()
     return 0
 
 

@@ -129,8 +129,10 @@ class Engine:
                 results[i] = Done()
             return
         attempts = [Connect(ev.user_id, ev.address, "websocket", ev.origin) for _, ev in connects]
-        for (i, _), refused in zip(connects, self.plugins.on_connect(attempts), strict=True):
-            results[i] = refused if refused is not None else Done()
+        verdicts, unsure = self.plugins.on_connect(attempts)
+        for k, ((i, _), refused) in enumerate(zip(connects, verdicts, strict=True)):
+            # Deferred: let in, but the gateway keeps no verdict (a plugin failed open on it).
+            results[i] = refused if refused is not None else Deferred() if k in unsure else Done()
 
     def _hand_out(self, tickets: list[tuple[int, TicketOutcome]]) -> None:
         if tickets and self._loop is not None:

@@ -423,7 +423,7 @@ class RestApi:
         plugins = self.engine.plugins
         if plugins is not None and plugins.connectors:
             attempt = Connect(user.user_id, req.client, "login", req.headers.get("origin"))
-            (refused,) = await asyncio.to_thread(plugins.on_connect, [attempt])
+            (refused,), _ = await asyncio.to_thread(plugins.on_connect, [attempt])
             if refused is not None:
                 raise ApiError(refused.code, refused.message, retry_after_ms=refused.retry_after_ms)
         token, expires_at = self.issuer.issue(user.user_id)

@@ -180,8 +180,8 @@ def server_factory(
         if "PYCHAT_STORE" in own:  # a keyspace of its own
             own["PYCHAT_STORE"] = own["PYCHAT_STORE"].rsplit("/", 1)[0] + f"/srv_{uuid.uuid4().hex[:12]}"
         srv = ServerProcess(data_dir, env={**own, **(env or {})})
+        started.append(srv)  # before it starts: stopped (its log closed) even if it fails to
         srv.start()
-        started.append(srv)
         return srv
 
     drop = keyspace_dropper(request, store_env)

@@ -74,3 +74,23 @@ class EventLog(Plugin):
 
     def on_chat_event(self, events: list[dict[str, Any]]) -> None:
         self._write(events)
+
+
+class Mangler(Plugin):
+    """Answers rewrites the store cannot take."""
+
+    def before_send(self, batch: list[Send]) -> list[Rewrite]:
+        return [
+            Rewrite("\ud800 lone surrogate") if i % 2 else Rewrite("x", attachments=5)
+            for i in range(len(batch))
+        ]  # type: ignore[arg-type]
+
+
+class SlowStore(Plugin):
+    """after_store takes a second; before_send is instant."""
+
+    def before_send(self, batch: list[Send]) -> None:
+        return None
+
+    def after_store(self, messages: list[dict[str, Any]]) -> None:
+        time.sleep(1.0)

@@ -19,7 +19,8 @@ use crate::sequencer::UserId;
 
 /// An ask older than this without an answer is asked again.
 pub const ASK_TIMEOUT_MS: u64 = 10_000;
-/// Cached verdicts kept before the expired ones are swept.
+/// Cached verdicts kept before the expired ones are first swept (then again each time the
+/// cache has doubled since the last sweep: a sweep is never paid per answer).
 const SWEEP_AT: usize = 100_000;
 
 pub type Verdict = Result<(), FrameError>;
@@ -37,6 +38,8 @@ pub enum Admission {
 struct GateState {
     verdicts: HashMap<UserId, (Verdict, u64)>,
     asking: HashMap<UserId, (u64, Vec<oneshot::Sender<Verdict>>)>,
+    /// The cache's size at which the next sweep runs.
+    sweep_at: usize,
 }
 
 #[derive(Default)]
@@ -80,15 +83,16 @@ impl ConnectGate {
         }
     }
 
-    /// The engine's verdict: kept for `ttl` (unless it says to try again later) and given to
-    /// every upgrade waiting for it.
-    pub fn answer(&self, user: &str, verdict: Verdict, now: u64) {
+    /// The engine's verdict, given to every upgrade waiting for it, and kept for `ttl` if
+    /// `keep` (not a verdict given because a plugin failed, nor one that says to try again).
+    pub fn answer(&self, user: &str, verdict: Verdict, keep: bool, now: u64) {
         let ttl = self.ttl_ms.load(Ordering::Relaxed);
         let mut state = self.state.lock();
         let transient = matches!(&verdict, Err(e) if matches!(e.code, ErrorCode::Unavailable | ErrorCode::Internal | ErrorCode::RateLimited));
-        if ttl > 0 && !transient {
-            if state.verdicts.len() >= SWEEP_AT {
+        if ttl > 0 && keep && !transient {
+            if state.verdicts.len() >= state.sweep_at.max(SWEEP_AT) {
                 state.verdicts.retain(|_, (_, expires)| *expires > now);
+                state.sweep_at = state.verdicts.len() * 2;
             }
             state
                 .verdicts
@@ -125,7 +129,7 @@ mod tests {
         let Admission::Wait(mut second) = gate.admit(&u, 5) else {
             panic!("the second waits for the same answer")
         };
-        gate.answer("u1", Err(refused()), 10);
+        gate.answer("u1", Err(refused()), true, 10);
         assert_eq!(first.try_recv().unwrap(), Err(refused()));
         assert_eq!(second.try_recv().unwrap(), Err(refused()));
         // Cached: no more asks until it expires.
@@ -139,7 +143,7 @@ mod tests {
         gate.set_ttl(1_000);
         let u: UserId = "u2".into();
         assert!(matches!(gate.admit(&u, 0), Admission::Ask(_)));
-        gate.answer("u2", Ok(()), 1);
+        gate.answer("u2", Ok(()), true, 1);
         assert!(matches!(gate.admit(&u, 500), Admission::Allowed));
         assert_eq!(gate.cached(), 1);
         let v: UserId = "u3".into();
@@ -147,11 +151,19 @@ mod tests {
         gate.answer(
             "u3",
             Err(FrameError::new(ErrorCode::Unavailable, "plugin down")),
+            true,
             1,
         );
         assert!(
             matches!(gate.admit(&v, 2), Admission::Ask(_)),
             "asked again, not cached"
+        );
+        let w: UserId = "u5".into();
+        assert!(matches!(gate.admit(&w, 0), Admission::Ask(_)));
+        gate.answer("u5", Ok(()), false, 1);
+        assert!(
+            matches!(gate.admit(&w, 2), Admission::Ask(_)),
+            "let in, not kept"
         );
     }
 

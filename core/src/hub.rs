@@ -556,15 +556,20 @@ impl Hub {
                     self.complete_presence_query(conn, result)
                 }
                 EngineEvent::Connect { user, .. } => {
-                    let verdict = match result {
-                        EngineResult::Done => Ok(()),
-                        EngineResult::Failed(e) => Err(e),
-                        _ => Err(FrameError::new(
-                            ErrorCode::Internal,
-                            "engine answered a connect with another kind of result",
-                        )),
+                    // Deferred: let in, but not kept (a plugin failed open on it).
+                    let (verdict, keep) = match result {
+                        EngineResult::Done => (Ok(()), true),
+                        EngineResult::Deferred => (Ok(()), false),
+                        EngineResult::Failed(e) => (Err(e), true),
+                        _ => (
+                            Err(FrameError::new(
+                                ErrorCode::Internal,
+                                "engine answered a connect with another kind of result",
+                            )),
+                            false,
+                        ),
                     };
-                    self.connect_gate.answer(&user, verdict, now);
+                    self.connect_gate.answer(&user, verdict, keep, now);
                 }
             }
         }

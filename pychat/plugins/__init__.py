@@ -76,7 +76,7 @@ Verdict = Accept | Reject | Rewrite
 @dataclass(frozen=True, slots=True)
 class Connect:
     """Someone about to connect: `via` is "websocket" (an upgrade with a valid token) or "login"
-    (a correct password at POST /api/auth/login); `origin` is the browser's Origin, if any."""
+    (a correct password at POST /api/auth/token); `origin` is the browser's Origin, if any."""
 
     user_id: str
     address: str

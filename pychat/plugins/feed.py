@@ -25,6 +25,8 @@ from pychat.store import Store, message_object
 log = logging.getLogger("pychat.plugins")
 
 HOOK_BATCH = 500
+# The cursor key that says a plugin's after_store has started on this store (not a chat).
+STARTED = "#started"
 RESCAN_S = 30.0
 MAX_BACKOFF_S = 30.0
 
@@ -48,12 +50,23 @@ class AfterStoreFeed:
         self._thread = threading.Thread(target=self._run, name=f"pychat-feed-{plugin.spec.name}", daemon=True)
 
     def start(self) -> None:
+        """Before the server takes messages: a plugin new to this store is marked started, at
+        the chats' current heads (`replay = true`: from the first message instead)."""
+        name = self.plugin.spec.name
+        if STARTED not in self.store.hook_cursors(name):
+            heads = {} if self.plugin.spec.replay else dict(self.store.chat_heads())
+            self.store.move_hook_cursors(name, {**heads, STARTED: 1})
+            if heads:
+                log.info(
+                    "plugin %s: after_store starts after the %d chats' current messages", name, len(heads)
+                )
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._pending.wake.set()
-        self._thread.join(10)
+        # A hook call in progress may take its whole budget: its cursors move after it.
+        self._thread.join(self.plugin.spec.after_store_budget_ms / 1000 + 5)
 
     def notify(self, heads: dict[str, int]) -> None:
         self._pending.add(heads)
@@ -90,17 +103,24 @@ class AfterStoreFeed:
         """Hands every moved chat's new messages to the hook, a batch at a time."""
         pending = self._pending.take()
         heads = dict(pending)
+        later: dict[str, int] = {}  # chats whose next rows are not all visible yet
         try:
             while pending and not self._stop.is_set() and self.active():
                 batch: list[dict[str, object]] = []
                 moved: dict[str, int] = {}
                 for chat_id in list(pending):
                     want = HOOK_BATCH - len(batch)
-                    rows = self.store.chained_after(chat_id, self._cursors.get(chat_id, 0), want)
+                    after = self._cursors.get(chat_id, 0)
+                    read = self.store.chained_after(chat_id, after, want)
+                    # Only rows that follow the cursor without a gap (a replica of a network
+                    # store may show later rows before earlier ones): never step over one.
+                    rows = read[: next((k for k, r in enumerate(read) if r[1] != after + 1 + k), len(read))]
                     batch.extend(message_object(r) for r in rows)
                     if rows:
                         moved[chat_id] = rows[-1][1]
-                    if len(rows) < want:
+                    if len(rows) < len(read):
+                        later[chat_id] = pending.pop(chat_id)
+                    elif len(rows) < want:
                         del pending[chat_id]  # read to its end
                     if len(batch) >= HOOK_BATCH:
                         break
@@ -114,6 +134,10 @@ class AfterStoreFeed:
         except BaseException:
             self.notify(heads)  # read again from the cursors next round
             raise
+        if later:  # looked at again shortly (a replica catching up takes milliseconds)
+            timer = threading.Timer(0.5, self.notify, [later])
+            timer.daemon = True
+            timer.start()
 
 
 # The cursor of an event hook, beside the per-chat ones in `plugin_cursors`.
@@ -148,7 +172,7 @@ class EventFeed:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(10)
+        self._thread.join(self.plugin.spec.after_store_budget_ms / 1000 + 5)
 
     def _run(self) -> None:
         backoff = 0.0

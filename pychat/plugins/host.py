@@ -57,6 +57,9 @@ class PluginSpec:
     budget_ms: float = 100.0  # before_send
     after_store_budget_ms: float = 10_000.0
     policy: str = "open"  # before_send failing or overrunning: "open" or "closed"
+    # A new after_store plugin starts with what is stored from its first start on; `replay`
+    # hands it every stored message first.
+    replay: bool = False
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> PluginSpec:
@@ -76,6 +79,7 @@ class PluginSpec:
             budget_ms=float(raw.get("budget_ms", 100.0)),
             after_store_budget_ms=float(raw.get("after_store_budget_ms", 10_000.0)),
             policy=str(raw.get("policy", "open")),
+            replay=bool(raw.get("replay", False)),
         )
         if spec.policy not in ("open", "closed"):
             raise PluginError(
@@ -109,15 +113,43 @@ def resolve(use: str) -> Any:
     return target
 
 
+# on_connect is called from REST threads (logins) and the engine thread at once: a few workers.
+CONNECT_WORKERS = 4
+
+
+@dataclass
+class HookState:
+    """One hook of one plugin: its own worker thread(s) and its own count of failures, so a slow
+    after_store never delays that plugin's before_send, nor trips it."""
+
+    executor: concurrent.futures.ThreadPoolExecutor
+    busy: concurrent.futures.Future[Any] | None = None
+    failures: int = 0
+    skip_until: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 @dataclass
 class LoadedPlugin:
     spec: PluginSpec
     instance: Any
     hooks: list[str]
-    executor: concurrent.futures.ThreadPoolExecutor
-    busy: dict[str, concurrent.futures.Future[Any]] = field(default_factory=dict)
-    failures: int = 0
-    skip_until: float = 0.0
+    state: dict[str, HookState] = field(default_factory=dict)
+
+    def hook_state(self, hook: str) -> HookState:
+        found = self.state.get(hook)
+        if found is None:
+            workers = CONNECT_WORKERS if hook == "on_connect" else 1
+            found = self.state[hook] = HookState(
+                concurrent.futures.ThreadPoolExecutor(
+                    workers, thread_name_prefix=f"pychat-plugin-{self.spec.name}-{hook}"
+                )
+            )
+        return found
+
+    def shutdown(self) -> None:
+        for state in self.state.values():
+            state.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def load(specs: list[PluginSpec]) -> list[LoadedPlugin]:
@@ -135,8 +167,10 @@ def load(specs: list[PluginSpec]) -> list[LoadedPlugin]:
         hooks = hooks_of(instance)
         if not hooks:
             raise PluginError(f"plugin {spec.name!r} has no hook ({', '.join(HOOKS)})")
-        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"pychat-plugin-{spec.name}")
-        loaded.append(LoadedPlugin(spec, instance, hooks, executor))
+        plugin = LoadedPlugin(spec, instance, hooks)
+        for hook in [*hooks, "close"]:
+            plugin.hook_state(hook)  # made here, once: calls come from several threads
+        loaded.append(plugin)
     return loaded
 
 
@@ -161,23 +195,29 @@ class PluginHost:
             close = getattr(p.instance, "close", None)
             if callable(close):
                 with contextlib.suppress(HookFailed):
-                    self.call(p, "close", None, 5.0)
-            p.executor.shutdown(wait=False, cancel_futures=True)
+                    self.call(p, "close", None, 5.0, force=True)
+            p.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(5)
+        if not self._loop_thread.is_alive():
+            self._loop.close()
 
     # calling
 
-    def call(self, p: LoadedPlugin, hook: str, arg: Any, budget_s: float) -> Any:
-        """The hook's answer, or HookFailed (counted, logged once per failure)."""
+    def call(self, p: LoadedPlugin, hook: str, arg: Any, budget_s: float, force: bool = False) -> Any:
+        """The hook's answer, or HookFailed (counted, logged once per failure). `force`: call it
+        even while the hook cools down (close)."""
         labels = {"plugin": p.spec.name, "hook": hook}
+        state = p.hook_state(hook)
         now = time.monotonic()
-        if now < p.skip_until:
+        if now < state.skip_until and not force:
             self.metrics.plugin_skipped.inc(1, **labels)
             raise HookFailed(f"plugin {p.spec.name} is skipped after {TRIP_AFTER} failures in a row")
         self.metrics.plugin_calls.inc(1, **labels)
-        earlier = p.busy.get(hook)
-        if earlier is not None and not earlier.done():
+        # One call at a time per single-threaded hook: a call still running means the next one
+        # would only queue behind it (on_connect has a few workers and is called concurrently).
+        earlier = state.busy
+        if hook != "on_connect" and earlier is not None and not earlier.done() and not force:
             self._failed(p, labels, "timeouts", "still busy with an earlier call")
         fn = getattr(p.instance, hook)
         started = time.perf_counter()
@@ -186,10 +226,10 @@ class PluginHost:
             if inspect.iscoroutinefunction(fn):
                 future = asyncio.run_coroutine_threadsafe(fn(arg) if arg is not None else fn(), self._loop)
             else:
-                future = p.executor.submit(fn, arg) if arg is not None else p.executor.submit(fn)
+                future = state.executor.submit(fn, arg) if arg is not None else state.executor.submit(fn)
         except Exception as e:  # e.g. the executor is shut down
             self._failed(p, labels, "errors", repr(e))
-        p.busy[hook] = future
+        state.busy = future
         try:
             value = future.result(timeout=budget_s)
         except concurrent.futures.TimeoutError:
@@ -199,15 +239,20 @@ class PluginHost:
             self._failed(p, labels, "errors", repr(e))
         finally:
             self.metrics.plugin_seconds.observe(time.perf_counter() - started, **labels)
-        p.failures = 0
+        with state.lock:
+            state.failures = 0
         return value
 
     def _failed(self, p: LoadedPlugin, labels: dict[str, str], kind: str, why: str) -> None:
         (self.metrics.plugin_timeouts if kind == "timeouts" else self.metrics.plugin_errors).inc(1, **labels)
-        p.failures += 1
-        if p.failures >= TRIP_AFTER:
-            p.skip_until = time.monotonic() + TRIP_S
-            p.failures = 0
+        state = p.hook_state(labels["hook"])
+        with state.lock:
+            state.failures += 1
+            tripped = state.failures >= TRIP_AFTER
+            if tripped:
+                state.skip_until = time.monotonic() + TRIP_S
+                state.failures = 0
+        if tripped:
             log.error(
                 "plugin %s: %s failed %d times in a row; skipped for %g s",
                 p.spec.name,
@@ -268,24 +313,36 @@ class PluginHost:
             if v is None or isinstance(v, Accept):
                 continue
             if isinstance(v, Rewrite):
-                if (
-                    not isinstance(v.content, str)
-                    or len(v.content.encode()) > self.max_content_bytes
-                    or len(v.attachments or []) > self.max_attachments
-                ):
-                    self._failed(
-                        p, labels, "errors", "rewrote a message past the content or attachment limits"
-                    )
+                if not self._fits(v):
+                    self._failed(p, labels, "errors", "rewrote a message into something it cannot store")
             elif not isinstance(v, Reject):
                 self._failed(p, labels, "errors", f"answered {v!r}, not a verdict")
             changes[k] = v
         return changes
 
+    def _fits(self, v: Rewrite) -> bool:
+        """A rewrite the store can take: text (valid UTF-8) within the content limit, a list of at
+        most `max_attachments` media ids."""
+        try:
+            size = len(v.content.encode()) if isinstance(v.content, str) else -1
+        except UnicodeEncodeError:  # e.g. a lone surrogate
+            return False
+        attachments = v.attachments
+        if attachments is not None and (
+            not isinstance(attachments, list | tuple)
+            or len(attachments) > self.max_attachments
+            or not all(isinstance(a, str) for a in attachments)
+        ):
+            return False
+        return 0 <= size <= self.max_content_bytes
+
     # on_connect (the engine thread for upgrades, a REST thread for logins)
 
-    def on_connect(self, attempts: list[Connect]) -> list[Failed | None]:
-        """None (let in) or the refusal, per attempt; every plugin with the hook must let it in."""
+    def on_connect(self, attempts: list[Connect]) -> tuple[list[Failed | None], set[int]]:
+        """None (let in) or the refusal, per attempt (every plugin with the hook must let it in),
+        and the attempts let in only because a plugin failed open: a verdict not to keep."""
         out: list[Failed | None] = [None] * len(attempts)
+        unsure: set[int] = set()
         for p in self.connectors:
             alive = [i for i, r in enumerate(out) if r is None]
             if not alive:
@@ -309,8 +366,10 @@ class PluginHost:
                             f"the {p.spec.name} plugin could not check this connection; retry",
                             CLOSED_RETRY_MS,
                         )
+                else:
+                    unsure.update(alive)
                 continue
             for i, verdict in zip(alive, answer, strict=True):
                 if isinstance(verdict, Reject):
                     out[i] = Failed(verdict.code, verdict.message)
-        return out
+        return out, unsure

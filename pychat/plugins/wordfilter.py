@@ -23,15 +23,21 @@ from pychat.plugins import Plugin, Reject, Rewrite, Send
 ACTIONS = ("mask", "reject", "off")
 
 
-def _fold(text: str) -> str:
-    """Lower case without accents, the same length as the text (so a match masks the original)."""
+def _fold(text: str) -> tuple[str, list[int] | None]:
+    """Lower case without accents (combining marks dropped, letters decomposed to their base),
+    and where each folded character is in `text` (None: the same places, for ASCII text)."""
     if text.isascii():  # most messages: one C call
-        return text.lower()
-    out = []
-    for ch in text:
+        return text.lower(), None
+    chars: list[str] = []
+    where: list[int] = []
+    for i, ch in enumerate(text):
+        if unicodedata.combining(ch):
+            continue
         base = unicodedata.normalize("NFD", ch)[0] if ch.isalpha() else ch
-        out.append(base.lower() if len(base.lower()) == 1 else ch)
-    return "".join(out)
+        low = base.lower()
+        chars.append(low if len(low) == 1 else ch)
+        where.append(i)
+    return "".join(chars), where
 
 
 class WordFilter(Plugin):
@@ -39,7 +45,7 @@ class WordFilter(Plugin):
 
     def __init__(self, settings: dict[str, Any]) -> None:
         super().__init__(settings)
-        words = [_fold(str(w)) for w in settings.get("words", []) if str(w).strip()]
+        words = [_fold(str(w))[0] for w in settings.get("words", []) if str(w).strip()]
         if not words:
             raise ValueError("settings.words: list the words to filter")
         self.action = str(settings.get("action", "mask"))
@@ -54,14 +60,33 @@ class WordFilter(Plugin):
         verdicts: list[Reject | Rewrite | None] = []
         for send in batch:
             action = self.chats.get(send.chat_id, self.action)
-            folded = _fold(send.content)
-            if action == "off" or not self.pattern.search(folded):
+            if action == "off":
+                verdicts.append(None)
+                continue
+            folded, where = _fold(send.content)
+            matches = list(self.pattern.finditer(folded))
+            if not matches:
                 verdicts.append(None)
             elif action == "reject":
                 verdicts.append(Reject("forbidden", "this message has a word this chat does not allow"))
             else:
-                masked = list(send.content)
-                for m in self.pattern.finditer(folded):
-                    masked[m.start() : m.end()] = "*" * (m.end() - m.start())
-                verdicts.append(Rewrite("".join(masked)))
+                verdicts.append(Rewrite(_masked(send.content, matches, where)))
         return verdicts
+
+
+def _masked(text: str, matches: list[re.Match[str]], where: list[int] | None) -> str:
+    """`text` with each match's letters (and their accents) replaced by one `*` per letter."""
+    out: list[str] = []
+    done = 0
+    for m in matches:
+        if where is None:
+            start, end = m.start(), m.end()
+        else:
+            start, end = where[m.start()], where[m.end() - 1] + 1
+            while end < len(text) and unicodedata.combining(text[end]):
+                end += 1
+        out.append(text[done:start])
+        out.append("*" * (m.end() - m.start()))
+        done = end
+    out.append(text[done:])
+    return "".join(out)

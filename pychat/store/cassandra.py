@@ -1447,6 +1447,8 @@ class CassandraStore:
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
         where = message_place(message_id)
+        if where is None and not message_id:
+            return None  # Cassandra refuses an empty key
         if where is None:  # an id from another store, imported (`restore_messages`)
             row = self.session.execute(
                 self._statement("SELECT chat_id, seq FROM message_ids WHERE message_id = ?"), (message_id,)

@@ -292,7 +292,7 @@ async fn gate_upgrade(
             if shared.events.try_send(ev).is_err() {
                 let mut busy = FrameError::new(ErrorCode::Unavailable, "the server is busy; retry");
                 busy.retry_after_ms = Some(1_000);
-                gate.answer(&user, Err(busy), now_ms());
+                gate.answer(&user, Err(busy), false, now_ms());
             }
             answer
         }
