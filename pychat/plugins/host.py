@@ -280,12 +280,7 @@ class PluginHost:
                 changes = self._verdicts(p, batch)
             except HookFailed:
                 if p.spec.policy == "closed":
-                    for i in alive:
-                        refused[i] = Failed(
-                            "unavailable",
-                            f"the {p.spec.name} plugin could not check this message; retry",
-                            CLOSED_RETRY_MS,
-                        )
+                    refused.update(dict.fromkeys(alive, _unchecked(p, "message")))
                     alive = []
                 continue
             for k, verdict in changes.items():
@@ -361,11 +356,7 @@ class PluginHost:
             except HookFailed:
                 if p.spec.policy == "closed":
                     for i in alive:
-                        out[i] = Failed(
-                            "unavailable",
-                            f"the {p.spec.name} plugin could not check this connection; retry",
-                            CLOSED_RETRY_MS,
-                        )
+                        out[i] = _unchecked(p, "connection")
                 else:
                     unsure.update(alive)
                 continue
@@ -373,3 +364,10 @@ class PluginHost:
                 if isinstance(verdict, Reject):
                     out[i] = Failed(verdict.code, verdict.message)
         return out, unsure
+
+
+def _unchecked(p: LoadedPlugin, what: str) -> Failed:
+    """What a `closed` plugin that failed answers: try again shortly."""
+    return Failed(
+        "unavailable", f"the {p.spec.name} plugin could not check this {what}; retry", CLOSED_RETRY_MS
+    )
