@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -57,7 +57,6 @@ class ExportSummary:
     files: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    skipped: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, object]:
         rate = round(self.messages / self.seconds) if self.seconds else 0

@@ -1013,10 +1013,7 @@ class SqliteStore:
         c = self._conn()
         lo = after if after is not None else 0
         if after is not None and before is None:
-            rows = c.execute(
-                f"{_CHAINED_SELECT} WHERE c.chat_id = ? AND m.seq > ? ORDER BY m.seq LIMIT ?",
-                (chat_id, lo, limit + 1),
-            ).fetchall()
+            rows = self.chained_after(chat_id, lo, limit + 1)
             has_more = len(rows) > limit
             rows = rows[:limit]
         else:
