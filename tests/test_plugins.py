@@ -458,7 +458,13 @@ async def test_receipts_and_chat_events_reach_their_hooks_in_order_across_a_sigk
         await alice.request("DELETE", f"/api/chats/{chat_id}/members/{carol.user_id}")
         ack = await alice.post_message(chat_id, "read me")
         await bob.request("POST", f"/api/messages/{ack['message_id']}/read")
-        events = await until(lambda e: any(x["type"] == "receipt" for x in e))
+        # The two hooks are fed independently: wait for both.
+        events = await until(
+            lambda e: (
+                any(x["type"] == "receipt" and x["user_id"] == bob.user_id for x in e)
+                and sum(x["type"] != "receipt" for x in e) >= 3
+            )
+        )
         # Each hook in order (the two hooks are fed independently of each other).
         chat_events = [(e["type"], e.get("user_id")) for e in events if e["type"] != "receipt"]
         assert chat_events[:3] == [
