@@ -23,7 +23,7 @@ from pychat.engine import Engine
 from pychat.gateway import Gateway
 from pychat.metrics import Metrics
 from pychat.plugins.feed import EVENT_HOOKS, AfterStoreFeed, EventFeed
-from pychat.plugins.host import PluginError, PluginHost, PluginSpec
+from pychat.plugins.host import PluginHost, PluginSpec
 from pychat.presence import Presence
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
@@ -135,12 +135,12 @@ class Server:
                 active = self._lease.held
             kinds = {EVENT_HOOKS[h][0] for p in self.plugins.plugins for h in p.hooks if h in EVENT_HOOKS}
             if kinds:
-                if not hasattr(self.store, "record_events"):
-                    raise PluginError("on_receipt and on_chat_event need the SQLite store for now")
                 self.store.record_events(kinds)
             for p in self.plugins.plugins:
                 for hook in (h for h in p.hooks if h in EVENT_HOOKS):
-                    self.event_feeds.append(EventFeed(self.plugins, p, hook, self.store, self.event_feeds))
+                    self.event_feeds.append(
+                        EventFeed(self.plugins, p, hook, self.store, self.event_feeds, active)
+                    )
                 if "after_store" in p.hooks:
                     feed = AfterStoreFeed(self.plugins, p, self.store, active)
                     feed.start()

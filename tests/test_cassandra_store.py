@@ -200,3 +200,61 @@ def test_a_schema_3_keyspace_gets_chain_values_equal_to_those_the_message_path_c
         assert_chained(upgraded.history(chat_id, None, None, 50)[0])
     finally:
         upgraded.close()
+
+
+def test_a_plugin_event_that_lands_late_reaches_the_hook_once(keyspace: str, tmp_path: Path) -> None:
+    """Events are placed by the writer's clock; one whose write lands after later ones (older
+    than the feed's overlap, newer than its cursor) is found by the next sweep, and handed over
+    once; the cursor stays at what is settled."""
+    import json
+    import time
+
+    from pychat.metrics import Metrics
+    from pychat.plugins.feed import EventFeed
+    from pychat.plugins.host import PluginHost, PluginSpec
+    from pychat.store.cassandra import EVENT_MINUTE_US, EVENT_SETTLE_US
+
+    store = open_cassandra(keyspace, tmp_path)
+    store.record_events({"chat"})
+    store.EVENT_SWEEP_S = 0.5
+    log_path = tmp_path / "events.jsonl"
+    spec = {"use": "tests.plugin_examples:EventLog", "settings": {"path": str(log_path)}}
+    host = PluginHost([PluginSpec.parse(spec, "t")], Metrics(), 1024, 10)
+    feeds: list[EventFeed] = []
+    feed = EventFeed(host, host.plugins[0], "on_chat_event", store, feeds)
+    feeds.append(feed)
+
+    def logged() -> list[dict[str, object]]:
+        return [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+
+    def until(n: int) -> list[dict[str, object]]:
+        deadline = time.monotonic() + 30
+        while len(events := logged()) < n:
+            assert time.monotonic() < deadline, events
+            time.sleep(0.05)
+        return events
+
+    try:
+        feed.start()
+        _, chat_id = setup_chat(store)
+        store.add_member(chat_id, "carol")
+        assert [e["type"] for e in until(2)] == ["chat.created", "member.added"]
+        # A write that took 10 s to land (past the 2 s overlap the feed reads behind its last one).
+        at = time.time_ns() // 1000 - 10_000_000
+        late = {"type": "member.removed", "chat_id": chat_id, "user_id": "carol", "at": at // 1000}
+        store.session.execute(
+            "INSERT INTO plugin_events (kind, minute, at, event_id, body) VALUES ('chat', %s, %s, now(), %s)",
+            (at // EVENT_MINUTE_US, at, json.dumps(late)),
+        )
+        store.session.execute(
+            "INSERT INTO plugin_event_minutes (kind, minute) VALUES ('chat', %s)", (at // EVENT_MINUTE_US,)
+        )
+        assert until(3)[2] == late
+        time.sleep(2)  # a few more sweeps: nothing is handed over twice
+        assert len(logged()) == 3
+        cursor = store.hook_cursors("EventLog")["#chat_events"]
+        assert cursor <= time.time_ns() // 1000 - EVENT_SETTLE_US, "the cursor waits for late writes"
+    finally:
+        feed.stop()
+        host.close()
+        store.close()

@@ -137,6 +137,8 @@ def test_a_sequencer_that_dies_before_committing_is_replayed_to_the_same_seqs(
                 "the next owner publishes every send",
                 len(published),
                 sorted({type(res).__name__ for _, res in published}),
+                f"assigned partitions {sequencer.assignment()}, last consumer error {sequencer.last_error}",
+                "\n".join(x for x in kafka.log_tail(400).splitlines() if group in x or "ERROR" in x)[-4000:],
             )
             sequencer.poll_once(0.5)
     finally:

@@ -422,17 +422,13 @@ async def test_on_connect_refuses_a_banned_user_at_login_and_upgrade_and_asks_on
 
 
 async def test_receipts_and_chat_events_reach_their_hooks_in_order_across_a_sigkill(
-    server_factory: Callable[..., ServerProcess], tmp_path: Path, store_kind: str
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
 ) -> None:
     log_path = tmp_path / "events.jsonl"
     env = configured(
         tmp_path,
         f'[[plugins]]\nuse = "tests.plugin_examples:EventLog"\n[plugins.settings]\npath = "{log_path}"\n',
     )
-    if store_kind == "cassandra":  # not built there yet: the server says so and does not start
-        with pytest.raises(RuntimeError, match="on_receipt and on_chat_event need the SQLite store"):
-            server_factory(env)
-        return
     server = server_factory(env)
     clients = Clients(server)
 
@@ -474,12 +470,19 @@ async def test_receipts_and_chat_events_reach_their_hooks_in_order_across_a_sigk
         ]
         (receipt,) = [e for e in events if e["type"] == "receipt" and e["user_id"] == bob.user_id]
         assert receipt["read"] == receipt["delivered"] == ack["seq"] and receipt["chat_id"] == chat_id
-        # Killed and started again: what came after is handed over too, nothing before is lost.
+        # Killed and started again: what came after is handed over too, nothing before is lost
+        # (events above the durable cursor may come again: at least once).
         server.kill()
         server.start()
         await alice.request("POST", f"/api/chats/{chat_id}/members", json={"user_id": carol.user_id})
-        events = await until(lambda e: [x["type"] for x in e].count("member.added") == 2)
-        assert [e["type"] for e in events].count("chat.created") >= 1
+        events = await until(lambda e: len({x["at"] for x in e if x["type"] == "member.added"}) == 2)
+        once = list(dict.fromkeys(json.dumps(e, sort_keys=True) for e in events if e["type"] != "receipt"))
+        assert [json.loads(e)["type"] for e in once] == [
+            "chat.created",
+            "member.added",
+            "member.removed",
+            "member.added",
+        ], "each chat event once, in order, when repeats are set aside"
     finally:
         await clients.close()
 

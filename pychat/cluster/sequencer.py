@@ -192,6 +192,8 @@ class Sequencer:
             }
         )
         self._consumer.subscribe([SENDS_TOPIC])
+        self.last_error: str | None = None  # the consumer's last error, for logs and tests
+        self._error_logged = 0.0
 
     def poll_once(self, timeout: float = 1.0) -> int:
         """Consumes up to `BATCH_MAX` records, stores them, publishes the results, commits. How many."""
@@ -201,6 +203,8 @@ class Sequencer:
         if len(batch) == 1:
             batch += self._consumer.consume(BATCH_MAX - 1, 0)
         messages = [m for m in batch if m.error() is None]
+        if len(messages) < len(batch):
+            self._consumer_error(next(m.error() for m in batch if m.error() is not None))
         if not messages:
             return 0
         records = []
@@ -229,6 +233,19 @@ class Sequencer:
         # partitions' next owner replays these records, which the store answers with the same seqs.
         self._consumer.commit(asynchronous=True)
         return len(records)
+
+    def _consumer_error(self, error: Any) -> None:
+        """Kept and logged (at most every 10 s): a consumer that only sees errors takes no sends,
+        and without this nothing said why."""
+        self.last_error = str(error)
+        now = time.monotonic()
+        if now - self._error_logged >= 10:
+            self._error_logged = now
+            log.warning("sends consumer error: %s", error)
+
+    def assignment(self) -> list[int]:
+        """The sends partitions this node owns now."""
+        return sorted(tp.partition for tp in self._consumer.assignment())
 
     def store_all(self, records: list[SendRecord]) -> list[SendResult]:
         """The store's answer to every record; what it did not take for want of a store is written

@@ -147,13 +147,25 @@ EVENT_POLL_S = 0.2
 
 
 class EventFeed:
-    """`on_receipt` / `on_chat_event`: the store's event outbox (written in the same transaction
-    as the receipt or the membership change, only while such a plugin is loaded), handed to the
-    hook in order from a durable cursor, at least once. Events every such feed has taken are
-    deleted from the outbox."""
+    """`on_receipt` / `on_chat_event`: the store's event outbox (written with the receipt or the
+    membership change it records, only while such a plugin is loaded), handed to the hook in
+    order of position, at least once. The durable cursor is a position at or below which the hook
+    has had every event. On SQLite positions are commit order, so the cursor follows the last
+    event. On Cassandra they are the writers' clocks, and a write may land a little after later
+    ones: the feed also remembers the ids it handed over above the cursor, reads a little behind
+    the last one each time (`EVENT_OVERLAP`), re-reads everything above the cursor every
+    `EVENT_SWEEP_S`, and moves the cursor only to what the store calls settled. After a crash or
+    a takeover the events above the cursor come again. Events every feed of their kind has
+    taken may be deleted."""
 
     def __init__(
-        self, host: PluginHost, plugin: LoadedPlugin, hook: str, store: Any, peers: list[EventFeed]
+        self,
+        host: PluginHost,
+        plugin: LoadedPlugin,
+        hook: str,
+        store: Any,
+        peers: list[EventFeed],
+        active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.host = host
         self.plugin = plugin
@@ -161,13 +173,25 @@ class EventFeed:
         self.kind, self.key = EVENT_HOOKS[hook]
         self.store = store
         self.peers = peers  # every event feed of the server (for deleting what all have taken)
+        # On a cluster, whether this node is the one that feeds the deployment's plugins now.
+        self.active = active
         self.cursor = 0
+        self._loaded = False
+        self._handed: dict[str, int] = {}  # id -> position of events handed over above the cursor
+        self._high = 0  # the highest position handed over
+        self._next_sweep = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"pychat-events-{plugin.spec.name}-{hook}", daemon=True
         )
 
     def start(self) -> None:
+        """Before the server takes requests: a plugin new to this store starts from what is
+        settled now (`replay = true`: from the oldest event kept)."""
+        name = self.plugin.spec.name
+        if self.key not in self.store.hook_cursors(name):
+            start = 0 if self.plugin.spec.replay else self.store.events_settled()
+            self.store.move_hook_cursors(name, {self.key: start})
         self._thread.start()
 
     def stop(self) -> None:
@@ -177,41 +201,69 @@ class EventFeed:
     def _run(self) -> None:
         backoff = 0.0
         while not self._stop.is_set():
-            try:
-                self.cursor = max(
-                    self.cursor, self.store.hook_cursors(self.plugin.spec.name).get(self.key, 0)
-                )
-                break
-            except Exception:
-                log.exception("reading the %s cursor of plugin %s failed", self.hook, self.plugin.spec.name)
+            if not self.active():
+                self._loaded = False  # another node may move the cursor meanwhile
                 self._stop.wait(1.0)
-        while not self._stop.is_set():
+                continue
             try:
-                moved = self._feed()
-                backoff = 0.0
-                if not moved:
+                if not self._loaded:
+                    self._load()
+                if not self._feed():
                     self._stop.wait(EVENT_POLL_S)
+                backoff = 0.0
             except Exception as e:
                 if not isinstance(e, HookFailed):
                     log.exception("the %s feed of plugin %s failed", self.hook, self.plugin.spec.name)
                 backoff = min(MAX_BACKOFF_S, max(0.5, backoff * 2))
                 self._stop.wait(backoff)
 
+    def _load(self) -> None:
+        saved = self.store.hook_cursors(self.plugin.spec.name).get(self.key, 0)
+        self.cursor = saved
+        self._handed.clear()
+        self._high = saved
+        self._next_sweep = 0.0
+        self._loaded = True
+
     def _feed(self) -> bool:
-        events = self.store.events_after(self.cursor, EVENT_BATCH)
-        if not events:
-            return False
-        last = events[-1][0]
-        mine = [body for _, body in events if _kind_of(body) == self.kind]
-        if mine:
-            self.host.call(self.plugin, self.hook, mine, self.plugin.spec.after_store_budget_ms / 1000)
-        self.store.move_hook_cursors(self.plugin.spec.name, {self.key: last})
-        self.cursor = last
-        taken = min(feed.cursor for feed in self.peers)
+        """Hands over every event not handed over yet; True if there were any."""
+        sweep = time.monotonic() >= self._next_sweep
+        settled = self.store.events_settled()  # before reading: all at or below it are visible
+        start = self.cursor if sweep else max(self.cursor, self._high - self.store.EVENT_OVERLAP)
+        moved = False
+        while not self._stop.is_set():
+            events = self.store.events_after(self.kind, start, EVENT_BATCH)
+            fresh = [(pos, eid, body) for pos, eid, body in events if eid not in self._handed]
+            if fresh:
+                self.host.call(
+                    self.plugin,
+                    self.hook,
+                    [body for _, _, body in fresh],
+                    self.plugin.spec.after_store_budget_ms / 1000,
+                )
+                self._handed.update((eid, pos) for pos, eid, _ in fresh)
+                self._high = max(self._high, fresh[-1][0])
+                moved = True
+            if len(events) < EVENT_BATCH:
+                break
+            # The next page from just below the last position read (ties at it are read again
+            # and known); a page all at one position steps past it.
+            start = events[-1][0] - 1 if events[0][0] != events[-1][0] else events[-1][0]
+        else:
+            return moved
+        if sweep:
+            # Read from the cursor to the end: everything settled before the reads is handed over.
+            self._next_sweep = time.monotonic() + self.store.EVENT_SWEEP_S
+            self._settle(settled)
+        return moved
+
+    def _settle(self, cursor: int) -> None:
+        """Everything at or below `cursor` has been handed over: record it, forget what every
+        feed of this kind has."""
+        if cursor > self.cursor:
+            self.store.move_hook_cursors(self.plugin.spec.name, {self.key: cursor})
+            self.cursor = cursor
+            self._handed = {eid: pos for eid, pos in self._handed.items() if pos > cursor}
+        taken = min(feed.cursor for feed in self.peers if feed.kind == self.kind)
         if taken > 0:
-            self.store.forget_events(taken)
-        return True
-
-
-def _kind_of(body: dict[str, Any]) -> str:
-    return "receipt" if body.get("type") == "receipt" else "chat"
+            self.store.forget_events(self.kind, taken)

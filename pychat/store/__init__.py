@@ -127,6 +127,18 @@ def follows(rows: Sequence[Sequence[Any]], last: int) -> bool:
     return all(row[1] == last + 1 + k for k, row in enumerate(rows))
 
 
+def chat_created(chat: Chat) -> dict[str, Any]:
+    """The `chat.created` event plugins' `on_chat_event` gets (pychat/plugins)."""
+    return {
+        "type": "chat.created",
+        "chat_id": chat.chat_id,
+        "kind": chat.kind,
+        "members": list(chat.members),
+        "by": chat.created_by,
+        "at": chat.created_at,
+    }
+
+
 def message_object(row: Sequence[Any]) -> dict[str, Any]:
     """PROTOCOL.md's message object from a row in `BacklogRow` order, with `chain` (hex) when the
     row is a `ChainedRow`."""
@@ -190,6 +202,27 @@ class MessageStore(Protocol):
     def move_hook_cursors(self, plugin: str, cursors: dict[str, int]) -> None:
         """Moves a plugin's cursors forward (never back), durably."""
 
+    # Plugins' receipt and chat events (`on_receipt`, `on_chat_event`; pychat/plugins/feed.py):
+    # an outbox written with the change it records, read by position. SQLite numbers events in
+    # commit order; Cassandra places them by time, where a write may land up to `EVENT_SETTLE`
+    # positions after its place, so a reader re-reads the last `EVENT_SETTLE` positions every
+    # `EVENT_SWEEP_S` seconds, and `EVENT_OVERLAP` positions on every read.
+    EVENT_SWEEP_S: float
+    EVENT_OVERLAP: int
+
+    def record_events(self, kinds: set[str]) -> None:
+        """Records events of these kinds ("receipt", "chat") from now on."""
+
+    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+        """Up to `limit` events of the kind at positions > `after`, ordered by position, each as
+        (position, event id, body); ids are unique, positions may repeat."""
+
+    def events_settled(self) -> int:
+        """A position at or below which no event is still to appear."""
+
+    def forget_events(self, kind: str, upto: int) -> None:
+        """Events of the kind at positions <= `upto` may be deleted (every reader has them)."""
+
 
 class MetadataStore(Protocol):
     """Users, chats, members, pointers and presence."""
@@ -201,6 +234,11 @@ class MetadataStore(Protocol):
     def user_by_name(self, username: str) -> User | None: ...
     def user_by_id(self, user_id: str) -> User | None: ...
     def existing_users(self, user_ids: list[str]) -> set[str]: ...
+    def users_named(self, prefix: str, limit: int) -> list[User]:
+        """Users whose username starts with `prefix` (any case), in username order."""
+
+    def users_by_ids(self, user_ids: list[str]) -> list[User]:
+        """The users of these ids that exist."""
 
     # chats
     def create_chat(self, chat: Chat, direct_key: str | None) -> tuple[Chat, bool]:

@@ -80,12 +80,13 @@ from pychat.store import (
     SendRequest,
     SendResult,
     User,
+    chat_created,
     follows,
 )
 
 log = logging.getLogger("pychat.store.cassandra")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Seqs per messages partition.
 BUCKET_SIZE = 10_000
 # How long a send's key is remembered (PROTOCOL.md: at least 24 h), and the span of one
@@ -104,6 +105,17 @@ FENCE_ROWS = 100
 FENCE_BYTES = 40 * 1024
 # Per-user upload rows are kept for the quota's window (a day) and then some.
 MEDIA_QUOTA_TTL_S = 2 * 86_400
+# Plugins' receipt and chat events: kept this long (a plugin stopped for longer misses the
+# oldest), one partition per kind and minute, placed by the writer's clock in microseconds.
+EVENT_TTL_S = 7 * 86_400
+EVENT_MINUTE_US = 60_000_000
+# A write lands within this long of its place (the driver's timeout and its retries are far
+# shorter); a feed's durable cursor stays this far behind the clock.
+EVENT_SETTLE_US = 60_000_000
+# Usernames are found by prefix (`users_named`) from a partition per first few characters.
+USERNAME_PREFIX = 3
+# Above every username character ([A-Za-z0-9_.-], lowercased): the end of a prefix's range.
+USERNAME_END = "~"
 # Rows per IN query.
 IN_CHUNK = 100
 # How long a chat's members are trusted from memory when another process may change them.
@@ -117,6 +129,9 @@ SCHEMA = [
         user_id text PRIMARY KEY, username text, display_name text, password_hash text,
         created_at bigint, last_seen bigint)""",
     "CREATE TABLE IF NOT EXISTS usernames (username_key text PRIMARY KEY, user_id text)",
+    # Each username under its first 1..USERNAME_PREFIX characters (schema 5).
+    """CREATE TABLE IF NOT EXISTS usernames_by_prefix (prefix text, username_key text, user_id text,
+        PRIMARY KEY (prefix, username_key))""",
     """CREATE TABLE IF NOT EXISTS chats (
         chat_id text PRIMARY KEY, kind text, title text, created_by text, created_at bigint,
         last_seq bigint)""",
@@ -152,6 +167,14 @@ SCHEMA = [
         PRIMARY KEY (uploader_id, created_at, media_id)) WITH default_time_to_live = {MEDIA_QUOTA_TTL_S}""",
     """CREATE TABLE IF NOT EXISTS media_unattached (
         day bigint, created_at bigint, media_id text, PRIMARY KEY (day, created_at, media_id))""",
+    # Plugins' receipt and chat events (`events_after`), and the minutes that have any.
+    f"""CREATE TABLE IF NOT EXISTS plugin_events (
+        kind text, minute bigint, at bigint, event_id timeuuid, body text,
+        PRIMARY KEY ((kind, minute), at, event_id)) WITH default_time_to_live = {EVENT_TTL_S}
+        AND compaction = {{'class': 'TimeWindowCompactionStrategy',
+                           'compaction_window_unit': 'HOURS', 'compaction_window_size': 6}}""",
+    f"""CREATE TABLE IF NOT EXISTS plugin_event_minutes (kind text, minute bigint,
+        PRIMARY KEY (kind, minute)) WITH default_time_to_live = {EVENT_TTL_S}""",
 ]
 
 _MEDIA_FIELDS = [f.name for f in dataclasses.fields(Media)]
@@ -230,6 +253,8 @@ class CassandraStore:
         self._prepared: dict[str, PreparedStatement] = {}
         self._members_cache: dict[str, tuple[float, frozenset[str]]] = {}
         self._members_lock = threading.Lock()
+        # What plugins' event hooks want recorded ("receipt", "chat"; `record_events`).
+        self.event_kinds: frozenset[str] = frozenset()
         unchained = self._migrate()
         self._prepare()
         if unchained:
@@ -276,6 +301,11 @@ class CassandraStore:
             )
         for statement in SCHEMA:
             self.session.execute(statement)
+        if row is not None and int(row.value) < 5:
+            # Schema 5 finds users by prefix: the users stored before are indexed once (again,
+            # harmlessly, if an upgrade was cut short before it recorded the version).
+            for user in self.session.execute("SELECT user_id, username FROM users"):
+                self._index_username(user.user_id, user.username)
         unchained = row is not None and int(row.value) < 4
         if unchained:
             columns = self.session.execute(
@@ -512,6 +542,39 @@ class CassandraStore:
         if not applied.applied:
             self.session.execute("DELETE FROM users WHERE user_id = %s", (user.user_id,))
             raise ApiError("conflict", "username is taken")
+        self._index_username(user.user_id, user.username)
+
+    def _index_username(self, user_id: str, username: str) -> None:
+        key = username.lower()
+        statement = self._statement(
+            "INSERT INTO usernames_by_prefix (prefix, username_key, user_id) VALUES (?, ?, ?)"
+        )
+        self._write_all(
+            statement, [(key[:n], key, user_id) for n in range(1, min(len(key), USERNAME_PREFIX) + 1)]
+        )
+
+    def users_named(self, prefix: str, limit: int) -> list[User]:
+        key = prefix.lower()
+        if not key:
+            return []
+        rows = self.session.execute(
+            self._statement(
+                "SELECT user_id FROM usernames_by_prefix WHERE prefix = ? AND username_key >= ?"
+                " AND username_key < ? LIMIT ?"
+            ),
+            (key[:USERNAME_PREFIX], key, key + USERNAME_END, limit),
+        )
+        found = {u.user_id: u for u in self.users_by_ids([r.user_id for r in rows])}
+        return sorted(found.values(), key=lambda u: u.username.lower())
+
+    def users_by_ids(self, user_ids: list[str]) -> list[User]:
+        return [
+            self._user_of(r)
+            for r in self._in(
+                "SELECT user_id, username, display_name, password_hash, created_at FROM users WHERE user_id IN ?",
+                user_ids,
+            )
+        ]
 
     @staticmethod
     def _user_of(row: Any) -> User:
@@ -550,24 +613,44 @@ class CassandraStore:
                 if existing is not None:
                     return existing, False
                 chat.chat_id = taken.chat_id  # its creator crashed midway: finish it
-        self.session.execute(
+        created = (
             "INSERT INTO chats (chat_id, kind, title, created_by, created_at) VALUES (%s, %s, %s, %s, %s)",
             (chat.chat_id, chat.kind, chat.title, chat.created_by, chat.created_at),
         )
+        # The event goes with the chat's row (a creator that dies before the members' rows leaves
+        # a chat its retry finishes; the event already names every member).
+        self._together([created], self._event("chat", chat_created(chat)))
         for user_id in chat.members:
             self._join(chat.chat_id, user_id, chat.created_at)
         return chat, True
 
-    def _join(self, chat_id: str, user_id: str, at: int) -> None:
+    def _join(self, chat_id: str, user_id: str, at: int, events: list[Any] | None = None) -> None:
         # The pointer cells are left alone: a former member's come back with it.
-        self.session.execute(
-            "INSERT INTO chat_members (chat_id, user_id, joined_at) VALUES (%s, %s, %s)",
-            (chat_id, user_id, at),
+        self._together(
+            [
+                (
+                    "INSERT INTO chat_members (chat_id, user_id, joined_at) VALUES (%s, %s, %s)",
+                    (chat_id, user_id, at),
+                ),
+                (
+                    "UPDATE user_chats SET active = true, joined_at = %s WHERE user_id = %s AND chat_id = %s",
+                    (at, user_id, chat_id),
+                ),
+            ],
+            events or [],
         )
-        self.session.execute(
-            "UPDATE user_chats SET active = true, joined_at = %s WHERE user_id = %s AND chat_id = %s",
-            (at, user_id, chat_id),
-        )
+
+    def _together(self, statements: list[tuple[Any, tuple[Any, ...]]], events: list[Any]) -> None:
+        """The statements one by one, or with an event in one logged batch (all of them, or after
+        a crash all of them in the end: the event is never told without its change)."""
+        if not events:
+            for q, args in statements:
+                self.session.execute(q, args)
+            return
+        batch = BatchStatement(batch_type=BatchType.LOGGED)
+        for q, args in [*statements, *events]:
+            batch.add(q, args)
+        self.session.execute(batch)
 
     def get_chat(self, chat_id: str) -> Chat | None:
         if not chat_id:
@@ -657,19 +740,26 @@ class CassandraStore:
     def add_member(self, chat_id: str, user_id: str) -> bool:
         if self.is_member(chat_id, user_id):
             return False
-        self._join(chat_id, user_id, now_ms())
+        at = now_ms()
+        event = {"type": "member.added", "chat_id": chat_id, "user_id": user_id, "at": at}
+        self._join(chat_id, user_id, at, self._event("chat", event))
         self.forget_members(chat_id)
         return True
 
     def remove_member(self, chat_id: str, user_id: str) -> bool:
         if not self.is_member(chat_id, user_id):
             return False
-        self.session.execute(
-            "DELETE FROM chat_members WHERE chat_id = %s AND user_id = %s", (chat_id, user_id)
-        )
-        # The row stays (inactive) with its pointers, for a later add_member.
-        self.session.execute(
-            "UPDATE user_chats SET active = false WHERE user_id = %s AND chat_id = %s", (user_id, chat_id)
+        event = {"type": "member.removed", "chat_id": chat_id, "user_id": user_id, "at": now_ms()}
+        self._together(
+            [
+                ("DELETE FROM chat_members WHERE chat_id = %s AND user_id = %s", (chat_id, user_id)),
+                # The row stays (inactive) with its pointers, for a later add_member.
+                (
+                    "UPDATE user_chats SET active = false WHERE user_id = %s AND chat_id = %s",
+                    (user_id, chat_id),
+                ),
+            ],
+            self._event("chat", event),
         )
         self.forget_members(chat_id)
         return True
@@ -1277,6 +1367,7 @@ class CassandraStore:
         state: dict[tuple[str, str], list[int]] = {}
         results: list[PointerResult] = []
         writes: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
+        events: list[tuple[PreparedStatement, tuple[Any, ...]]] = []
         for p in pointers:
             key = (p.user_id, p.chat_id)
             rows = current[key]
@@ -1300,10 +1391,22 @@ class CassandraStore:
             results.append(
                 PointerMoved(new_delivered, new_read, new_delivered != delivered, new_read != read)
             )
+            if "receipt" in self.event_kinds and (new_delivered != delivered or new_read != read):
+                receipt = {
+                    "type": "receipt",
+                    "chat_id": p.chat_id,
+                    "user_id": p.user_id,
+                    "delivered": new_delivered,
+                    "read": new_read,
+                }
+                events.extend(self._event("receipt", receipt))
         try:
-            futures: list[ResponseFuture] = [self.session.execute_async(q, args) for q, args in writes]
-            for f in futures:
-                f.result()
+            # Events first: a pointer that moved has its event (one whose pointer write then
+            # failed is a receipt told twice, or once early: at least once, never lost).
+            for phase in (events, writes):
+                futures: list[ResponseFuture] = [self.session.execute_async(q, args) for q, args in phase]
+                for f in futures:
+                    f.result()
         except Exception:
             log.exception("writing pointers failed")
             return [Failed("unavailable", "the store did not take the pointer; retry")] * len(pointers)
@@ -1444,6 +1547,56 @@ class CassandraStore:
             "UPDATE plugin_cursors USING TIMESTAMP ? SET seq = ? WHERE plugin = ? AND chat_id = ?"
         )
         self._write_all(statement, [(seq, seq, plugin, chat_id) for chat_id, seq in cursors.items()])
+
+    # plugins' event hooks
+
+    EVENT_SWEEP_S = 10.0
+    EVENT_OVERLAP = 2_000_000  # 2 s of positions (microseconds)
+
+    def record_events(self, kinds: set[str]) -> None:
+        self.event_kinds = frozenset(kinds)
+
+    def _event(self, kind: str, body: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The writes recording an event, if a plugin wants its kind."""
+        if kind not in self.event_kinds:
+            return []
+        at = time.time_ns() // 1000
+        minute = at // EVENT_MINUTE_US
+        return [
+            (
+                self._statement(
+                    "INSERT INTO plugin_events (kind, minute, at, event_id, body) VALUES (?, ?, ?, now(), ?)"
+                ),
+                (kind, minute, at, json.dumps(body, separators=(",", ":"))),
+            ),
+            (
+                self._statement("INSERT INTO plugin_event_minutes (kind, minute) VALUES (?, ?)"),
+                (kind, minute),
+            ),
+        ]
+
+    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+        minutes = self.session.execute(
+            self._statement("SELECT minute FROM plugin_event_minutes WHERE kind = ? AND minute >= ?"),
+            (kind, after // EVENT_MINUTE_US),
+        )
+        read = self._statement(
+            "SELECT at, event_id, body FROM plugin_events WHERE kind = ? AND minute = ? AND at > ? LIMIT ?"
+        )
+        out: list[tuple[int, str, dict[str, Any]]] = []
+        for row in minutes:
+            for e in self.session.execute(read, (kind, row.minute, after, limit - len(out))):
+                out.append((e.at, str(e.event_id), json.loads(e.body)))
+            if len(out) >= limit:
+                break
+        return out
+
+    def events_settled(self) -> int:
+        return time.time_ns() // 1000 - EVENT_SETTLE_US
+
+    def forget_events(self, kind: str, upto: int) -> None:
+        """Nothing to delete: events expire (`EVENT_TTL_S`; deletes would leave tombstones that
+        every read steps over)."""
 
     def message_by_id(self, message_id: str) -> dict[str, Any] | None:
         where = message_place(message_id)

@@ -32,11 +32,16 @@ from pychat.store import (
     SendRequest,
     SendResult,
     User,
+    chat_created,
     follows,
     message_object,
 )
 
 log = logging.getLogger("pychat.store")
+# Above every username character ([A-Za-z0-9_.-], lowercased): the end of a prefix's range.
+USERNAME_END = "~"
+# How `events_after` tells a receipt event from a chat event (by the body's type).
+_RECEIPT_TEST = {"receipt": "= 'receipt'", "chat": "!= 'receipt'"}
 
 SCHEMA_VERSION = 7
 
@@ -395,6 +400,26 @@ class SqliteStore:
     def user_by_name(self, username: str) -> User | None:
         return self._user("username_key", username.lower())
 
+    def users_named(self, prefix: str, limit: int) -> list[User]:
+        key = prefix.lower()
+        rows = self._conn().execute(
+            "SELECT user_id, username, display_name, password_hash, created_at FROM users"
+            " WHERE username_key >= ? AND username_key < ? ORDER BY username_key LIMIT ?",
+            (key, key + USERNAME_END, limit),
+        )
+        return [User(*r) for r in rows]
+
+    def users_by_ids(self, user_ids: list[str]) -> list[User]:
+        if not user_ids:
+            return []
+        marks = ",".join("?" * len(user_ids))
+        rows = self._conn().execute(
+            "SELECT user_id, username, display_name, password_hash, created_at FROM users"
+            f" WHERE user_id IN ({marks})",
+            user_ids,
+        )
+        return [User(*r) for r in rows]
+
     def user_by_id(self, user_id: str) -> User | None:
         return self._user("user_id", user_id)
 
@@ -438,18 +463,7 @@ class SqliteStore:
                 "INSERT INTO user_chats (user_id, chat_id, joined_at) VALUES (?, ?, ?)",
                 [(m, chat.chat_id, chat.created_at) for m in chat.members],
             )
-            self._event(
-                c,
-                "chat",
-                {
-                    "type": "chat.created",
-                    "chat_id": chat.chat_id,
-                    "kind": chat.kind,
-                    "members": list(chat.members),
-                    "by": chat.created_by,
-                    "at": chat.created_at,
-                },
-            )
+            self._event(c, "chat", chat_created(chat))
         return chat, True
 
     def _get_chat(self, c: sqlite3.Connection, chat_id: str) -> Chat | None:
@@ -1104,16 +1118,30 @@ class SqliteStore:
                 "INSERT INTO plugin_events (body) VALUES (?)", (json.dumps(body, separators=(",", ":")),)
             )
 
-    def events_after(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+    # Event numbers are given in commit order (one writer): a reader never needs to look back.
+    EVENT_SWEEP_S = 0.0
+    EVENT_OVERLAP = 0
+
+    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
         rows = self._conn().execute(
-            "SELECT event_no, body FROM plugin_events WHERE event_no > ? ORDER BY event_no LIMIT ?",
+            "SELECT event_no, body FROM plugin_events WHERE event_no > ?"
+            f" AND json_extract(body, '$.type') {_RECEIPT_TEST[kind]} ORDER BY event_no LIMIT ?",
             (after, limit),
         )
-        return [(no, json.loads(body)) for no, body in rows]
+        return [(no, str(no), json.loads(body)) for no, body in rows]
 
-    def forget_events(self, upto: int) -> None:
+    def events_settled(self) -> int:
+        # The highest number ever given (AUTOINCREMENT's own record: deleting events keeps it).
+        row = self._conn().execute("SELECT seq FROM sqlite_sequence WHERE name = 'plugin_events'").fetchone()
+        return int(row[0]) if row else 0
+
+    def forget_events(self, kind: str, upto: int) -> None:
         with self._write() as c:
-            c.execute("DELETE FROM plugin_events WHERE event_no <= ?", (upto,))
+            c.execute(
+                "DELETE FROM plugin_events WHERE event_no <= ?"
+                f" AND json_extract(body, '$.type') {_RECEIPT_TEST[kind]}",
+                (upto,),
+            )
 
     def hook_cursors(self, plugin: str) -> dict[str, int]:
         rows = self._conn().execute("SELECT chat_id, seq FROM plugin_cursors WHERE plugin = ?", (plugin,))
