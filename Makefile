@@ -30,7 +30,7 @@ nofile = hard=$$(ulimit -Hn); \
 
 .PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
 	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop s3 s3-stop \
-	cluster cluster-stop test-cluster
+	cluster cluster-stop test-cluster test-web
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -53,17 +53,21 @@ test: build-dev lint test-rust test-py test-cluster ## install everything, build
 test-rust: ## Rust unit tests
 	cargo test -q
 
-services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 and Kafka 4.1 jars from Maven Central, cached; Debian's redis-server 7.0; versitygw, an S3 server built with go install)
+services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 and Kafka 4.1 jars from Maven Central, cached; Debian's redis-server 7.0; versitygw, an S3 server built with go install; Debian's chromium 156 for the web page's tests)
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cassandra install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.kafka install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.s3 install
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.chromium install
 
 test-py: loadgen services ## Python tests against real servers on 127.0.0.1 (pychat on SQLite and on Cassandra)
 	$(call nofile,4096) $(BIN)/pytest -q -m "not nodes" $(ARGS)
 
 test-cluster: build-dev services ## the cluster tests: 3 pychat nodes on Kafka, Redis and Cassandra; a node SIGKILLed, Redis restarted, Kafka stopped
 	$(call nofile,4096) $(BIN)/pytest -q -m nodes $(ARGS)
+
+test-web: build-dev services ## the web page in Debian's Chromium driven by Playwright (screenshots in test-results/web/)
+	$(call nofile,4096) $(BIN)/pytest -q tests/test_web.py $(ARGS)
 
 test-cassandra: loadgen services ## only the tests that run on Cassandra (the store contract, servers on Cassandra, crashes)
 	$(call nofile,4096) $(BIN)/pytest -q -k cassandra $(ARGS)

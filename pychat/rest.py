@@ -42,6 +42,7 @@ from pychat.presence import Presence
 from pychat.ratelimit import RateLimiter
 from pychat.search import SearchIndex
 from pychat.store import Chat, Media, Store, User
+from pychat.web import CSP, load_pages
 
 if TYPE_CHECKING:
     from pychat.cluster.node import ClusterNode
@@ -147,6 +148,10 @@ SEARCH_MAX = 200
 # The largest seq a client can name (JSON numbers stay exact up to 2**53 - 1).
 MAX_SEQ = 2**53 - 1
 
+# `GET /api/users`: ids per lookup, and users per prefix search.
+USERS_MAX = 200
+USERS_PAGE_MAX = 50
+
 # Threads that encode exports (each export runs on one at a time).
 EXPORT_THREADS = 2
 
@@ -215,6 +220,7 @@ class RestApi:
         r("GET", "/api/chats/{chat_id}/messages", self.history)
         r("POST", "/api/messages/{message_id}/read", self.mark_read)
         r("GET", "/api/chats/{chat_id}/receipts", self.receipts)
+        r("GET", "/api/users", self.find_users)
         r("GET", "/api/users/{user_id}/presence", self.get_presence)
         r("POST", "/api/media", self.upload_media)
         r("GET", "/api/media/{media_id}", self.download_media)
@@ -223,6 +229,10 @@ class RestApi:
         self.streamed = {"/api/media"}
         r("GET", "/api/search", self.search)
         r("GET", "/api/chats/{chat_id}/export", self.export)
+        # The web chat page, the API docs page and the OpenAPI document (pychat/web/).
+        self.pages = load_pages()
+        for url in self.pages:
+            r("GET", url, self.page, auth=False)
 
     def _route(self, method: str, path: str, handler: Handler, auth: bool = True) -> None:
         pattern = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$")
@@ -605,6 +615,48 @@ class RestApi:
             raise ApiError("bad_request", "`seq` is required")
         delivered, read = await self._store_call(self.store.receipts, chat.chat_id, seq)
         return ok({"delivered": delivered, "read": read})
+
+    async def page(self, req: Request) -> Response:
+        page = self.pages[req.path]
+        headers = [
+            ("etag", page.etag),
+            ("cache-control", "no-cache"),  # asked again each load; a 304 while unchanged
+            ("x-content-type-options", "nosniff"),
+            ("referrer-policy", "no-referrer"),
+        ]
+        if page.content_type.startswith("text/html"):
+            headers += [("content-security-policy", CSP), ("x-frame-options", "DENY")]
+        if page.etag in req.headers.get("if-none-match", ""):
+            return Response(304, b"", page.content_type, headers)
+        return Response(200, page.body, page.content_type, headers)
+
+    async def find_users(self, req: Request) -> Response:
+        """`?q=PREFIX` (usernames starting with it, any case) or `?ids=A,B,...` (profiles by id):
+        how a client names the members of its chats and finds someone to start a chat with."""
+        ids = req.query.get("ids")
+        q = req.query.get("q")
+        if (ids is None) == (q is None):
+            raise ApiError(
+                "bad_request", "give either `q` (a username prefix) or `ids` (user ids, comma-separated)"
+            )
+        if ids is not None:
+            wanted = list(dict.fromkeys(x for x in ids.split(",") if x))
+            if len(wanted) > USERS_MAX:
+                raise ApiError("bad_request", f"at most {USERS_MAX} ids")
+            users = await self._store_call(self.store.users_by_ids, wanted)
+            order = {u: i for i, u in enumerate(wanted)}
+            users.sort(key=lambda u: order[u.user_id])
+        else:
+            assert q is not None
+            lim = self.config.limits
+            if not (1 <= len(q) <= lim.username_max and USERNAME.fullmatch(q)):
+                raise ApiError(
+                    "bad_request", f"`q` is 1 to {lim.username_max} characters of a username ([A-Za-z0-9_.-])"
+                )
+            limit = req.int_query("limit", 1, USERS_PAGE_MAX, default=20)
+            assert limit is not None
+            users = await self._store_call(self.store.users_named, q, limit)
+        return ok({"users": [u.public() for u in users]})
 
     async def get_presence(self, req: Request) -> Response:
         user_id = req.params["user_id"]

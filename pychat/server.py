@@ -241,6 +241,7 @@ class Server:
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
         print(f"pychat {self.config.data_dir.resolve()}", flush=True)
+        print(f"  Chat page  {self.http_url}/   (API docs: {self.http_url}/docs)", flush=True)
         print(f"  REST       {self.http_url}/api   (health: {self.http_url}/healthz)", flush=True)
         print(f"  WebSocket  {self.ws_url}", flush=True)
         if self.cluster is not None:

@@ -10,23 +10,18 @@ ports share nothing and a restart on the same directory loads its append-only fi
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
+from services import apt
 from services.process import (
     CACHE_DIR,
     HOST,
     ServiceError,
     ServiceProcess,
     cli_parser,
-    command_output_tail,
-    install_lock,
     port_is_open,
     run_cli,
 )
@@ -79,64 +74,16 @@ class RedisError(ServiceError):
 
 def installed_package_version() -> str | None:
     """The version of the installed `redis-server` Debian package, or None if it is not installed."""
-    dpkg_query = shutil.which("dpkg-query")
-    if dpkg_query is None:
-        return None
-    done = subprocess.run(
-        [dpkg_query, "--show", "--showformat=${Status}|${Version}", "redis-server"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    status, _, version = done.stdout.partition("|")
-    return version if done.returncode == 0 and status == "install ok installed" else None
+    return apt.installed_version("redis-server")
 
 
 def install(version: str = REDIS_PACKAGE_VERSION) -> Path:
     """Returns the path of `redis-server`, installing Debian's package at exactly `version` (with apt,
-    as root) only when it is missing or another version. Several processes may call it at once: one
-    installs, the others wait for it."""
-    if REDIS_SERVER.is_file() and installed_package_version() == version:
-        return REDIS_SERVER
-    with install_lock(CACHE_DIR / "redis"):
-        if REDIS_SERVER.is_file() and installed_package_version() == version:  # installed meanwhile
-            return REDIS_SERVER
-        apt_get = shutil.which("apt-get")
-        if apt_get is None:
-            raise RedisError(f"apt-get is needed to install redis-server {version}; it is not on PATH")
-        if os.geteuid() != 0:
-            raise RedisError(
-                f"installing redis-server {version} needs root: apt-get install redis-server={version}"
-            )
-        # redis-tools is pinned too: redis-server depends on exactly its own version of it.
-        command = [
-            apt_get,
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "-o",
-            "DPkg::Lock::Timeout=300",
-            f"redis-server={version}",
-            f"redis-tools={version}",
-        ]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        run = partial(
-            subprocess.run, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, env=env
-        )
-        done = run(command)
-        if done.returncode != 0:
-            # A fresh machine has no package lists, an old one may list only older versions.
-            run([apt_get, "update", "-q", "-o", "DPkg::Lock::Timeout=300"])
-            done = run(command)
-        if done.returncode != 0:
-            raise RedisError(
-                f"apt-get could not install redis-server {version} (exit {done.returncode}):\n"
-                + command_output_tail(done)
-            )
-        if not REDIS_SERVER.is_file() or installed_package_version() != version:
-            raise RedisError(f"apt-get installed redis-server but not version {version} at {REDIS_SERVER}")
+    as root) only when it is missing or another version."""
+    # redis-tools is pinned too: redis-server depends on exactly its own version of it.
+    apt.install({"redis-server": version, "redis-tools": version}, CACHE_DIR / "redis", RedisError)
+    if not REDIS_SERVER.is_file():
+        raise RedisError(f"apt-get installed redis-server {version} but there is no {REDIS_SERVER}")
     return REDIS_SERVER
 
 

@@ -202,6 +202,27 @@ def test_a_schema_3_keyspace_gets_chain_values_equal_to_those_the_message_path_c
         upgraded.close()
 
 
+def test_a_schema_4_keyspace_finds_its_users_by_prefix_after_the_upgrade(
+    keyspace: str, tmp_path: Path
+) -> None:
+    old = open_cassandra(keyspace, tmp_path)
+    try:
+        for name in ("Ann1", "anna2", "bob3"):
+            old.create_user(User(f"u_{name}", name, None, "hash", 1))
+        old.session.execute("TRUNCATE usernames_by_prefix")
+        old.session.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '4')")
+        assert old.users_named("ann", 10) == []
+    finally:
+        old.close()
+    upgraded = open_cassandra(keyspace, tmp_path)
+    try:
+        assert [u.username for u in upgraded.users_named("ANN", 10)] == ["Ann1", "anna2"]
+        version = upgraded.session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one()
+        assert version.value == str(SCHEMA_VERSION) == "5"
+    finally:
+        upgraded.close()
+
+
 def test_a_plugin_event_that_lands_late_reaches_the_hook_once(keyspace: str, tmp_path: Path) -> None:
     """Events are placed by the writer's clock; one whose write lands after later ones (older
     than the feed's overlap, newer than its cursor) is found by the next sweep, and handed over

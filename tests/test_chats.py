@@ -117,3 +117,36 @@ async def test_members_of_a_direct_chat_are_fixed(clients: Clients) -> None:
         await alice.request("DELETE", f"/api/chats/{d['chat_id']}/members/{alice.user_id}")
     assert (e.value.status, e.value.code) == (400, "bad_request")
     assert (await alice.create_direct(bob.user_id))["members"] == d["members"]
+
+
+async def test_people_are_found_by_username_prefix_and_named_by_id(
+    server: ServerProcess, clients: Clients
+) -> None:
+    import httpx
+
+    alice, bob, carol = (
+        await clients.user("findme"),
+        await clients.user("findme"),
+        await clients.user("other"),
+    )
+    found = await alice.request("GET", "/api/users?q=FINDME&limit=50")
+    names = [u["username"] for u in found["users"]]
+    assert names == sorted(names, key=str.lower) and all(n.lower().startswith("findme") for n in names)
+    assert {alice.user_id, bob.user_id} <= {u["user_id"] for u in found["users"]}
+    assert carol.user_id not in {u["user_id"] for u in found["users"]}
+    assert set(found["users"][0]) == {"user_id", "username", "display_name"}, "no password hash, nothing else"
+    named = await alice.request("GET", f"/api/users?ids={carol.user_id},u_nobody,{bob.user_id}")
+    assert [u["user_id"] for u in named["users"]] == [carol.user_id, bob.user_id]
+    for query in (
+        "",
+        "?q=",
+        "?q=a%20b",
+        "?q=x&ids=y",
+        "?ids=" + ",".join(f"u{i}" for i in range(201)),
+        "?q=x&limit=51",
+    ):
+        with pytest.raises(ChatError) as bad:
+            await alice.request("GET", f"/api/users{query}")
+        assert bad.value.code == "bad_request", query
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{server.url}/api/users?q=findme")).status_code == 401

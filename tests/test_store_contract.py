@@ -237,3 +237,26 @@ def test_empty_ids_find_nothing(store: Store) -> None:
     assert store.existing_users(["", ""]) == set()
     assert store.get_chat("") is None and not store.is_member("", "")
     assert store.message_by_id("") is None and store.last_seen("") is None
+
+
+def test_users_are_found_by_username_prefix_in_any_case_and_by_ids(store: Store) -> None:
+    tag = uuid.uuid4().hex[:6]
+    made = {}
+    for name in (f"Zed{tag}a", f"zed{tag}B", f"zed{tag}c.d", f"zee{tag}", f"z{tag}"):
+        user_id = f"u_{uuid.uuid4().hex[:8]}"
+        store.create_user(User(user_id, name, None, "hash", 1))
+        made[name] = user_id
+    for prefix in (f"zed{tag}", f"ZED{tag}", f"Zed{tag}"):
+        assert [u.username for u in store.users_named(prefix, 10)] == [
+            f"Zed{tag}a",
+            f"zed{tag}B",
+            f"zed{tag}c.d",
+        ]
+    assert [u.username for u in store.users_named(f"zed{tag}", 2)] == [f"Zed{tag}a", f"zed{tag}B"]
+    assert [u.username for u in store.users_named(f"zed{tag}c.", 10)] == [f"zed{tag}c.d"]
+    assert store.users_named(f"zed{tag}x", 10) == []
+    # Short prefixes too (a partition per first characters on Cassandra).
+    assert f"z{tag}" in {u.username for u in store.users_named("z", 1000)}
+    found = store.users_by_ids([made[f"zee{tag}"], "u_nobody", made[f"z{tag}"]])
+    assert sorted(u.username for u in found) == sorted([f"zee{tag}", f"z{tag}"])
+    assert store.users_by_ids([]) == []

@@ -1,0 +1,51 @@
+"""The web chat page and the API docs page, served by the REST port from files in this folder:
+plain HTML, CSS and JavaScript modules (no build step), read once at start."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# The contract (api/openapi.json) in a source checkout; a copy here if a build put one.
+OPENAPI = [HERE / "openapi.json", HERE.parent.parent / "api" / "openapi.json"]
+
+# What a page URL serves, and its type.
+PAGES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/docs": ("docs.html", "text/html; charset=utf-8"),
+    "/docs.js": ("docs.js", "text/javascript; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+
+# The pages load nothing from elsewhere: scripts and styles from this server, WebSocket to the
+# gateway's port, images of attachments through blob: URLs.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:;"
+    " connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+@dataclass(frozen=True)
+class Page:
+    body: bytes
+    content_type: str
+    etag: str
+
+
+def load_pages() -> dict[str, Page]:
+    pages = {}
+    for url, (name, content_type) in PAGES.items():
+        body = (HERE / name).read_bytes()
+        pages[url] = Page(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+    for path in OPENAPI:
+        if path.is_file():
+            body = path.read_bytes()
+            pages["/api/openapi.json"] = Page(
+                body, "application/json", '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+            )
+            break
+    return pages
