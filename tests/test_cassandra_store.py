@@ -133,7 +133,7 @@ def test_a_schema_1_keyspace_is_upgraded_and_its_keys_still_answer_retries(
         assert (
             upgraded.session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one().value
             == str(SCHEMA_VERSION)
-            == "4"
+            == "5"
         )
         retry, new = send(upgraded, a, chat_id, ["old-key", "new-key"])
         assert isinstance(retry, Stored) and (retry.message_id, retry.seq, retry.duplicate) == (

@@ -120,7 +120,7 @@ def test_migrate_creates_the_schema_on_each_store(tmp_path: Path, cassandra: obj
     try:
         session = cluster.connect("migrated")
         row = session.execute("SELECT value FROM meta WHERE key = 'schema_version'").one()
-        assert row.value == str(cassandra_store.SCHEMA_VERSION) == "4"
+        assert row.value == str(cassandra_store.SCHEMA_VERSION) == "5"
         tables = {
             r.table_name
             for r in session.execute(

@@ -133,13 +133,16 @@ def test_a_sequencer_that_dies_before_committing_is_replayed_to_the_same_seqs(
         # (seen once past 90 s): room enough, and what was published if it runs out.
         deadline = time.monotonic() + 240
         while len({r.send.client_msg_id for r, _ in published} & mine) < len(records):
-            assert time.monotonic() < deadline, (
-                "the next owner publishes every send",
-                len(published),
-                sorted({type(res).__name__ for _, res in published}),
-                f"assigned partitions {sequencer.assignment()}, last consumer error {sequencer.last_error}",
-                "\n".join(x for x in kafka.log_tail(400).splitlines() if group in x or "ERROR" in x)[-4000:],
-            )
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"the next owner published {len(published)} of {len(records)} sends"
+                    f" ({sorted({type(res).__name__ for _, res in published})});"
+                    f" assigned partitions {sequencer.assignment()}, positions {sequencer.positions()},"
+                    f" last consumer error {sequencer.last_error}, rejoined {sequencer.rejoined}\n"
+                    + "\n".join(x for x in kafka.log_tail(400).splitlines() if group in x or "ERROR" in x)[
+                        -6000:
+                    ]
+                )
             sequencer.poll_once(0.5)
     finally:
         sequencer.close()
@@ -196,3 +199,40 @@ def test_two_sequencers_share_the_partitions_and_each_chat_has_one_writer(
     for c in chats:
         expected = [r.send.client_msg_id for r in records if r.send.chat_id == c]
         assert stored[c] == [(i + 1, k) for i, k in enumerate(expected)]
+
+
+def test_a_consumer_that_stalls_with_records_waiting_is_replaced(
+    kafka: KafkaServer, setting: tuple[str, str, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog (`Sequencer._check_stall`): a consumer that holds partitions with records past
+    its position and takes none (here: paused) is closed and a new one joins; every send is
+    stored once, in order."""
+    from pychat.cluster import sequencer as sequencer_module
+
+    monkeypatch.setattr(sequencer_module, "STALL_S", 2.0)
+    _, group, store = setting
+    sender, chats = chats_of(store, 3)
+    published: list[tuple[SendRecord, SendResult]] = []
+    sequencer = Sequencer(store, kafka.bootstrap_servers, group, published.extend, node_id="n1")
+    try:
+        deadline = time.monotonic() + 60
+        while not sequencer.assignment():
+            assert time.monotonic() < deadline, "the only member of the group gets the partitions"
+            sequencer.poll_once(0.2)
+        # Whatever older tests left on the shared topic is read first; then this consumer stops
+        # taking records (as the stuck one in CI did) and this test's sends arrive.
+        while sequencer.poll_once(0.5):
+            pass
+        sequencer._consumer.pause(sequencer._consumer.assignment())
+        records = produce(kafka, sender, chats, 10)
+        mine = {r.send.client_msg_id for r in records}
+        deadline = time.monotonic() + 120
+        while len({r.send.client_msg_id for r, _ in published} & mine) < len(records):
+            assert time.monotonic() < deadline, ("every send is published", sequencer.rejoined)
+            sequencer.poll_once(0.2)
+    finally:
+        sequencer.close()
+    assert sequencer.rejoined == 1
+    stored = by_chat_in_order(store, chats)
+    for c in chats:
+        assert [k for _, k in stored[c]] == [r.send.client_msg_id for r in records if r.send.chat_id == c]

@@ -147,28 +147,34 @@ def no_console_errors(*people: Person, allow: re.Pattern[str] | None = None) -> 
 
 
 async def test_two_people_register_chat_and_see_typing_and_ticks_go_sent_delivered_read(
-    server: ServerProcess, people: Any, clients: Clients
+    server: ServerProcess, people: Any
 ) -> None:
-    alice = await people("alice")
-    alice_name = unique_name("alice")
+    alice, bob = await people("alice"), await people("bob")
+    alice_name, bob_name = unique_name("alice"), unique_name("bob")
     await alice.log_in(server, alice_name, register=True)
     await alice.shot("registered")
-    # Bob exists but has no page open yet: alice's message is sent, not delivered.
-    bob_sdk = await clients.user("bob")
-    bob_name = await username(bob_sdk)
+    await bob.log_in(server, bob_name, register=True)
+    # Bob's page is closed (his session stays in the browser): alice's message is sent, not delivered.
+    await bob.page.goto("about:blank")
     await alice.page.click("#new-chat")
     await alice.page.fill("#user-search", bob_name)
-    await alice.page.check(f"#pick-{bob_sdk.user_id}", timeout=WAIT_MS)
+    await alice.page.check(f"#pick-{bob.user_id}", timeout=WAIT_MS)
     await alice.shot("new-chat")
     await alice.page.click("#new-chat-create")
     await alice.page.wait_for_selector("#composer:not([hidden])")
     await alice.say("hello bob")
     await alice.tick_becomes("hello bob", "sent")
+    await alice.page.wait_for_function(
+        "() => document.getElementById('chat-status').textContent.startsWith('last seen today at')"
+    )
+    assert await alice.page.locator(".chat-item .dot.online").count() == 0
     await alice.shot("sent")
 
-    bob = await people("bob")
-    await bob.log_in(server, bob_name)
+    # Bob comes back: the page logs him in from his saved session and syncs.
+    await bob.page.goto(server.url)
+    await bob.page.wait_for_selector("#main:not([hidden])", timeout=WAIT_MS)
     await alice.tick_becomes("hello bob", "delivered")
+    await alice.page.wait_for_selector(".chat-item .dot.online", timeout=WAIT_MS)
     await alice.shot("delivered")
     unread = await bob.page.text_content(".chat-item .badge")
     assert unread == "1"
@@ -370,12 +376,34 @@ async def test_an_image_attachment_and_search_jumping_to_the_message(
     picture.write_bytes(buf.getvalue())
     await bob.page.set_input_files("#attach", str(picture))
     await bob.page.wait_for_selector("#uploads .upload:has-text('ready')", timeout=WAIT_MS)
+    # ... and a second image pasted into the message box (a canvas drawn in the page).
+    await bob.page.focus("#text")
+    await bob.page.evaluate(
+        """async () => {
+            const canvas = document.createElement('canvas');
+            canvas.width = 40; canvas.height = 30;
+            canvas.getContext('2d').fillRect(0, 0, 40, 30);
+            const blob = await new Promise(done => canvas.toBlob(done, 'image/png'));
+            const data = new DataTransfer();
+            data.items.add(new File([blob], 'pasted.png', {type: 'image/png'}));
+            document.getElementById('text').dispatchEvent(
+                new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+        }"""
+    )
+    await bob.page.wait_for_function(
+        "() => document.querySelectorAll('#uploads .upload').length === 2"
+        " && [...document.querySelectorAll('#uploads .upload')].every(u => u.textContent.includes('ready'))",
+        timeout=WAIT_MS,
+    )
     await bob.say("a red picture")
     await bob.sees("a red picture")
     await bob.page.wait_for_function(
-        "() => [...document.querySelectorAll('#messages img.thumb')].some(i => i.src.startsWith('blob:') && i.naturalWidth > 0)",
+        "() => [...document.querySelectorAll('#messages img.thumb')].filter(i => i.src.startsWith('blob:') && i.naturalWidth > 0).length === 2",
         timeout=WAIT_MS,
     )
+    stored = (await alice_sdk.history_all(chat["chat_id"]))[-1]
+    assert [a["filename"] for a in stored["attachments"]] == ["dot.png", "pasted.png"]
+    assert all(a["content_type"] == "image/png" and a["thumbnail_url"] for a in stored["attachments"])
     await bob.shot("attachment")
     # Search finds the early message (far above the first page) and jumps to it.
     await bob.page.fill("#search", word)

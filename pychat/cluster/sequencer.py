@@ -46,6 +46,8 @@ SENDS_PARTITIONS = 12
 BATCH_MAX = 1024
 # Pause before writing again what the store did not take.
 STORE_RETRY_S = 0.5
+# A consumer with records waiting that takes none for this long is replaced (`_check_stall`).
+STALL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -174,11 +176,21 @@ class Sequencer:
         self.store = store
         self.publish = publish
         self.node_id = node_id
-        self._consumer = Consumer(
+        self._bootstrap = bootstrap
+        self._group = group
+        self._consumer = self._join()
+        self.last_error: str | None = None  # the consumer's last error, for logs and tests
+        self._error_logged = 0.0
+        self._last_record = time.monotonic()
+        self.rejoined = 0  # times a stalled consumer was replaced (`_check_stall`)
+
+    def _join(self) -> Consumer:
+        """A consumer of the sends topic in this node's group."""
+        consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
-                "group.id": group,
-                "client.id": node_id or "pychat",
+                "bootstrap.servers": self._bootstrap,
+                "group.id": self._group,
+                "client.id": self.node_id or "pychat",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "cooperative-sticky",
@@ -191,9 +203,8 @@ class Sequencer:
                 "on_commit": _committed,
             }
         )
-        self._consumer.subscribe([SENDS_TOPIC])
-        self.last_error: str | None = None  # the consumer's last error, for logs and tests
-        self._error_logged = 0.0
+        consumer.subscribe([SENDS_TOPIC])
+        return consumer
 
     def poll_once(self, timeout: float = 1.0) -> int:
         """Consumes up to `BATCH_MAX` records, stores them, publishes the results, commits. How many."""
@@ -206,7 +217,9 @@ class Sequencer:
         if len(messages) < len(batch):
             self._consumer_error(next(m.error() for m in batch if m.error() is not None))
         if not messages:
+            self._check_stall()
             return 0
+        self._last_record = time.monotonic()
         records = []
         for m in messages:
             try:
@@ -243,9 +256,47 @@ class Sequencer:
             self._error_logged = now
             log.warning("sends consumer error: %s", error)
 
+    def _check_stall(self) -> None:
+        """A consumer that owns partitions with records past its position and has taken none for
+        `STALL_S` is replaced by a new one (it leaves the group, the new one joins and reads on
+        from the committed offsets: nothing is lost, a batch at most is stored again). Seen in CI:
+        after a member died, the next owner held every partition and read nothing for minutes."""
+        now = time.monotonic()
+        if now - self._last_record < STALL_S:
+            return
+        self._last_record = now  # looked at again after another STALL_S
+        owned = self._consumer.assignment()
+        if not owned:
+            return
+        behind = []
+        try:
+            for tp in self._consumer.position(owned):
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+                if high > max(tp.offset, low):
+                    behind.append(f"{tp.partition}@{tp.offset}<{high}")
+        except KafkaException as e:
+            log.warning("checking the sends consumer's progress failed: %s", e)
+            return
+        if not behind:
+            return
+        log.error(
+            "sends consumer took nothing for %.0f s with records waiting (%s); joining again",
+            STALL_S,
+            ", ".join(behind),
+        )
+        self.rejoined += 1
+        try:
+            self._consumer.close()
+        finally:
+            self._consumer = self._join()
+
     def assignment(self) -> list[int]:
         """The sends partitions this node owns now."""
         return sorted(tp.partition for tp in self._consumer.assignment())
+
+    def positions(self) -> dict[int, int]:
+        """Where this node reads next in each partition it owns (negative: not known yet)."""
+        return {tp.partition: tp.offset for tp in self._consumer.position(self._consumer.assignment())}
 
     def store_all(self, records: list[SendRecord]) -> list[SendResult]:
         """The store's answer to every record; what it did not take for want of a store is written

@@ -180,6 +180,7 @@ class EventFeed:
         self._handed: dict[str, int] = {}  # id -> position of events handed over above the cursor
         self._high = 0  # the highest position handed over
         self._next_sweep = 0.0
+        self._forgotten = 0  # the position up to which events were last deleted
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"pychat-events-{plugin.spec.name}-{hook}", daemon=True
@@ -246,9 +247,7 @@ class EventFeed:
                 moved = True
             if len(events) < EVENT_BATCH:
                 break
-            # The next page from just below the last position read (ties at it are read again
-            # and known); a page all at one position steps past it.
-            start = events[-1][0] - 1 if events[0][0] != events[-1][0] else events[-1][0]
+            start = events[-1][0]  # a page holds all of its last position
         else:
             return moved
         if sweep:
@@ -265,5 +264,6 @@ class EventFeed:
             self.cursor = cursor
             self._handed = {eid: pos for eid, pos in self._handed.items() if pos > cursor}
         taken = min(feed.cursor for feed in self.peers if feed.kind == self.kind)
-        if taken > 0:
+        if taken > self._forgotten:  # a delete only when every feed of the kind moved on
             self.store.forget_events(self.kind, taken)
+            self._forgotten = taken

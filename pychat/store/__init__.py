@@ -214,8 +214,9 @@ class MessageStore(Protocol):
         """Records events of these kinds ("receipt", "chat") from now on."""
 
     def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
-        """Up to `limit` events of the kind at positions > `after`, ordered by position, each as
-        (position, event id, body); ids are unique, positions may repeat."""
+        """Up to `limit` events of the kind at positions > `after` (more if the last position has
+        more: a page never ends inside a position), ordered by position, each as (position,
+        event id, body); ids are unique, positions may repeat."""
 
     def events_settled(self) -> int:
         """A position at or below which no event is still to appear."""

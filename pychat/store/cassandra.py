@@ -641,8 +641,8 @@ class CassandraStore:
         )
 
     def _together(self, statements: list[tuple[Any, tuple[Any, ...]]], events: list[Any]) -> None:
-        """The statements one by one, or with an event in one logged batch (all of them, or after
-        a crash all of them in the end: the event is never told without its change)."""
+        """The statements one by one, or with events in one logged batch (all of them, or after a
+        crash all of them in the end: an event is not lost while its change lands)."""
         if not events:
             for q, args in statements:
                 self.session.execute(q, args)
@@ -650,7 +650,17 @@ class CassandraStore:
         batch = BatchStatement(batch_type=BatchType.LOGGED)
         for q, args in [*statements, *events]:
             batch.add(q, args)
-        self.session.execute(batch)
+        try:
+            self.session.execute(batch)
+        except self.unavailable_errors:
+            # A batch that timed out may still be applied later by the batchlog, its event then
+            # placed below a feed's settled cursor: told again at a fresh place (at least once;
+            # the caller hears the failure, so the change may also not have happened).
+            try:
+                self._write_all_statements(self._fresh(events))
+            except self.unavailable_errors:
+                log.warning("an event whose change timed out could not be told again")
+            raise
 
     def get_chat(self, chat_id: str) -> Chat | None:
         if not chat_id:
@@ -1556,6 +1566,21 @@ class CassandraStore:
     def record_events(self, kinds: set[str]) -> None:
         self.event_kinds = frozenset(kinds)
 
+    def _fresh(
+        self, events: list[tuple[PreparedStatement, tuple[Any, ...]]]
+    ) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
+        """The same events placed now."""
+        out = []
+        for _, args in events:
+            if len(args) == 4:  # plugin_events (kind, minute, at, body)
+                out.extend(self._event(args[0], json.loads(args[3])))
+        return out
+
+    def _write_all_statements(self, statements: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> None:
+        for ok, result in execute_concurrent(self.session, statements, concurrency=CONCURRENCY):
+            if not ok:
+                raise result
+
     def _event(self, kind: str, body: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
         """The writes recording an event, if a plugin wants its kind."""
         if kind not in self.event_kinds:
@@ -1584,11 +1609,22 @@ class CassandraStore:
             "SELECT at, event_id, body FROM plugin_events WHERE kind = ? AND minute = ? AND at > ? LIMIT ?"
         )
         out: list[tuple[int, str, dict[str, Any]]] = []
+        last_id = None
         for row in minutes:
             for e in self.session.execute(read, (kind, row.minute, after, limit - len(out))):
                 out.append((e.at, str(e.event_id), json.loads(e.body)))
+                last_id = e.event_id
             if len(out) >= limit:
                 break
+        if len(out) >= limit:
+            # A page never ends inside a position: the rest of the last one comes with it, so a
+            # reader pages on from the last position (`> at`) without skipping any.
+            at = out[-1][0]
+            rest = self._statement(
+                "SELECT at, event_id, body FROM plugin_events WHERE kind = ? AND minute = ? AND at = ? AND event_id > ?"
+            )
+            for e in self.session.execute(rest, (kind, at // EVENT_MINUTE_US, at, last_id)):
+                out.append((e.at, str(e.event_id), json.loads(e.body)))
         return out
 
     def events_settled(self) -> int:

@@ -15,6 +15,7 @@ const TYPING_IDLE_MS = 4000;
 
 const S = {
   token: null,
+  expires: 0, // when the token expires (ms)
   me: null, // {user_id, username, display_name}
   config: null,
   ws: null,
@@ -40,6 +41,7 @@ const S = {
   read: new Map(), // chat_id -> seq told as read
   uploads: [], // {media_id|null, name, done}
   blobs: new Map(), // url -> blob URL
+  frames: Promise.resolve(), // the frames being handled, in order
 };
 
 // ---- REST
@@ -128,21 +130,22 @@ async function submitAuth(ev) {
 }
 
 function logout(message) {
+  // A fresh page: nothing of this session (chats, unsent messages, media) survives for the next.
   localStorage.removeItem("pychat.session");
+  if (message) sessionStorage.setItem("pychat.notice", message);
   S.token = null;
   if (S.ws) {
     S.ws.onclose = null;
     S.ws.close();
   }
-  S.ws = null;
-  location.hash = "";
-  showAuth(message);
+  location.replace(location.pathname);
 }
 
 // ---- start
 
 async function start(session) {
   S.token = session.token;
+  S.expires = session.expires_at;
   S.config = await api("GET", "/api/config");
   await names([session.user_id]);
   S.me = S.users.get(session.user_id);
@@ -153,13 +156,19 @@ async function start(session) {
   await names(chats.flatMap((c) => c.members));
   for (const c of chats) {
     S.chats.set(c.chat_id, c);
-    // Sync asks for the newest unread messages (up to 200 a chat): this device then has them
-    // (`delivered`); older history is read page by page when the chat is opened.
-    if (!S.heads.has(c.chat_id)) S.heads.set(c.chat_id, Math.max(0, (c.last_seq || 0) - Math.min(c.unread || 0, 200)));
+    // A chat with unread messages is left out of the first `sync`: the server then sends what
+    // is above the read pointer, which this device then has (`delivered`). Older history is
+    // read page by page when the chat is opened.
+    if (!S.heads.has(c.chat_id) && !c.unread) S.heads.set(c.chat_id, c.last_seq || 0);
   }
   renderChatList();
   connect();
-  const wanted = decodeURIComponent(location.hash.slice(1));
+  let wanted = "";
+  try {
+    wanted = decodeURIComponent(location.hash.slice(1));
+  } catch {
+    // a malformed hash: start at the list
+  }
   if (S.chats.has(wanted)) await openChat(wanted);
   else document.body.classList.add("list");
 }
@@ -179,12 +188,14 @@ function connect() {
     } catch {
       return;
     }
-    onFrame(frame).catch((e) => console.warn("frame", frame.type, e));
+    // One at a time, in arrival order (a frame may wait for names or a chat's details).
+    S.frames = S.frames.then(() => onFrame(frame)).catch((e) => console.warn("frame", frame.type, e));
   };
   ws.onclose = (ev) => {
     if (S.ws !== ws) return;
     S.wsReady = false;
-    if (ev.code === 1008 || ev.code === 4001) return logout("Your session ended; log in again.");
+    // A refused upgrade (an expired token: 401) looks like any failed connection here.
+    if (Date.now() >= S.expires) return logout("Your session ended; log in again.");
     // Backoff with jitter: a restarted server is not met by every page at the same instant.
     S.backoff = Math.min(15000, S.backoff ? S.backoff * 2 : 500);
     const wait = S.backoff / 2 + Math.random() * (S.backoff / 2);
@@ -223,8 +234,10 @@ async function onFrame(f) {
       break;
     case "synced":
       for (const [chat_id, seq] of Object.entries(f.chats || {})) {
-        if (seq > (S.heads.get(chat_id) || 0) && !S.chats.has(chat_id)) await refreshChat(chat_id);
+        if (!S.chats.has(chat_id)) await refreshChat(chat_id).catch(() => {});
+        if (seq > (S.heads.get(chat_id) || 0)) S.heads.set(chat_id, seq);
       }
+      if (S.open) loadPointers(S.open, [...S.shown.values()]).catch(() => {});
       tellRead();
       break;
     case "receipt":
@@ -241,7 +254,8 @@ async function onFrame(f) {
     case "chat":
       await names(f.chat.members);
       S.chats.set(f.chat.chat_id, { ...S.chats.get(f.chat.chat_id), ...f.chat });
-      if (!S.heads.has(f.chat.chat_id)) S.heads.set(f.chat.chat_id, 0);
+      // Added to a chat: its history is read when opened, not streamed by the next sync.
+      if (!S.heads.has(f.chat.chat_id)) S.heads.set(f.chat.chat_id, f.chat.last_seq || 0);
       follow();
       renderChatList();
       if (S.open === f.chat.chat_id) renderHeader();
@@ -262,7 +276,6 @@ async function refreshChat(chat_id) {
   const chat = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}`);
   await names(chat.members);
   S.chats.set(chat_id, { ...S.chats.get(chat_id), ...chat });
-  if (!S.heads.has(chat_id)) S.heads.set(chat_id, 0);
   renderChatList();
 }
 
@@ -292,15 +305,27 @@ async function onMessage(m) {
   renderChatList();
 }
 
+let deliveredSoon = new Map(); // chat_id -> seq, told together a moment later (a sync brings many)
+
 function tellDelivered(chat_id, seq) {
-  if (seq <= (S.delivered.get(chat_id) || 0)) return;
-  if (sendFrame({ type: "delivered", chat_id, seq })) S.delivered.set(chat_id, seq);
+  if (seq <= Math.max(S.delivered.get(chat_id) || 0, deliveredSoon.get(chat_id) || 0)) return;
+  if (!deliveredSoon.size) {
+    setTimeout(() => {
+      const due = deliveredSoon;
+      deliveredSoon = new Map();
+      for (const [chat, upto] of due) {
+        if (upto > (S.delivered.get(chat) || 0) && sendFrame({ type: "delivered", chat_id: chat, seq: upto })) S.delivered.set(chat, upto);
+      }
+    }, 100);
+  }
+  deliveredSoon.set(chat_id, seq);
 }
 
 function tellRead() {
   const chat_id = S.open;
-  if (!chat_id || document.visibilityState !== "visible") return;
-  const seq = S.heads.get(chat_id) || 0;
+  if (!chat_id || document.visibilityState !== "visible" || document.body.classList.contains("list")) return;
+  // What is on screen: up to the newest message, or the window's end after a search jump.
+  const seq = S.hasNewer ? S.newest : S.heads.get(chat_id) || 0;
   const chat = S.chats.get(chat_id);
   if (chat && chat.unread) {
     chat.unread = 0;
@@ -368,7 +393,8 @@ function sendPending(key, p) {
 function onAck(a) {
   const p = S.pending.get(a.client_msg_id);
   S.pending.delete(a.client_msg_id);
-  if (a.seq > (S.heads.get(a.chat_id) || 0)) S.heads.set(a.chat_id, a.seq);
+  // `heads` moves only with messages received (an ack may come before other members' messages
+  // below its seq: a sync from it would skip them).
   const chat = S.chats.get(a.chat_id);
   if (chat && p) {
     chat.last_message = { ...a, sender_id: S.me.user_id, content: p.content, attachments: [] };
@@ -448,8 +474,14 @@ function addFiles(files) {
     };
     xhr.onload = () => {
       u.done = true;
-      if (xhr.status === 201) u.media_id = JSON.parse(xhr.responseText).media_id;
-      else u.error = (JSON.parse(xhr.responseText || "{}").error || {}).message || `HTTP ${xhr.status}`;
+      let body = {};
+      try {
+        body = JSON.parse(xhr.responseText || "{}");
+      } catch {
+        // not JSON: a proxy's error page
+      }
+      if (xhr.status === 201 && body.media_id) u.media_id = body.media_id;
+      else u.error = body.error?.message || `HTTP ${xhr.status}`;
       renderUploads();
     };
     xhr.onerror = () => {
@@ -492,7 +524,11 @@ async function blobUrl(url) {
   if (!S.blobs.has(url)) {
     S.blobs.set(url, fetch(url, { headers: { authorization: `Bearer ${S.token}` } })
       .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`HTTP ${r.status}`))))
-      .then((b) => URL.createObjectURL(b)));
+      .then((b) => URL.createObjectURL(b))
+      .catch((e) => {
+        S.blobs.delete(url); // asked again next time
+        throw e;
+      }));
   }
   return S.blobs.get(url);
 }
@@ -568,6 +604,8 @@ async function openChat(chat_id) {
   stopTyping();
   S.open = chat_id;
   S.shown = new Map();
+  S.hasNewer = false;
+  S.newest = 0;
   location.hash = encodeURIComponent(chat_id);
   document.body.classList.remove("list");
   $("messages").replaceChildren();
@@ -580,8 +618,6 @@ async function openChat(chat_id) {
   await names(messages.map((m) => m.sender_id));
   S.hasMore = has_more;
   S.oldest = messages.length ? messages[0].seq : 0;
-  S.newest = 0;
-  S.hasNewer = false;
   for (const m of messages) showMessage(m, false);
   for (const [key, p] of S.pending) if (p.chat_id === chat_id) showMessage({ chat_id, seq: 0, client_msg_id: key, sender_id: S.me.user_id, content: p.content, attachments: [], created_at: p.created_at }, false);
   const last = messages.at(-1);
@@ -621,8 +657,13 @@ async function loadNewer() {
     const { messages, has_more } = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?after=${S.newest}&limit=${PAGE}`);
     if (S.open !== chat_id) return;
     await names(messages.map((m) => m.sender_id));
-    S.hasNewer = has_more;
     for (const m of messages) showMessage(m, false);
+    if (!has_more) {
+      // Live messages are shown from now on; those that came during the read, once more.
+      S.hasNewer = false;
+      const again = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?after=${S.newest}&limit=${PAGE}`);
+      if (S.open === chat_id) for (const m of again.messages) showMessage(m, false);
+    }
     renderTicks();
   } finally {
     S.loadingOlder = false;
@@ -679,8 +720,8 @@ function showMessage(m, live, replace = false) {
   const box = $("messages");
   if (m.seq) {
     if (S.shown.has(m.seq) && !replace) return;
+    if (live && S.hasNewer && !S.shown.has(m.seq)) return; // beyond the window shown: loaded when scrolled to
     if (replace) box.querySelector(`li[data-seq="${m.seq}"]`)?.remove();
-    if (live && S.hasNewer) return; // beyond the window shown: loaded when scrolled to
     S.shown.set(m.seq, m);
     S.newest = Math.max(S.newest, m.seq);
     if (m.client_msg_id) box.querySelector(`li[data-key="${CSS.escape(m.client_msg_id)}"]`)?.remove();
@@ -751,8 +792,8 @@ function tick(li) {
   const status = statusOf(Number(li.dataset.seq || 0));
   if (t.dataset.status === status) return;
   t.dataset.status = status;
-  t.textContent = TICKS[status];
-  t.setAttribute("aria-label", status);
+  t.replaceChildren(el("span", "", TICKS[status]), el("span", "sr-only", status));
+  t.firstChild.setAttribute("aria-hidden", "true");
   t.title = status;
 }
 
@@ -794,7 +835,7 @@ async function submitSearch(ev) {
         const b = el("button", "result");
         b.type = "button";
         const chat = S.chats.get(r.chat_id);
-        b.append(el("span", "title", `${chat ? titleOf(chat) : "chat"} · ${nameOf(r.sender_id)}`), marked(r.highlight || r.content));
+        b.append(el("span", "title", `${chat ? titleOf(chat) : "chat"} · ${nameOf(r.sender_id)}`), (r.highlight ? marked(r.highlight) : el("span", "preview", r.content)));
         b.onclick = () => jumpTo(r.chat_id, r.seq);
         li.append(b);
         return li;
@@ -809,8 +850,8 @@ function marked(highlight) {
   // The server's highlight is HTML-escaped text with <mark> around matches: rebuilt as nodes.
   const p = el("span", "preview");
   const text = (s) => new DOMParser().parseFromString(s, "text/html").documentElement.textContent;
-  highlight.split(/(<mark>.*?<\/mark>)/).forEach((part) => {
-    const m = part.match(/^<mark>(.*)<\/mark>$/);
+  highlight.split(/(<mark>[\s\S]*?<\/mark>)/).forEach((part) => {
+    const m = part.match(/^<mark>([\s\S]*)<\/mark>$/);
     p.append(m ? el("mark", "", text(m[1])) : document.createTextNode(text(part)));
   });
   return p;
@@ -960,13 +1001,19 @@ function wire() {
   });
   $("back").addEventListener("click", () => {
     document.body.classList.add("list");
+    stopTyping();
+    S.open = null;
+    location.hash = "";
+    renderChatList();
     $("chat-list").querySelector("button")?.focus();
   });
   document.addEventListener("visibilitychange", tellRead);
   window.addEventListener("focus", tellRead);
   const saved = JSON.parse(localStorage.getItem("pychat.session") || "null");
-  if (saved && saved.expires_at > Date.now()) start(saved).catch(() => logout());
-  else showAuth();
+  const notice = sessionStorage.getItem("pychat.notice") || "";
+  sessionStorage.removeItem("pychat.notice");
+  if (saved && saved.expires_at > Date.now()) start(saved).catch(() => logout("Could not reach the server; log in again."));
+  else showAuth(notice);
 }
 
 wire();
