@@ -41,7 +41,7 @@ from pychat.plugins import Connect
 from pychat.presence import Presence
 from pychat.ratelimit import RateLimiter
 from pychat.search import SearchIndex
-from pychat.store import Chat, Media, Store, User
+from pychat.store import Chat, Media, Store, User, receipts_at
 from pychat.web import CSP, load_pages
 
 if TYPE_CHECKING:
@@ -613,8 +613,11 @@ class RestApi:
         seq = req.int_query("seq", 1, MAX_SEQ)
         if seq is None:
             raise ApiError("bad_request", "`seq` is required")
-        delivered, read = await self._store_call(self.store.receipts, chat.chat_id, seq)
-        return ok({"delivered": delivered, "read": read})
+        pointers = await self._store_call(self.store.pointers, chat.chat_id)
+        delivered, read = receipts_at(pointers, seq)
+        # Every member's pointers too: a client sets all its messages' ticks from one call.
+        members = {u: {"delivered": d, "read": r} for u, (d, r) in pointers.items()}
+        return ok({"delivered": delivered, "read": read, "pointers": members})
 
     async def page(self, req: Request) -> Response:
         page = self.pages[req.path]

@@ -161,7 +161,9 @@ def test_pointers_move_up_only_and_survive_leaving(store: Store) -> None:
     failed(moves[3], "bad_request")
     assert store.receipts(chat_id, 2) == ([b], [b])
     assert store.receipts(chat_id, 3) == ([b], [])
+    assert store.pointers(chat_id)[b] == (3, 2)
     store.remove_member(chat_id, b)
+    assert b not in store.pointers(chat_id), "only current members"
     _, gone = store.append_batch([], [PointerRequest(b, chat_id, "read", 3)])
     failed(gone[0], "forbidden")
     store.add_member(chat_id, b)

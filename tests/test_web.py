@@ -456,3 +456,20 @@ async def test_the_docs_page_and_the_first_load_stay_small(server: ServerProcess
     assert unchanged.status_code == 304
     assert "script-src 'self'" in again.headers["content-security-policy"]
     no_console_errors(reader)
+
+
+async def test_ticks_of_older_messages_come_from_every_members_pointers(
+    server: ServerProcess, people: Any, clients: Clients
+) -> None:
+    alice_sdk, bob_sdk = await clients.user("alice"), await clients.user("bob")
+    chat = await alice_sdk.create_direct(bob_sdk.user_id)
+    first = await alice_sdk.post_message(chat["chat_id"], "read one")
+    await alice_sdk.post_message(chat["chat_id"], "not yet")
+    await bob_sdk.request("POST", f"/api/messages/{first['message_id']}/read")
+    alice = await people("alice")
+    await alice.log_in(server, await username(alice_sdk))
+    await alice.open_chat(await username(bob_sdk))
+    await alice.tick_becomes("read one", "read")
+    assert await alice.tick_of("not yet") == "sent"
+    await alice.shot("ticks")
+    no_console_errors(alice)

@@ -127,6 +127,14 @@ def follows(rows: Sequence[Sequence[Any]], last: int) -> bool:
     return all(row[1] == last + 1 + k for k, row in enumerate(rows))
 
 
+def receipts_at(pointers: dict[str, tuple[int, int]], seq: int) -> tuple[list[str], list[str]]:
+    """(members whose delivered pointer >= seq, members whose read pointer >= seq), in the
+    pointers' order."""
+    return [u for u, (d, _) in pointers.items() if d >= seq], [
+        u for u, (_, r) in pointers.items() if r >= seq
+    ]
+
+
 def chat_created(chat: Chat) -> dict[str, Any]:
     """The `chat.created` event plugins' `on_chat_event` gets (pychat/plugins)."""
     return {
@@ -266,6 +274,9 @@ class MetadataStore(Protocol):
     def sync_chats(self, user_id: str, since: dict[str, int]) -> list[tuple[str, int, int]]:
         """(chat_id, cursor, last_seq) of each of the user's chats; the cursor is `since`'s
         entry for the chat, or else the user's read pointer."""
+
+    def pointers(self, chat_id: str) -> dict[str, tuple[int, int]]:
+        """Each member's (delivered, read) pointer, by user id in id order."""
 
     def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
         """(members whose delivered pointer >= seq, members whose read pointer >= seq)."""

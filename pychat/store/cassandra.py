@@ -82,6 +82,7 @@ from pychat.store import (
     User,
     chat_created,
     follows,
+    receipts_at,
 )
 
 log = logging.getLogger("pychat.store.cassandra")
@@ -803,7 +804,7 @@ class CassandraStore:
         }
         return [(chat_id, since.get(chat_id, read), last.get(chat_id, 0)) for chat_id, read in mine.items()]
 
-    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
+    def pointers(self, chat_id: str) -> dict[str, tuple[int, int]]:
         members = sorted(self._members(chat_id))
         rows = self._in(
             "SELECT user_id, delivered_seq, read_seq FROM user_chats WHERE user_id IN ? AND chat_id = ?",
@@ -811,10 +812,10 @@ class CassandraStore:
             chat_id,
         )
         rows.sort(key=lambda r: r.user_id)
-        return (
-            [r.user_id for r in rows if (r.delivered_seq or 0) >= seq],
-            [r.user_id for r in rows if (r.read_seq or 0) >= seq],
-        )
+        return {r.user_id: (r.delivered_seq or 0, r.read_seq or 0) for r in rows}
+
+    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
+        return receipts_at(self.pointers(chat_id), seq)
 
     # presence
 

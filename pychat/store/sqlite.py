@@ -35,6 +35,7 @@ from pychat.store import (
     chat_created,
     follows,
     message_object,
+    receipts_at,
 )
 
 log = logging.getLogger("pychat.store")
@@ -1161,16 +1162,15 @@ class SqliteStore:
         row = self._conn().execute(f"{_CHAINED_SELECT} WHERE m.message_id = ?", (message_id,)).fetchone()
         return message_object(row) if row else None
 
-    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
-        rows = (
-            self._conn()
-            .execute(
-                "SELECT user_id, delivered_seq, read_seq FROM user_chats WHERE chat_id = ? ORDER BY user_id",
-                (chat_id,),
-            )
-            .fetchall()
+    def pointers(self, chat_id: str) -> dict[str, tuple[int, int]]:
+        rows = self._conn().execute(
+            "SELECT user_id, delivered_seq, read_seq FROM user_chats WHERE chat_id = ? ORDER BY user_id",
+            (chat_id,),
         )
-        return [u for u, d, _ in rows if d >= seq], [u for u, _, r in rows if r >= seq]
+        return {u: (d, r) for u, d, r in rows}
+
+    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
+        return receipts_at(self.pointers(chat_id), seq)
 
 
 @dataclass

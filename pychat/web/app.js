@@ -629,21 +629,16 @@ async function openChat(chat_id) {
 }
 
 async function loadPointers(chat_id, messages) {
-  // Where the other members' pointers are, as far as the newest own message shown.
+  // Every member's pointers (the receipts answer carries them), for the ticks of all own messages.
   const own = messages.filter((m) => m.sender_id === S.me.user_id).at(-1);
   if (!own) return;
   const r = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/receipts?seq=${own.seq}`);
   const chat = S.pointers.get(chat_id) || new Map();
   S.pointers.set(chat_id, chat);
-  for (const u of r.delivered) {
+  for (const [u, q] of Object.entries(r.pointers || {})) {
     const p = chat.get(u) || { delivered: 0, read: 0 };
-    p.delivered = Math.max(p.delivered, own.seq);
-    chat.set(u, p);
-  }
-  for (const u of r.read) {
-    const p = chat.get(u) || { delivered: 0, read: 0 };
-    p.read = Math.max(p.read, own.seq);
-    p.delivered = Math.max(p.delivered, own.seq);
+    p.delivered = Math.max(p.delivered, q.delivered, q.read);
+    p.read = Math.max(p.read, q.read);
     chat.set(u, p);
   }
   renderTicks();
