@@ -517,13 +517,14 @@ class ChatClient:
     async def close(self) -> None:
         self._closing = True
         self._fail_pending(ChatError("unavailable", "client closed"))
-        if self._ws is not None:
-            await self._ws.close()
+        # The reader first: one reconnecting could otherwise open a socket after the close below.
         for task in (self._reader, self._writer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._ws is not None:
+            await self._ws.close()
         await self.http.aclose()
 
 

@@ -383,7 +383,9 @@ async def test_delivered_and_read_receipts_reach_the_sender(server: ServerProces
     receipt = await alice_ws.until("receipt")
     assert (receipt["status"], receipt["seq"], receipt["user_id"]) == ("read", 1, bob.user_id)
     got = await alice.request("GET", f"/api/chats/{chat_id}/receipts", params={"seq": 1})
-    assert got == {"delivered": [bob.user_id], "read": [bob.user_id]}
+    assert (got["delivered"], got["read"]) == ([bob.user_id], [bob.user_id])
+    assert got["pointers"][bob.user_id] == {"delivered": 1, "read": 1}
+    assert got["pointers"][carol.user_id] == {"delivered": 0, "read": 0}
     # The reader's own connection gets no receipt about itself.
     await alice_ws.send(send_frame(chat_id, "barrier"))
     await alice_ws.until("ack")
