@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pychat.store import Chat, Media, PointerRequest, SendRequest, User
+from pychat.store import Chat, Media, PointerRequest, SendRequest, User, receipts_at
 from pychat.store import sqlite as sqlite_store
 from pychat.store.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.storekit import TupleSqliteStore, assert_chained
@@ -178,8 +178,8 @@ def test_pointers_are_kept_when_a_member_leaves_and_is_added_again(tmp_path: Pat
     store.remove_member("c1", "ub")
     store.append_batch([SendRequest("ua", "c1", "k9", "while away", [])], [])
     assert store.add_member("c1", "ub")
-    assert store.receipts("c1", 3) == (["ub"], ["ub"])
-    assert store.receipts("c1", 4) == (["ub"], [])
+    assert receipts_at(store.pointers("c1"), 3) == (["ub"], ["ub"])
+    assert receipts_at(store.pointers("c1"), 4) == (["ub"], [])
     chats = {c["chat_id"]: c for c in store.list_chats("ub")}
     assert chats["c1"]["unread"] == 2, "messages 4 and 5, not the whole history"
     # A pointer move that would go back is still refused after the return.
@@ -207,7 +207,7 @@ def test_a_version_4_database_gets_the_former_members_table(tmp_path: Path) -> N
     upgraded.append_batch([], [PointerRequest("ub", "c1", "read", 1)])
     upgraded.remove_member("c1", "ub")
     upgraded.add_member("c1", "ub")
-    assert upgraded.receipts("c1", 1) == (["ub"], ["ub"])
+    assert receipts_at(upgraded.pointers("c1"), 1) == (["ub"], ["ub"])
     upgraded.close()
 
 

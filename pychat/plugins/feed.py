@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from pychat.heads import PendingHeads
 from pychat.plugins.host import HookFailed, LoadedPlugin, PluginHost
@@ -163,7 +162,7 @@ class EventFeed:
         host: PluginHost,
         plugin: LoadedPlugin,
         hook: str,
-        store: Any,
+        store: Store,
         peers: list[EventFeed],
         active: Callable[[], bool] = lambda: True,
     ) -> None:

@@ -278,9 +278,6 @@ class MetadataStore(Protocol):
     def pointers(self, chat_id: str) -> dict[str, tuple[int, int]]:
         """Each member's (delivered, read) pointer, by user id in id order."""
 
-    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
-        """(members whose delivered pointer >= seq, members whose read pointer >= seq)."""
-
     # presence
     def last_seen(self, user_id: str) -> int | None: ...
     def visible_users(self, viewer_id: str, user_ids: list[str]) -> set[str]:

@@ -82,7 +82,6 @@ from pychat.store import (
     User,
     chat_created,
     follows,
-    receipts_at,
 )
 
 log = logging.getLogger("pychat.store.cassandra")
@@ -620,12 +619,14 @@ class CassandraStore:
         )
         # The event goes with the chat's row (a creator that dies before the members' rows leaves
         # a chat its retry finishes; the event already names every member).
-        self._together([created], self._event("chat", chat_created(chat)))
+        self._together([created], [("chat", chat_created(chat))])
         for user_id in chat.members:
             self._join(chat.chat_id, user_id, chat.created_at)
         return chat, True
 
-    def _join(self, chat_id: str, user_id: str, at: int, events: list[Any] | None = None) -> None:
+    def _join(
+        self, chat_id: str, user_id: str, at: int, events: list[tuple[str, dict[str, Any]]] | None = None
+    ) -> None:
         # The pointer cells are left alone: a former member's come back with it.
         self._together(
             [
@@ -641,15 +642,19 @@ class CassandraStore:
             events or [],
         )
 
-    def _together(self, statements: list[tuple[Any, tuple[Any, ...]]], events: list[Any]) -> None:
-        """The statements one by one, or with events in one logged batch (all of them, or after a
-        crash all of them in the end: an event is not lost while its change lands)."""
-        if not events:
+    def _together(
+        self, statements: list[tuple[Any, tuple[Any, ...]]], events: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        """The statements one by one, or with the (kind, body) events plugins want in one logged
+        batch (all of them, or after a crash all of them in the end: an event is not lost while
+        its change lands)."""
+        writes = [w for kind, body in events for w in self._event(kind, body)]
+        if not writes:
             for q, args in statements:
                 self.session.execute(q, args)
             return
         batch = BatchStatement(batch_type=BatchType.LOGGED)
-        for q, args in [*statements, *events]:
+        for q, args in [*statements, *writes]:
             batch.add(q, args)
         try:
             self.session.execute(batch)
@@ -657,8 +662,8 @@ class CassandraStore:
             # A batch that timed out may still be applied later by the batchlog, its event then
             # placed below a feed's settled cursor: told again at a fresh place (at least once;
             # the caller hears the failure, so the change may also not have happened).
-            try:
-                self._write_all_statements(self._fresh(events))
+            try:  # `_event` places them now
+                self._all_statements([w for kind, body in events for w in self._event(kind, body)])
             except self.unavailable_errors:
                 log.warning("an event whose change timed out could not be told again")
             raise
@@ -753,7 +758,7 @@ class CassandraStore:
             return False
         at = now_ms()
         event = {"type": "member.added", "chat_id": chat_id, "user_id": user_id, "at": at}
-        self._join(chat_id, user_id, at, self._event("chat", event))
+        self._join(chat_id, user_id, at, [("chat", event)])
         self.forget_members(chat_id)
         return True
 
@@ -770,7 +775,7 @@ class CassandraStore:
                     (user_id, chat_id),
                 ),
             ],
-            self._event("chat", event),
+            [("chat", event)],
         )
         self.forget_members(chat_id)
         return True
@@ -813,9 +818,6 @@ class CassandraStore:
         )
         rows.sort(key=lambda r: r.user_id)
         return {r.user_id: (r.delivered_seq or 0, r.read_seq or 0) for r in rows}
-
-    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
-        return receipts_at(self.pointers(chat_id), seq)
 
     # presence
 
@@ -1566,21 +1568,6 @@ class CassandraStore:
 
     def record_events(self, kinds: set[str]) -> None:
         self.event_kinds = frozenset(kinds)
-
-    def _fresh(
-        self, events: list[tuple[PreparedStatement, tuple[Any, ...]]]
-    ) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
-        """The same events placed now."""
-        out = []
-        for _, args in events:
-            if len(args) == 4:  # plugin_events (kind, minute, at, body)
-                out.extend(self._event(args[0], json.loads(args[3])))
-        return out
-
-    def _write_all_statements(self, statements: list[tuple[PreparedStatement, tuple[Any, ...]]]) -> None:
-        for ok, result in execute_concurrent(self.session, statements, concurrency=CONCURRENCY):
-            if not ok:
-                raise result
 
     def _event(self, kind: str, body: dict[str, Any]) -> list[tuple[PreparedStatement, tuple[Any, ...]]]:
         """The writes recording an event, if a plugin wants its kind."""

@@ -35,7 +35,6 @@ from pychat.store import (
     chat_created,
     follows,
     message_object,
-    receipts_at,
 )
 
 log = logging.getLogger("pychat.store")
@@ -1168,9 +1167,6 @@ class SqliteStore:
             (chat_id,),
         )
         return {u: (d, r) for u, d, r in rows}
-
-    def receipts(self, chat_id: str, seq: int) -> tuple[list[str], list[str]]:
-        return receipts_at(self.pointers(chat_id), seq)
 
 
 @dataclass

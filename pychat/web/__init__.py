@@ -36,16 +36,15 @@ class Page:
     etag: str
 
 
+def _page(body: bytes, content_type: str) -> Page:
+    return Page(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
+
+
 def load_pages() -> dict[str, Page]:
-    pages = {}
-    for url, (name, content_type) in PAGES.items():
-        body = (HERE / name).read_bytes()
-        pages[url] = Page(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
-    for path in OPENAPI:
-        if path.is_file():
-            body = path.read_bytes()
-            pages["/api/openapi.json"] = Page(
-                body, "application/json", '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-            )
-            break
+    pages = {
+        url: _page((HERE / name).read_bytes(), content_type) for url, (name, content_type) in PAGES.items()
+    }
+    openapi = next((path for path in OPENAPI if path.is_file()), None)
+    if openapi is not None:
+        pages["/api/openapi.json"] = _page(openapi.read_bytes(), "application/json")
     return pages

@@ -31,7 +31,7 @@ const S = {
   hasMore: false,
   newest: 0, // highest seq shown
   hasNewer: false, // a window of older messages (after a search jump): newer ones load on scroll
-  loadingOlder: false,
+  loading: false, // a history page is being read
   pending: new Map(), // client_msg_id -> {chat_id, content, attachments, state}
   pointers: new Map(), // chat_id -> Map(user_id -> {delivered, read})
   typing: new Map(), // chat_id -> Map(user_id -> timer)
@@ -379,9 +379,12 @@ async function submitMessage(ev) {
   S.uploads = [];
   renderUploads();
   stopTyping();
-  showMessage({ chat_id: p.chat_id, seq: 0, client_msg_id: key, sender_id: S.me.user_id, content: p.content, attachments: [], created_at: p.created_at }, true);
+  showMessage(unsent(key, p), true);
   sendPending(key, p);
 }
+
+// A send not acked yet, shown as a message without a seq (placed after the stored ones).
+const unsent = (key, p) => ({ chat_id: p.chat_id, seq: 0, client_msg_id: key, sender_id: S.me.user_id, content: p.content, attachments: [], created_at: p.created_at });
 
 function sendPending(key, p) {
   // The same client_msg_id on every try: the server stores it once (PROTOCOL.md, idempotent send).
@@ -409,7 +412,7 @@ function onAck(a) {
 }
 
 function storedAs(chat_id, seq, tries) {
-  api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?after=${seq - 1}&limit=1`)
+  historyPage(chat_id, `after=${seq - 1}&limit=1`)
     .then(({ messages }) => messages.forEach((m) => S.open === m.chat_id && showMessage(m, true, true)))
     .catch(() => tries > 1 && setTimeout(() => storedAs(chat_id, seq, tries - 1), 2000));
 }
@@ -613,13 +616,12 @@ async function openChat(chat_id) {
   renderHeader();
   renderTyping();
   renderChatList();
-  const { messages, has_more } = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?limit=${PAGE}`);
+  const { messages, has_more } = await historyPage(chat_id, `limit=${PAGE}`);
   if (S.open !== chat_id) return;
-  await names(messages.map((m) => m.sender_id));
   S.hasMore = has_more;
   S.oldest = messages.length ? messages[0].seq : 0;
   for (const m of messages) showMessage(m, false);
-  for (const [key, p] of S.pending) if (p.chat_id === chat_id) showMessage({ chat_id, seq: 0, client_msg_id: key, sender_id: S.me.user_id, content: p.content, attachments: [], created_at: p.created_at }, false);
+  for (const [key, p] of S.pending) if (p.chat_id === chat_id) showMessage(unsent(key, p), false);
   const last = messages.at(-1);
   if (last && last.seq > (S.heads.get(chat_id) || 0)) S.heads.set(chat_id, last.seq);
   await loadPointers(chat_id, messages);
@@ -644,35 +646,40 @@ async function loadPointers(chat_id, messages) {
   renderTicks();
 }
 
+async function historyPage(chat_id, query) {
+  // A page of the chat's history, its senders' names known.
+  const page = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?${query}`);
+  await names(page.messages.map((m) => m.sender_id));
+  return page;
+}
+
 async function loadNewer() {
-  if (!S.open || !S.hasNewer || S.loadingOlder) return;
-  S.loadingOlder = true;
+  if (!S.open || !S.hasNewer || S.loading) return;
+  S.loading = true;
   const chat_id = S.open;
   try {
-    const { messages, has_more } = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?after=${S.newest}&limit=${PAGE}`);
+    const { messages, has_more } = await historyPage(chat_id, `after=${S.newest}&limit=${PAGE}`);
     if (S.open !== chat_id) return;
-    await names(messages.map((m) => m.sender_id));
     for (const m of messages) showMessage(m, false);
     if (!has_more) {
       // Live messages are shown from now on; those that came during the read, once more.
       S.hasNewer = false;
-      const again = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?after=${S.newest}&limit=${PAGE}`);
+      const again = await historyPage(chat_id, `after=${S.newest}&limit=${PAGE}`);
       if (S.open === chat_id) for (const m of again.messages) showMessage(m, false);
     }
     renderTicks();
   } finally {
-    S.loadingOlder = false;
+    S.loading = false;
   }
 }
 
 async function loadOlder() {
-  if (!S.open || !S.hasMore || S.loadingOlder || !S.oldest) return;
-  S.loadingOlder = true;
+  if (!S.open || !S.hasMore || S.loading || !S.oldest) return;
+  S.loading = true;
   const chat_id = S.open;
   try {
-    const { messages, has_more } = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?before=${S.oldest}&limit=${PAGE}`);
+    const { messages, has_more } = await historyPage(chat_id, `before=${S.oldest}&limit=${PAGE}`);
     if (S.open !== chat_id) return;
-    await names(messages.map((m) => m.sender_id));
     const box = $("messages");
     const from = box.scrollHeight - box.scrollTop;
     S.hasMore = has_more;
@@ -681,7 +688,7 @@ async function loadOlder() {
     box.scrollTop = box.scrollHeight - from; // the same message stays under the reader's eyes
     renderTicks();
   } finally {
-    S.loadingOlder = false;
+    S.loading = false;
   }
 }
 
@@ -858,7 +865,7 @@ async function jumpTo(chat_id, seq) {
   if (!S.shown.has(seq)) {
     // History around the message, then older pages on scroll as usual.
     const from = Math.max(0, seq - PAGE / 2);
-    const { messages } = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/messages?after=${from}&limit=${PAGE}`);
+    const { messages } = await historyPage(chat_id, `after=${from}&limit=${PAGE}`);
     $("messages").replaceChildren();
     S.shown = new Map();
     S.newest = 0;
