@@ -227,6 +227,9 @@ class Gateway:
     def sync_rows(self, conn: int, rows: list[tuple[str, int, str, str, str, str, int, str | None]]) -> str:
         """One page of a sync backlog: "queued", "full" (hand it again later) or "closed"."""
 
+    def fanned_out_heads(self) -> list[tuple[str, int]]:
+        """`(chat_id, last seq fanned out here)` for every chat with a member connected here."""
+
     def deliver_stored(
         self, rows: list[tuple[str, int, str, str, str, str, int, str | None]]
     ) -> list[tuple[str, int, int]]:

@@ -1,6 +1,7 @@
 """Messages another node stored reach this node's connections through the gateway's own fan-out
 (`Gateway.deliver_stored` via pychat/cluster/delivery.py): in seq order, once each, and a message
-the relay lost is read from the store before the ones after it are delivered. An in-process
+the relay lost is read from the store before the ones after it are delivered, or, when none
+follows it, when the node catches up after its relay came back. An in-process
 server on real sockets; the messages are put in its store directly, as another node's sequencer
 would have (so nothing here fans them out but the delivery under test)."""
 
@@ -47,5 +48,42 @@ async def test_another_nodes_messages_arrive_in_order_with_a_lost_one_read_from_
         await ws.close()
         await far.close()
         await here.close()
+    finally:
+        await server.stop()
+
+
+async def test_messages_the_relay_lost_with_nothing_after_them_arrive_when_the_node_catches_up(
+    tmp_path: Path,
+) -> None:
+    server = Server(Config(data_dir=tmp_path, port=free_port(), ws_port=free_port()))
+    await server.start()
+    try:
+        names = [unique_name("far"), unique_name("here"), unique_name("away")]
+        for name in names:
+            await ChatClient.register(server.http_url, name, PASSWORD)
+        far, here, away = [await ChatClient.login(server.http_url, n, PASSWORD) for n in names]
+        chat_id = (await far.create_group("across", [here.user_id]))["chat_id"]
+        elsewhere = (await far.create_group("elsewhere", [away.user_id]))["chat_id"]
+        ws = await RawWs.open(server.ws_url, here.token)
+        sends = [SendRequest(far.user_id, chat_id, f"k{i}", f"m{i}", []) for i in range(1, 5)]
+        sends.append(SendRequest(far.user_id, elsewhere, "e1", "e1", []))
+        await asyncio.to_thread(server.store.append_batch, sends, [])
+        rows = await asyncio.to_thread(server.store.messages_after, chat_id, 0, 10)
+        other = await asyncio.to_thread(server.store.messages_after, elsewhere, 0, 10)
+        delivery = RemoteDelivery(server.gateway, server.store)
+        # 1 and 2 came by relay; 3 and 4 were lost (Redis restarted), and nothing came after them.
+        await asyncio.to_thread(delivery.deliver, rows[:2] + other)
+        assert [m["seq"] for m in await ws.collect("msg", 2)] == [1, 2]
+        assert delivery.filled == 0
+        await asyncio.to_thread(delivery.catch_up)
+        got = await ws.collect("msg", 2)
+        assert [(m["seq"], m["content"]) for m in got] == [(3, "m3"), (4, "m4")]
+        assert delivery.caught_up == 2, "elsewhere has no member connected here: not read"
+        await asyncio.to_thread(delivery.catch_up)
+        assert [f for f in await ws.quiet(0.5) if f.get("type") == "msg"] == []
+        assert delivery.caught_up == 2
+        await ws.close()
+        for c in (far, here, away):
+            await c.close()
     finally:
         await server.stop()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -75,7 +75,9 @@ def test_frames_between_nodes_resume_after_redis_restarts(
     sender = Relay(client, "a")
     try:
         assert deliver(sender, arrived, b"before"), "a frame reaches the listening node"
+        assert not listener.lost.is_set()
         redis_node.stop()
+        assert wait_for(listener.lost.is_set), "the listener knows frames may have been lost"
         redis_node.start()
         arrived.clear()
         assert deliver(sender, arrived, b"after"), "the listener subscribed again by itself"
@@ -95,3 +97,12 @@ def deliver(sender: Relay, arrived: threading.Event, payload: bytes, within: flo
             pass
         time.sleep(0.2)
     return False
+
+
+def wait_for(condition: Callable[[], bool], within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

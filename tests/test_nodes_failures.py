@@ -5,6 +5,7 @@ lost or stored twice, every chat stays gap-free, and service comes back. `make t
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,7 +55,8 @@ async def test_redis_restarted_under_load_delays_delivery_and_loses_nothing(node
     nodes.redis.start()
     await load
     # One more message each: a message whose relay was lost reaches a live connection with its
-    # chat's next one (the gap is read from the store) or with the connection's next sync.
+    # chat's next one (the gap is read from the store) or when its node catches up; the last of
+    # these has no next one.
     for i, s in enumerate(senders):
         await s.send(f"after-{i}", "after")
     total = 31 * 3
@@ -64,6 +66,12 @@ async def test_redis_restarted_under_load_delays_delivery_and_loses_nothing(node
     for client in clients:
         seqs = await _received(client, group["chat_id"], total - 31)
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "in order, once"
+    # Every node saw its subscription break, listened again, and caught up from the store (what
+    # its relay lost with nothing after it in its chat would otherwise wait for a reconnect).
+    for client in clients:
+        metrics = (await client.http.get("/metrics")).text
+        relinked = re.search(r"^pychat_cluster_relinked (\d+)$", metrics, re.MULTILINE)
+        assert relinked is not None and int(relinked.group(1)) >= 1, metrics
     for c in clients:
         await c.close()
 

@@ -783,6 +783,22 @@ impl Hub {
         (gaps, tickets)
     }
 
+    /// Chats with a member connected here, each with the last seq fanned out here: after the
+    /// relay between nodes lost messages (Redis restarted under it), the cluster layer reads
+    /// what follows from the store and hands it to `deliver_stored`. A message whose relay was
+    /// lost and that no later one in its chat follows would otherwise wait for a reconnect.
+    pub fn fanned_out_heads(&self) -> Vec<(ChatId, u64)> {
+        let heads = self.sequencer.lock().fanned_out();
+        heads
+            .into_iter()
+            .filter(|(chat, _)| {
+                self.members.get(chat).is_some_and(|(_, members)| {
+                    members.list.iter().any(|u| self.registry.is_online(u))
+                })
+            })
+            .collect()
+    }
+
     fn complete_pointer(
         &self,
         origin: Origin,
@@ -1189,6 +1205,24 @@ mod tests {
         assert!(drain(&a).is_empty(), "nothing past a gap, nothing twice");
         assert_eq!(hub.deliver_stored(&[row(3), row(4), row(5)]).0, []);
         assert_eq!(drain(&a), ["msg", "msg", "msg"]);
+    }
+
+    #[test]
+    fn fanned_out_heads_are_the_chats_with_a_member_connected_here() {
+        let hub = hub();
+        hub.members.set("c2".into(), vec!["x".into()]);
+        let a = connect(&hub, 1, "a");
+        hub.deliver_stored(&[row(1), row(2)]);
+        let mut other = row(7);
+        other.chat_id = "c2".into();
+        hub.deliver_stored(&[other]);
+        assert_eq!(
+            hub.fanned_out_heads(),
+            [("c1".into(), 2)],
+            "c2's only member is not here"
+        );
+        hub.registry.unregister(&a);
+        assert_eq!(hub.fanned_out_heads(), []);
     }
 
     fn cluster_hub() -> Hub {

@@ -300,6 +300,14 @@ impl Sequencer {
         }
     }
 
+    /// Every chat this node fanned out in, with the last seq it fanned out there.
+    pub fn fanned_out(&self) -> Vec<(ChatId, u64)> {
+        self.last_fanned_out
+            .iter()
+            .map(|(chat, seq)| (chat.clone(), *seq))
+            .collect()
+    }
+
     /// Accepts `seq` for fan-out only if it is above every seq already fanned out in `chat`.
     pub fn record_commit(&mut self, chat: &ChatId, seq: u64) -> Result<(), OrderViolation> {
         let last = self.last_fanned_out.entry(chat.clone()).or_insert(0);

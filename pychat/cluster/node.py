@@ -18,6 +18,12 @@ The paths, and what carries them:
 
 Relay messages are JSON objects with a type `t`; they are handled in order on one worker thread
 (never on the Redis reader, so a store read for a gap does not stall the subscription).
+
+Redis restarted (or out of reach) under a node: what was published to it meanwhile is gone, and a
+restarted Redis has forgotten the routes, so rows stored next reach only their sending nodes. Once
+the node's subscription is back, `_relink` writes its routes again, then has the worker read from
+the store what its connections' chats stored past what it fanned out (`RemoteDelivery.catch_up`):
+without that, a lost message that no later one in its chat follows would wait for a reconnect.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ RESEND_S = 3.0
 RESEND_FOR_S = 30.0
 # How long a membership change waits for every node to apply it.
 APPLY_TIMEOUT_S = 2.0
+# How often a node whose relay subscription broke checks whether it listens again.
+RELINK_S = 0.2
 # Live nodes: a sorted set scored by when each node's entry expires.
 NODES_KEY = "nodes"
 
@@ -102,7 +110,7 @@ class ClusterNode:
         # Membership changes waiting for the nodes to apply them.
         self._applying: dict[str, _Change] = {}
         self._applying_lock = threading.Lock()
-        self.counters = {"resent": 0, "relay_errors": 0, "nodes_claimed": 0}
+        self.counters = {"resent": 0, "relay_errors": 0, "nodes_claimed": 0, "relinked": 0}
         # Told of the chats that moved anywhere in the cluster (the search indexer).
         self.on_heads: Callable[[dict[str, int]], None] | None = None
 
@@ -116,6 +124,7 @@ class ClusterNode:
             ("events", self._events),
             ("producer", self._produce_reports),
             ("heartbeat", self._heartbeat),
+            ("relink", self._relink),
         ]:
             t = threading.Thread(target=target, name=f"pychat-cluster-{name}", daemon=True)
             t.start()
@@ -300,6 +309,12 @@ class ClusterNode:
                 self.relay.send(m["from"], _dumps({"t": "applied", "id": m["id"]}))
         elif kind == "applied":
             self._applied(m["id"])
+        elif kind == "catch_up":
+            try:
+                self.delivery.catch_up()
+            except Exception:
+                self.relay.lost.set()  # the store failed: try again
+                raise
         elif kind == "heads" and self.on_heads is not None:
             self.on_heads({str(c): int(s) for c, s in m["heads"].items()})
 
@@ -404,14 +419,18 @@ class ClusterNode:
             if self._stop.wait(HEARTBEAT_S):
                 return
 
-    def _beat(self) -> None:
-        now = time.time()
+    def _announce(self, now: float) -> None:
+        """This node's entry, its users' routes and the set of its users, written (again)."""
         self.redis.zadd(NODES_KEY, {self.node_id: now + ROUTE_TTL_S})
         users = list(self._online)
         if users:
             self.routes.heartbeat(users)
             # After a Redis restart the set is empty: fill it again.
             self.redis.sadd(_users_key(self.node_id), *users)
+
+    def _beat(self) -> None:
+        now = time.time()
+        self._announce(now)
         for dead in self.redis.zrangebyscore(NODES_KEY, "-inf", now):
             dead_id = dead.decode() if isinstance(dead, bytes) else str(dead)
             if dead_id == self.node_id or not self.redis.zrem(NODES_KEY, dead_id):
@@ -431,6 +450,26 @@ class ClusterNode:
             if offline:
                 with contextlib.suppress(Exception):
                     self.store.append_batch([], [], [(u, at) for u in offline])
+
+    def _relink(self) -> None:
+        """After the relay's subscription broke: once this node listens again (a publish to its own
+        channel reaches a subscriber), its routes are written again and the worker catches up. A row
+        stored before the catch-up reads the store is read there; one stored after it finds the
+        routes and comes by relay; the order guard drops what comes both ways."""
+        while not self._stop.wait(RELINK_S):
+            if not self.relay.lost.is_set():
+                continue
+            self.relay.lost.clear()  # before the check: a break during it sets it again
+            try:
+                self._announce(time.time())
+                listening = self.relay.send(self.node_id, _dumps({"t": "catch_up"}))
+            except redis.RedisError:
+                listening = 0
+            if listening:
+                self.counters["relinked"] += 1
+                log.warning("the relay listens again: catching up from the store")
+            else:
+                self.relay.lost.set()
 
     def route_here(self, user_ids: list[str]) -> None:
         """Routes these users' messages to this node now, before their `sync` reads the store: the
@@ -455,4 +494,8 @@ class ClusterNode:
     def metrics(self) -> dict[str, int]:
         with self._pending_lock:
             pending = len(self._pending)
-        return self.counters | {"pending_sends": pending, "gaps_filled": self.delivery.filled}
+        return self.counters | {
+            "pending_sends": pending,
+            "gaps_filled": self.delivery.filled,
+            "caught_up": self.delivery.caught_up,
+        }

@@ -10,11 +10,13 @@ score passes, within `ttl_s`, with nothing to clean up.
 
 Between nodes, `Relay` publishes on a channel per node (`node:<node_id>`): Redis pub/sub is at most
 once, which is enough because nothing lives only there: a node that sees a seq jump in a chat reads
-the gap from the store before delivering.
+the gap from the store before delivering, and a node whose subscription broke (`Relay.lost`) reads
+what its connections' chats stored meanwhile once it listens again (`ClusterNode._relink`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -94,6 +96,8 @@ class Relay:
         self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
         self._handler: Callable[[bytes], None] | None = None
         self._thread: redis.client.PubSubWorkerThread | None = None
+        # Set when the subscription broke: what was published to this node meanwhile is gone.
+        self.lost = threading.Event()
 
     def send(self, node_id: str, payload: bytes) -> int:
         """Publishes to a node; how many subscribers got it (0: that node is not listening now)."""
@@ -110,6 +114,7 @@ class Relay:
 
         def on_error(error: BaseException, pubsub: object, thread: object) -> None:
             # Redis is gone for now: keep the thread, and the next read reconnects and subscribes again.
+            self.lost.set()
             time.sleep(0.2)
 
         self._pubsub.subscribe(**{channel(self.node_id): on_message, BROADCAST: on_message})

@@ -392,6 +392,15 @@ impl PyGateway {
             .collect())
     }
 
+    /// `(chat_id, last seq fanned out here)` for every chat with a member connected here (see
+    /// `Hub::fanned_out_heads`).
+    fn fanned_out_heads(&self, py: Python<'_>) -> Vec<(String, u64)> {
+        py.detach(|| self.inner.hub().fanned_out_heads())
+            .into_iter()
+            .map(|(chat, seq)| (chat.to_string(), seq))
+            .collect()
+    }
+
     /// Sends another node's sequencer answered without a new message: `(sender_id, chat_id,
     /// client_msg_id, ack, error)` with `ack` = `(message_id, seq, created_at)` for a retry the
     /// store knew, or `error` = `(code, message)` for a refusal. Their waiters here get it.
