@@ -89,6 +89,16 @@ class Person:
             "#messages li.msg p.content", "ps => ps.map(p => p.textContent)"
         )
 
+    async def scroll_until(self, text: str, to: str) -> None:
+        """Scrolls the message list to its top or bottom (`to`) until `text` is among its messages
+        (each scroll may load a page); the caller asserts what came."""
+        scroll = "box.scrollHeight" if to == "bottom" else "0"
+        for _ in range(20):
+            if text in await self.contents():
+                return
+            await self.page.eval_on_selector("#messages", f"box => box.scrollTop = {scroll}")
+            await asyncio.sleep(0.3)
+
     async def tick_of(self, text: str) -> str:
         return await self.page.eval_on_selector(
             f"#messages li.mine:has(p.content:text-is('{text}')) .tick", "t => t.dataset.status"
@@ -218,11 +228,7 @@ async def test_scrolling_back_through_200_messages_shows_each_once_in_order(
     await alice.open_chat(bob_title)
     await alice.sees("message 200")
     await alice.shot("newest")
-    for _ in range(20):
-        if "message 1" in await alice.contents():
-            break
-        await alice.page.eval_on_selector("#messages", "box => box.scrollTop = 0")
-        await asyncio.sleep(0.3)
+    await alice.scroll_until("message 1", to="top")
     await alice.shot("oldest")
     assert await alice.contents() == [f"message {i}" for i in range(1, 201)]
     separators = await alice.page.eval_on_selector_all("#messages li.day", "d => d.length")
@@ -416,11 +422,7 @@ async def test_an_image_attachment_and_search_jumping_to_the_message(
     assert await bob.page.text_content("#messages li.found p.content") == f"{word} early"
     await bob.shot("search")
     # Scrolling down from there loads the newer messages, each once, up to the newest.
-    for _ in range(20):
-        if "a red picture" in await bob.contents():
-            break
-        await bob.page.eval_on_selector("#messages", "box => box.scrollTop = box.scrollHeight")
-        await asyncio.sleep(0.3)
+    await bob.scroll_until("a red picture", to="bottom")
     expected = [f"{word} early" if i == 3 else f"filler {i}" for i in range(1, 121)] + ["a red picture"]
     assert await bob.contents() == expected
     no_console_errors(bob)
