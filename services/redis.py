@@ -72,11 +72,6 @@ class RedisError(ServiceError):
     lines when the server itself failed."""
 
 
-def installed_package_version() -> str | None:
-    """The version of the installed `redis-server` Debian package, or None if it is not installed."""
-    return apt.installed_version("redis-server")
-
-
 def install(version: str = REDIS_PACKAGE_VERSION) -> Path:
     """Returns the path of `redis-server`, installing Debian's package at exactly `version` (with apt,
     as root) only when it is missing or another version."""

@@ -13,7 +13,7 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -89,7 +89,7 @@ class Person:
             "#messages li.msg p.content", "ps => ps.map(p => p.textContent)"
         )
 
-    async def scroll_until(self, text: str, to: str) -> None:
+    async def scroll_until(self, text: str, to: Literal["top", "bottom"]) -> None:
         """Scrolls the message list to its top or bottom (`to`) until `text` is among its messages
         (each scroll may load a page); the caller asserts what came."""
         scroll = "box.scrollHeight" if to == "bottom" else "0"
@@ -122,7 +122,6 @@ RECONNECTING = re.compile(
 
 @pytest.fixture
 def people(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Any]:
-    made: list[Person] = []
     shots = RESULTS / request.node.name
     shutil.rmtree(shots, ignore_errors=True)
 
@@ -137,10 +136,8 @@ def people(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Any]:
 
         page.on("console", console)
         page.on("pageerror", lambda e: p.errors.append(f"uncaught: {e}"))
-        made.append(p)
         return p
 
-    person.made = made  # type: ignore[attr-defined]
     yield person
 
 
@@ -468,10 +465,39 @@ async def test_ticks_of_older_messages_come_from_every_members_pointers(
     first = await alice_sdk.post_message(chat["chat_id"], "read one")
     await alice_sdk.post_message(chat["chat_id"], "not yet")
     await bob_sdk.request("POST", f"/api/messages/{first['message_id']}/read")
+    # More than a page from Bob after them: the newest page has none of Alice's messages, and
+    # hers get their ticks when scrolled to.
+    for i in range(60):
+        await bob_sdk.post_message(chat["chat_id"], f"bob {i}")
     alice = await people("alice")
     await alice.log_in(server, await username(alice_sdk))
     await alice.open_chat(await username(bob_sdk))
+    await alice.scroll_until("read one", to="top")
     await alice.tick_becomes("read one", "read")
     assert await alice.tick_of("not yet") == "sent"
     await alice.shot("ticks")
+    no_console_errors(alice)
+
+
+async def test_a_refused_send_keeps_its_reason_and_retry_when_its_chat_is_opened_again(
+    server: ServerProcess, people: Any, clients: Clients
+) -> None:
+    alice_sdk, bob_sdk, carol_sdk = [await clients.user(n) for n in ("alice", "bob", "carol")]
+    with_bob = await alice_sdk.create_direct(bob_sdk.user_id)
+    await alice_sdk.create_direct(carol_sdk.user_id)
+    alice = await people("alice")
+    await alice.log_in(server, await username(alice_sdk))
+    bob, carol = await username(bob_sdk), await username(carol_sdk)
+    await alice.open_chat(bob)
+    too_long = "x" * (64 * 1024 + 1)  # over the content limit (PROTOCOL.md): `too_large`
+    await alice.say(too_long)
+    failed = alice.page.locator("#messages li.failed")
+    await failed.locator("button", has_text="Retry").wait_for(timeout=WAIT_MS)
+    await alice.open_chat(carol)
+    await alice.open_chat(bob)
+    await failed.locator("button", has_text="Retry").wait_for(timeout=WAIT_MS)
+    assert "Not sent" in (await failed.locator(".why").text_content() or "")
+    assert await failed.locator(".tick").get_attribute("data-status") == "sending", "never acked"
+    await alice.shot("refused")
+    assert await alice_sdk.history_all(with_bob["chat_id"]) == [], "nothing stored"
     no_console_errors(alice)

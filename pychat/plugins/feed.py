@@ -12,6 +12,7 @@ never skip one.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -208,9 +209,9 @@ class EventFeed:
             try:
                 if not self._loaded:
                     self._load()
-                if not self._feed():
-                    self._stop.wait(EVENT_POLL_S)
+                self._feed()  # reads until a page is not full: nothing more now
                 backoff = 0.0
+                self._stop.wait(EVENT_POLL_S)
             except Exception as e:
                 if not isinstance(e, HookFailed):
                     log.exception("the %s feed of plugin %s failed", self.hook, self.plugin.spec.name)
@@ -225,35 +226,33 @@ class EventFeed:
         self._next_sweep = 0.0
         self._loaded = True
 
-    def _feed(self) -> bool:
-        """Hands over every event not handed over yet; True if there were any."""
+    def _feed(self) -> None:
+        """Hands over every event not handed over yet."""
         sweep = time.monotonic() >= self._next_sweep
         settled = self.store.events_settled()  # before reading: all at or below it are visible
         start = self.cursor if sweep else max(self.cursor, self._high - self.store.EVENT_OVERLAP)
-        moved = False
         while not self._stop.is_set():
             events = self.store.events_after(self.kind, start, EVENT_BATCH)
+            # Bodies are decoded only for events not handed over (the overlap re-reads some).
             fresh = [(pos, eid, body) for pos, eid, body in events if eid not in self._handed]
             if fresh:
                 self.host.call(
                     self.plugin,
                     self.hook,
-                    [body for _, _, body in fresh],
+                    [json.loads(body) for _, _, body in fresh],
                     self.plugin.spec.after_store_budget_ms / 1000,
                 )
                 self._handed.update((eid, pos) for pos, eid, _ in fresh)
                 self._high = max(self._high, fresh[-1][0])
-                moved = True
             if len(events) < EVENT_BATCH:
                 break
             start = events[-1][0]  # a page holds all of its last position
         else:
-            return moved
+            return
         if sweep:
             # Read from the cursor to the end: everything settled before the reads is handed over.
             self._next_sweep = time.monotonic() + self.store.EVENT_SWEEP_S
             self._settle(settled)
-        return moved
 
     def _settle(self, cursor: int) -> None:
         """Everything at or below `cursor` has been handed over: record it, forget what every

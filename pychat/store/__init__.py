@@ -135,8 +135,16 @@ def receipts_at(pointers: dict[str, tuple[int, int]], seq: int) -> tuple[list[st
     ]
 
 
+# Above every username character ([A-Za-z0-9_.-], lowercased): the end of a prefix's range.
+USERNAME_END = "~"
+
+
+# The events plugins' `on_chat_event` and `on_receipt` get (pychat/plugins), built here so that
+# both stores record the same shapes.
+
+
 def chat_created(chat: Chat) -> dict[str, Any]:
-    """The `chat.created` event plugins' `on_chat_event` gets (pychat/plugins)."""
+    """`chat.created`: a chat and its first members."""
     return {
         "type": "chat.created",
         "chat_id": chat.chat_id,
@@ -145,6 +153,16 @@ def chat_created(chat: Chat) -> dict[str, Any]:
         "by": chat.created_by,
         "at": chat.created_at,
     }
+
+
+def member_event(change: str, chat_id: str, user_id: str, at: int) -> dict[str, Any]:
+    """`member.added` or `member.removed` (`change`: "added" or "removed")."""
+    return {"type": f"member.{change}", "chat_id": chat_id, "user_id": user_id, "at": at}
+
+
+def receipt_event(chat_id: str, user_id: str, delivered: int, read: int) -> dict[str, Any]:
+    """A member's pointers in a chat after one of them moved."""
+    return {"type": "receipt", "chat_id": chat_id, "user_id": user_id, "delivered": delivered, "read": read}
 
 
 def message_object(row: Sequence[Any]) -> dict[str, Any]:
@@ -221,10 +239,10 @@ class MessageStore(Protocol):
     def record_events(self, kinds: set[str]) -> None:
         """Records events of these kinds ("receipt", "chat") from now on."""
 
-    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, str]]:
         """Up to `limit` events of the kind at positions > `after` (more if the last position has
         more: a page never ends inside a position), ordered by position, each as (position,
-        event id, body); ids are unique, positions may repeat."""
+        event id, body as JSON text); ids are unique, positions may repeat."""
 
     def events_settled(self) -> int:
         """A position at or below which no event is still to appear."""

@@ -71,6 +71,7 @@ from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import now_ms
 from pychat.store import (
+    USERNAME_END,
     BacklogRow,
     ChainedRow,
     Chat,
@@ -82,6 +83,8 @@ from pychat.store import (
     User,
     chat_created,
     follows,
+    member_event,
+    receipt_event,
 )
 
 log = logging.getLogger("pychat.store.cassandra")
@@ -114,8 +117,8 @@ EVENT_MINUTE_US = 60_000_000
 EVENT_SETTLE_US = 60_000_000
 # Usernames are found by prefix (`users_named`) from a partition per first few characters.
 USERNAME_PREFIX = 3
-# Above every username character ([A-Za-z0-9_.-], lowercased): the end of a prefix's range.
-USERNAME_END = "~"
+# Rows of the username index written together while an upgrade fills it.
+BACKFILL_ROWS = 3000
 # Rows per IN query.
 IN_CHUNK = 100
 # How long a chat's members are trusted from memory when another process may change them.
@@ -304,8 +307,8 @@ class CassandraStore:
         if row is not None and int(row.value) < 5:
             # Schema 5 finds users by prefix: the users stored before are indexed once (again,
             # harmlessly, if an upgrade was cut short before it recorded the version).
-            for user in self.session.execute("SELECT user_id, username FROM users"):
-                self._index_username(user.user_id, user.username)
+            users = self.session.execute("SELECT user_id, username FROM users")
+            self._index_usernames((user.user_id, user.username) for user in users)
         unchained = row is not None and int(row.value) < 4
         if unchained:
             columns = self.session.execute(
@@ -542,16 +545,23 @@ class CassandraStore:
         if not applied.applied:
             self.session.execute("DELETE FROM users WHERE user_id = %s", (user.user_id,))
             raise ApiError("conflict", "username is taken")
-        self._index_username(user.user_id, user.username)
+        self._index_usernames([(user.user_id, user.username)])
 
-    def _index_username(self, user_id: str, username: str) -> None:
-        key = username.lower()
+    def _index_usernames(self, users: Iterable[tuple[str, str]]) -> None:
+        """Each (user_id, username) found by the first 1 to `USERNAME_PREFIX` characters of the
+        username; written `BACKFILL_ROWS` rows at a time (the upgrade to schema 5 passes them all)."""
         statement = self._statement(
             "INSERT INTO usernames_by_prefix (prefix, username_key, user_id) VALUES (?, ?, ?)"
         )
-        self._write_all(
-            statement, [(key[:n], key, user_id) for n in range(1, min(len(key), USERNAME_PREFIX) + 1)]
-        )
+        rows: list[tuple[str, str, str]] = []
+        for user_id, username in users:
+            key = username.lower()
+            rows += [(key[:n], key, user_id) for n in range(1, min(len(key), USERNAME_PREFIX) + 1)]
+            if len(rows) >= BACKFILL_ROWS:
+                self._write_all(statement, rows)
+                rows = []
+        if rows:
+            self._write_all(statement, rows)
 
     def users_named(self, prefix: str, limit: int) -> list[User]:
         key = prefix.lower()
@@ -757,15 +767,14 @@ class CassandraStore:
         if self.is_member(chat_id, user_id):
             return False
         at = now_ms()
-        event = {"type": "member.added", "chat_id": chat_id, "user_id": user_id, "at": at}
-        self._join(chat_id, user_id, at, [("chat", event)])
+        self._join(chat_id, user_id, at, [("chat", member_event("added", chat_id, user_id, at))])
         self.forget_members(chat_id)
         return True
 
     def remove_member(self, chat_id: str, user_id: str) -> bool:
         if not self.is_member(chat_id, user_id):
             return False
-        event = {"type": "member.removed", "chat_id": chat_id, "user_id": user_id, "at": now_ms()}
+        event = member_event("removed", chat_id, user_id, now_ms())
         self._together(
             [
                 ("DELETE FROM chat_members WHERE chat_id = %s AND user_id = %s", (chat_id, user_id)),
@@ -1405,13 +1414,7 @@ class CassandraStore:
                 PointerMoved(new_delivered, new_read, new_delivered != delivered, new_read != read)
             )
             if "receipt" in self.event_kinds and (new_delivered != delivered or new_read != read):
-                receipt = {
-                    "type": "receipt",
-                    "chat_id": p.chat_id,
-                    "user_id": p.user_id,
-                    "delivered": new_delivered,
-                    "read": new_read,
-                }
+                receipt = receipt_event(p.chat_id, p.user_id, new_delivered, new_read)
                 events.extend(self._event("receipt", receipt))
         try:
             # Events first: a pointer that moved has its event (one whose pointer write then
@@ -1588,7 +1591,7 @@ class CassandraStore:
             ),
         ]
 
-    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, str]]:
         minutes = self.session.execute(
             self._statement("SELECT minute FROM plugin_event_minutes WHERE kind = ? AND minute >= ?"),
             (kind, after // EVENT_MINUTE_US),
@@ -1596,11 +1599,11 @@ class CassandraStore:
         read = self._statement(
             "SELECT at, event_id, body FROM plugin_events WHERE kind = ? AND minute = ? AND at > ? LIMIT ?"
         )
-        out: list[tuple[int, str, dict[str, Any]]] = []
+        out: list[tuple[int, str, str]] = []
         last_id = None
         for row in minutes:
             for e in self.session.execute(read, (kind, row.minute, after, limit - len(out))):
-                out.append((e.at, str(e.event_id), json.loads(e.body)))
+                out.append((e.at, str(e.event_id), e.body))
                 last_id = e.event_id
             if len(out) >= limit:
                 break
@@ -1612,7 +1615,7 @@ class CassandraStore:
                 "SELECT at, event_id, body FROM plugin_events WHERE kind = ? AND minute = ? AND at = ? AND event_id > ?"
             )
             for e in self.session.execute(rest, (kind, at // EVENT_MINUTE_US, at, last_id)):
-                out.append((e.at, str(e.event_id), json.loads(e.body)))
+                out.append((e.at, str(e.event_id), e.body))
         return out
 
     def events_settled(self) -> int:

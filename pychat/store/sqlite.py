@@ -23,6 +23,7 @@ from pychat.errors import ApiError
 from pychat.gateway import Failed, PointerMoved, Stored
 from pychat.ids import new_ids, now_ms
 from pychat.store import (
+    USERNAME_END,
     BacklogRow,
     ChainedRow,
     Chat,
@@ -34,12 +35,12 @@ from pychat.store import (
     User,
     chat_created,
     follows,
+    member_event,
     message_object,
+    receipt_event,
 )
 
 log = logging.getLogger("pychat.store")
-# Above every username character ([A-Za-z0-9_.-], lowercased): the end of a prefix's range.
-USERNAME_END = "~"
 # How `events_after` tells a receipt event from a chat event (by the body's type).
 _RECEIPT_TEST = {"receipt": "= 'receipt'", "chat": "!= 'receipt'"}
 
@@ -527,7 +528,7 @@ class SqliteStore:
                 self._event(
                     c,
                     "chat",
-                    {"type": "member.added", "chat_id": chat_id, "user_id": user_id, "at": now_ms()},
+                    member_event("added", chat_id, user_id, now_ms()),
                 )
             return cur.rowcount == 1
 
@@ -545,7 +546,7 @@ class SqliteStore:
                 self._event(
                     c,
                     "chat",
-                    {"type": "member.removed", "chat_id": chat_id, "user_id": user_id, "at": now_ms()},
+                    member_event("removed", chat_id, user_id, now_ms()),
                 )
             return cur.rowcount == 1
 
@@ -654,15 +655,7 @@ class SqliteStore:
                 for p, moved in zip(pointers, pointer_results, strict=True):
                     if isinstance(moved, PointerMoved) and (moved.moved_delivered or moved.moved_read):
                         self._event(
-                            c,
-                            "receipt",
-                            {
-                                "type": "receipt",
-                                "chat_id": p.chat_id,
-                                "user_id": p.user_id,
-                                "delivered": moved.delivered,
-                                "read": moved.read,
-                            },
+                            c, "receipt", receipt_event(p.chat_id, p.user_id, moved.delivered, moved.read)
                         )
             if seen:
                 c.executemany(
@@ -1122,13 +1115,13 @@ class SqliteStore:
     EVENT_SWEEP_S = 0.0
     EVENT_OVERLAP = 0
 
-    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, dict[str, Any]]]:
+    def events_after(self, kind: str, after: int, limit: int) -> list[tuple[int, str, str]]:
         rows = self._conn().execute(
             "SELECT event_no, body FROM plugin_events WHERE event_no > ?"
             f" AND json_extract(body, '$.type') {_RECEIPT_TEST[kind]} ORDER BY event_no LIMIT ?",
             (after, limit),
         )
-        return [(no, str(no), json.loads(body)) for no, body in rows]
+        return [(no, str(no), body) for no, body in rows]
 
     def events_settled(self) -> int:
         # The highest number ever given (AUTOINCREMENT's own record: deleting events keeps it).

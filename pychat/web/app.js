@@ -32,6 +32,7 @@ const S = {
   newest: 0, // highest seq shown
   hasNewer: false, // a window of older messages (after a search jump): newer ones load on scroll
   loading: false, // a history page is being read
+  window: 0, // which window of the open chat is on screen: a page read for an older one is dropped
   pending: new Map(), // client_msg_id -> {chat_id, content, attachments, state}
   pointers: new Map(), // chat_id -> Map(user_id -> {delivered, read})
   typing: new Map(), // chat_id -> Map(user_id -> timer)
@@ -159,7 +160,7 @@ async function start(session) {
     // A chat with unread messages is left out of the first `sync`: the server then sends what
     // is above the read pointer, which this device then has (`delivered`). Older history is
     // read page by page when the chat is opened.
-    if (!S.heads.has(c.chat_id) && !c.unread) S.heads.set(c.chat_id, c.last_seq || 0);
+    if (!c.unread) S.heads.set(c.chat_id, c.last_seq || 0);
   }
   renderChatList();
   connect();
@@ -237,7 +238,7 @@ async function onFrame(f) {
         if (!S.chats.has(chat_id)) await refreshChat(chat_id).catch(() => {});
         if (seq > (S.heads.get(chat_id) || 0)) S.heads.set(chat_id, seq);
       }
-      if (S.open) loadPointers(S.open, [...S.shown.values()]).catch(() => {});
+      if (S.open) loadPointers(S.open).catch(() => {});
       tellRead();
       break;
     case "receipt":
@@ -252,12 +253,7 @@ async function onFrame(f) {
       renderHeader();
       break;
     case "chat":
-      await names(f.chat.members);
-      S.chats.set(f.chat.chat_id, { ...S.chats.get(f.chat.chat_id), ...f.chat });
-      // Added to a chat: its history is read when opened, not streamed by the next sync.
-      if (!S.heads.has(f.chat.chat_id)) S.heads.set(f.chat.chat_id, f.chat.last_seq || 0);
-      follow();
-      renderChatList();
+      await addChat(f.chat, true);
       if (S.open === f.chat.chat_id) renderHeader();
       break;
     case "error":
@@ -273,9 +269,17 @@ function follow() {
 }
 
 async function refreshChat(chat_id) {
-  const chat = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}`);
+  // A chat a message or a sync named before this page heard of it: its messages come as they are.
+  await addChat(await api("GET", `/api/chats/${encodeURIComponent(chat_id)}`), false);
+}
+
+async function addChat(chat, fromNowOn) {
+  // A chat new to this page, or news of one it has: listed, its members' names and presence known.
   await names(chat.members);
-  S.chats.set(chat_id, { ...S.chats.get(chat_id), ...chat });
+  S.chats.set(chat.chat_id, { ...S.chats.get(chat.chat_id), ...chat });
+  // Created or joined: its history is read when opened, not streamed by the next sync.
+  if (fromNowOn && !S.heads.has(chat.chat_id)) S.heads.set(chat.chat_id, chat.last_seq || 0);
+  follow();
   renderChatList();
 }
 
@@ -339,13 +343,18 @@ function tellRead() {
 }
 
 function onReceipt(f) {
-  const chat = S.pointers.get(f.chat_id) || new Map();
-  S.pointers.set(f.chat_id, chat);
-  const p = chat.get(f.user_id) || { delivered: 0, read: 0 };
-  p.delivered = Math.max(p.delivered, f.seq);
-  if (f.status === "read") p.read = Math.max(p.read, f.seq);
-  chat.set(f.user_id, p);
+  raisePointer(f.chat_id, f.user_id, f.seq, f.status === "read" ? f.seq : 0);
   if (S.open === f.chat_id) renderTicks();
+}
+
+function raisePointer(chat_id, user_id, delivered, read) {
+  // Pointers only move up (a receipt and the receipts answer may come in either order).
+  const chat = S.pointers.get(chat_id) || new Map();
+  S.pointers.set(chat_id, chat);
+  const p = chat.get(user_id) || { delivered: 0, read: 0 };
+  p.delivered = Math.max(p.delivered, delivered, read);
+  p.read = Math.max(p.read, read);
+  chat.set(user_id, p);
 }
 
 function onTyping(f) {
@@ -398,16 +407,18 @@ function onAck(a) {
   S.pending.delete(a.client_msg_id);
   // `heads` moves only with messages received (an ack may come before other members' messages
   // below its seq: a sync from it would skip them).
+  if (!p) return;
+  const m = { ...a, sender_id: S.me.user_id, content: p.content, attachments: [] };
   const chat = S.chats.get(a.chat_id);
-  if (chat && p) {
-    chat.last_message = { ...a, sender_id: S.me.user_id, content: p.content, attachments: [] };
+  if (chat) {
+    chat.last_message = m;
     chat.last_seq = Math.max(chat.last_seq || 0, a.seq);
     renderChatList();
   }
-  if (S.open !== a.chat_id || !p) return;
+  if (S.open !== a.chat_id) return;
   // Shown at its seq at once; then the stored message, as every member sees it (a plugin may
   // have rewritten it; attachments get their descriptions), read back from history.
-  showMessage({ ...a, sender_id: S.me.user_id, content: p.content, attachments: [] }, true);
+  showMessage(m, true);
   storedAs(a.chat_id, a.seq, 3);
 }
 
@@ -425,21 +436,25 @@ function onError(f) {
     return;
   }
   p.state = "failed";
+  p.why = f.message;
   const li = document.querySelector(`#messages li[data-key="${CSS.escape(f.ref)}"]`);
-  if (li) {
-    li.classList.add("failed");
-    const why = el("span", "why", ` Not sent: ${f.message} `);
-    const again = el("button", "link", "Retry");
-    again.type = "button";
-    again.onclick = () => {
-      p.state = "pending";
-      li.classList.remove("failed");
-      why.remove();
-      again.remove();
-      sendPending(f.ref, p);
-    };
-    li.append(why, again);
-  }
+  if (li) showFailed(li, f.ref, p);
+}
+
+function showFailed(li, key, p) {
+  // A send the server refused: why, and a retry (the same client_msg_id).
+  li.classList.add("failed");
+  const why = el("span", "why", ` Not sent: ${p.why} `);
+  const again = el("button", "link", "Retry");
+  again.type = "button";
+  again.onclick = () => {
+    p.state = "pending";
+    li.classList.remove("failed");
+    why.remove();
+    again.remove();
+    sendPending(key, p);
+  };
+  li.append(why, again);
 }
 
 function startTyping() {
@@ -520,7 +535,6 @@ function renderUploads() {
     row.append(drop);
     box.append(row);
   });
-  S.uploads = S.uploads.filter((u) => !u.error || u.done);
 }
 
 async function blobUrl(url) {
@@ -603,47 +617,52 @@ const activity = (c) => c.last_message?.created_at || c.created_at || 0;
 
 // ---- the open chat
 
-async function openChat(chat_id) {
-  stopTyping();
-  S.open = chat_id;
+function newWindow() {
+  // An empty message view; pages still being read for the one before are dropped when they come.
+  S.window += 1;
   S.shown = new Map();
   S.hasNewer = false;
   S.newest = 0;
+  $("messages").replaceChildren();
+  return S.window;
+}
+
+async function openChat(chat_id) {
+  stopTyping();
+  S.open = chat_id;
+  const view = newWindow();
   location.hash = encodeURIComponent(chat_id);
   document.body.classList.remove("list");
-  $("messages").replaceChildren();
   $("composer").hidden = false;
   renderHeader();
   renderTyping();
   renderChatList();
   const { messages, has_more } = await historyPage(chat_id, `limit=${PAGE}`);
-  if (S.open !== chat_id) return;
+  if (S.window !== view) return;
   S.hasMore = has_more;
   S.oldest = messages.length ? messages[0].seq : 0;
   for (const m of messages) showMessage(m, false);
-  for (const [key, p] of S.pending) if (p.chat_id === chat_id) showMessage(unsent(key, p), false);
+  for (const [key, p] of S.pending) {
+    if (p.chat_id !== chat_id) continue;
+    const li = showMessage(unsent(key, p), false);
+    if (p.state === "failed") showFailed(li, key, p);
+  }
   const last = messages.at(-1);
   if (last && last.seq > (S.heads.get(chat_id) || 0)) S.heads.set(chat_id, last.seq);
-  await loadPointers(chat_id, messages);
+  await loadPointers(chat_id);
   scrollToEnd();
   tellRead();
   $("text").focus();
 }
 
-async function loadPointers(chat_id, messages) {
-  // Every member's pointers (the receipts answer carries them), for the ticks of all own messages.
-  const own = messages.filter((m) => m.sender_id === S.me.user_id).at(-1);
-  if (!own) return;
-  const r = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/receipts?seq=${own.seq}`);
-  const chat = S.pointers.get(chat_id) || new Map();
-  S.pointers.set(chat_id, chat);
-  for (const [u, q] of Object.entries(r.pointers || {})) {
-    const p = chat.get(u) || { delivered: 0, read: 0 };
-    p.delivered = Math.max(p.delivered, q.delivered, q.read);
-    p.read = Math.max(p.read, q.read);
-    chat.set(u, p);
-  }
-  renderTicks();
+async function loadPointers(chat_id) {
+  // Every member's pointers (the receipts answer carries them, whatever seq it is asked about),
+  // for the ticks of all own messages, those of pages scrolled to later included.
+  const seq = Math.max(S.newest, S.heads.get(chat_id) || 0);
+  if (!seq) return;
+  const r = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/receipts?seq=${seq}`);
+  for (const [u, q] of Object.entries(r.pointers || {})) raisePointer(chat_id, u, q.delivered, q.read);
+  if (S.open === chat_id) renderTicks();
 }
 
 async function historyPage(chat_id, query) {
@@ -657,15 +676,16 @@ async function loadNewer() {
   if (!S.open || !S.hasNewer || S.loading) return;
   S.loading = true;
   const chat_id = S.open;
+  const view = S.window;
   try {
     const { messages, has_more } = await historyPage(chat_id, `after=${S.newest}&limit=${PAGE}`);
-    if (S.open !== chat_id) return;
+    if (S.window !== view) return;
     for (const m of messages) showMessage(m, false);
     if (!has_more) {
       // Live messages are shown from now on; those that came during the read, once more.
       S.hasNewer = false;
       const again = await historyPage(chat_id, `after=${S.newest}&limit=${PAGE}`);
-      if (S.open === chat_id) for (const m of again.messages) showMessage(m, false);
+      if (S.window === view) for (const m of again.messages) showMessage(m, false);
     }
     renderTicks();
   } finally {
@@ -677,9 +697,10 @@ async function loadOlder() {
   if (!S.open || !S.hasMore || S.loading || !S.oldest) return;
   S.loading = true;
   const chat_id = S.open;
+  const view = S.window;
   try {
     const { messages, has_more } = await historyPage(chat_id, `before=${S.oldest}&limit=${PAGE}`);
-    if (S.open !== chat_id) return;
+    if (S.window !== view) return;
     const box = $("messages");
     const from = box.scrollHeight - box.scrollTop;
     S.hasMore = has_more;
@@ -721,12 +742,16 @@ function showMessage(m, live, replace = false) {
   // Once per seq (PROTOCOL.md: de-duplicate by (chat_id, seq)); a pending one by its key.
   const box = $("messages");
   if (m.seq) {
+    // Stored: its copy shown while sending goes, even when the stored one is on screen already.
+    if (m.client_msg_id && m.sender_id === S.me.user_id) {
+      S.pending.delete(m.client_msg_id);
+      box.querySelector(`li[data-key="${CSS.escape(m.client_msg_id)}"]`)?.remove();
+    }
     if (S.shown.has(m.seq) && !replace) return;
     if (live && S.hasNewer && !S.shown.has(m.seq)) return; // beyond the window shown: loaded when scrolled to
     if (replace) box.querySelector(`li[data-seq="${m.seq}"]`)?.remove();
     S.shown.set(m.seq, m);
     S.newest = Math.max(S.newest, m.seq);
-    if (m.client_msg_id) box.querySelector(`li[data-key="${CSS.escape(m.client_msg_id)}"]`)?.remove();
   }
   const atEnd = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
   const li = el("li", "msg" + (m.sender_id === S.me.user_id ? " mine" : ""));
@@ -758,6 +783,7 @@ function showMessage(m, live, replace = false) {
   fixDays();
   tick(li);
   if (live && (atEnd || m.sender_id === S.me.user_id)) scrollToEnd();
+  return li;
 }
 
 function fixDays() {
@@ -863,16 +889,15 @@ async function jumpTo(chat_id, seq) {
   $("search-results").hidden = true;
   if (S.open !== chat_id) await openChat(chat_id);
   if (!S.shown.has(seq)) {
-    // History around the message, then older pages on scroll as usual.
+    // History around the message, then older and newer pages on scroll as usual.
     const from = Math.max(0, seq - PAGE / 2);
-    const { messages } = await historyPage(chat_id, `after=${from}&limit=${PAGE}`);
-    $("messages").replaceChildren();
-    S.shown = new Map();
-    S.newest = 0;
+    const { messages, has_more } = await historyPage(chat_id, `after=${from}&limit=${PAGE}`);
+    if (S.open !== chat_id) return;
+    newWindow();
     for (const m of messages) showMessage(m, false);
     S.oldest = messages.length ? messages[0].seq : 0;
     S.hasMore = S.oldest > 1;
-    S.hasNewer = S.newest < (S.heads.get(chat_id) || 0);
+    S.hasNewer = has_more;
     renderTicks();
   }
   const li = document.querySelector(`#messages li[data-seq="${seq}"]`);
@@ -941,12 +966,8 @@ async function createChat(ev) {
   try {
     const body = members.length === 1 ? { kind: "direct", members } : { kind: "group", title: $("group-title").value.trim() || "Group", members };
     const chat = await api("POST", "/api/chats", body);
-    await names(chat.members);
-    S.chats.set(chat.chat_id, { ...S.chats.get(chat.chat_id), ...chat });
-    if (!S.heads.has(chat.chat_id)) S.heads.set(chat.chat_id, chat.last_seq || 0);
-    follow();
+    await addChat(chat, true);
     $("new-chat-dialog").close();
-    renderChatList();
     await openChat(chat.chat_id);
   } catch (e) {
     $("new-chat-error").textContent = e.message;

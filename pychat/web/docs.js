@@ -107,11 +107,7 @@ async function main() {
     sec.id = `tag-${tag}`;
     sec.append(el("h2", "", tag), ...ops);
     body.append(sec);
-    const a = el("a", "", tag);
-    a.href = `#tag-${tag}`;
-    const li = el("li");
-    li.append(a);
-    toc.append(li);
+    toc.append(tocLink(`tag-${tag}`, tag));
   }
   const schemas = el("section");
   schemas.id = "tag-schemas";
@@ -123,11 +119,15 @@ async function main() {
     schemas.append(d);
   }
   body.append(schemas);
-  const a = el("a", "", "schemas");
-  a.href = "#tag-schemas";
+  toc.append(tocLink("tag-schemas", "schemas"));
+}
+
+function tocLink(id, text) {
+  const a = el("a", "", text);
+  a.href = `#${id}`;
   const li = el("li");
   li.append(a);
-  toc.append(li);
+  return li;
 }
 
 main().catch((e) => {
