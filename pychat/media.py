@@ -369,8 +369,8 @@ class MediaService:
             if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
                 raise ApiError("too_large", f"the upload is larger than {limit} bytes")
             await self._check_quota(user_id, int(declared) if declared.isdigit() else 0)
-        except ApiError:
-            await _drain(receive, limit)
+        except ApiError as e:
+            await _refuse_body(e, receive, limit)
             raise
         spool = Spool(self.spool_dir, limit, self._pool)
         try:
@@ -390,13 +390,14 @@ class MediaService:
             except ApiError as e:
                 if e.code == "too_large":  # nothing is kept; the rest is read and dropped
                     spool.discard()
-                    await _drain(receive, limit)
+                    await _refuse_body(e, receive, limit)
                 raise
             except OSError:  # the spool's disk (full, failing)
                 log.exception("writing an upload to %s failed", self.spool_dir)
                 spool.discard()
-                await _drain(receive, limit)
-                raise ApiError("unavailable", "the server could not take the upload now; retry") from None
+                error = ApiError("unavailable", "the server could not take the upload now; retry")
+                await _refuse_body(error, receive, limit)
+                raise error from None
             await self._check_quota(user_id, spool.size)
             loop = asyncio.get_running_loop()
             try:
@@ -542,24 +543,29 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), MEDIA_NICE)
 
 
-async def _drain(receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, seconds: float = 10.0) -> None:
+async def _refuse_body(
+    error: ApiError, receive: Callable[[], Awaitable[dict[str, Any]]], limit: int, seconds: float = 10.0
+) -> None:
     """Reads and drops what is left of a refused body (up to `limit` more bytes, for a few seconds),
-    so that the client, still sending, reads the error instead of a reset connection."""
+    so that the client, still sending, reads `error` instead of a reset connection. A body left
+    unread closes the connection after the answer (`Connection: close`): a client that kept it
+    for its next request would find it closed under that request."""
     deadline = time.monotonic() + seconds
     dropped = 0
     while dropped <= limit:
         left = deadline - time.monotonic()
         if left <= 0:
-            return
+            break
         try:
             message = await asyncio.wait_for(receive(), left)
         except TimeoutError:
-            return
+            break
         if message["type"] == "http.disconnect":
-            return
+            return  # nobody to answer
         dropped += len(message.get("body", b""))
         if not message.get("more_body", False):
-            return
+            return  # read to its end: the connection can carry the next request
+    error.extra_headers.append(("connection", "close"))
 
 
 async def _read_body(receive: Callable[[], Awaitable[dict[str, Any]]], spool: Spool) -> None:
