@@ -93,7 +93,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         data = Path(d)
         ids = prepare(data, args.users, 0)
-        srv = ServerProcess(data, env={"PYCHAT_LOG_LEVEL": "warning"})
+        srv = ServerProcess(
+            data,
+            env={
+                "PYCHAT_LOG_LEVEL": "warning",
+                # One address holds the whole storm, beyond the caps one attacker gets.
+                "PYCHAT_MAX_CONNECTIONS": "100000",
+                "PYCHAT_MAX_CONNECTIONS_PER_ADDRESS": "100000",
+            },
+        )
         srv.start()
         assert srv.proc is not None
         pid = srv.proc.pid

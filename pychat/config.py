@@ -102,16 +102,23 @@ class Config:
     # Overload and abuse: answered with `rate_limited` and `retry_after_ms`.
     upgrades_per_s: float = _G["upgrades_per_s"]
     upgrade_burst: float = _G["upgrade_burst"]
-    max_connections: int = int(_G["max_connections"])  # 0: bounded by the process's file limit only
+    # WebSocket connections at once: in all (0: the open-files limit less FILE_HEADROOM, kept for
+    # REST, the store and logs), per user and per client address; past them, upgrades are refused.
+    max_connections: int = int(_G["max_connections"])
+    max_connections_per_user: int = int(_G["max_connections_per_user"])
+    max_connections_per_address: int = int(_G["max_connections_per_address"])
     # Sockets in their upgrade at once, in all and per client address, and how long one may take.
     max_handshakes: int = int(_G["max_handshakes"])
     handshakes_per_address: int = int(_G["handshakes_per_address"])
     handshake_timeout_ms: int = int(_G["handshake_timeout_ms"])
-    send_per_s: float = _G["send_per_s"]  # per WebSocket connection, and per user over REST
+    send_per_s: float = _G["send_per_s"]  # per user: over all its WebSocket connections, and over REST
     send_burst: float = _G["send_burst"]
-    # Other frames (sync, read/delivered, typing, presence.subscribe) per connection.
+    # Other frames (sync, read/delivered, typing, presence.subscribe) per user.
     requests_per_s: float = _G["requests_per_s"]
     requests_burst: float = _G["requests_burst"]
+    # Users named in presence.subscribe frames per user (each costs a membership lookup).
+    presence_ids_per_s: float = _G["presence_ids_per_s"]
+    presence_ids_burst: float = _G["presence_ids_burst"]
     login_per_min: int = 10  # attempts per username
     login_failures_per_min: int = 60  # failed attempts per client address
     # Registrations (POST /api/users) per client address, also the burst: each costs a ~50 ms

@@ -46,6 +46,7 @@ from pychat.sync import SyncStreamer
 if TYPE_CHECKING:
     from pychat.cluster.node import ClusterNode
     from pychat.plugins.host import PluginHost
+    from pychat.presence.answers import PresenceAnswers
 
 Event = SendEvent | PointerEvent | SyncEvent | SeenEvent | PresenceQuery | ConnectEvent
 Result = Stored | PointerMoved | Failed | Done | Deferred | PresenceInfo
@@ -76,6 +77,8 @@ class Engine:
         self.on_stored: Callable[[dict[str, int]], None] | None = None
         # The plugins' before_send hooks see each batch's sends before they are stored.
         self.plugins: PluginHost | None = None
+        # Answers presence.subscribe off this thread (set by the server before start).
+        self.presence_answers: PresenceAnswers | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -215,19 +218,12 @@ class Engine:
             if heads and self.on_stored is not None:
                 self.on_stored(heads)
         for i, q in queries:
-            try:
-                visible = self.store.visible_users(q.viewer_id, q.user_ids)
-                last_seen = self.store.last_seen_many(sorted(visible))
-                if self.cluster is not None:
-                    # This node may have started after they connected elsewhere.
-                    for user in self.cluster.online(sorted(visible)):
-                        self.gateway.cluster_presence(user, True, last_seen.get(user) or 0)
-                results[i] = PresenceInfo(
-                    [(u, u in visible, last_seen.get(u)) for u in dict.fromkeys(q.user_ids)]
-                )
-            except Exception:
-                log.exception("presence query failed")
-                results[i] = Failed("unavailable", "presence lookup failed; retry")
+            # Answered by the presence thread: a lookup's cost grows with the viewer's chats.
+            if self.presence_answers is None:
+                results[i] = Failed("unavailable", "presence is starting; retry")
+            else:
+                self.presence_answers.submit(q)
+                results[i] = Deferred()
         # Streamed off this thread, page by page (pychat.sync): a big backlog never holds up a batch.
         if syncs and self.cluster is not None:
             # Messages stored from now on are routed here; those stored before, the sync reads.

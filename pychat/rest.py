@@ -377,6 +377,7 @@ class RestApi:
         """Updates the gateway's membership cache (every node's, in a cluster), then tells the members."""
         frame = json.dumps({"type": "chat", "chat": chat.to_json()}, separators=(",", ":"))
         users = [*chat.members, *(also or [])]
+        self.presence.membership_changed()
         if self.cluster is not None:
             await asyncio.to_thread(
                 self.cluster.publish_chat, chat.chat_id, chat.kind, chat.members, users, frame

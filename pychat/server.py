@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import socket
 import time
@@ -25,6 +26,7 @@ from pychat.metrics import Metrics
 from pychat.plugins.feed import EVENT_HOOKS, AfterStoreFeed, EventFeed
 from pychat.plugins.host import PluginHost, PluginSpec
 from pychat.presence import Presence
+from pychat.presence.answers import PresenceAnswers
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
 from pychat.search import CLUSTER_RESCAN_S, SearchIndex
@@ -54,6 +56,22 @@ def _tell_all(listeners: list[Callable[[dict[str, int]], None]]) -> Callable[[di
             listener(heads)
 
     return tell
+
+
+# Open files kept out of the WebSocket's reach: REST connections, the store, logs and media.
+FILE_HEADROOM = 1024
+
+
+def connection_limit(cfg: Config) -> int:
+    """WebSocket connections the gateway may hold: as configured, else what the open-files
+    limit leaves after the headroom and the sockets in their upgrade (one attacker who opens
+    sockets until the process runs out of files must not take REST and the store with it)."""
+    if cfg.max_connections:
+        return cfg.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 0
+    return max(64, soft - FILE_HEADROOM - min(cfg.max_handshakes, soft // 4))
 
 
 class Server:
@@ -97,7 +115,7 @@ class Server:
             host=cfg.host,
             port=cfg.ws_port,
             secret=secret,
-            settings=cfg.for_gateway(),
+            settings={**cfg.for_gateway(), "max_connections": connection_limit(cfg)},
             limits=cfg.limits.for_gateway(),
             allowed_origins=cfg.origins,
             cluster=cfg.clustered,
@@ -119,6 +137,15 @@ class Server:
             self.engine.cluster = self.cluster
             self.presence = ClusterPresence(self.gateway, self.store, self.cluster.online)
         self.engine.plugins = self.plugins
+        self.presence_answers = PresenceAnswers(
+            self.gateway,
+            self.store,
+            lambda: self.presence,
+            self.cluster.online if self.cluster is not None else None,
+        )
+        self.engine.presence_answers = self.presence_answers
+        if self.cluster is not None:
+            self.cluster.on_membership_change = self.presence.membership_changed
         if self.plugins is not None and self.plugins.connectors:
             self.gateway.set_connect_gate(max(1, int(cfg.plugin_connect_cache_s * 1000)))
         self.search: SearchIndex | None = None
@@ -219,6 +246,7 @@ class Server:
             await asyncio.to_thread(self.cluster.stop)
         self.gateway.shutdown()
         await asyncio.to_thread(self.engine.join)
+        await asyncio.to_thread(self.presence_answers.stop)
         await self.engine.stop_syncs()
         if self.indexer is not None:
             await asyncio.to_thread(self.indexer.stop)

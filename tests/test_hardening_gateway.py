@@ -23,7 +23,7 @@ from pychat.store.sqlite import SqliteStore
 from tests.conftest import PASSWORD, Clients, ServerProcess
 from tests.test_messaging import open_raw, send_frame
 from tests.test_reliability import rss_mb
-from tests.wsraw import RawWs, client_frame, raw_upgrade
+from tests.wsraw import RawWs, client_frame, raw_upgrade, split_server_frames
 
 OP_TEXT, OP_PING = 0x1, 0x9
 
@@ -79,18 +79,8 @@ def seed_history(data_dir: Path, messages: int, size: int) -> tuple[str, str, st
 
 def _text_frames_in(buf: bytes) -> int:
     """The complete text frames in `buf` (a heartbeat ping may follow any frame: not counted)."""
-    count = 0
-    while len(buf) >= 2:
-        n, at = buf[1] & 0x7F, 2
-        if n == 126:
-            n, at = int.from_bytes(buf[2:4], "big"), 4
-        elif n == 127:
-            n, at = int.from_bytes(buf[2:10], "big"), 10
-        if len(buf) < at + n:
-            break
-        count += (buf[0] & 0x0F) == OP_TEXT
-        buf = buf[at + n :]
-    return count
+    frames, _ = split_server_frames(buf)
+    return sum(opcode == OP_TEXT for opcode, _ in frames)
 
 
 async def read_frames(
@@ -102,20 +92,14 @@ async def read_frames(
     buf = b""
     async with asyncio.timeout(timeout):
         while True:
-            while len(buf) >= 2:
-                n, at = buf[1] & 0x7F, 2
-                if n == 126:
-                    n, at = int.from_bytes(buf[2:4], "big"), 4
-                elif n == 127:
-                    n, at = int.from_bytes(buf[2:10], "big"), 10
-                if len(buf) < at + n:
-                    break
-                opcode, payload, buf = buf[0] & 0x0F, buf[at : at + n], buf[at + n :]
+            complete, buf = split_server_frames(buf)
+            for k, (opcode, payload) in enumerate(complete):
                 if opcode != OP_TEXT:
                     continue
                 frames.append(json.loads(payload))
                 if frames[-1]["type"] == until_type:
-                    assert not _text_frames_in(buf), "nothing follows the frame waited for"
+                    later = sum(op == OP_TEXT for op, _ in complete[k + 1 :]) + _text_frames_in(buf)
+                    assert not later, "nothing follows the frame waited for"
                     return frames
             chunk = await reader.read(16384)
             if not chunk:

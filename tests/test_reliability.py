@@ -28,7 +28,13 @@ def rss_mb(srv: ServerProcess) -> float:
 
 
 async def test_reconnect_storm_is_told_when_to_come_back_and_fully_recovers(server_factory: Factory) -> None:
-    srv = server_factory({"PYCHAT_UPGRADES_PER_S": "400", "PYCHAT_UPGRADE_BURST": "200"})
+    srv = server_factory(
+        {
+            "PYCHAT_UPGRADES_PER_S": "400",
+            "PYCHAT_UPGRADE_BURST": "200",
+            "PYCHAT_MAX_CONNECTIONS_PER_USER": "150",
+        }
+    )
     clients = Clients(srv)
     users = [await clients.user("storm") for _ in range(10)]
     await clients.close()

@@ -51,6 +51,25 @@ def client_frame(opcode: int, payload: bytes, masked: bool = True) -> bytes:
     return bytes([0x80 | opcode]) + length + mask + body
 
 
+def split_server_frames(buf: bytes, until: int | None = None) -> tuple[list[tuple[int, bytes]], bytes]:
+    """The complete server frames (unmasked) at the start of `buf` as (opcode, payload), up to
+    the first of opcode `until` if given, and the bytes after them."""
+    frames: list[tuple[int, bytes]] = []
+    while len(buf) >= 2:
+        n, at = buf[1] & 0x7F, 2
+        if n == 126:
+            n, at = int.from_bytes(buf[2:4], "big"), 4
+        elif n == 127:
+            n, at = int.from_bytes(buf[2:10], "big"), 10
+        if len(buf) < at + n:
+            break
+        frames.append((buf[0] & 0x0F, buf[at : at + n]))
+        buf = buf[at + n :]
+        if frames[-1][0] == until:
+            break
+    return frames, buf
+
+
 class RawWs:
     def __init__(self, ws: ClientConnection, hello: dict[str, Any]) -> None:
         self.ws = ws

@@ -847,7 +847,9 @@ impl Hub {
         }
     }
 
-    fn complete_presence_query(&self, conn: ConnId, result: EngineResult) {
+    /// Answers a connection's `presence.subscribe` (the engine defers it: Python looks the
+    /// users up off its thread and answers here).
+    pub fn complete_presence_query(&self, conn: ConnId, result: EngineResult) {
         let info = match result {
             EngineResult::PresenceInfo(info) => info,
             EngineResult::Failed(e) => return self.push_to(conn, Outgoing::Frame(e.encode())),

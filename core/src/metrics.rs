@@ -21,6 +21,10 @@ counters!(
     connections_closed,
     upgrades_refused,
     upgrades_rate_limited,
+    // Upgrades refused by the connection caps: per user, per client address, in all.
+    upgrades_refused_per_user,
+    upgrades_refused_per_address,
+    upgrades_refused_at_capacity,
     frames_in,
     frames_out,
     bad_frames,

@@ -22,18 +22,25 @@ impl TokenBucket {
 
     /// Takes a token, or says in how many milliseconds one will be there.
     pub fn try_take(&mut self, now_ms: u64) -> Result<(), u64> {
+        self.try_take_n(1.0, now_ms)
+    }
+
+    /// Takes `n` tokens at once (at most the capacity: a request of any size can pass
+    /// when the bucket is full), or says in how many milliseconds they will be there.
+    pub fn try_take_n(&mut self, n: f64, now_ms: u64) -> Result<(), u64> {
+        let n = n.clamp(1.0, self.capacity);
         let elapsed = now_ms.saturating_sub(self.last_ms) as f64;
         self.tokens = (self.tokens + elapsed * self.per_ms).min(self.capacity);
         self.last_ms = now_ms.max(self.last_ms);
-        // A hair under one token counts as one: waiting exactly retry_after must be enough.
-        if self.tokens >= 1.0 - 1e-9 {
-            self.tokens -= 1.0;
+        // A hair under counts as enough: waiting exactly retry_after must be enough.
+        if self.tokens >= n - 1e-9 {
+            self.tokens -= n;
             return Ok(());
         }
         if self.per_ms <= 0.0 {
             return Err(60_000);
         }
-        Err(((1.0 - self.tokens) / self.per_ms).ceil().max(1.0) as u64)
+        Err(((n - self.tokens) / self.per_ms).ceil().max(1.0) as u64)
     }
 }
 
@@ -70,6 +77,17 @@ mod tests {
                 now += 1;
             }
         }
+    }
+
+    #[test]
+    fn many_tokens_at_once_wait_for_all_of_them() {
+        let mut b = TokenBucket::new(100.0, 1_000.0, 0);
+        assert!(b.try_take_n(600.0, 0).is_ok());
+        assert_eq!(b.try_take_n(600.0, 0), Err(2_000));
+        assert!(b.try_take_n(600.0, 2_000).is_ok());
+        // More than the capacity costs the whole bucket, never forever.
+        assert!(b.try_take_n(5_000.0, 20_000).is_ok());
+        assert!(b.try_take(20_000).is_err());
     }
 
     #[test]

@@ -254,6 +254,11 @@ impl ConnectionRegistry {
         }
     }
 
+    /// Connections `user` holds here.
+    pub fn user_connection_count(&self, user: &str) -> usize {
+        self.by_user.read().get(user).map_or(0, Vec::len)
+    }
+
     pub fn is_online(&self, user: &str) -> bool {
         self.by_user.read().contains_key(user)
     }

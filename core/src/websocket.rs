@@ -291,6 +291,78 @@ impl Decoder {
     }
 }
 
+/// A connection's input: the bytes read and not yet decoded, and the decoder. Once a
+/// frame fails the connection, the buffer is freed and nothing more is kept or decoded
+/// (RFC 6455 7.1.7): whatever the peer sends after that is the caller's to discard.
+#[derive(Debug)]
+pub struct FrameReader {
+    decoder: Decoder,
+    /// Received bytes; those before `at` are decoded. Unallocated between reads.
+    buf: Vec<u8>,
+    at: usize,
+    failed: bool,
+}
+
+impl FrameReader {
+    pub fn new(max_message: usize, leftover: Vec<u8>) -> Self {
+        Self {
+            decoder: Decoder::new(max_message),
+            buf: leftover,
+            at: 0,
+            failed: false,
+        }
+    }
+
+    /// The buffer to append the next read to, with room for `want` more bytes; `None`
+    /// once the connection failed.
+    pub fn read_buffer(&mut self, want: usize) -> Option<&mut Vec<u8>> {
+        if self.failed {
+            return None;
+        }
+        self.buf.drain(..self.at);
+        self.at = 0;
+        self.buf.reserve(want);
+        Some(&mut self.buf)
+    }
+
+    /// The next complete message, `Ok(None)` when more bytes are needed. An error fails
+    /// the reader for good.
+    pub fn next_message(&mut self) -> Result<Option<Message>, DecodeError> {
+        while !self.failed {
+            match self.decoder.decode(&mut self.buf[self.at..]) {
+                Ok(Some((message, used))) => {
+                    self.at += used;
+                    if message.is_some() {
+                        return Ok(message);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.failed = true;
+                    self.buf = Vec::new();
+                    self.at = 0;
+                    return Err(e);
+                }
+            }
+        }
+        if self.at == self.buf.len() {
+            // Everything decoded: an idle connection holds no buffer.
+            self.buf = Vec::new();
+            self.at = 0;
+        }
+        Ok(None)
+    }
+
+    /// Bytes held (decoded or not): what this reader costs beyond its own size.
+    pub fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+}
+
 fn finish(opcode: u8, data: Vec<u8>) -> Result<Message, DecodeError> {
     if opcode == OP_BINARY {
         return Ok(Message::Binary);
@@ -305,10 +377,21 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, DecodeError> {
         0 => Ok(None),
         1 => Err(DecodeError::Protocol("close payload of one byte")),
         _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code_allowed(code) {
+                return Err(DecodeError::Protocol("invalid close code"));
+            }
             std::str::from_utf8(&payload[2..]).map_err(|_| DecodeError::InvalidUtf8)?;
-            Ok(Some(u16::from_be_bytes([payload[0], payload[1]])))
+            Ok(Some(code))
         }
     }
+}
+
+/// Whether a peer may send this close code (RFC 6455 7.4 and IANA's registry): 0-999 are
+/// unused, 1004-1006 and 1015 never go on the wire, 1016-2999 are unassigned, 3000-4999
+/// belong to libraries and applications, and above that nothing is defined.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
@@ -522,6 +605,59 @@ mod tests {
             decode_all(&mut d, buf).unwrap(),
             [Message::Close(Some(1000)), Message::Binary, Message::Pong]
         );
+    }
+
+    #[test]
+    fn close_codes_outside_the_registry_are_protocol_errors() {
+        for code in [
+            0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ] {
+            let frame = client_frame(true, OP_CLOSE, &code.to_be_bytes(), [1; 4]);
+            assert_eq!(
+                decode_all(&mut Decoder::new(100), frame),
+                Err(DecodeError::Protocol("invalid close code")),
+                "{code}"
+            );
+        }
+        for code in [
+            1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4999,
+        ] {
+            let frame = client_frame(true, OP_CLOSE, &code.to_be_bytes(), [1; 4]);
+            assert_eq!(
+                decode_all(&mut Decoder::new(100), frame).unwrap(),
+                [Message::Close(Some(code))]
+            );
+        }
+    }
+
+    #[test]
+    fn a_failed_reader_frees_its_buffer_and_takes_nothing_more() {
+        let mut r = FrameReader::new(100, Vec::new());
+        let mut bytes = client_frame(true, OP_TEXT, b"hi", [3; 4]);
+        bytes.extend(client_frame(true, OP_TEXT, b"x", [3; 4]));
+        bytes[8] |= 0x40; // the second frame sets a reserved bit
+        bytes.extend(vec![0u8; 5000]);
+        r.read_buffer(bytes.len())
+            .unwrap()
+            .extend_from_slice(&bytes);
+        assert_eq!(r.next_message(), Ok(Some(Message::Text("hi".into()))));
+        assert!(matches!(r.next_message(), Err(DecodeError::Protocol(_))));
+        assert!(r.failed());
+        assert_eq!(r.held(), 0);
+        assert!(r.read_buffer(4096).is_none());
+        assert_eq!(r.next_message(), Ok(None));
+    }
+
+    #[test]
+    fn a_reader_holds_no_buffer_once_everything_is_decoded() {
+        let mut r = FrameReader::new(100, Vec::new());
+        let frame = client_frame(true, OP_TEXT, b"hello", [7; 4]);
+        r.read_buffer(4096).unwrap().extend_from_slice(&frame[..4]);
+        assert_eq!(r.next_message(), Ok(None));
+        r.read_buffer(4096).unwrap().extend_from_slice(&frame[4..]);
+        assert_eq!(r.next_message(), Ok(Some(Message::Text("hello".into()))));
+        assert_eq!(r.next_message(), Ok(None));
+        assert_eq!(r.held(), 0);
     }
 
     #[test]

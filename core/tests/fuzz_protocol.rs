@@ -8,6 +8,7 @@ use std::path::Path;
 use _core::outbox::{Outgoing, Stitched, Stitcher, SyncRequest};
 use _core::protocol::{parse_client_frame, ClientFrame, ErrorCode, Limits};
 use _core::sequencer::ChatId;
+use _core::websocket::FrameReader;
 use bytes::Bytes;
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -269,4 +270,66 @@ fn seed_corpus_parses_as_named() {
         n += 1;
     }
     assert!(n >= 10, "the corpus has {n} seeds");
+}
+
+/// Masked client frames (some valid, some not) and raw bytes, cut into reads of any size.
+fn arb_input() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+    let frame = (any::<u8>(), 0usize..300, any::<[u8; 4]>(), any::<bool>()).prop_map(
+        |(b0, len, mask, long)| {
+            let mut out = vec![b0];
+            if long {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            } else {
+                out.push(0x80 | (len.min(125) as u8));
+            }
+            out.extend_from_slice(&mask);
+            out.extend(std::iter::repeat_n(
+                b'a' ^ mask[0],
+                if long { len } else { len.min(125) },
+            ));
+            out
+        },
+    );
+    let piece = prop_oneof![frame, prop::collection::vec(any::<u8>(), 0..64)];
+    (
+        prop::collection::vec(piece, 1..20).prop_map(|p| p.concat()),
+        prop::collection::vec(1usize..700, 1..40),
+    )
+}
+
+proptest! {
+    /// The input buffer never holds more than one frame under the limit plus a read, and
+    /// once the reader fails it holds nothing and takes nothing, whatever follows.
+    #[test]
+    fn a_frame_reader_stays_bounded_and_drops_everything_after_a_failure(
+        (bytes, reads) in arb_input()
+    ) {
+        const LIMIT: usize = 256;
+        const READ: usize = 512;
+        let mut r = FrameReader::new(LIMIT, Vec::new());
+        let mut at = 0;
+        for n in reads.iter().cycle().take(200) {
+            if at >= bytes.len() {
+                break;
+            }
+            let chunk = &bytes[at..(at + n).min(bytes.len())];
+            at += chunk.len();
+            match r.read_buffer(READ) {
+                Some(buf) => buf.extend_from_slice(chunk),
+                None => {
+                    prop_assert!(r.failed());
+                    prop_assert_eq!(r.held(), 0);
+                    continue;
+                }
+            }
+            while let Ok(Some(_)) = r.next_message() {}
+            if r.failed() {
+                prop_assert_eq!(r.held(), 0);
+            } else {
+                // A partial frame of at most LIMIT bytes and its 14-byte header, plus a read.
+                prop_assert!(r.held() <= 2 * (LIMIT + 14 + 700 + READ), "held {}", r.held());
+            }
+        }
+    }
 }

@@ -98,6 +98,8 @@ class ClusterNode:
         self.sends = SendLog(kafka)
         self.sequencer = Sequencer(store, kafka, SEQUENCER_GROUP, self._publish, node_id)
         self.delivery = RemoteDelivery(gateway, store)
+        # Told when a chat's members change (the presence lookups it caches).
+        self.on_membership_change: Callable[[], None] | None = None
         self._request_ids = itertools.count(1)
         self._stop = threading.Event()
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -302,6 +304,8 @@ class ClusterNode:
         elif kind == "chat":
             self.gateway.set_chat_members(m["chat_id"], m["members"], m["kind"] == "direct")
             self.store.forget_members(m["chat_id"])
+            if self.on_membership_change is not None:
+                self.on_membership_change()
             self.gateway.push_to_users(m["users"], m["frame"])
             if m["from"] == self.node_id:
                 self._applied(m["id"])

@@ -17,3 +17,9 @@ class Presence(Protocol):
 
     def may_follow(self, viewer_id: str, user_id: str) -> bool:
         """Whether `viewer_id` may see `user_id`'s presence (itself, or they share a chat)."""
+
+    def visible(self, viewer_id: str, user_ids: list[str]) -> set[str]:
+        """Which of `user_ids` `viewer_id` may follow (cached briefly)."""
+
+    def membership_changed(self) -> None:
+        """A chat's members changed: forget what `visible` looked up."""

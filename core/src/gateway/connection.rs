@@ -23,10 +23,16 @@ use crate::outbox::{Outgoing, Stitched, Stitcher};
 use crate::protocol::{self, ErrorCode, FrameError};
 use crate::registry::{CloseReason, ConnHandle};
 use crate::sequencer::UserId;
-use crate::websocket::{self, Decoder, Message};
+use crate::websocket::{self, FrameReader, Message};
+use parking_lot::Mutex;
 
 /// Queue items encoded per write at most, so one busy connection yields to others.
 const MAX_FRAMES_PER_FLUSH: usize = 256;
+
+/// After our Close: how long, and how many bytes, the peer's last input is read and
+/// dropped (so our close does not become a reset that destroys the frames just sent).
+const FAREWELL_DRAIN: Duration = Duration::from_secs(2);
+const FAREWELL_DRAIN_BYTES: usize = 256 * 1024;
 
 /// Pings every connection once per heartbeat (a slice of them per sweep, so
 /// pings are spread out) and drops peers that are silent or do not read.
@@ -90,8 +96,10 @@ pub(super) async fn run_connection(
     let mut io = ConnIo::new(&shared, conn.clone(), leftover);
     io.process_input();
     io.run(&stream).await;
+    let budget = io.budget.clone();
     // Boxed: the farewell's buffers exist only while a connection closes.
     Box::pin(io.farewell(&mut stream)).await;
+    shared.release_budget(&conn.user, budget);
     hub.disconnect(&conn, now_ms());
     metrics::inc(&hub.counters.connections_closed);
 }
@@ -112,15 +120,15 @@ enum Wake<'a> {
 struct ConnIo<'a> {
     shared: &'a Shared,
     conn: Arc<ConnHandle>,
-    decoder: Decoder,
-    /// Received bytes not yet decoded; empty (unallocated) between reads.
-    inbuf: Vec<u8>,
+    /// Received bytes not yet decoded, and the decoder (unallocated between reads).
+    input: FrameReader,
     /// Encoded bytes the socket has not taken yet, from `out_at`; empty
     /// (unallocated) whenever everything was written.
     outbuf: Vec<u8>,
     out_at: usize,
     stitcher: Stitcher,
-    budget: FrameBudget,
+    /// The user's, shared with its other connections here.
+    budget: Arc<Mutex<FrameBudget>>,
     strikes: u32,
     /// An event the engine's queue had no room for: reading waits until it is
     /// handed over (backpressure on this connection only).
@@ -136,25 +144,18 @@ struct ConnIo<'a> {
 
 impl<'a> ConnIo<'a> {
     fn new(shared: &'a Shared, conn: Arc<ConnHandle>, inbuf: Vec<u8>) -> Self {
-        let now = now_ms();
         let c = &shared.config;
+        let budget = shared.user_budget(&conn.user);
         Self {
             shared,
             conn,
             // Frames a little over the limit are read and refused with an error
             // frame (the connection stays); only far larger ones end it.
-            decoder: Decoder::new(c.limits.max_frame_bytes.saturating_mul(4)),
-            inbuf,
+            input: FrameReader::new(c.limits.max_frame_bytes.saturating_mul(4), inbuf),
             outbuf: Vec::new(),
             out_at: 0,
             stitcher: Stitcher::default(),
-            budget: FrameBudget::new(
-                c.send_per_s,
-                c.send_burst,
-                c.requests_per_s,
-                c.requests_burst,
-                now,
-            ),
+            budget,
             strikes: 0,
             blocked: None,
             room: None,
@@ -240,8 +241,10 @@ impl<'a> ConnIo<'a> {
 
     fn read(&mut self, stream: &TcpStream) {
         let want = self.shared.config.read_buffer_bytes.max(512);
-        self.inbuf.reserve(want);
-        match stream.try_read_buf(&mut self.inbuf) {
+        let Some(buf) = self.input.read_buffer(want) else {
+            return; // failed: the farewell discards the rest
+        };
+        match stream.try_read_buf(buf) {
             Ok(0) => self.conn.close(CloseReason::PeerClosed),
             Ok(_) => {
                 self.conn
@@ -252,23 +255,14 @@ impl<'a> ConnIo<'a> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => self.conn.close(CloseReason::PeerClosed),
         }
-        if self.inbuf.is_empty() {
-            self.inbuf = Vec::new();
-        }
     }
 
     /// Decodes and handles every complete message in `inbuf`, stopping early
     /// while an event waits for room in the engine's queue.
     fn process_input(&mut self) {
-        let mut at = 0;
         while self.blocked.is_none() && !self.conn.is_closing() {
-            match self.decoder.decode(&mut self.inbuf[at..]) {
-                Ok(Some((message, used))) => {
-                    at += used;
-                    if let Some(m) = message {
-                        self.on_message(m);
-                    }
-                }
+            match self.input.next_message() {
+                Ok(Some(message)) => self.on_message(message),
                 Ok(None) => break,
                 Err(websocket::DecodeError::TooLarge) => {
                     // Far over the size limit: the stream cannot be read past it.
@@ -287,7 +281,6 @@ impl<'a> ConnIo<'a> {
                 }
             }
         }
-        self.inbuf.drain(..at);
     }
 
     fn on_message(&mut self, message: Message) {
@@ -296,8 +289,9 @@ impl<'a> ConnIo<'a> {
         let outcome = match message {
             Message::Text(text) => {
                 metrics::inc(&hub.counters.frames_in);
-                dispatch::dispatch(hub, &self.conn, &mut self.budget, &text, now_ms())
-                    .and_then(|ev| ev.map_or(Ok(()), |ev| self.forward(ev)))
+                let event =
+                    dispatch::dispatch(hub, &self.conn, &mut self.budget.lock(), &text, now_ms());
+                event.and_then(|ev| ev.map_or(Ok(()), |ev| self.forward(ev)))
             }
             Message::Binary => Err(FrameError::new(
                 ErrorCode::BadRequest,
@@ -440,9 +434,9 @@ impl<'a> ConnIo<'a> {
     }
 
     /// Says why the connection ends (briefly: a peer that does not read does
-    /// not get to hold us), then waits for the peer's close so unread input
-    /// does not turn our close into a TCP reset that would destroy the frames
-    /// we just sent.
+    /// not get to hold us), closes our side, then drops the peer's input until it
+    /// closes too (bounded in time and bytes), so unread input does not turn our
+    /// close into a TCP reset that would destroy the frames we just sent.
     async fn farewell(mut self, stream: &mut TcpStream) {
         let reason = self
             .conn
@@ -487,26 +481,20 @@ impl<'a> ConnIo<'a> {
         if reason == CloseReason::PeerClosed || !matches!(said, Ok(Ok(()))) {
             return;
         }
-        let peer_closed = async {
+        // Nothing the peer sends now is decoded (RFC 6455 7.1.7): our side is closed at
+        // once, and its input is read into a fixed buffer and dropped until it closes too.
+        let drained = async {
+            stream.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            let mut total = 0;
             loop {
-                stream.readable().await?;
-                self.inbuf.reserve(4096);
-                match stream.try_read_buf(&mut self.inbuf) {
-                    Ok(0) => return Ok::<(), io::Error>(()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => return Err(e),
+                let n = tokio::io::AsyncReadExt::read(stream, &mut sink).await?;
+                total += n;
+                if n == 0 || total > FAREWELL_DRAIN_BYTES {
+                    return Ok::<(), io::Error>(());
                 }
-                let mut at = 0;
-                while let Ok(Some((message, used))) = self.decoder.decode(&mut self.inbuf[at..]) {
-                    at += used;
-                    if matches!(message, Some(Message::Close(_))) {
-                        return Ok(());
-                    }
-                }
-                self.inbuf.drain(..at);
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), peer_closed).await;
+        let _ = tokio::time::timeout(FAREWELL_DRAIN, drained).await;
     }
 }

@@ -11,25 +11,34 @@ use crate::ratelimit::TokenBucket;
 use crate::registry::ConnHandle;
 use crate::sequencer::Origin;
 
-/// A connection's frame budgets (token buckets).
+/// A user's frame budgets (token buckets), shared by all of the user's connections to
+/// this node: more sockets do not buy more sends.
 #[derive(Debug)]
 pub struct FrameBudget {
     sends: TokenBucket,
     /// Every other frame that costs the engine or a fan-out (sync, pointers, typing, subscribe).
     requests: TokenBucket,
+    /// Users named in `presence.subscribe` frames: each costs a membership lookup.
+    presence_ids: TokenBucket,
+}
+
+/// Rates and bursts of a `FrameBudget`.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetRates {
+    pub send_per_s: f64,
+    pub send_burst: f64,
+    pub requests_per_s: f64,
+    pub requests_burst: f64,
+    pub presence_ids_per_s: f64,
+    pub presence_ids_burst: f64,
 }
 
 impl FrameBudget {
-    pub fn new(
-        send_per_s: f64,
-        send_burst: f64,
-        requests_per_s: f64,
-        requests_burst: f64,
-        now_ms: u64,
-    ) -> Self {
+    pub fn new(r: BudgetRates, now_ms: u64) -> Self {
         Self {
-            sends: TokenBucket::new(send_per_s, send_burst, now_ms),
-            requests: TokenBucket::new(requests_per_s, requests_burst, now_ms),
+            sends: TokenBucket::new(r.send_per_s, r.send_burst, now_ms),
+            requests: TokenBucket::new(r.requests_per_s, r.requests_burst, now_ms),
+            presence_ids: TokenBucket::new(r.presence_ids_per_s, r.presence_ids_burst, now_ms),
         }
     }
 }
@@ -103,6 +112,10 @@ pub fn dispatch(
                 .lock()
                 .check_subscribe(conn.id, &user_ids)
                 .map_err(|e| FrameError::new(ErrorCode::BadRequest, e.to_string()))?;
+            budget
+                .presence_ids
+                .try_take_n(user_ids.len() as f64, now_ms)
+                .map_err(FrameError::rate_limited)?;
             EngineEvent::PresenceQuery {
                 conn: conn.id,
                 user: conn.user.clone(),
@@ -126,7 +139,15 @@ mod tests {
         hub.members.set("c1".into(), vec!["a".into(), "b".into()]);
         let conn = Arc::new(ConnHandle::new(1, "a".into(), 64, 0));
         hub.registry.register(conn.clone());
-        (hub, conn, FrameBudget::new(1_000.0, 1_000.0, 3.0, 3.0, 0))
+        let rates = BudgetRates {
+            send_per_s: 1_000.0,
+            send_burst: 1_000.0,
+            requests_per_s: 3.0,
+            requests_burst: 3.0,
+            presence_ids_per_s: 10.0,
+            presence_ids_burst: 20.0,
+        };
+        (hub, conn, FrameBudget::new(rates, 0))
     }
 
     fn queued(conn: &ConnHandle) -> Vec<String> {
@@ -220,6 +241,24 @@ mod tests {
         let e = dispatch(&hub, &conn, &mut budget, read, 0).unwrap_err();
         assert_eq!(e.code, ErrorCode::RateLimited);
         assert!(e.retry_after_ms.is_some());
+    }
+
+    #[test]
+    fn presence_subscribes_cost_one_token_per_user_named() {
+        let (hub, conn, mut budget) = setup();
+        let ids = |n: usize| {
+            (0..n)
+                .map(|i| format!("\"u{i}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let frame = |n| format!(r#"{{"type":"presence.subscribe","user_ids":[{}]}}"#, ids(n));
+        assert!(dispatch(&hub, &conn, &mut budget, &frame(15), 0).is_ok());
+        let e = dispatch(&hub, &conn, &mut budget, &frame(10), 0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        // 10 ids a second: the 5 left and half a second's 5 more.
+        assert_eq!(e.retry_after_ms, Some(500));
+        assert!(dispatch(&hub, &conn, &mut budget, &frame(10), 500).is_ok());
     }
 
     #[test]

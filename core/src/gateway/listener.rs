@@ -39,9 +39,9 @@ pub(super) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Counts the handshakes in progress, in all and per client address.
+/// Counts sockets (handshakes in progress, or connections), in all and per client address.
 #[derive(Debug)]
-pub struct HandshakeSlots {
+pub struct AddressSlots {
     max_total: usize,
     max_per_address: usize,
     state: Mutex<SlotState>,
@@ -65,11 +65,11 @@ pub enum NoSlot {
 /// A taken slot, given back when dropped.
 #[derive(Debug)]
 pub struct Slot {
-    slots: Arc<HandshakeSlots>,
+    slots: Arc<AddressSlots>,
     address: IpAddr,
 }
 
-impl HandshakeSlots {
+impl AddressSlots {
     pub fn new(max_total: usize, max_per_address: usize) -> Arc<Self> {
         Arc::new(Self {
             max_total: max_total.max(1),
@@ -115,7 +115,7 @@ impl Drop for Slot {
 }
 
 pub(super) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    let slots = HandshakeSlots::new(
+    let slots = AddressSlots::new(
         shared.config.max_handshakes,
         shared.config.handshakes_per_address,
     );
@@ -247,13 +247,13 @@ fn admit_upgrade(shared: &Shared, up: &websocket::Upgrade<'_>) -> Result<String,
             ));
         }
     }
-    let max = shared.config.max_connections;
-    if max > 0 && shared.hub.registry.connection_count() >= max {
-        metrics::inc(&shared.hub.counters.upgrades_rate_limited);
+    let per_user = shared.config.max_connections_per_user;
+    if per_user > 0 && shared.hub.registry.user_connection_count(&user) >= per_user {
+        metrics::inc(&shared.hub.counters.upgrades_refused_per_user);
         let mut r = Refusal::new(
-            503,
-            ErrorCode::Unavailable,
-            "server is at its connection limit",
+            429,
+            ErrorCode::RateLimited,
+            &format!("this user already has {per_user} connections, the most allowed"),
         );
         r.error.retry_after_ms = Some(1_000);
         return Err(r);
@@ -266,6 +266,31 @@ fn admit_upgrade(shared: &Shared, up: &websocket::Upgrade<'_>) -> Result<String,
         });
     }
     Ok(user)
+}
+
+/// A connection refused by the caps in all (503) or per client address (429).
+fn connection_refusal(shared: &Shared, why: NoSlot) -> Refusal {
+    let counters = &shared.hub.counters;
+    let mut r = match why {
+        NoSlot::Busy => {
+            metrics::inc(&counters.upgrades_refused_at_capacity);
+            Refusal::new(
+                503,
+                ErrorCode::Unavailable,
+                "server is at its connection limit",
+            )
+        }
+        NoSlot::Address => {
+            metrics::inc(&counters.upgrades_refused_per_address);
+            Refusal::new(
+                429,
+                ErrorCode::RateLimited,
+                "too many connections from this address",
+            )
+        }
+    };
+    r.error.retry_after_ms = Some(1_000);
+    r
 }
 
 /// The plugins' `on_connect` verdict on this user (cached per user: see `crate::gate`).
@@ -328,8 +353,9 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, slot: Slot
     .await;
     drop(slot);
     match upgraded {
-        Ok(Some((user, leftover))) => {
-            connection::run_connection(shared, stream, user.into(), leftover).await
+        Ok(Some((user, leftover, connection_slot))) => {
+            connection::run_connection(shared, stream, user.into(), leftover).await;
+            drop(connection_slot);
         }
         Ok(None) => metrics::inc(&shared.hub.counters.upgrades_refused),
         Err(_) => {
@@ -341,7 +367,7 @@ async fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, slot: Slot
 
 /// Reads the request head and answers it: `101` and the user, or an error
 /// response and `None`. Also returns bytes the client sent after the head.
-async fn upgrade(shared: &Shared, stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+async fn upgrade(shared: &Shared, stream: &mut TcpStream) -> Option<(String, Vec<u8>, Slot)> {
     let mut buf = Vec::with_capacity(1024);
     loop {
         if buf.len() == buf.capacity() {
@@ -367,10 +393,18 @@ async fn upgrade(shared: &Shared, stream: &mut TcpStream) -> Option<(String, Vec
             }
             Ok(up) => match admit_upgrade(shared, &up) {
                 Ok(user) => {
-                    let address = stream
-                        .peer_addr()
-                        .map(|a| a.ip().to_string())
-                        .unwrap_or_default();
+                    let peer = stream.peer_addr().ok()?;
+                    let slot = match shared.connection_slots.take(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            let _ = stream
+                                .write_all(&connection_refusal(shared, why).response())
+                                .await;
+                            let _ = stream.shutdown().await;
+                            return None;
+                        }
+                    };
+                    let address = peer.ip().to_string();
                     if let Err(refusal) = gate_upgrade(shared, &user, address, up.origin).await {
                         let _ = stream.write_all(&refusal.response()).await;
                         let _ = stream.shutdown().await;
@@ -381,7 +415,7 @@ async fn upgrade(shared: &Shared, stream: &mut TcpStream) -> Option<(String, Vec
                         .write_all(&websocket::switching_protocols(&up.accept))
                         .await
                         .ok()?;
-                    return Some((user, leftover));
+                    return Some((user, leftover, slot));
                 }
                 Err(refusal) => refusal,
             },
@@ -398,7 +432,7 @@ mod tests {
 
     #[test]
     fn slots_are_bounded_in_all_and_per_address_and_given_back() {
-        let slots = HandshakeSlots::new(3, 2);
+        let slots = AddressSlots::new(3, 2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let a1 = slots.take(a).unwrap();

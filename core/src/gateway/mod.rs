@@ -16,6 +16,7 @@ mod connection;
 pub mod dispatch;
 mod listener;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -30,9 +31,11 @@ use crate::hub::{now_ms, EngineEvent, Hub, SidePathConfig, WindowConfig};
 use crate::protocol::Limits;
 use crate::ratelimit::TokenBucket;
 use crate::registry::CloseReason;
+use crate::sequencer::UserId;
 use crate::token::TokenVerifier;
 
 pub use bridge::Tickets;
+use dispatch::{BudgetRates, FrameBudget};
 
 /// Every gateway setting. The defaults here are the only ones: Python's
 /// configuration reads them (`pychat._core.gateway_defaults()`).
@@ -64,20 +67,26 @@ pub struct GatewayConfig {
     /// Upgrades accepted per second (and burst) before `rate_limited` answers.
     pub upgrades_per_s: f64,
     pub upgrade_burst: f64,
-    /// Connections this process holds at most (0: no limit but the file limit).
+    /// Connections this process holds at most (0: no limit but the file limit), per user
+    /// and per client address; past these an upgrade is refused (503 / 429).
     pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    pub max_connections_per_address: usize,
     /// Accepted sockets whose upgrade is not done yet, in all and per client address;
     /// past these a socket is answered at once (503 / 429) and closed.
     pub max_handshakes: usize,
     pub handshakes_per_address: usize,
     /// A socket's upgrade request must be complete within this.
     pub handshake_timeout_ms: u64,
-    /// `send` frames per second (and burst) per connection.
+    /// `send` frames per second (and burst) per user, over all of its connections here.
     pub send_per_s: f64,
     pub send_burst: f64,
-    /// Other frames (sync, pointers, typing, subscribe) per second (and burst) per connection.
+    /// Other frames (sync, pointers, typing, subscribe) per second (and burst) per user.
     pub requests_per_s: f64,
     pub requests_burst: f64,
+    /// Users named in `presence.subscribe` frames per second (and burst) per user.
+    pub presence_ids_per_s: f64,
+    pub presence_ids_burst: f64,
     /// Browser origins allowed to open a WebSocket; empty: any.
     pub allowed_origins: Vec<String>,
     /// A node of a cluster (see `crate::cluster`); off on a single node.
@@ -104,6 +113,8 @@ impl Default for GatewayConfig {
             upgrades_per_s: 2_000.0,
             upgrade_burst: 4_000.0,
             max_connections: 0,
+            max_connections_per_user: 32,
+            max_connections_per_address: 4_096,
             max_handshakes: 4_096,
             handshakes_per_address: 256,
             handshake_timeout_ms: 3_000,
@@ -111,6 +122,8 @@ impl Default for GatewayConfig {
             send_burst: 400.0,
             requests_per_s: 100.0,
             requests_burst: 200.0,
+            presence_ids_per_s: 500.0,
+            presence_ids_burst: 2_000.0,
             allowed_origins: Vec::new(),
             cluster: false,
         }
@@ -129,11 +142,43 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// Distinguishes session ids across restarts.
     pub(crate) boot_id: u64,
+    /// Frame budgets of the users connected here, shared by each user's connections; an
+    /// entry lives while its user has a connection.
+    budgets: Mutex<HashMap<UserId, Arc<Mutex<FrameBudget>>>>,
+    /// Connections held, in all and per client address (a slot per connection).
+    pub(crate) connection_slots: Arc<listener::AddressSlots>,
 }
 
 impl Shared {
     pub(crate) fn clock_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The frame budget `user`'s connections share (made with its first connection).
+    pub(crate) fn user_budget(&self, user: &UserId) -> Arc<Mutex<FrameBudget>> {
+        let c = &self.config;
+        let rates = BudgetRates {
+            send_per_s: c.send_per_s,
+            send_burst: c.send_burst,
+            requests_per_s: c.requests_per_s,
+            requests_burst: c.requests_burst,
+            presence_ids_per_s: c.presence_ids_per_s,
+            presence_ids_burst: c.presence_ids_burst,
+        };
+        self.budgets
+            .lock()
+            .entry(user.clone())
+            .or_insert_with(|| Arc::new(Mutex::new(FrameBudget::new(rates, now_ms()))))
+            .clone()
+    }
+
+    /// A connection of `user` ended: its budget goes with the user's last connection.
+    pub(crate) fn release_budget(&self, user: &UserId, budget: Arc<Mutex<FrameBudget>>) {
+        let mut budgets = self.budgets.lock();
+        drop(budget);
+        if budgets.get(user).is_some_and(|b| Arc::strong_count(b) == 1) {
+            budgets.remove(user);
+        }
     }
 
     /// Last-seen writes are best effort: under overload they are dropped, never waited for.
@@ -172,6 +217,8 @@ impl Gateway {
             hub.cluster = Some(crate::cluster::ClusterLink::default());
         }
         let hub = Arc::new(hub);
+        let (config_max, per_address) =
+            (config.max_connections, config.max_connections_per_address);
         let shared = Arc::new(Shared {
             hub,
             upgrades: Mutex::new(TokenBucket::new(
@@ -186,6 +233,15 @@ impl Gateway {
             next_conn: AtomicU64::new(1),
             started: Instant::now(),
             boot_id: now_ms(),
+            budgets: Mutex::default(),
+            connection_slots: listener::AddressSlots::new(
+                if config_max == 0 {
+                    usize::MAX
+                } else {
+                    config_max
+                },
+                per_address,
+            ),
         });
         let listener = {
             let _guard = runtime.enter();

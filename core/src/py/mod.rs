@@ -119,6 +119,8 @@ settings_table!(gateway_setting_defaults, apply_gateway_settings, c: GatewayConf
     upgrades_per_s: f64 => upgrades_per_s,
     upgrade_burst: f64 => upgrade_burst,
     max_connections: usize => max_connections,
+    max_connections_per_user: usize => max_connections_per_user,
+    max_connections_per_address: usize => max_connections_per_address,
     max_handshakes: usize => max_handshakes,
     handshakes_per_address: usize => handshakes_per_address,
     handshake_timeout_ms: u64 => handshake_timeout_ms,
@@ -126,6 +128,8 @@ settings_table!(gateway_setting_defaults, apply_gateway_settings, c: GatewayConf
     send_burst: f64 => send_burst,
     requests_per_s: f64 => requests_per_s,
     requests_burst: f64 => requests_burst,
+    presence_ids_per_s: f64 => presence_ids_per_s,
+    presence_ids_burst: f64 => presence_ids_burst,
 });
 
 settings_table!(limit_defaults, apply_limits, l: Limits, {
@@ -487,6 +491,23 @@ impl PyGateway {
     fn chat_members(&self, chat_id: &str) -> Option<Vec<String>> {
         let (_, members) = self.inner.hub().members.get(chat_id)?;
         Some(members.list.iter().map(|u| u.to_string()).collect())
+    }
+
+    /// Answers a deferred `presence.subscribe`: (user_id, may follow, stored last_seen) each.
+    fn presence_answer(&self, py: Python<'_>, conn: u64, info: Vec<(String, bool, Option<u64>)>) {
+        py.detach(|| {
+            self.inner
+                .hub()
+                .complete_presence_query(conn, EngineResult::PresenceInfo(info))
+        });
+    }
+
+    /// Answers a deferred `presence.subscribe` with an error frame.
+    fn presence_failed(&self, conn: u64, code: &str, message: String) {
+        let code = ErrorCode::parse(code).unwrap_or(ErrorCode::Internal);
+        self.inner
+            .hub()
+            .complete_presence_query(conn, EngineResult::Failed(FrameError::new(code, message)));
     }
 
     /// Ends a connection's `sync` answer with `synced` (each chat's last seq).

@@ -61,6 +61,7 @@ pub struct ConnectEvent {
 /// `presence.subscribe`: which of `user_ids` may `viewer_id` follow.
 #[pyclass(frozen, get_all, module = "pychat._core")]
 pub struct PresenceQuery {
+    conn: u64,
     viewer_id: Py<PyString>,
     user_ids: Py<PyList>,
 }
@@ -133,9 +134,14 @@ pub fn event_to_python(py: Python<'_>, ev: &EngineEvent) -> PyResult<Py<PyAny>> 
             },
         )?
         .into_any(),
-        EngineEvent::PresenceQuery { user, user_ids, .. } => Py::new(
+        EngineEvent::PresenceQuery {
+            conn,
+            user,
+            user_ids,
+        } => Py::new(
             py,
             PresenceQuery {
+                conn: *conn,
                 viewer_id: s(py, user),
                 user_ids: PyList::new(py, user_ids)?.unbind(),
             },
