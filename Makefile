@@ -30,7 +30,7 @@ nofile = hard=$$(ulimit -Hn); \
 
 .PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
 	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop s3 s3-stop \
-	cluster cluster-stop test-cluster test-web
+	cluster cluster-stop test-cluster test-web autobahn test-autobahn
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -48,7 +48,7 @@ build-dev: $(VENV)/.deps ## build the Rust extension (release profile) into the 
 serve: build-dev ## install everything, build, and start a server on the embedded defaults
 	$(BIN)/pychat serve $(ARGS)
 
-test: build-dev lint test-rust test-py test-cluster ## install everything, build, lint, and run every test
+test: build-dev lint test-rust test-autobahn test-py test-cluster ## install everything, build, lint, and run every test
 
 test-rust: ## Rust unit tests
 	cargo test -q
@@ -100,6 +100,14 @@ $(VENV)/.loadtest: requirements-loadtest.txt $(VENV)/.deps
 
 loadtest: build-dev $(VENV)/.loadtest ## Locust users (WebSocket + REST) headless against a local server; CSV stats
 	$(call nofile,4096) $(PY) loadtest/run.py $(ARGS)
+
+autobahn: build-dev ## Autobahn's fuzzing client on a pychat server (cases 1-7, 9, 10; ARGS="--cases 7.*" for some), then its check; reports in test-results/autobahn/ (installs autobahntestsuite in a Python 2.7 virtualenv: pyenv's or Debian's python2.7)
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.autobahn run $(ARGS)
+	$(PY) -m tests.autobahn_check test-results/autobahn
+
+test-autobahn: build-dev ## every Autobahn case of `make autobahn` and its check (about 2.5 minutes)
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.autobahn run
+	$(PY) -m tests.autobahn_check test-results/autobahn
 
 fuzz: build-dev ## long fuzzing: Rust properties (frame parser, stitching), REST API (schemathesis), hypothesis
 	PROPTEST_CASES=$${PROPTEST_CASES:-100000} cargo test --release -q --test fuzz_protocol
