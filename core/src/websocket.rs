@@ -192,8 +192,8 @@ impl fmt::Display for DecodeError {
 #[derive(Debug)]
 pub struct Decoder {
     max_message: usize,
-    /// Opcode and payload so far of a fragmented message.
-    fragments: Option<Box<(u8, Vec<u8>)>>,
+    /// Opcode, payload so far, and bytes of it known to be UTF-8 of a fragmented message.
+    fragments: Option<Box<(u8, Vec<u8>, usize)>>,
 }
 
 impl Decoder {
@@ -272,9 +272,10 @@ impl Decoder {
                 };
                 frag.1.extend_from_slice(payload);
                 if fin {
-                    let (op, data) = *self.fragments.take().expect("checked above");
+                    let (op, data, _) = *self.fragments.take().expect("checked above");
                     Some(finish(op, data)?)
                 } else {
+                    check_text_so_far(frag)?;
                     None
                 }
             }
@@ -283,7 +284,9 @@ impl Decoder {
             }
             _ if fin => Some(finish(opcode, payload.to_vec())?),
             _ => {
-                self.fragments = Some(Box::new((opcode, payload.to_vec())));
+                let mut frag = Box::new((opcode, payload.to_vec(), 0));
+                check_text_so_far(&mut frag)?;
+                self.fragments = Some(frag);
                 None
             }
         };
@@ -361,6 +364,20 @@ impl FrameReader {
     pub fn failed(&self) -> bool {
         self.failed
     }
+}
+
+/// Fails a fragmented text message as soon as its bytes so far cannot begin valid UTF-8
+/// (a character cut between fragments is fine), checking each byte once.
+fn check_text_so_far(frag: &mut (u8, Vec<u8>, usize)) -> Result<(), DecodeError> {
+    if frag.0 != OP_TEXT {
+        return Ok(());
+    }
+    match std::str::from_utf8(&frag.1[frag.2..]) {
+        Ok(_) => frag.2 = frag.1.len(),
+        Err(e) if e.error_len().is_none() => frag.2 += e.valid_up_to(),
+        Err(_) => return Err(DecodeError::InvalidUtf8),
+    }
+    Ok(())
 }
 
 fn finish(opcode: u8, data: Vec<u8>) -> Result<Message, DecodeError> {
@@ -605,6 +622,24 @@ mod tests {
             decode_all(&mut d, buf).unwrap(),
             [Message::Close(Some(1000)), Message::Binary, Message::Pong]
         );
+    }
+
+    #[test]
+    fn invalid_text_fails_at_its_fragment_not_at_the_message_end() {
+        let mut d = Decoder::new(100);
+        // "é" cut between two fragments is fine.
+        let mut buf = client_frame(false, OP_TEXT, b"ab\xc3", [1; 4]);
+        buf.extend(client_frame(false, OP_CONTINUATION, b"\xa9c", [2; 4]));
+        buf.extend(client_frame(true, OP_CONTINUATION, b"d", [3; 4]));
+        assert_eq!(
+            decode_all(&mut d, buf).unwrap(),
+            [Message::Text("ab\u{e9}cd".into())]
+        );
+        let mut d = Decoder::new(100);
+        let first = client_frame(false, OP_TEXT, b"ok", [1; 4]);
+        let bad = client_frame(false, OP_CONTINUATION, b"\xff", [2; 4]);
+        assert!(d.decode(&mut first.clone()).unwrap().is_some());
+        assert_eq!(d.decode(&mut bad.clone()), Err(DecodeError::InvalidUtf8));
     }
 
     #[test]
