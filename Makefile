@@ -30,12 +30,16 @@ nofile = hard=$$(ulimit -Hn); \
 
 .PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
 	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop s3 s3-stop \
-	cluster cluster-stop test-cluster test-web autobahn test-autobahn
+	cluster cluster-stop test-cluster test-web autobahn test-autobahn wheel test-wheel
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
-$(VENV)/.deps: requirements-dev.txt pyproject.toml
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+# What the extension is built from: a wheel older than any of these is stale.
+RUST_SOURCES := Cargo.toml Cargo.lock rust-toolchain.toml $(shell find core -name '*.rs' -o -name Cargo.toml)
+
+$(VENV)/.deps: requirements.txt requirements-dev.txt pyproject.toml
 	@command -v cargo >/dev/null || { echo "cargo (Rust) is required: https://rustup.rs"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
@@ -45,10 +49,38 @@ build-dev: $(VENV)/.deps ## build the Rust extension (release profile) into the 
 	rm -f pychat/_core*.so
 	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q
 
-serve: build-dev ## install everything, build, and start a server on the embedded defaults
+# `make serve` installs only what a server needs (requirements.txt). A wheel in dist/ (`make wheel`,
+# or one downloaded) newer than the Rust sources is installed as it is: no Rust toolchain needed.
+# Otherwise the extension is built, and only when its sources changed since the last serve.
+$(VENV)/.serve: requirements.txt pyproject.toml $(RUST_SOURCES) $(wildcard dist/pychat-*.whl)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@wheel=$$(ls -t dist/pychat-$(VERSION)-*.whl 2>/dev/null | head -1); \
+	if [ -n "$$wheel" ] && [ -z "$$(find $(RUST_SOURCES) -newer $$wheel)" ]; then \
+		echo "installing $$wheel"; \
+		$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$$wheel" && \
+		rm -f pychat/_core*.so; \
+	else \
+		command -v cargo >/dev/null || { echo "no wheel in dist/ newer than the sources, and no cargo to build one:" \
+			"install Rust (https://rustup.rs) or put a pychat wheel in dist/"; exit 1; }; \
+		rm -f pychat/_core*.so; \
+		VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q; \
+	fi
+	touch $@
+
+serve: $(VENV)/.serve ## install what a server needs, build the extension if its sources changed (or install dist/'s wheel), and start a server on the embedded defaults
 	$(BIN)/pychat serve $(ARGS)
 
-test: build-dev lint test-rust test-autobahn test-py test-cluster ## install everything, build, lint, and run every test
+wheel: $(VENV)/.deps ## build the abi3 manylinux2014 wheel (Python 3.11+) and the sdist into dist/
+	cp api/openapi.json api/ws-frames.schema.json pychat/web/
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/maturin build --release --zig --compatibility manylinux2014 --strip --out dist -q; \
+		rc=$$?; [ $$rc != 0 ] || $(BIN)/maturin sdist --out dist >/dev/null; rc=$$?; \
+		rm -f pychat/web/openapi.json pychat/web/ws-frames.schema.json; exit $$rc
+
+test-wheel: wheel ## the wheel as a user gets it: a fresh venv outside the checkout, base install only, `pychat serve` and a smoke test
+	$(PY) -m tests.wheel_check $$(ls -t dist/pychat-$(VERSION)-*.whl | head -1)
+
+test: build-dev lint test-rust test-wheel test-autobahn test-py test-cluster ## install everything, build, lint, and run every test
 
 test-rust: ## Rust unit tests
 	cargo test -q

@@ -11,9 +11,11 @@ import secrets
 import sys
 from typing import Any
 
+from pychat import __version__
 from pychat.auth import TokenIssuer, hash_password
 from pychat.config import load_config
 from pychat.errors import ApiError
+from pychat.extras import MissingExtra, missing
 from pychat.ids import new_id, now_ms
 from pychat.plugins.host import PluginError
 from pychat.server import Server
@@ -28,6 +30,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pychat", description="pychat chat engine")
+    parser.add_argument("--version", action="version", version=f"pychat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a server node")
     _common(serve)
@@ -89,6 +92,14 @@ def _print(value: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except MissingExtra as e:
+        print(f"pychat: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "store": args.store}
     if args.command == "serve":
@@ -176,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 def _export(store: Store, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pychat.archive import export_chats
+    try:
+        from pychat.archive import export_chats
+    except ModuleNotFoundError as e:
+        raise missing("export", e) from None
 
     heads = dict(store.chat_heads())
     if args.chat:
@@ -234,7 +248,10 @@ def _plugins(raw: list[dict[str, Any]]) -> int:
 def _verify(store: Store | None, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pychat.verify import describe, verify_export
+    try:
+        from pychat.verify import describe, verify_export
+    except ModuleNotFoundError as e:
+        raise missing("export", e) from None
 
     path = Path(args.export)
     if not path.exists():
@@ -250,7 +267,10 @@ def _verify(store: Store | None, args: argparse.Namespace) -> int:
 def _import(store: Store, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pychat.archive import ImportRefused, import_export
+    try:
+        from pychat.archive import ImportRefused, import_export
+    except ModuleNotFoundError as e:
+        raise missing("export", e) from None
 
     try:
         summary = import_export(store, Path(args.export), progress=not args.quiet)

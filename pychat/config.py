@@ -126,6 +126,18 @@ class Config:
     register_per_min: int = 120
     # Threads REST handlers read the store on (writes have two of their own), off the event loop.
     rest_threads: int = 8
+    # The REST port: connections served at once (past it they wait in the listen backlog; the
+    # backlog 0 is the kernel's somaxconn); how long a client may take to send a request head,
+    # which also closes a keep-alive connection idle that long (hyper has no idle timeout of its
+    # own), or leave a request body unsent; how long a response may wait for a client that takes
+    # none of its bytes before the connection is cut.
+    rest_max_connections: int = 512
+    rest_backlog: int = 0
+    rest_header_timeout_ms: int = 10_000
+    rest_send_timeout_ms: int = 30_000
+    # Chat exports streaming at once, in all and per user; past them `unavailable` / `rate_limited`.
+    exports_at_once: int = 8
+    exports_per_user: int = 2
     # Browser origins allowed to open the WebSocket or call REST, comma-separated; empty: any.
     allowed_origins: str = ""
     log_level: str = "info"

@@ -1,8 +1,10 @@
 """A chat's history as a file: Parquet, Arrow IPC stream or JSON lines, written as it is read.
 
-The store is read a page at a time (`chained_after`), each page becomes one Arrow record batch
-(one Parquet row group), is encoded on a thread and handed to the HTTP response; the chat is
-never held whole in memory. `after` makes an export incremental: only messages with a higher seq.
+The store is read `READ_ROWS` messages at a time; the reads are gathered into pages of at most
+`PAGE` messages or `PAGE_BYTES` bytes, whichever comes first; each page becomes one Arrow record
+batch (one Parquet row group), is encoded on a thread and handed to the HTTP response. The chat
+is never held whole in memory, and a page of the largest messages stays a few MB. `after` makes
+an export incremental: only messages with a higher seq.
 
 The schema (also in api/openapi.json, `ExportRow`):
 
@@ -22,7 +24,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any
 
@@ -30,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pychat.errors import ApiError
 from pychat.store import ChainedRow, Store, message_object
 
 DAY_MS = 86_400_000
@@ -39,6 +42,13 @@ PAGE = 10_000
 # Messages per page read as Python rows (JSON lines, stores without an Arrow reader): each row is
 # a handful of objects, so fewer at a time.
 ROW_PAGE = 5_000
+# Bytes of messages in a page, whatever its count (10,000 messages of 64 KiB made a page of
+# 640 MB); a page may pass it by one read. A stalled export holds about 20 of these (measured).
+PAGE_BYTES = 1024 * 1024
+# Messages per read from the store: a read of the largest messages (64 KiB) stays under 9 MB.
+READ_ROWS = 128
+# Tell a client refused an export slot to come back after this long.
+EXPORT_RETRY_MS = 5_000
 
 ATTACHMENT = pa.struct(
     [
@@ -169,21 +179,26 @@ class _Prefetch:
     def _run(self) -> None:
         try:
             for item in self._source:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    break
-            self._queue.put(self._END)
+                if not self._put(item):
+                    return
+            self._put(self._END)
         except BaseException as e:  # handed to the reader
-            self._queue.put(e)
+            self._put(e)
         finally:
             close = getattr(self._source, "close", None)
             if close is not None:
                 close()
+
+    def _put(self, item: Any) -> bool:
+        """Waits for room for `item`; False once closed (a reader that left takes nothing more:
+        a blocking put would keep this thread and the store's connection for good)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __iter__(self) -> _Prefetch:
         return self
@@ -236,20 +251,94 @@ class _Sink:
         return out
 
 
-class ChatExport:
-    """The export of one chat as an async iterator of byte chunks (one per page)."""
+def row_pages(store: Store, chat_id: str, after: int) -> Iterator[list[ChainedRow]]:
+    """The chat's messages above `after` as store rows, a page (`ROW_PAGE`, `PAGE_BYTES`) at a time."""
+    done = False
+    while not done:
+        page: list[ChainedRow] = []
+        size = 0
+        while len(page) < ROW_PAGE and size < PAGE_BYTES:
+            rows = store.chained_after(chat_id, after, READ_ROWS)
+            if rows:
+                after = rows[-1][1]
+                page += rows
+                size += sum(len(r[4]) + len(r[5]) for r in rows)
+            if len(rows) < READ_ROWS:
+                done = True
+                break
+        if page:
+            yield page
 
-    def __init__(self, store: Store, chat_id: str, fmt: str, after: int, pool: Executor) -> None:
+
+def gathered(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Small record batches gathered into pages of `PAGE` rows or `PAGE_BYTES` bytes."""
+    page: list[pa.RecordBatch] = []
+    rows = size = 0
+    for batch in batches:
+        page.append(batch)
+        rows += batch.num_rows
+        size += batch.nbytes
+        if rows >= PAGE or size >= PAGE_BYTES:
+            yield pa.concat_batches(page)
+            page, rows, size = [], 0, 0
+    if rows:
+        yield pa.concat_batches(page)
+
+
+class ExportSlots:
+    """Exports streaming at once, in all and per user (each holds a page or two and a reader
+    thread while its client reads): past either bound the next one is refused, `unavailable` or
+    `rate_limited`, with when to come back."""
+
+    def __init__(self, in_all: int, per_user: int) -> None:
+        self.in_all = in_all
+        self.per_user = per_user
+        self.running: dict[str, int] = {}
+
+    def claim(self, user_id: str) -> None:
+        if self.running.get(user_id, 0) >= self.per_user:
+            raise ApiError(
+                "rate_limited",
+                f"at most {self.per_user} exports at once per user",
+                retry_after_ms=EXPORT_RETRY_MS,
+            )
+        if sum(self.running.values()) >= self.in_all:
+            raise ApiError(
+                "unavailable", "the server is busy with other exports", retry_after_ms=EXPORT_RETRY_MS
+            )
+        self.running[user_id] = self.running.get(user_id, 0) + 1
+
+    def release(self, user_id: str) -> None:
+        left = self.running.pop(user_id, 0) - 1
+        if left > 0:
+            self.running[user_id] = left
+
+
+class ChatExport:
+    """The export of one chat as an async iterator of byte chunks (one per page). `on_close`
+    runs once, when it is closed."""
+
+    def __init__(
+        self,
+        store: Store,
+        chat_id: str,
+        fmt: str,
+        after: int,
+        pool: Executor,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         self.store = store
         self.chat_id = chat_id
         self.format = fmt
         self.after = after
         self.pool = pool
+        self._on_close = on_close
         self._sink = _Sink()
         self._writer: Any = None
         self._done = False
         self._first: bytes | None = None
-        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._pages: Iterator[Any] | None = None
+        self._reader: _Prefetch | None = None
 
     async def prefetch(self) -> None:
         """Reads and encodes the first page now: a store that fails fails before an answer starts."""
@@ -270,36 +359,32 @@ class ChatExport:
         chunk: bytes = await asyncio.get_running_loop().run_in_executor(self.pool, self._next_chunk)
         return chunk
 
+    def _open_pages(self) -> Iterator[Any]:
+        """(On a thread.) Pages of store rows (JSON lines) or SCHEMA record batches."""
+        if self.format == "jsonl":
+            return row_pages(self.store, self.chat_id, self.after)
+        if hasattr(self.store, "arrow_batches"):
+            # A store that reads straight into Arrow (SQLite through ADBC): no Python row objects,
+            # and the next read runs on a thread of its own while this page is encoded.
+            self._reader = _Prefetch(iter(self.store.arrow_batches(self.chat_id, self.after, READ_ROWS)))
+            return (from_raw(page) for page in gathered(self._reader))
+        return (record_batch(rows) for rows in row_pages(self.store, self.chat_id, self.after))
+
     def _next_chunk(self) -> bytes:
         """(On a thread.) The encoding of the next page; the format's end after the last one."""
-        if self.format != "jsonl" and hasattr(self.store, "arrow_batches"):
-            # A store that reads straight into Arrow (SQLite through ADBC): no Python row objects.
-            if self._batches is None:
-                self._batches = _Prefetch(iter(self.store.arrow_batches(self.chat_id, self.after, PAGE)))
-            raw = next(self._batches, None)
-            if raw is not None and raw.num_rows:
-                self._writer_for().write_batch(from_raw(raw))
-            if raw is None:
-                self._finish()
-                self._done = True
-            # Arrow's allocator keeps freed pages for reuse; a long export would hold many.
-            pa.default_memory_pool().release_unused()
-            return self._sink.take()
-        rows = self.store.chained_after(self.chat_id, self.after, ROW_PAGE)
-        if rows:
-            self.after = rows[-1][1]
-            self._write(rows)
-        if len(rows) < ROW_PAGE:
+        if self._pages is None:
+            self._pages = self._open_pages()
+        page = next(self._pages, None)
+        if page is None:
             self._finish()
             self._done = True
+        elif self.format == "jsonl":
+            self._sink.write(jsonl(page))
+        else:
+            self._writer_for().write_batch(page)
+        # Arrow's allocator keeps freed pages for reuse; a long export would hold many.
+        pa.default_memory_pool().release_unused()
         return self._sink.take()
-
-    def _write(self, rows: list[ChainedRow]) -> None:
-        if self.format == "jsonl":
-            self._sink.write(jsonl(rows))
-            return
-        batch = record_batch(rows)
-        self._writer_for().write_batch(batch)
 
     def _writer_for(self) -> Any:
         if self._writer is None:
@@ -315,10 +400,13 @@ class ChatExport:
 
     async def aclose(self) -> None:
         self._done = True
-        batches, self._batches = self._batches, None
-        close = getattr(batches, "close", None)
-        if close is not None:  # stops the read-ahead thread (which closes the ADBC connection)
-            await asyncio.get_running_loop().run_in_executor(self.pool, close)
+        self._first = None
+        reader, self._reader = self._reader, None
+        if reader is not None:  # stops the read-ahead thread (which closes the ADBC connection)
+            await asyncio.to_thread(reader.close)
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
 
 
 def jsonl(rows: list[ChainedRow]) -> bytes:
@@ -329,21 +417,15 @@ def jsonl(rows: list[ChainedRow]) -> bytes:
 def batches_of(store: Store, chat_id: str, after: int) -> Iterator[pa.RecordBatch]:
     """The chat's messages above `after` as SCHEMA record batches, a page at a time."""
     if hasattr(store, "arrow_batches"):
-        reader = _Prefetch(iter(store.arrow_batches(chat_id, after, PAGE)))
+        reader = _Prefetch(iter(store.arrow_batches(chat_id, after, READ_ROWS)))
         try:
-            for raw in reader:
-                if raw.num_rows:
-                    yield from_raw(raw)
+            for page in gathered(reader):
+                yield from_raw(page)
         finally:
             reader.close()
         return
-    while True:
-        rows = store.chained_after(chat_id, after, ROW_PAGE)
-        if rows:
-            yield record_batch(rows)
-            after = rows[-1][1]
-        if len(rows) < ROW_PAGE:
-            return
+    for rows in row_pages(store, chat_id, after):
+        yield record_batch(rows)
 
 
 def by_day(batch: pa.RecordBatch) -> Iterator[tuple[str, pa.RecordBatch]]:

@@ -318,6 +318,48 @@ def _filename(value: str | None) -> str | None:
 
 StoreCall = Callable[..., Awaitable[Any]]
 
+# When to try again an upload refused for what uploads under way reserved.
+RESERVED_RETRY_MS = 1000
+
+
+class UploadQuota:
+    """Bytes a user may upload per rolling 24 hours (0: no quota). An upload reserves its bytes
+    before it is kept: the check (what the store has plus what uploads under way reserved) and the
+    reservation are one step under a lock, so parallel uploads cannot all pass the same check.
+    Reservations are this process's: nodes of a cluster each let a user reach the quota."""
+
+    def __init__(self, quota: int, store: Store, store_call: StoreCall) -> None:
+        self.quota = quota
+        self._store = store
+        self._store_call = store_call
+        self._reserved: dict[str, int] = {}
+        # Also taken to release: a release between a check's store read and its sum would let
+        # the check miss an upload both in the store and in the reservations.
+        self._lock = asyncio.Lock()
+
+    async def reserve(self, user_id: str, size: int) -> None:
+        """Reserves `size` bytes more for the user, or raises RateLimited."""
+        if self.quota <= 0:
+            return
+        async with self._lock:
+            now = now_ms()
+            used, oldest = await self._store_call(self._store.uploaded_since, user_id, now - DAY_MS)
+            if used + self._reserved.get(user_id, 0) + size > self.quota:
+                if used + size <= self.quota:  # it may fit once the uploads under way are done
+                    raise RateLimited(RESERVED_RETRY_MS)
+                wait = (oldest + DAY_MS - now) if oldest is not None else DAY_MS
+                raise RateLimited(max(1000, wait))
+            self._reserved[user_id] = self._reserved.get(user_id, 0) + size
+
+    async def release(self, user_id: str, size: int) -> None:
+        """Gives back a reservation (once the upload's row is stored, or the upload failed)."""
+        if self.quota <= 0:
+            return
+        async with self._lock:
+            left = self._reserved.pop(user_id, 0) - size
+            if left > 0:
+                self._reserved[user_id] = left
+
 
 class MediaService:
     """Uploads, downloads and the collector, over one `Store` (rows) and one `BlobStore` (bytes).
@@ -329,6 +371,7 @@ class MediaService:
         self.store = store
         self.blobs = blobs
         self._store_call = store_call
+        self.quota = UploadQuota(config.media_quota_bytes_per_day, store, store_call)
         # Typing, thumbnailing and putting blobs (seconds for a large file on S3): threads of
         # their own, so that uploads never hold up the REST API's store threads.
         self._pool = ThreadPoolExecutor(
@@ -346,16 +389,6 @@ class MediaService:
 
     # uploads
 
-    async def _check_quota(self, user_id: str, adding: int) -> None:
-        quota = self.config.media_quota_bytes_per_day
-        if quota <= 0:
-            return
-        now = now_ms()
-        used, oldest = await self._store_call(self.store.uploaded_since, user_id, now - DAY_MS)
-        if used + adding > quota:
-            wait = (oldest + DAY_MS - now) if oldest is not None else DAY_MS
-            raise RateLimited(max(1000, wait))
-
     async def upload(
         self,
         user_id: str,
@@ -365,15 +398,19 @@ class MediaService:
     ) -> Media:
         limit = self.config.limits.max_upload_bytes
         declared = headers.get("content-length", "")
+        reserved = 0
         try:
             if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
                 raise ApiError("too_large", f"the upload is larger than {limit} bytes")
-            await self._check_quota(user_id, int(declared) if declared.isdigit() else 0)
+            size = int(declared) if declared.isdigit() else 0
+            await self.quota.reserve(user_id, size)
+            reserved = size
         except ApiError as e:
             await _refuse_body(e, receive, limit)
             raise
-        spool = Spool(self.spool_dir, limit, self._pool)
+        spool: Spool | None = None
         try:
+            spool = Spool(self.spool_dir, limit, self._pool)
             content_type = headers.get("content-type", "")
             try:
                 if content_type.lower().startswith("multipart/form-data"):
@@ -398,7 +435,9 @@ class MediaService:
                 error = ApiError("unavailable", "the server could not take the upload now; retry")
                 await _refuse_body(error, receive, limit)
                 raise error from None
-            await self._check_quota(user_id, spool.size)
+            if spool.size > reserved:  # no Content-Length: counted once it has arrived
+                await self.quota.reserve(user_id, spool.size - reserved)
+                reserved = spool.size
             loop = asyncio.get_running_loop()
             try:
                 return await loop.run_in_executor(self._pool, self._keep, user_id, spool, filename)
@@ -409,7 +448,9 @@ class MediaService:
                 log.exception("keeping an upload of %d bytes failed", spool.size)
                 raise ApiError("unavailable", "the upload could not be stored; retry") from None
         finally:
-            spool.discard()
+            if spool is not None:
+                spool.discard()
+            await self.quota.release(user_id, reserved)
 
     def _keep(self, user_id: str, spool: Spool, filename: str | None) -> Media:
         """(On a thread.) Types the spooled file, thumbnails an image, puts the blobs, writes the row."""
@@ -558,7 +599,7 @@ async def _refuse_body(
             break
         try:
             message = await asyncio.wait_for(receive(), left)
-        except TimeoutError:
+        except (TimeoutError, ApiError):  # ApiError: the body stalled (RestApi's bound)
             break
         if message["type"] == "http.disconnect":
             return  # nobody to answer

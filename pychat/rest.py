@@ -24,7 +24,7 @@ from pychat.blobs import BlobStore
 from pychat.config import Config
 from pychat.engine import Engine
 from pychat.errors import ApiError, RateLimited
-from pychat.export import FORMATS, ChatExport
+from pychat.extras import missing
 from pychat.gateway import Gateway
 from pychat.ids import new_id, now_ms
 from pychat.media import (
@@ -43,6 +43,12 @@ from pychat.ratelimit import RateLimiter
 from pychat.search import SearchIndex
 from pychat.store import Chat, Media, Store, User, receipts_at
 from pychat.web import CSP, load_pages
+
+try:
+    from pychat import export as chat_export
+except ModuleNotFoundError as _e:  # the `export` extra is not installed: the rest still serves
+    chat_export = None  # type: ignore[assignment]
+    EXPORT_MISSING = str(missing("export", _e))
 
 if TYPE_CHECKING:
     from pychat.cluster.node import ClusterNode
@@ -113,6 +119,12 @@ class Response:
     length: int | None = None
 
 
+def _body_stalled(seconds: float) -> ApiError:
+    error = ApiError("bad_request", f"the request body stalled for {seconds:g} s", status=408)
+    error.extra_headers.append(("connection", "close"))
+    return error
+
+
 def ok(value: Any, status: int = 200) -> Response:
     return Response(status, json.dumps(value, separators=(",", ":")).encode())
 
@@ -155,6 +167,14 @@ USERS_PAGE_MAX = 50
 # Threads that encode exports (each export runs on one at a time).
 EXPORT_THREADS = 2
 
+# A streamed response (media, exports) is handed to the server in pieces of at most this much, so
+# that what waits in its buffers for a slow client stays small.
+SEND_PIECE = 256 * 1024
+
+# Users known to exist (a signed token is checked against the store once per user, not per
+# request); users are never deleted, so an entry never goes stale. Past this many it starts over.
+KNOWN_USERS_MAX = 100_000
+
 # Threads for REST's store writes. SQLite takes one writer at a time, so more would only wait for
 # its lock; they are apart from the read threads so that reads never queue behind such waits.
 WRITE_THREADS = 2
@@ -195,6 +215,10 @@ class RestApi:
         # Exports encode pages on threads of their own: few, so that the memory each thread's
         # allocator keeps after a page stays small, and exports never hold up the REST reads.
         self._exports = ThreadPoolExecutor(EXPORT_THREADS, thread_name_prefix="pychat-export")
+        self.export_slots = (
+            chat_export.ExportSlots(config.exports_at_once, config.exports_per_user) if chat_export else None
+        )
+        self._known_users: set[str] = set()
         self.media = MediaService(config, store, blobs, self._store_call)
         self.search_index = search
         # One member change at a time, from its checks to telling the gateway: with the store
@@ -255,7 +279,7 @@ class RestApi:
         started = time.perf_counter()
         route_label = "unmatched"
         try:
-            response, route_label = await self._dispatch(scope, receive)
+            response, route_label = await self._dispatch(scope, self._receive_within(receive))
         except ApiError as e:
             response = Response(e.status, json.dumps(e.body()).encode(), headers=e.headers())
         except Exception:
@@ -272,20 +296,54 @@ class RestApi:
             if response.stream is None:
                 await send({"type": "http.response.body", "body": response.body})
             else:
-                await self._send_stream(response.stream, send)
+                await self._send_stream(response.stream, send, receive)
         finally:
             if response.stream is not None:
                 await response.stream.aclose()
         self.metrics.http_requests.inc(route=route_label, status=str(response.status))
         self.metrics.http_seconds.observe(time.perf_counter() - started, route=route_label)
 
-    async def _send_stream(self, stream: BodyStream, send: Send) -> None:
+    def _receive_within(self, receive: Receive) -> Receive:
+        """`receive`, refused with 408 when the client sends nothing of its body for as long as
+        it may take over a request head (it would keep its connection's slot for good)."""
+        seconds = self.config.rest_header_timeout_ms / 1000
+
+        async def within() -> dict[str, Any]:
+            try:
+                return await asyncio.wait_for(receive(), seconds)
+            except TimeoutError:
+                pass
+            # Raised here, with no exception in flight and none in a local: a reference cycle
+            # through the traceback would keep the request, and so its connection, until the
+            # garbage collector's next full run.
+            raise _body_stalled(seconds)
+
+        return within
+
+    async def _send_stream(self, stream: BodyStream, send: Send, receive: Receive) -> None:
+        """Sends the stream in pieces until its end or the client's leaving (a send to a closed
+        connection does not fail: `receive` tells). A client that takes no piece for
+        `rest_send_timeout_ms` is abandoned; the kernel cuts its connection (rest_port)."""
+        timeout = self.config.rest_send_timeout_ms / 1000 or None
+        # With the body read, `receive` answers only when the client disconnects.
+        gone = asyncio.ensure_future(receive())
         try:
             async for chunk in stream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                for start in range(0, len(chunk), SEND_PIECE):
+                    if gone.done():
+                        log.info("a client left during a streamed response")
+                        return
+                    piece = chunk[start : start + SEND_PIECE]
+                    message = {"type": "http.response.body", "body": piece, "more_body": True}
+                    await asyncio.wait_for(send(message), timeout)
             await send({"type": "http.response.body", "body": b""})
-        except Exception as e:  # the client went away, or the blob store failed midway
+        except TimeoutError:
+            log.info("a client read nothing of a streamed response for %s s: abandoned", timeout)
+            self.metrics.errors.inc(kind="http_stalled_reader")
+        except Exception as e:  # the blob store failed midway
             log.info("a streamed response stopped early: %s", e)
+        finally:
+            gone.cancel()
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> tuple[Response, str]:
         path: str = scope["path"]
@@ -312,7 +370,7 @@ class RestApi:
             if origins and "origin" in headers and headers["origin"] not in origins:
                 raise ApiError("forbidden", "origin not allowed")
             if auth:
-                req.user_id = self._authenticate(headers)
+                req.user_id = await self._authenticate(headers)
             if label in self.streamed:
                 req.receive = receive
             else:
@@ -324,12 +382,22 @@ class RestApi:
             raise error
         raise ApiError("not_found", "no such endpoint")
 
-    def _authenticate(self, headers: dict[str, str]) -> str:
+    async def _authenticate(self, headers: dict[str, str]) -> str:
+        """The user of a valid token for a user the store has (a token signed for a user who is
+        not there, as after a store was replaced under the same key, is refused)."""
         value = headers.get("authorization", "")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError("unauthorized", "missing bearer token")
-        return self.issuer.user_of(token.strip())
+        user_id = self.issuer.user_of(token.strip())
+        if user_id not in self._known_users:
+            # Only found users are kept: one created on another node is found at its first call.
+            if not await self._store_call(self.store.existing_users, [user_id]):
+                raise ApiError("unauthorized", "invalid token: no such user")
+            if len(self._known_users) >= KNOWN_USERS_MAX:
+                self._known_users.clear()
+            self._known_users.add(user_id)
+        return user_id
 
     async def _read_body(self, receive: Receive) -> bytes:
         limit = self.config.limits.max_request_bytes
@@ -706,6 +774,10 @@ class RestApi:
         return ok({"results": results, "next_cursor": cursor})
 
     async def export(self, req: Request) -> Response:
+        if chat_export is None or self.export_slots is None:
+            raise ApiError("unavailable", EXPORT_MISSING)
+        FORMATS = chat_export.FORMATS
+        slots = self.export_slots
         fmt = req.query.get("format") or "jsonl"
         if fmt not in FORMATS:
             raise ApiError("bad_request", f"`format` must be one of {', '.join(FORMATS)}")
@@ -713,11 +785,18 @@ class RestApi:
         assert after is not None
         chat = await self._member_chat(req.params["chat_id"], req.user_id)
         content_type, extension = FORMATS[fmt]
-        stream = ChatExport(self.store, chat.chat_id, fmt, after, self._exports)
+        slots.claim(req.user_id)
+        user_id = req.user_id
+        stream = chat_export.ChatExport(
+            self.store, chat.chat_id, fmt, after, self._exports, lambda: slots.release(user_id)
+        )
         try:
             await stream.prefetch()
-        except self.store.unavailable_errors:
-            raise ApiError("unavailable", "the store is unavailable; retry") from None
+        except BaseException as e:
+            await stream.aclose()
+            if isinstance(e, self.store.unavailable_errors):
+                raise ApiError("unavailable", "the store is unavailable; retry") from None
+            raise
         name = f"chat-{chat.chat_id}-after-{after}.{extension}"
         headers = [
             ("content-disposition", f'attachment; filename="{re.sub(r"[^A-Za-z0-9._-]", "_", name)}"'),

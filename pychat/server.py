@@ -21,6 +21,7 @@ from pychat.auth import TokenIssuer
 from pychat.blobs import open_blob_store
 from pychat.config import Config
 from pychat.engine import Engine
+from pychat.extras import missing
 from pychat.gateway import Gateway
 from pychat.metrics import Metrics
 from pychat.plugins.feed import EVENT_HOOKS, AfterStoreFeed, EventFeed
@@ -29,6 +30,7 @@ from pychat.presence import Presence
 from pychat.presence.answers import PresenceAnswers
 from pychat.presence.local import ClusterPresence, LocalPresence
 from pychat.rest import RestApi
+from pychat.rest_port import cut_stalled_readers, rest_server
 from pychat.search import CLUSTER_RESCAN_S, SearchIndex
 from pychat.search.worker import Indexer
 from pychat.store import open_store
@@ -106,6 +108,9 @@ class Server:
             else None
         )
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # It holds messages, password hashes and the token key: this user's only (also when an
+        # older version made it readable by all).
+        cfg.data_dir.chmod(0o700)
         # Opening a store may block (a network store connects): off the event loop.
         self.store = await asyncio.to_thread(open_store, cfg.store, cfg.data_dir, cfg.sqlite_synchronous)
         blobs = await asyncio.to_thread(open_blob_store, cfg.media_store, cfg.data_dir)
@@ -128,7 +133,10 @@ class Server:
         self.engine = Engine(self.gateway, self.store, self.metrics, cfg.batch_max)
         self.cluster: ClusterNode | None = None
         if cfg.clustered:
-            from pychat.cluster.node import ClusterNode
+            try:
+                from pychat.cluster.node import ClusterNode
+            except ModuleNotFoundError as e:
+                raise missing("cluster", e) from None
 
             self.cluster = await asyncio.to_thread(
                 ClusterNode, cfg.node_name, cfg.kafka, cfg.redis, self.gateway, self.store
@@ -207,20 +215,12 @@ class Server:
             self.search,
         )
         self._collector = asyncio.create_task(self.api.media.collect_forever())
-        from granian.constants import Interfaces
-        from granian.server.embed import Server as EmbeddedServer
-
-        http = EmbeddedServer(
-            self.api,
-            address=cfg.host,
-            port=cfg.port,
-            interface=Interfaces.ASGI,
-            websockets=False,
-            log_enabled=cfg.log_level == "debug",
-        )
+        http = rest_server(self.api, cfg)
         self._http = http
         self._http_task = asyncio.create_task(http.serve())
         await self._wait_listening(cfg.host, cfg.port)
+        if cfg.rest_send_timeout_ms > 0 and not cut_stalled_readers(cfg.port, cfg.rest_send_timeout_ms):
+            log.warning("REST: no TCP_USER_TIMEOUT here: a client that stops reading keeps its slot")
 
     async def _wait_listening(self, host: str, port: int, wait_s: float = 15.0) -> None:
         deadline = time.monotonic() + wait_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -12,6 +13,7 @@ from websockets.exceptions import InvalidStatus
 from pychat import gateway as _core
 from pychat.client import ChatClient, ChatError
 from tests.conftest import PASSWORD, Clients, ServerProcess, unique_name
+from tests.test_contract import OPENAPI
 
 
 async def test_register_returns_the_user_and_login_returns_a_token(server: ServerProcess) -> None:
@@ -98,6 +100,33 @@ async def test_rest_refuses_missing_tampered_expired_and_other_key_tokens(
             assert (r.status_code, r.json()["error"]["code"]) == (401, "unauthorized"), label
         r = await http.get("/api/chats", headers={"Authorization": f"Basic {client.token}"})
         assert r.status_code == 401
+
+
+async def test_a_signed_token_for_a_user_the_store_does_not_have_is_refused_everywhere(
+    server: ServerProcess, clients: Clients
+) -> None:
+    """A token signed with the server's key for a user who is not in the store (as after the
+    store was replaced under the same key) gets 401 on every REST endpoint that needs a token,
+    uploads included; the user's own token still works."""
+    ghost = _core.sign_token(server.secret, "u-nobody", int(time.time() * 1000) + 3_600_000)
+    operations = [
+        (method.upper(), re.sub(r"\{\w+\}", "x", path))
+        for path, ops in OPENAPI["paths"].items()
+        for method, op in ops.items()
+        if isinstance(op, dict) and op.get("security") != []
+    ]
+    assert ("POST", "/api/media") in operations and ("GET", "/api/chats") in operations
+    async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {ghost}"}) as http:
+        for method, path in operations:
+            r = await http.request(method, path, content=b"{}", params={"q": "a", "seq": "1"})
+            assert r.status_code == 401, (method, path, r.status_code)
+            assert r.json()["error"]["code"] == "unauthorized"
+        r = await http.post(
+            "/api/media", content=b"%PDF-1.4 ghost", headers={"Content-Type": "application/pdf"}
+        )
+        assert r.status_code == 401
+    real = await clients.user("real")
+    assert await real.list_chats() == []
 
 
 async def test_websocket_upgrade_refuses_bad_tokens_with_401(server: ServerProcess, clients: Clients) -> None:

@@ -7,6 +7,9 @@ import datetime
 import io
 import json
 import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import pytest
 from pychat.client import ChatClient
 from pychat.export import SCHEMA, by_day, record_batch
 from pychat.verify import verify_export
-from tests.conftest import Clients, ServerProcess
+from tests.conftest import Clients, ServerProcess, keyspace_dropper
 from tests.storekit import assert_chained
 
 pytestmark = pytest.mark.timeout(120)
@@ -186,3 +189,95 @@ def test_files_split_by_day_hold_runs_of_consecutive_messages() -> None:
     )
     runs = [(name, part.column("seq").to_pylist()) for name, part in by_day(batch)]
     assert runs == [("1970-01-05", [1]), ("1970-01-06", [2]), ("1970-01-05", [3, 4]), ("1970-01-06", [5])]
+
+
+def _start_export(srv: ServerProcess, token: str, fmt: str = "arrow") -> tuple[socket.socket, bytes]:
+    """An export whose client reads its answer's head and then nothing more."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(60)
+    s.connect(("127.0.0.1", srv.port))
+    s.sendall(
+        f"GET /api/chats/big/export?format={fmt} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    return s, head
+
+
+@pytest.mark.timeout(600)
+def test_concurrent_and_stalled_exports_keep_the_server_small(
+    tmp_path: Path, store_env: dict[str, str], request: pytest.FixtureRequest
+) -> None:
+    """15 exports at once of a 48 MB chat by its 5 members, whose clients read nothing: 8 run (at
+    most 2 per user), the others are refused with `rate_limited` or `unavailable` and Retry-After,
+    and the server grows by less than 400 MiB (before: all 15 ran, each holding its whole chat,
+    2+ GB). A client that takes nothing for `rest_send_timeout_ms` is abandoned: its export's
+    memory is let go and its slot is free again."""
+    from pychat.auth import TokenIssuer
+    from pychat.store import Chat, SendRequest, User, open_store
+
+    members = [f"u{i}" for i in range(5)]
+    data = tmp_path / "data"
+    data.mkdir()
+    store = open_store(store_env.get("PYCHAT_STORE", ""), data, "NORMAL")
+    for u in members:
+        store.create_user(User(u, u, None, "scrypt$x", 1))
+    store.create_chat(Chat("big", "group", "big", "u0", 1, 0, members), None)
+    for start in range(0, 3_000, 100):
+        store.append_batch(
+            [
+                SendRequest("u0", "big", f"k{i:06d}", f"{i:06d}" + "x" * 16_000, [])
+                for i in range(start, start + 100)
+            ],
+            [],
+        )
+    store.close()
+    drop = keyspace_dropper(request, store_env)
+    srv = ServerProcess(data, env={**store_env, "PYCHAT_REST_SEND_TIMEOUT_MS": "3000"})
+    srv.start()
+    held: list[socket.socket] = []
+    try:
+        assert srv.proc is not None
+        tokens = {u: TokenIssuer(srv.secret, 3600).issue(u)[0] for u in members}
+        before = _rss_kib(srv.proc.pid)
+        with ThreadPoolExecutor(15) as pool:
+            started = list(pool.map(lambda u: (u, *_start_export(srv, tokens[u])), members * 3))
+        held = [s for _, s, _ in started]
+        peak = before
+        for _ in range(20):  # while they are held (they are abandoned after 3 s)
+            peak = max(peak, _rss_kib(srv.proc.pid))
+            time.sleep(0.1)
+        growth = (peak - before) / 1024
+        print(f"stalled exports: server RSS {before / 1024:.0f} MiB, peak +{growth:.0f} MiB")
+        assert growth < 400, growth
+        status = [(u, int(head.split(b" ", 2)[1])) for u, _, head in started]
+        running = [u for u, code in status if code == 200]
+        assert len(running) == 8 and max(running.count(u) for u in members) <= 2, status
+        for _, _, head in started:
+            code = int(head.split(b" ", 2)[1])
+            assert code in (200, 429, 503) and (code == 200 or b"retry-after: 5" in head.lower()), head
+        # Abandoned after 3 s (or cut by the kernel before): all 8 slots are free again.
+        deadline = time.monotonic() + 30
+        while True:
+            with ThreadPoolExecutor(8) as pool:
+                again = list(pool.map(lambda u: _start_export(srv, tokens[u]), members[:4] * 2))
+            for s, _ in again:
+                s.close()
+            if all(h.startswith(b"HTTP/1.1 200") for _, h in again) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert all(h.startswith(b"HTTP/1.1 200") for _, h in again), [h[:12] for _, h in again]
+        # And an export read to its end is whole (once the ones just closed have let go).
+        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {tokens['u4']}"}) as http:
+            r = http.get("/api/chats/big/export", params={"format": "arrow"}, timeout=120)
+            while r.status_code == 503 and time.monotonic() < deadline + 30:
+                time.sleep(0.5)
+                r = http.get("/api/chats/big/export", params={"format": "arrow"}, timeout=120)
+        assert r.status_code == 200 and len(rows_of("arrow", r.content)) == 3_000
+    finally:
+        for s in held:
+            s.close()
+        srv.stop()
+        drop(srv.env)

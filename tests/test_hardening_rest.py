@@ -4,9 +4,14 @@ damaged chat, members leaving and coming back, overload answers and registration
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
+import socket
 import sqlite3
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -163,3 +168,93 @@ async def test_a_retry_by_a_removed_sender_after_a_restart_gets_the_original_ack
     assert (r.status_code, r.json()["error"]["code"]) == (403, "forbidden")
     assert [m["client_msg_id"] for m in await alice.history_all(chat_id)] == ["k-left-1"]
     await clients.close()
+
+
+def _open_silent(port: int, count: int) -> list[socket.socket]:
+    """Sockets that connect and send nothing (connected without waiting: on a port that stopped
+    accepting, a blocking connect would wait for the kernel's SYN retries instead)."""
+    held = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        held.append(s)
+    return held
+
+
+def test_silent_and_idle_sockets_do_not_take_the_rest_port_down(server_factory: Factory) -> None:
+    """300 sockets that never send, and 20 that sent one request and went quiet, leave room for
+    everyone else: /healthz on a new connection answers at once (granian's defaults served 128
+    connections at once, and kept a silent one for good)."""
+    srv = server_factory()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            held.append(s)
+        held += _open_silent(srv.port, 300)
+        time.sleep(0.5)  # all of them reach the server
+        started = time.monotonic()
+        try:
+            r = httpx.get(f"{srv.url}/healthz", timeout=5)
+        except httpx.TimeoutException:
+            pytest.fail("/healthz did not answer within 5 s behind 320 quiet sockets")
+        elapsed = time.monotonic() - started
+        assert (r.status_code, r.json()) == (200, {"status": "ok"})
+        assert elapsed < 1, f"/healthz took {elapsed:.2f} s"
+    finally:
+        for s in held:
+            s.close()
+
+
+def _closed_after(s: socket.socket, limit: float) -> tuple[float, bytes]:
+    """Seconds until the server closes `s` (or `limit`), and what it sent before."""
+    started = time.monotonic()
+    received = b""
+    s.settimeout(0.1)
+    while time.monotonic() - started < limit:
+        try:
+            data = s.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if not data:
+            break
+        received += data
+    return time.monotonic() - started, received
+
+
+def test_the_rest_port_closes_silent_slow_idle_and_stalled_clients(server_factory: Factory) -> None:
+    """The head timeout closes a socket that sends nothing, a head sent too slowly, and a
+    keep-alive connection left idle after a request; a body that stops coming is answered 408
+    and closed. (Before: the silent socket stayed for good, the others for 30 s.)"""
+    srv = server_factory({"PYCHAT_REST_HEADER_TIMEOUT_MS": "1000"})
+    silent = _open_silent(srv.port, 1)[0]
+    slow = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")  # the rest of the head never comes
+    idle = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    idle.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+    stalled = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    stalled.sendall(
+        b"POST /api/users HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"username"'
+    )
+    time.sleep(0.1)  # the silent socket is connected by now
+    sockets = {"silent": silent, "slow": slow, "idle": idle, "stalled": stalled}
+    try:
+        with ThreadPoolExecutor(len(sockets)) as pool:
+            closed = dict(
+                zip(sockets, pool.map(lambda s: _closed_after(s, 10), sockets.values()), strict=True)
+            )
+    finally:
+        for s in sockets.values():
+            s.close()
+    waits = {name: round(seconds, 2) for name, (seconds, _) in closed.items()}
+    assert all(0.5 < w < 5 for w in waits.values()), waits
+    assert closed["stalled"][1].startswith(b"HTTP/1.1 408"), closed["stalled"][1][:200]
+    assert json.loads(closed["stalled"][1].split(b"\r\n\r\n", 1)[1])["error"]["code"] == "bad_request"

@@ -580,6 +580,36 @@ async def test_the_daily_quota_answers_rate_limited(media_server: Callable[..., 
         await made.close()
 
 
+async def test_the_quota_holds_under_30_parallel_uploads(media_server: Callable[..., ServerProcess]) -> None:
+    """30 uploads of 1 MB at once against a 10 MB quota: at most 10 are kept (each one's bytes are
+    reserved before it is kept; 23 passed the same check before), also without Content-Length."""
+    srv = media_server({"PYCHAT_MEDIA_QUOTA_BYTES_PER_DAY": str(10 * 1_000_000)})
+    made = Clients(srv)
+    try:
+        alice = await made.user("alice")
+
+        async def upload(i: int) -> httpx.Response:
+            data = os.urandom(1_000_000)
+            if i % 3:
+                return await raw(alice, "POST", "/api/media", content=data)
+
+            async def chunks() -> AsyncIterator[bytes]:  # no Content-Length
+                yield data[:500_000]
+                yield data[500_000:]
+
+            return await raw(alice, "POST", "/api/media", content=chunks())
+
+        answers = await asyncio.gather(*(upload(i) for i in range(30)))
+        kept = [r for r in answers if r.status_code == 201]
+        refused = [r for r in answers if r.status_code != 201]
+        assert 1 <= len(kept) <= 10, [r.status_code for r in answers]
+        assert {(r.status_code, r.json()["error"]["code"]) for r in refused} == {(429, "rate_limited")}
+        assert sum(r.json()["size"] for r in kept) <= 10 * 1_000_000
+        assert spooled(srv) == []
+    finally:
+        await made.close()
+
+
 @pytest.mark.timeout(300)
 async def test_a_100_mib_upload_and_download_leave_the_server_rss_nearly_flat(
     clients: Clients, server: ServerProcess, tmp_path: Path

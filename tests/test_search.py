@@ -4,6 +4,8 @@ senders, pages, and an index that catches up after a restart."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import signal
 import time
@@ -165,6 +167,14 @@ async def test_bad_searches_get_clear_errors(clients: Clients, server: ServerPro
         assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request", params
     r = await alice.http.get("/api/search", params={"q": "a", "cursor": "not-a-cursor"})
     assert r.status_code == 400
+    # Well-formed cursors whose numbers SQLite cannot hold (they were a 500: OverflowError, once
+    # the caller has a chat to search).
+    bob = await clients.user("bob")
+    await alice.post_message((await alice.create_direct(bob.user_id))["chat_id"], "a b c")
+    for numbers in ([0, 2**63, 0], [0, 1, 2**64], [10, 2**70, 2**70]):
+        crafted = base64.urlsafe_b64encode(json.dumps(numbers).encode()).decode().rstrip("=")
+        r = await alice.http.get("/api/search", params={"q": "a", "cursor": crafted})
+        assert (r.status_code, r.json()["error"]["code"]) == (400, "bad_request"), numbers
     r = await alice.http.get("/api/search", params={"q": "a", "chat_id": "c-unknown"})
     assert r.status_code == 404
     # Punctuation only, quotes and FTS5 syntax are text, not errors.

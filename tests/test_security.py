@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -187,3 +188,29 @@ async def test_a_stranger_sees_nothing_of_a_chat(clients: Clients) -> None:
     r = await eve.http.delete(f"/api/chats/{chat_id}/members/{bob.user_id}")
     assert r.status_code == 403
     assert len((await alice.request("GET", f"/api/chats/{chat_id}"))["members"]) == 2
+
+
+def _modes(data_dir: Path) -> dict[str, int]:
+    """The permission bits of the data dir and of the SQLite files in it (with their -wal, -shm)."""
+    files = {p.name: p.stat().st_mode & 0o777 for p in data_dir.glob("*.db*")}
+    return {".": data_dir.stat().st_mode & 0o777, **files}
+
+
+async def test_the_data_dir_and_its_databases_are_the_owners_only(server_factory: Factory) -> None:
+    """The data dir is 0700 and pychat.db, search.db and their -wal and -shm 0600 (they hold
+    messages and password hashes); an older install made readable by all is made private at start."""
+    srv = server_factory()
+    clients = Clients(srv)
+    alice, bob = await clients.user("perm"), await clients.user("permb")
+    await alice.post_message((await alice.create_direct(bob.user_id))["chat_id"], "private words")
+    await clients.close()
+    modes = _modes(srv.data_dir)
+    assert "search.db" in modes and ("pychat.db" in modes) == ("PYCHAT_STORE" not in srv.env), modes
+    assert modes == {".": 0o700, **{name: 0o600 for name in modes if name != "."}}, modes
+    srv.stop()
+    srv.data_dir.chmod(0o755)
+    for path in srv.data_dir.glob("*.db*"):
+        path.chmod(0o644)
+    srv.start()
+    modes = _modes(srv.data_dir)
+    assert modes == {".": 0o700, **{name: 0o600 for name in modes if name != "."}}, modes

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from pychat.extras import missing
+
 
 class BlobReader(Protocol):
     """An open blob, read front to back from where it was opened."""
@@ -57,7 +59,7 @@ def open_blob_store(url: str, data_dir: Path) -> BlobStore:
     if parts.scheme == "s3":
         try:
             from pychat.blobs.s3 import S3BlobStore
-        except ImportError as e:
-            raise ValueError(f"the S3 media store needs boto3 (pip install 'pychat[s3]'): {e}") from e
+        except ModuleNotFoundError as e:
+            raise missing("s3", e) from None
         return S3BlobStore.from_url(url)
     raise ValueError(f"unknown media store {url!r}: use file:///path or s3://bucket?endpoint=URL")

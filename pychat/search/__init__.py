@@ -27,6 +27,7 @@ from typing import Any
 from pychat.heads import PendingHeads
 from pychat.search.text import highlight, index_text, parse_query
 from pychat.store import BacklogRow, Store, message_object
+from pychat.store.sqlite import private_database
 
 log = logging.getLogger("pychat.search")
 
@@ -58,6 +59,8 @@ TXN_ROWS = 2_000
 CHATS_PER_ROUND = 100
 # The deepest result a cursor reaches.
 MAX_OFFSET = 10_000
+# The largest integer SQLite takes (a cursor's numbers go into the query).
+SQLITE_INT_MAX = 2**63 - 1
 # Relevance halves every this many days of age (BM25 divided by 1 + age / RECENCY_DAYS).
 RECENCY_DAYS = 30.0
 # On a cluster node, how often the index looks for chats that moved without a word reaching it
@@ -75,6 +78,7 @@ def token(value: str) -> str:
 class SearchIndex:
     def __init__(self, path: Path, store: Store, rescan_s: float = 0) -> None:
         self.path = Path(path)
+        private_database(self.path)
         self.store = store
         self.rescan_s = rescan_s
         self._local = threading.local()
@@ -262,7 +266,9 @@ def _read_cursor(cursor: str | None) -> tuple[int, int | None, int | None]:
         if (
             isinstance(value, list)
             and len(value) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SQLITE_INT_MAX for v in value
+            )
             and value[0] <= MAX_OFFSET
         ):
             return value[0], value[1], value[2]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
+from pychat.extras import missing
 from pychat.gateway import Failed, PointerMoved, Stored
 
 
@@ -349,9 +350,7 @@ def open_store(url: str, data_dir: Path, sqlite_synchronous: str = "FULL") -> St
     if parts.scheme == "cassandra":
         try:
             from pychat.store.cassandra import CassandraStore
-        except ImportError as e:
-            raise ValueError(
-                f"the Cassandra store needs scylla-driver (pip install 'pychat[cassandra]'): {e}"
-            ) from e
+        except ModuleNotFoundError as e:
+            raise missing("cassandra", e) from None
         return CassandraStore.from_url(url)
     raise ValueError(f"unknown store {url!r}: use sqlite:///path or cassandra://host:port/keyspace")

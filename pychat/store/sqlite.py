@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -224,6 +225,17 @@ CACHE_KIB = 16 * 1024
 CHECKPOINT_INTERVAL_S = 0.2
 
 
+def private_database(path: Path) -> None:
+    """Makes the SQLite file `path` (created if missing) and its -wal and -shm readable and
+    writable by this user only: they hold messages and password hashes. SQLite gives the -wal
+    and -shm files it creates later the mode of the database file."""
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            file.chmod(0o600)
+
+
 class SqliteStore:
     # A local file: a failure is a fault to report, not an outage to wait out (a busy database
     # waits for its busy timeout inside the call).
@@ -232,6 +244,7 @@ class SqliteStore:
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_database(self.path)
         self._synchronous = synchronous.upper()
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []

@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# The contract (api/openapi.json) in a source checkout; a copy here if a build put one.
-OPENAPI = [HERE / "openapi.json", HERE.parent.parent / "api" / "openapi.json"]
+# The contract: api/ of a source checkout, else the copy `make wheel` puts here.
+CHECKOUT_API = HERE.parent.parent / "api"
+CONTRACT = {
+    "/api/openapi.json": "openapi.json",
+    "/api/ws-frames.schema.json": "ws-frames.schema.json",
+}
 
 # What a page URL serves, and its type.
 PAGES = {
@@ -44,7 +48,9 @@ def load_pages() -> dict[str, Page]:
     pages = {
         url: _page((HERE / name).read_bytes(), content_type) for url, (name, content_type) in PAGES.items()
     }
-    openapi = next((path for path in OPENAPI if path.is_file()), None)
-    if openapi is not None:
-        pages["/api/openapi.json"] = _page(openapi.read_bytes(), "application/json")
+    in_checkout = (HERE.parent.parent / "pyproject.toml").is_file()
+    for url, name in CONTRACT.items():
+        path = CHECKOUT_API / name if in_checkout else HERE / name
+        if path.is_file():
+            pages[url] = _page(path.read_bytes(), "application/json")
     return pages
