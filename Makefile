@@ -36,8 +36,10 @@ help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
-# What the extension is built from: a wheel older than any of these is stale.
+# What the extension is built from, and the package's own files: a wheel older than any of these
+# is stale (it would serve yesterday's Python too).
 RUST_SOURCES := Cargo.toml Cargo.lock rust-toolchain.toml $(shell find core -name '*.rs' -o -name Cargo.toml)
+PACKAGE_FILES := $(shell find pychat -type f -not -name '*.so' -not -path '*__pycache__*')
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt pyproject.toml
 	@command -v cargo >/dev/null || { echo "cargo (Rust) is required: https://rustup.rs"; exit 1; }
@@ -50,13 +52,13 @@ build-dev: $(VENV)/.deps ## build the Rust extension (release profile) into the 
 	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q
 
 # `make serve` installs only what a server needs (requirements.txt). A wheel in dist/ (`make wheel`,
-# or one downloaded) newer than the Rust sources is installed as it is: no Rust toolchain needed.
+# or one downloaded) newer than the sources is installed as it is: no Rust toolchain needed.
 # Otherwise the extension is built, and only when its sources changed since the last serve.
-$(VENV)/.serve: requirements.txt pyproject.toml $(RUST_SOURCES) $(wildcard dist/pychat-*.whl)
+$(VENV)/.serve: requirements.txt pyproject.toml $(RUST_SOURCES) $(PACKAGE_FILES) $(wildcard dist/pychat-*.whl)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	@wheel=$$(ls -t dist/pychat-$(VERSION)-*.whl 2>/dev/null | head -1); \
-	if [ -n "$$wheel" ] && [ -z "$$(find $(RUST_SOURCES) -newer $$wheel)" ]; then \
+	if [ -n "$$wheel" ] && [ -z "$$(find $(RUST_SOURCES) $(PACKAGE_FILES) -newer $$wheel)" ]; then \
 		echo "installing $$wheel"; \
 		$(PY) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps "$$wheel" && \
 		rm -f pychat/_core*.so; \
