@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import threading
 import time
@@ -275,12 +276,17 @@ class Engine:
         else:
             ack = await self._wait(ticket, fut)
         assert isinstance(ack, Acked)
-        return {
+        answer: dict[str, Any] = {
             "message_id": ack.message_id,
             "chat_id": chat_id,
             "seq": ack.seq,
             "created_at": ack.created_at,
         }
+        if ack.content is not None:
+            # A plugin changed the send: the caller shows what was stored, as the `ack` frame says.
+            answer["content"] = ack.content
+            answer["attachments"] = json.loads(ack.attachments or "[]")
+        return answer
 
     async def move_pointer(self, user_id: str, chat_id: str, kind: str, seq: int) -> tuple[int, int]:
         """Moves a pointer up (never back); returns (delivered_seq, read_seq) after the move."""

@@ -97,8 +97,20 @@ async def test_before_send_rejects_and_rewrites_and_the_rest_of_the_batch_goes_o
         calls = await metric(server, "pychat_plugin_calls_total", "Gatekeeper")
         assert calls >= 3
 
-        # Rewritten: what is stored is what everyone gets, live, in history, sync and export.
-        ack = await alice.send(chat_id, "shout: hello there")
+        # Rewritten: what is stored is what everyone gets, live, in history, sync and export, and
+        # the sender sees it in its ack (an ack of a send stored as sent carries no content).
+        plain = await alice.send(chat_id, "fine as it is")
+        assert "content" not in plain and "attachments" not in plain
+        ack = await alice.send(chat_id, "shout: hello there", client_msg_id="shout-1")
+        assert (ack["content"], ack["attachments"]) == ("HELLO THERE", [])
+        again = await alice.send(chat_id, "shout: hello there", client_msg_id="shout-1")
+        assert again == ack, "a retry answered from the window shows the rewrite too"
+        posted = await alice.http.post(
+            "/api/messages", json={"chat_id": chat_id, "content": "shout: over rest"}
+        )
+        assert posted.status_code == 201 and posted.json()["content"] == "OVER REST"
+        plain_rest = await alice.http.post("/api/messages", json={"chat_id": chat_id, "content": "calm"})
+        assert "content" not in plain_rest.json()
         live = await msg_with_seq(bob, ack["seq"])
         assert live["content"] == "HELLO THERE" and live["seq"] == ack["seq"]
         (stored,) = [m for m in await bob.history_all(chat_id) if m["seq"] == ack["seq"]]

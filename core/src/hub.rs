@@ -16,7 +16,7 @@ use crate::metrics::{self, Counters};
 use crate::outbox::Outgoing;
 use crate::presence::{Presence, UserPresence};
 use crate::protocol::{
-    self, Ack, ErrorCode, FrameError, Limits, PointerKind, SendFrame, StoredMessage,
+    self, Ack, ErrorCode, FrameError, Limits, PointerKind, Rewrite, SendFrame, StoredMessage,
 };
 use crate::registry::ConnHandle;
 use crate::registry::{ConnectionRegistry, Push};
@@ -24,6 +24,24 @@ use crate::sequencer::{
     Admission, ChatId, ConnId, IdemKey, Origin, RemoteOrder, Sequencer, UserId,
 };
 use crate::typing::TypingTracker;
+
+/// What an ack shows of a stored message: nothing when it is what was sent (`sent`, the send's
+/// fingerprint, if it is in flight here), the stored content and attachments when a plugin
+/// changed them.
+fn rewrite(
+    sent: Option<u64>,
+    stored: u64,
+    content: &str,
+    attachments: &RawValue,
+) -> Option<Arc<Rewrite>> {
+    match sent {
+        Some(sent) if sent != stored => Some(Arc::new(Rewrite {
+            content: content.to_owned(),
+            attachments: attachments.to_owned(),
+        })),
+        _ => None,
+    }
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -447,7 +465,13 @@ impl Hub {
             chat,
             client_msg_id: send.client_msg_id.into(),
         };
-        let admission = self.sequencer.lock().window.admit(&key, origin, now_ms());
+        let sent =
+            protocol::send_fingerprint(&send.content, send.attachments.iter().map(String::as_str));
+        let admission = self
+            .sequencer
+            .lock()
+            .window
+            .admit(&key, sent, origin, now_ms());
         Ok(match admission {
             Admission::New => SendAdmission::Forward(EngineEvent::Send {
                 origin,
@@ -612,20 +636,22 @@ impl Hub {
                 return;
             }
         };
-        let ack = Arc::new(Ack {
-            client_msg_id: key.client_msg_id.to_string(),
-            chat_id: key.chat.to_string(),
-            message_id,
-            seq,
-            created_at,
-        });
-        let (waiters, fan_out) = {
+        let stored = protocol::stored_fingerprint(&content, &attachments);
+        let (ack, waiters, fan_out) = {
             let mut seq_state = self.sequencer.lock();
+            let ack = Arc::new(Ack {
+                client_msg_id: key.client_msg_id.to_string(),
+                chat_id: key.chat.to_string(),
+                message_id,
+                seq,
+                created_at,
+                rewritten: rewrite(seq_state.window.sent(&key), stored, &content, &attachments),
+            });
             let waiters = seq_state.window.complete(&key, Some(&ack), now);
             // A store duplicate above the last seq fanned out was committed but never fanned
             // out (its batch failed after the commit, or the process restarted): fan it out now.
             let fan_out = seq_state.record_commit(&key.chat, seq).is_ok();
-            (waiters, fan_out)
+            (ack, waiters, fan_out)
         };
         self.push_answer(&waiters, Ok(ack.clone()), tickets);
         if !fan_out {
@@ -765,12 +791,15 @@ impl Hub {
                         chat: chat.clone(),
                         client_msg_id: cmid.as_str().into(),
                     };
+                    let sent = self.sequencer.lock().window.sent(&key);
+                    let stored = protocol::stored_fingerprint(&row.content, &row.attachments);
                     let ack = Arc::new(Ack {
                         client_msg_id: cmid.clone(),
                         chat_id: row.chat_id.clone(),
                         message_id: row.message_id.clone(),
                         seq: row.seq,
                         created_at: row.created_at,
+                        rewritten: rewrite(sent, stored, &row.content, &row.attachments),
                     });
                     self.answer_waiters(&key, Ok(ack), now, &mut tickets, true)
                 }
@@ -1304,6 +1333,7 @@ mod tests {
             message_id: "m7".into(),
             seq: 7,
             created_at: 1,
+            rewritten: None,
         });
         hub.answer_sends(vec![
             (key("x"), Ok(ack)),
@@ -1440,5 +1470,69 @@ mod tests {
         };
         let msg: serde_json::Value = serde_json::from_slice(frame).unwrap();
         assert_eq!(msg["content"], "rewritten by the store");
+    }
+
+    fn ack_of(conn: &Arc<ConnHandle>) -> serde_json::Value {
+        let mut items = Vec::new();
+        conn.take_queued(usize::MAX, &mut items);
+        let [Outgoing::Frame(frame)] = &items[..] else {
+            panic!("one frame: {items:?}")
+        };
+        serde_json::from_slice(frame).unwrap()
+    }
+
+    #[test]
+    fn the_sender_is_shown_what_a_plugin_stored_instead_of_what_it_sent() {
+        let hub = hub();
+        let a = connect(&hub, 1, "a");
+        let ev = forward(&hub, Origin::Conn(1), "a", "x");
+        let mut result = stored(1, false);
+        if let EngineResult::Stored {
+            content,
+            attachments,
+            ..
+        } = &mut result
+        {
+            *content = "rewritten".into();
+            *attachments = RawValue::from_string(r#"[{"id":"f1","name":"a.png"}]"#.into()).unwrap();
+        }
+        hub.complete(vec![ev], vec![result]);
+        let ack = ack_of(&a);
+        assert_eq!(ack["type"], "ack");
+        assert_eq!(ack["content"], "rewritten");
+        assert_eq!(ack["attachments"][0]["id"], "f1");
+        // A retry answered from the window shows it too.
+        let Ok(SendAdmission::Duplicate(again)) =
+            hub.admit_send(Origin::Conn(1), &"a".into(), send("x"))
+        else {
+            panic!("a duplicate")
+        };
+        assert_eq!(again.rewritten.as_ref().unwrap().content, "rewritten");
+    }
+
+    #[test]
+    fn an_ack_of_a_send_stored_as_sent_carries_no_content() {
+        let hub = hub();
+        let a = connect(&hub, 1, "a");
+        let ev = forward(&hub, Origin::Conn(1), "a", "x");
+        hub.complete(vec![ev], vec![stored(1, false)]);
+        let ack = ack_of(&a);
+        assert_eq!(ack["seq"], 1);
+        assert!(ack.get("content").is_none() && ack.get("attachments").is_none());
+        // Same content, attachments sent as ids and stored as objects: not a rewrite.
+        assert_eq!(
+            protocol::send_fingerprint("hi", ["f1", "f2"].into_iter()),
+            protocol::stored_fingerprint(
+                "hi",
+                &RawValue::from_string(r#"[{"id":"f1","size":3},{"id":"f2"}]"#.into()).unwrap()
+            )
+        );
+        assert_ne!(
+            protocol::send_fingerprint("hi", ["f2", "f1"].into_iter()),
+            protocol::stored_fingerprint(
+                "hi",
+                &RawValue::from_string(r#"[{"id":"f1"},{"id":"f2"}]"#.into()).unwrap()
+            )
+        );
     }
 }

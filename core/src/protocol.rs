@@ -1,6 +1,8 @@
 //! The WebSocket frame codec: parsing client frames with precise errors, and
 //! encoding server frames once into shared bytes (see PROTOCOL.md).
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -425,7 +427,25 @@ pub struct Ack {
     pub message_id: String,
     pub seq: u64,
     pub created_at: u64,
+    /// What was stored, when a plugin changed the send: the sender shows this instead of
+    /// what it typed (everyone else receives it in the `msg`).
+    pub rewritten: Option<Arc<Rewrite>>,
 }
+
+/// The stored content and attachments of a send a plugin changed.
+#[derive(Debug)]
+pub struct Rewrite {
+    pub content: String,
+    pub attachments: Box<RawValue>,
+}
+
+impl PartialEq for Rewrite {
+    fn eq(&self, other: &Self) -> bool {
+        self.content == other.content && self.attachments.get() == other.attachments.get()
+    }
+}
+
+impl Eq for Rewrite {}
 
 pub fn encode_ack(ack: &Ack) -> Bytes {
     #[derive(Serialize)]
@@ -436,7 +456,12 @@ pub fn encode_ack(ack: &Ack) -> Bytes {
         message_id: &'a str,
         seq: u64,
         created_at: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attachments: Option<&'a RawValue>,
     }
+    let rewritten = ack.rewritten.as_deref();
     to_bytes(&F {
         r#type: "ack",
         client_msg_id: &ack.client_msg_id,
@@ -444,7 +469,37 @@ pub fn encode_ack(ack: &Ack) -> Bytes {
         message_id: &ack.message_id,
         seq: ack.seq,
         created_at: ack.created_at,
+        content: rewritten.map(|r| r.content.as_str()),
+        attachments: rewritten.map(|r| &*r.attachments),
     })
+}
+
+/// A send's fingerprint, to tell whether what was stored is what was sent: its content and
+/// its attachment ids in order. Sent as ids, stored as objects that carry an `id`.
+pub fn send_fingerprint<'a>(content: &str, attachment_ids: impl Iterator<Item = &'a str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: only compared within this process, and a collision costs the sender a
+    // redraw, never anyone's data.
+    let mut h = std::hash::DefaultHasher::new();
+    content.hash(&mut h);
+    for id in attachment_ids {
+        id.hash(&mut h);
+    }
+    h.finish()
+}
+
+/// `send_fingerprint` of a stored message (attachments as the store's JSON objects).
+pub fn stored_fingerprint(content: &str, attachments: &RawValue) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+    }
+    let ids: Vec<Id<'_>> = match attachments.get() {
+        "[]" => Vec::new(),
+        json => serde_json::from_str(json).unwrap_or_default(),
+    };
+    send_fingerprint(content, ids.iter().map(|i| &*i.id))
 }
 
 /// A stored message as the `msg` frame shows it. `attachments` is the JSON array

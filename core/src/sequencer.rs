@@ -19,7 +19,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use crate::fasthash::FastHash;
-use crate::protocol::Ack;
+use crate::protocol::{Ack, Rewrite};
 
 pub type UserId = Arc<str>;
 pub type ChatId = Arc<str>;
@@ -103,6 +103,8 @@ struct Acked {
     seq: u64,
     created_at: u64,
     message_id: StoredId,
+    /// Only for a send a plugin changed (rare): its retries show the sender what was stored.
+    rewritten: Option<Arc<Rewrite>>,
 }
 
 /// Remembers recent sends by key. Bounded by `capacity` acked entries and by age.
@@ -130,6 +132,8 @@ pub struct IdempotencyWindow {
 struct Pending {
     since_ms: u64,
     waiters: Vec<Origin>,
+    /// The first attempt's `protocol::send_fingerprint`: what was stored is compared with it.
+    sent: u64,
 }
 
 /// How long a send may stay in flight before a retry of it is told `unavailable` (and
@@ -161,7 +165,8 @@ impl IdempotencyWindow {
         (entry.digest == digest).then_some(entry)
     }
 
-    pub fn admit(&mut self, key: &IdemKey, origin: Origin, now_ms: u64) -> Admission {
+    /// `sent`: the send's `protocol::send_fingerprint`.
+    pub fn admit(&mut self, key: &IdemKey, sent: u64, origin: Origin, now_ms: u64) -> Admission {
         let digest = self.digest(key);
         if let Some(a) = self.acked(digest) {
             return Admission::Duplicate(Arc::new(Ack {
@@ -170,6 +175,7 @@ impl IdempotencyWindow {
                 message_id: a.message_id.as_str().to_owned(),
                 seq: a.seq,
                 created_at: a.created_at,
+                rewritten: a.rewritten.clone(),
             }));
         }
         match self.pending.entry(digest) {
@@ -187,10 +193,16 @@ impl IdempotencyWindow {
                 e.insert(Pending {
                     since_ms: now_ms,
                     waiters: vec![origin],
+                    sent,
                 });
                 Admission::New
             }
         }
+    }
+
+    /// The fingerprint of the send in flight under `key`, if one is.
+    pub fn sent(&self, key: &IdemKey) -> Option<u64> {
+        self.pending.get(&self.digest(key)).map(|p| p.sent)
     }
 
     /// Records the store's answer and returns everyone who waited for it, the
@@ -231,6 +243,7 @@ impl IdempotencyWindow {
                 seq: ack.seq,
                 created_at: ack.created_at,
                 message_id: StoredId::new(&ack.message_id),
+                rewritten: ack.rewritten.clone(),
             });
             self.index.insert(digest as u64, pos);
         }
@@ -350,6 +363,7 @@ mod tests {
             message_id: format!("id{seq}"),
             seq,
             created_at: 1,
+            rewritten: None,
         }
     }
 
@@ -376,10 +390,13 @@ mod tests {
     #[test]
     fn retry_while_in_flight_waits_then_duplicate_gets_same_ack() {
         let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(2), 0), Admission::InFlight);
+        assert_eq!(w.admit(&key("a"), 0, Origin::Conn(1), 0), Admission::New);
         assert_eq!(
-            w.admit(&key("a"), Origin::Ticket(9), 0),
+            w.admit(&key("a"), 0, Origin::Conn(2), 0),
+            Admission::InFlight
+        );
+        assert_eq!(
+            w.admit(&key("a"), 0, Origin::Ticket(9), 0),
             Admission::InFlight
         );
         let waiters = w.complete(&key("a"), Some(&ack("a", 1)), 0);
@@ -388,7 +405,7 @@ mod tests {
             vec![Origin::Conn(1), Origin::Conn(2), Origin::Ticket(9)]
         );
         assert_eq!(
-            w.admit(&key("a"), Origin::Conn(3), 0),
+            w.admit(&key("a"), 0, Origin::Conn(3), 0),
             Admission::Duplicate(Arc::new(ack("a", 1)))
         );
     }
@@ -396,44 +413,47 @@ mod tests {
     #[test]
     fn same_client_msg_id_from_another_sender_or_chat_is_new() {
         let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
+        assert_eq!(w.admit(&key("a"), 0, Origin::Conn(1), 0), Admission::New);
         let mut other = key("a");
         other.sender = "u2".into();
-        assert_eq!(w.admit(&other, Origin::Conn(1), 0), Admission::New);
+        assert_eq!(w.admit(&other, 0, Origin::Conn(1), 0), Admission::New);
         let mut other_chat = key("a");
         other_chat.chat = "c2".into();
-        assert_eq!(w.admit(&other_chat, Origin::Conn(1), 0), Admission::New);
+        assert_eq!(w.admit(&other_chat, 0, Origin::Conn(1), 0), Admission::New);
     }
 
     #[test]
     fn error_forgets_the_key() {
         let mut w = IdempotencyWindow::new(10, 1_000, 5_000);
-        w.admit(&key("a"), Origin::Conn(1), 0);
+        w.admit(&key("a"), 0, Origin::Conn(1), 0);
         assert_eq!(w.complete(&key("a"), None, 0), vec![Origin::Conn(1)]);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
+        assert_eq!(w.admit(&key("a"), 0, Origin::Conn(1), 0), Admission::New);
     }
 
     #[test]
     fn evicts_by_capacity_and_age_but_never_pending() {
         let mut w = IdempotencyWindow::new(2, 1_000, 5_000);
         for (i, k) in ["a", "b", "c"].iter().enumerate() {
-            w.admit(&key(k), Origin::Conn(1), 0);
+            w.admit(&key(k), 0, Origin::Conn(1), 0);
             w.complete(&key(k), Some(&ack(k, i as u64 + 1)), 10);
         }
         assert_eq!(
-            w.admit(&key("a"), Origin::Conn(1), 0),
+            w.admit(&key("a"), 0, Origin::Conn(1), 0),
             Admission::New,
             "oldest evicted by capacity"
         );
         assert!(matches!(
-            w.admit(&key("c"), Origin::Conn(1), 0),
+            w.admit(&key("c"), 0, Origin::Conn(1), 0),
             Admission::Duplicate(_)
         ));
         // "a" is pending now; completing "d" far in the future expires b and c, not a.
-        w.admit(&key("d"), Origin::Conn(1), 0);
+        w.admit(&key("d"), 0, Origin::Conn(1), 0);
         w.complete(&key("d"), Some(&ack("d", 4)), 5_000);
-        assert_eq!(w.admit(&key("b"), Origin::Conn(1), 0), Admission::New);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(2), 0), Admission::InFlight);
+        assert_eq!(w.admit(&key("b"), 0, Origin::Conn(1), 0), Admission::New);
+        assert_eq!(
+            w.admit(&key("a"), 0, Origin::Conn(2), 0),
+            Admission::InFlight
+        );
     }
 
     #[test]
@@ -457,10 +477,10 @@ mod tests {
         ] {
             let mut a = ack(cmid, 7);
             a.message_id = id.to_owned();
-            w.admit(&key(cmid), Origin::Conn(1), 0);
+            w.admit(&key(cmid), 0, Origin::Conn(1), 0);
             w.complete(&key(cmid), Some(&a), 0);
             assert_eq!(
-                w.admit(&key(cmid), Origin::Conn(2), 0),
+                w.admit(&key(cmid), 0, Origin::Conn(2), 0),
                 Admission::Duplicate(Arc::new(a))
             );
         }
@@ -490,18 +510,21 @@ mod tests {
     #[test]
     fn a_send_in_flight_past_the_deadline_is_forgotten_and_its_retry_told_unavailable() {
         let mut w = IdempotencyWindow::new(10, 1_000_000, 5_000);
-        assert_eq!(w.admit(&key("a"), Origin::Conn(1), 0), Admission::New);
+        assert_eq!(w.admit(&key("a"), 0, Origin::Conn(1), 0), Admission::New);
         // Its batch is lost: no completion ever comes.
         assert_eq!(
-            w.admit(&key("a"), Origin::Conn(2), 4_999),
+            w.admit(&key("a"), 0, Origin::Conn(2), 4_999),
             Admission::InFlight
         );
         assert_eq!(
-            w.admit(&key("a"), Origin::Conn(3), 5_000),
+            w.admit(&key("a"), 0, Origin::Conn(3), 5_000),
             Admission::Stale(vec![Origin::Conn(1), Origin::Conn(2)])
         );
         // The next retry goes to the engine again (the store answers it if it was stored).
-        assert_eq!(w.admit(&key("a"), Origin::Conn(3), 5_001), Admission::New);
+        assert_eq!(
+            w.admit(&key("a"), 0, Origin::Conn(3), 5_001),
+            Admission::New
+        );
         // A late answer of the lost attempt finds nobody waiting and changes nothing.
         assert_eq!(
             w.complete(&key("a"), Some(&ack("a", 1)), 5_002),

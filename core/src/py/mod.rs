@@ -418,6 +418,8 @@ impl PyGateway {
                     message_id,
                     seq,
                     created_at,
+                    // The store's original ack: what it stored is not known here.
+                    rewritten: None,
                 })),
                 (None, Some((code, message))) => {
                     let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::Internal);

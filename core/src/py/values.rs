@@ -362,15 +362,21 @@ pub struct Acked {
     message_id: Py<PyString>,
     seq: u64,
     created_at: u64,
+    /// What was stored, when a plugin changed the send (else None); attachments as JSON.
+    content: Option<Py<PyString>>,
+    attachments: Option<Py<PyString>>,
 }
 
 pub fn acked(py: Python<'_>, ack: &crate::protocol::Ack) -> PyResult<Py<Acked>> {
+    let rewritten = ack.rewritten.as_deref();
     Py::new(
         py,
         Acked {
             message_id: s(py, &ack.message_id),
             seq: ack.seq,
             created_at: ack.created_at,
+            content: rewritten.map(|r| s(py, &r.content)),
+            attachments: rewritten.map(|r| s(py, r.attachments.get())),
         },
     )
 }
