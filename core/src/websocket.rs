@@ -348,12 +348,17 @@ impl FrameReader {
                 }
             }
         }
-        if self.at == self.buf.len() {
-            // Everything decoded: an idle connection holds no buffer.
+        self.release_if_drained();
+        Ok(None)
+    }
+
+    /// Everything decoded (or nothing read: a wake-up without data): an idle connection
+    /// holds no buffer.
+    pub fn release_if_drained(&mut self) {
+        if self.at == self.buf.len() && self.buf.capacity() > 0 {
             self.buf = Vec::new();
             self.at = 0;
         }
-        Ok(None)
     }
 
     /// Bytes held (decoded or not): what this reader costs beyond its own size.
@@ -693,6 +698,14 @@ mod tests {
         assert_eq!(r.next_message(), Ok(Some(Message::Text("hello".into()))));
         assert_eq!(r.next_message(), Ok(None));
         assert_eq!(r.held(), 0);
+        // A wake-up that read nothing leaves no reserved buffer either.
+        assert!(r.read_buffer(4096).unwrap().is_empty());
+        r.release_if_drained();
+        assert_eq!(r.held(), 0);
+        // A partial frame is kept.
+        r.read_buffer(4096).unwrap().extend_from_slice(&frame[..3]);
+        r.release_if_drained();
+        assert!(r.held() >= 3);
     }
 
     #[test]
