@@ -13,7 +13,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use crate::presence::UserPresence;
-use crate::sequencer::{ChatId, UserId};
+use crate::send_guard::{ChatId, UserId};
 
 /// Events waiting for the cluster layer; past this, frames for other nodes are dropped (typing
 /// and receipts are best effort there; presence changes are kept: one per user at most matters).

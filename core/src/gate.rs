@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::protocol::{ErrorCode, FrameError};
-use crate::sequencer::UserId;
+use crate::send_guard::UserId;
 
 /// An ask older than this without an answer is asked again.
 pub const ASK_TIMEOUT_MS: u64 = 10_000;

@@ -14,7 +14,7 @@ pub mod presence;
 pub mod protocol;
 pub mod ratelimit;
 pub mod registry;
-pub mod sequencer;
+pub mod send_guard;
 pub mod token;
 pub mod typing;
 pub mod websocket;

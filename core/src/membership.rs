@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use crate::sequencer::{ChatId, UserId};
+use crate::send_guard::{ChatId, UserId};
 
 #[derive(Debug)]
 pub struct Members {

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 
 use crate::fasthash::FastHash;
-use crate::sequencer::ChatId;
+use crate::send_guard::ChatId;
 
 /// One item of a connection's bounded send queue.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::sequencer::{ChatId, ConnId, UserId};
+use crate::send_guard::{ChatId, ConnId, UserId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserPresence {

@@ -12,7 +12,7 @@ use std::task::Waker;
 use parking_lot::{Mutex, RwLock};
 
 use crate::outbox::Outgoing;
-use crate::sequencer::{ConnId, UserId};
+use crate::send_guard::{ConnId, UserId};
 
 /// Why the server closed a connection (sent as the WebSocket close reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use crate::sequencer::{ChatId, UserId};
+use crate::send_guard::{ChatId, UserId};
 
 #[derive(Debug, Clone, Copy)]
 struct Typing {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use _core::outbox::{Outgoing, Stitched, Stitcher, SyncRequest};
 use _core::protocol::{parse_client_frame, ClientFrame, ErrorCode, Limits};
-use _core::sequencer::ChatId;
+use _core::send_guard::ChatId;
 use _core::websocket::FrameReader;
 use bytes::Bytes;
 use proptest::prelude::*;

@@ -15,7 +15,7 @@ use crate::hub::{
 };
 use crate::metrics;
 use crate::protocol::{self, ErrorCode, FrameError, PointerKind, SendFrame};
-use crate::sequencer::{ConnId, IdemKey, Origin, UserId};
+use crate::send_guard::{ConnId, IdemKey, Origin, UserId};
 
 /// A stored batch waiting for its acks and fan-out.
 type Completion = (Vec<EngineEvent>, Vec<EngineResult>);

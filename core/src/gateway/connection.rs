@@ -22,7 +22,7 @@ use crate::metrics;
 use crate::outbox::{Outgoing, Stitched, Stitcher};
 use crate::protocol::{self, ErrorCode, FrameError};
 use crate::registry::{CloseReason, ConnHandle};
-use crate::sequencer::UserId;
+use crate::send_guard::UserId;
 use crate::websocket::{self, FrameReader, Message};
 use parking_lot::Mutex;
 

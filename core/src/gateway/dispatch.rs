@@ -9,7 +9,7 @@ use crate::outbox::{Outgoing, SyncRequest};
 use crate::protocol::{self, ClientFrame, ErrorCode, FrameError};
 use crate::ratelimit::TokenBucket;
 use crate::registry::ConnHandle;
-use crate::sequencer::Origin;
+use crate::send_guard::Origin;
 
 /// A user's frame budgets (token buckets), shared by all of the user's connections to
 /// this node: more sockets do not buy more sends.

@@ -21,7 +21,7 @@ use crate::gate::Admission;
 use crate::hub::{now_ms, EngineEvent};
 use crate::metrics;
 use crate::protocol::{ErrorCode, FrameError};
-use crate::sequencer::UserId;
+use crate::send_guard::UserId;
 use crate::websocket::{self, HandshakeError};
 
 const LISTEN_BACKLOG: u32 = 4096;

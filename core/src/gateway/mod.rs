@@ -31,7 +31,7 @@ use crate::hub::{now_ms, EngineEvent, Hub, SidePathConfig, WindowConfig};
 use crate::protocol::Limits;
 use crate::ratelimit::TokenBucket;
 use crate::registry::CloseReason;
-use crate::sequencer::UserId;
+use crate::send_guard::UserId;
 use crate::token::TokenVerifier;
 
 pub use bridge::Tickets;

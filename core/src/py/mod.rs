@@ -15,7 +15,7 @@ use crate::cluster::ClusterEvent;
 use crate::gateway::{Gateway, GatewayConfig};
 use crate::hub::{BacklogRow, EngineEvent, EngineResult, SyncPush};
 use crate::protocol::{self, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
-use crate::sequencer::{IdemKey, UserId};
+use crate::send_guard::{IdemKey, UserId};
 use crate::token::TokenVerifier;
 
 mod values;

@@ -1,9 +1,10 @@
-//! Per-chat sequencing on the gateway side: the idempotency window and the
-//! commit-order guard of the fan-out.
+//! The gateway's guard around a send: the idempotency window and the commit-order
+//! guard of the fan-out. It assigns no seq (it was called `Sequencer` until the
+//! cluster got a real one).
 //!
 //! The store numbers messages inside its write transaction (`seq` = chat's
 //! last_seq + 1), which is the only place where numbering and durability can be
-//! atomic. The `Sequencer` owns what happens around that:
+//! atomic. The `SendGuard` owns what happens around that:
 //! - admission: a `send` whose (sender, chat, client_msg_id) is already acked
 //!   gets the SAME ack again without reaching the store; one that is in flight
 //!   waits for the first attempt's result instead of being stored twice. Keys
@@ -282,12 +283,12 @@ pub struct OrderViolation {
 
 /// Admission through the idempotency window, and the fan-out order guard.
 #[derive(Debug)]
-pub struct Sequencer {
+pub struct SendGuard {
     pub window: IdempotencyWindow,
     last_fanned_out: HashMap<ChatId, u64>,
 }
 
-impl Sequencer {
+impl SendGuard {
     pub fn new(window_capacity: usize, window_ttl_ms: u64, in_flight_deadline_ms: u64) -> Self {
         Self {
             window: IdempotencyWindow::new(window_capacity, window_ttl_ms, in_flight_deadline_ms),
@@ -336,7 +337,7 @@ impl Sequencer {
     }
 }
 
-/// See `Sequencer::accept_remote`.
+/// See `SendGuard::accept_remote`.
 #[derive(Debug, PartialEq, Eq)]
 pub enum RemoteOrder {
     Next,
@@ -369,7 +370,7 @@ mod tests {
 
     #[test]
     fn remote_messages_are_taken_in_seq_order_and_a_jump_is_a_gap() {
-        let mut s = Sequencer::new(10, 1_000, 5_000);
+        let mut s = SendGuard::new(10, 1_000, 5_000);
         let chat: ChatId = "c1".into();
         assert_eq!(
             s.accept_remote(&chat, 7),
@@ -458,7 +459,7 @@ mod tests {
 
     #[test]
     fn fan_out_order_guard() {
-        let mut s = Sequencer::new(10, 1_000, 5_000);
+        let mut s = SendGuard::new(10, 1_000, 5_000);
         let c: ChatId = "c1".into();
         assert!(s.record_commit(&c, 1).is_ok());
         assert!(s.record_commit(&c, 2).is_ok());
