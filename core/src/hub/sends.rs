@@ -109,7 +109,7 @@ impl Hub {
         now: u64,
         tickets: &mut Vec<(u64, TicketOutcome)>,
     ) {
-        let (message_id, seq, created_at, content, attachments) = match result {
+        let (message_id, seq, created_at, content, attachments, duplicate) = match result {
             EngineResult::Stored {
                 message_id,
                 seq,
@@ -121,7 +121,7 @@ impl Hub {
                 if duplicate {
                     metrics::inc(&self.counters.retries_answered_by_store);
                 }
-                (message_id, seq, created_at, content, attachments)
+                (message_id, seq, created_at, content, attachments, duplicate)
             }
             // A cluster node: the chat's sequencer answers it later (`deliver_stored`,
             // `answer_sends`); until then it is in flight, like a send being stored here.
@@ -141,13 +141,16 @@ impl Hub {
         let stored = protocol::stored_fingerprint(&content, &attachments);
         let (ack, waiters, fan_out) = {
             let mut seq_state = self.sends.lock();
+            // A retry the store answered is compared with nothing: its content may differ from
+            // the first attempt's, and the ack must stay the one the first attempt got.
+            let sent = seq_state.window.sent(&key).filter(|_| !duplicate);
             let ack = Arc::new(Ack {
                 client_msg_id: key.client_msg_id.to_string(),
                 chat_id: key.chat.to_string(),
                 message_id,
                 seq,
                 created_at,
-                rewritten: rewrite(seq_state.window.sent(&key), stored, &content, &attachments),
+                rewritten: rewrite(sent, stored, &content, &attachments),
             });
             let waiters = seq_state.window.complete(&key, Some(&ack), now);
             // A store duplicate above the last seq fanned out was committed but never fanned

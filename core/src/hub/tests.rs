@@ -538,6 +538,21 @@ fn the_sender_is_shown_what_a_plugin_stored_instead_of_what_it_sent() {
 }
 
 #[test]
+fn a_retry_the_store_answers_gets_the_plain_ack_whatever_its_content() {
+    let hub = hub();
+    let a = connect(&hub, 1, "a");
+    let mut retry = send("x");
+    retry.content = "other words, same client_msg_id".into();
+    let Ok(SendAdmission::Forward(ev)) = hub.admit_send(Origin::Conn(1), &"a".into(), retry) else {
+        panic!("new to the window")
+    };
+    hub.complete(vec![ev], vec![stored(1, true)]);
+    let ack = ack_of(&a);
+    assert_eq!(ack["seq"], 1);
+    assert!(ack.get("content").is_none());
+}
+
+#[test]
 fn an_ack_of_a_send_stored_as_sent_carries_no_content() {
     let hub = hub();
     let a = connect(&hub, 1, "a");
