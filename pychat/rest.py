@@ -690,17 +690,19 @@ class RestApi:
 
     async def page(self, req: Request) -> Response:
         page = self.pages[req.path]
+        body, etag, encoding = page.encoded(req.headers.get("accept-encoding", ""))
         headers = [
-            ("etag", page.etag),
+            ("etag", etag),
+            *encoding,
             ("cache-control", "no-cache"),  # asked again each load; a 304 while unchanged
             ("x-content-type-options", "nosniff"),
             ("referrer-policy", "no-referrer"),
         ]
         if page.content_type.startswith("text/html"):
             headers += [("content-security-policy", CSP), ("x-frame-options", "DENY")]
-        if page.etag in req.headers.get("if-none-match", ""):
+        if etag in req.headers.get("if-none-match", ""):
             return Response(304, b"", page.content_type, headers)
-        return Response(200, page.body, page.content_type, headers)
+        return Response(200, body, page.content_type, headers)
 
     async def find_users(self, req: Request) -> Response:
         """`?q=PREFIX` (usernames starting with it, any case) or `?ids=A,B,...` (profiles by id):

@@ -20,6 +20,7 @@ const S = {
   config: null,
   ws: null,
   wsReady: false,
+  offline: false, // the connection was lost and is not back yet
   backoff: 0,
   chats: new Map(), // chat_id -> chat object (+ last_message, unread)
   users: new Map(), // user_id -> profile
@@ -30,9 +31,10 @@ const S = {
   oldest: 0, // lowest seq shown
   hasMore: false,
   newest: 0, // highest seq shown
-  hasNewer: false, // a window of older messages (after a search jump): newer ones load on scroll
+  hasNewer: false, // a window of older messages (a search jump, or opened at the unread): newer ones load on scroll
   loading: false, // a history page is being read
   window: 0, // which window of the open chat is on screen: a page read for an older one is dropped
+  unread: null, // {after, count}: the open chat had `count` unread above read pointer `after` when opened
   pending: new Map(), // client_msg_id -> {chat_id, content, attachments, state}
   pointers: new Map(), // chat_id -> Map(user_id -> {delivered, read})
   typing: new Map(), // chat_id -> Map(user_id -> timer)
@@ -178,7 +180,7 @@ async function start(session) {
 
 function connect() {
   if (!S.token) return;
-  setConn("Connecting…");
+  setConn(S.offline ? "Offline; reconnecting…" : "Connecting…");
   const ws = new WebSocket(`${S.config.ws_url}?token=${encodeURIComponent(S.token)}`);
   S.ws = ws;
   S.wsReady = false;
@@ -197,6 +199,12 @@ function connect() {
     S.wsReady = false;
     // A refused upgrade (an expired token: 401) looks like any failed connection here.
     if (Date.now() >= S.expires) return logout("Your session ended; log in again.");
+    if (!S.offline) {
+      S.offline = true;
+      // Nobody's presence is known until the connection is back.
+      renderChatList();
+      renderHeader();
+    }
     // Backoff with jitter: a restarted server is not met by every page at the same instant.
     S.backoff = Math.min(15000, S.backoff ? S.backoff * 2 : 500);
     const wait = S.backoff / 2 + Math.random() * (S.backoff / 2);
@@ -214,15 +222,20 @@ function sendFrame(frame) {
 }
 
 function setConn(text) {
+  // A bar above both columns, so it shows at every width; only while the connection is lost.
   $("conn").textContent = text;
+  $("conn").hidden = !S.offline;
 }
 
 async function onFrame(f) {
   switch (f.type) {
     case "hello":
       S.wsReady = true;
+      S.offline = false;
       S.backoff = 0;
       setConn("Connected");
+      renderChatList();
+      renderHeader();
       sendFrame({ type: "sync", since: Object.fromEntries(S.heads) });
       follow();
       for (const [key, p] of S.pending) if (p.state !== "failed") sendPending(key, p);
@@ -375,6 +388,7 @@ function newKey() {
 
 async function submitMessage(ev) {
   ev.preventDefault();
+  if (!S.open) return; // no chat open: the composer is off
   if (S.hasNewer) await openChat(S.open); // back to the newest messages first
   const text = $("text").value;
   const ready = S.uploads.filter((u) => u.media_id);
@@ -408,7 +422,8 @@ function onAck(a) {
   // `heads` moves only with messages received (an ack may come before other members' messages
   // below its seq: a sync from it would skip them).
   if (!p) return;
-  const m = { ...a, sender_id: S.me.user_id, content: p.content, attachments: [] };
+  // A plugin that changed the send: the ack carries what was stored (PROTOCOL additions).
+  const m = { ...a, sender_id: S.me.user_id, content: a.content ?? p.content, attachments: a.attachments || [] };
   const chat = S.chats.get(a.chat_id);
   if (chat) {
     chat.last_message = m;
@@ -416,10 +431,10 @@ function onAck(a) {
     renderChatList();
   }
   if (S.open !== a.chat_id) return;
-  // Shown at its seq at once; then the stored message, as every member sees it (a plugin may
-  // have rewritten it; attachments get their descriptions), read back from history.
+  // Shown at its seq at once, as stored; attachments sent as ids get their descriptions from
+  // history.
   showMessage(m, true);
-  storedAs(a.chat_id, a.seq, 3);
+  if (p.attachments.length && !a.attachments) storedAs(a.chat_id, a.seq, 3);
 }
 
 function storedAs(chat_id, seq, tries) {
@@ -592,19 +607,17 @@ function renderChatList() {
       b.type = "button";
       b.dataset.chat = c.chat_id;
       const partner = partnerOf(c);
-      const online = partner && S.presence.get(partner)?.status === "online";
+      const online = partner && !S.offline && S.presence.get(partner)?.status === "online";
       const dot = el("span", "dot" + (online ? " online" : ""));
       dot.setAttribute("aria-hidden", "true");
       const title = el("span", "title", titleOf(c));
       const last = c.last_message;
       const preview = el("span", "preview", last ? `${last.sender_id === S.me.user_id ? "You: " : ""}${last.content || (last.attachments?.length ? "attachment" : "")}` : "No messages yet");
-      b.append(dot, title, preview);
-      let label = titleOf(c) + (partner ? (online ? ", online" : ", offline") : "");
-      if (c.unread) {
-        b.append(el("span", "badge", String(c.unread)));
-        label += `, ${c.unread} unread`;
-      }
-      b.setAttribute("aria-label", label);
+      // Named by what it shows (with words for the dot and the badge), not by a label of its own.
+      b.append(dot, title);
+      if (partner && !S.offline) b.append(el("span", "sr-only", online ? ", online, " : ", offline, "));
+      b.append(preview);
+      if (c.unread) b.append(el("span", "badge", String(c.unread)), el("span", "sr-only", " unread"));
       if (c.chat_id === S.open) b.setAttribute("aria-current", "true");
       b.onclick = () => openChat(c.chat_id);
       li.append(b);
@@ -623,6 +636,7 @@ function newWindow() {
   S.shown = new Map();
   S.hasNewer = false;
   S.newest = 0;
+  S.unread = null;
   $("messages").replaceChildren();
   return S.window;
 }
@@ -633,12 +647,25 @@ async function openChat(chat_id) {
   const view = newWindow();
   location.hash = encodeURIComponent(chat_id);
   document.body.classList.remove("list");
-  $("composer").hidden = false;
+  setComposer(true);
   renderHeader();
   renderTyping();
   renderChatList();
-  const { messages, has_more } = await historyPage(chat_id, `limit=${PAGE}`);
+  // With unread messages, a divider above the first and the chat opens there: from this user's
+  // read pointer as the server keeps it, which may be far below the newest page.
+  const unread = S.chats.get(chat_id)?.unread || 0;
+  const readUpTo = unread ? await readPointer(chat_id) : 0;
+  let { messages, has_more } = await historyPage(chat_id, `limit=${PAGE}`);
   if (S.window !== view) return;
+  if (unread && messages.length && readUpTo < messages[0].seq - 1) {
+    // The first unread is older than the newest page: a window from just above it, newer pages on scroll.
+    const around = await historyPage(chat_id, `after=${Math.max(0, readUpTo - 5)}&limit=${PAGE}`);
+    if (S.window !== view) return;
+    messages = around.messages;
+    has_more = messages.length > 0 && messages[0].seq > 1;
+    S.hasNewer = around.has_more;
+  }
+  if (unread) S.unread = { after: readUpTo, count: unread };
   S.hasMore = has_more;
   S.oldest = messages.length ? messages[0].seq : 0;
   for (const m of messages) showMessage(m, false);
@@ -650,9 +677,26 @@ async function openChat(chat_id) {
   const last = messages.at(-1);
   if (last && last.seq > (S.heads.get(chat_id) || 0)) S.heads.set(chat_id, last.seq);
   await loadPointers(chat_id);
-  scrollToEnd();
+  const box = $("messages");
+  const divider = box.querySelector("li.unread");
+  // At the divider, with a little of what was read above it; else at the newest.
+  if (divider) box.scrollTop += divider.getBoundingClientRect().top - box.getBoundingClientRect().top - box.clientHeight / 5;
+  else scrollToEnd();
   tellRead();
   $("text").focus();
+}
+
+function setComposer(on) {
+  // Only with a chat open: a send needs a chat to go to.
+  $("composer").hidden = !on;
+  for (const id of ["text", "send", "attach"]) $(id).disabled = !on;
+}
+
+async function readPointer(chat_id) {
+  // How far this user has read the chat (the receipts answer carries every member's pointers).
+  const r = await api("GET", `/api/chats/${encodeURIComponent(chat_id)}/receipts?seq=1`);
+  for (const [u, q] of Object.entries(r.pointers || {})) raisePointer(chat_id, u, q.delivered, q.read);
+  return Math.max(r.pointers?.[S.me.user_id]?.read || 0, S.read.get(chat_id) || 0);
 }
 
 async function loadPointers(chat_id) {
@@ -688,6 +732,7 @@ async function loadNewer() {
       if (S.window === view) for (const m of again.messages) showMessage(m, false);
     }
     renderTicks();
+    tellRead();
   } finally {
     S.loading = false;
   }
@@ -719,7 +764,9 @@ function renderHeader() {
   $("chat-title").textContent = titleOf(chat);
   const partner = partnerOf(chat);
   let status = "";
-  if (partner) {
+  if (S.offline) {
+    status = "You are offline";
+  } else if (partner) {
     const p = S.presence.get(partner);
     if (p?.status === "online") status = "online";
     else if (p?.last_seen) status = `last seen ${when(p.last_seen)}`;
@@ -787,17 +834,21 @@ function showMessage(m, live, replace = false) {
 }
 
 function fixDays() {
-  // A separator before the first message of each day.
+  // A separator before the first message of each day, and the unread divider above the first
+  // message from others after the read pointer (plain list items: a list holds only those).
   const box = $("messages");
-  box.querySelectorAll("li.day").forEach((d) => d.remove());
+  box.querySelectorAll("li.day, li.unread").forEach((d) => d.remove());
   let last = "";
+  let unread = S.unread;
   for (const li of box.querySelectorAll("li.msg")) {
     const day = dayOf(Number(li.dataset.at));
     if (day !== last) {
-      const sep = el("li", "day", new Date(Number(li.dataset.at)).toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" }));
-      sep.setAttribute("role", "separator");
-      box.insertBefore(sep, li);
+      box.insertBefore(el("li", "day", new Date(Number(li.dataset.at)).toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" })), li);
       last = day;
+    }
+    if (unread && Number(li.dataset.seq) > unread.after && !li.classList.contains("mine")) {
+      box.insertBefore(el("li", "unread", `${unread.count} unread message${unread.count === 1 ? "" : "s"}`), li);
+      unread = null;
     }
   }
 }
@@ -875,13 +926,12 @@ async function submitSearch(ev) {
 }
 
 function marked(highlight) {
-  // The server's highlight is HTML-escaped text with <mark> around matches: rebuilt as nodes.
+  // The server's highlight is HTML-escaped text with <mark> around matches: parsed whole (an inert
+  // document: nothing in it runs or loads) and rebuilt as text and marks. Parsed in pieces, a
+  // piece's leading spaces were dropped.
   const p = el("span", "preview");
-  const text = (s) => new DOMParser().parseFromString(s, "text/html").documentElement.textContent;
-  highlight.split(/(<mark>[\s\S]*?<\/mark>)/).forEach((part) => {
-    const m = part.match(/^<mark>([\s\S]*)<\/mark>$/);
-    p.append(m ? el("mark", "", text(m[1])) : document.createTextNode(text(part)));
-  });
+  const parsed = new DOMParser().parseFromString(`<body>${highlight}`, "text/html").body;
+  for (const n of parsed.childNodes) p.append(n.nodeName === "MARK" ? el("mark", "", n.textContent) : document.createTextNode(n.textContent));
   return p;
 }
 
@@ -913,8 +963,10 @@ async function jumpTo(chat_id, seq) {
 
 let picked = new Map();
 let userSearchTimer = null;
+let userSearches = 0; // an answer to an older search is dropped
 
 function openNewChat() {
+  if (!S.me) return; // logged out: nothing to start a chat as
   picked = new Map();
   $("user-search").value = "";
   $("group-title").value = "";
@@ -926,12 +978,14 @@ function openNewChat() {
 }
 
 async function findUsers() {
+  // Who is picked stays listed (and picked) first, whatever is searched next; then who is found.
   const q = $("user-search").value.trim();
   const out = $("user-results");
-  if (!q || !/^[A-Za-z0-9_.-]+$/.test(q)) return out.replaceChildren();
-  const { users } = await api("GET", `/api/users?q=${encodeURIComponent(q)}&limit=20`);
+  const asked = ++userSearches;
+  const users = q && /^[A-Za-z0-9_.-]+$/.test(q) ? (await api("GET", `/api/users?q=${encodeURIComponent(q)}&limit=20`)).users : [];
+  if (asked !== userSearches) return;
   out.replaceChildren(
-    ...users
+    ...[...picked.values(), ...users.filter((u) => !picked.has(u.user_id))]
       .filter((u) => u.user_id !== S.me.user_id)
       .map((u) => {
         S.users.set(u.user_id, u);
@@ -1026,6 +1080,7 @@ function wire() {
     document.body.classList.add("list");
     stopTyping();
     S.open = null;
+    setComposer(false);
     location.hash = "";
     renderChatList();
     $("chat-list").querySelector("button")?.focus();

@@ -9,6 +9,29 @@ const el = (tag, cls, text) => {
 
 let doc;
 
+// The contract's files, as the server serves them: named in a description, they are links.
+const CONTRACT = { "openapi.json": "/api/openapi.json", "ws-frames.schema.json": "/api/ws-frames.schema.json" };
+
+function prose(tag, text, links = true) {
+  // A description as written in the contract: `code` spans as code, the contract's files as links
+  // (not inside a <summary>, itself a control).
+  const e = el(tag);
+  text.split(/(`[^`]+`)/).forEach((part, i) => {
+    if (i % 2) return e.append(el("code", "", part.slice(1, -1)));
+    if (!links) return e.append(part);
+    part.split(/(openapi\.json|ws-frames\.schema\.json)/).forEach((piece, j) => {
+      if (!(j % 2)) return e.append(piece);
+      const a = el("a", "", piece);
+      a.href = CONTRACT[piece];
+      e.append(a);
+    });
+  });
+  return e;
+}
+
+// In a schema outline (preformatted text already) a description's backticks would only be noise.
+const plain = (text) => text.replace(/`/g, "");
+
 function resolve(node) {
   // A local $ref ("#/components/...") followed to what it names.
   let seen = 0;
@@ -29,7 +52,7 @@ function schemaText(schema, depth = 0) {
     const lines = Object.entries(s.properties || {}).map(([k, v]) => {
       const r = resolve(v);
       const nested = r.type === "object" || r.properties || (r.type === "array" && (resolve(r.items).properties));
-      const head = `${pad}  ${k}${req.has(k) ? "" : "?"}: ${typeOf(v)}${r.description ? "  // " + r.description : ""}`;
+      const head = `${pad}  ${k}${req.has(k) ? "" : "?"}: ${typeOf(v)}${r.description ? "  // " + plain(r.description) : ""}`;
       return nested ? head + "\n" + schemaText(r.type === "array" ? r.items : v, depth + 2) : head;
     });
     return `${pad}${name}{\n${lines.join("\n")}\n${pad}}`;
@@ -50,35 +73,39 @@ function operation(path, method, op) {
   const d = el("details", "op");
   d.id = op.operationId || `${method}-${path}`;
   const sum = el("summary");
-  sum.append(el("code", `method ${method}`, method.toUpperCase()), " ", el("code", "path", path), " ", el("span", "", op.summary || ""));
+  sum.append(el("code", `method ${method}`, method.toUpperCase()), " ", el("code", "path", path), " ", prose("span", op.summary || "", false));
   d.append(sum);
-  if (op.description) d.append(el("p", "", op.description));
+  if (op.description) d.append(prose("p", op.description));
   const params = [...(doc.paths[path].parameters || []), ...(op.parameters || [])].map(resolve);
   if (params.length) {
     const t = el("table");
     t.append(el("caption", "", "Parameters"));
     const head = el("tr");
-    ["name", "in", "type", "required", "description"].forEach((h) => head.append(el("th", "", h)));
+    ["name", "type", "description"].forEach((h) => head.append(el("th", "", h)));
     t.append(head);
     for (const p of params) {
+      // Three columns, so the table fits a phone: where it goes and whether it must, under the name.
+      const name = el("td");
+      name.append(el("code", "", p.name), el("div", "small", `${p.in}${p.required ? ", required" : ""}`));
       const tr = el("tr");
-      [p.name, p.in, typeOf(p.schema), p.required ? "yes" : "no", p.description || ""].forEach((v) => tr.append(el("td", "", v)));
+      tr.append(name, el("td", "", typeOf(p.schema)), prose("td", p.description || ""));
       t.append(tr);
     }
     d.append(t);
   }
   const body = resolve(op.requestBody);
   for (const [type, media] of Object.entries(body.content || {})) {
-    d.append(el("h4", "", `Request body (${type})`), el("pre", "", media.schema ? schemaText(media.schema) : "bytes"));
+    d.append(el("h3", "", `Request body (${type})`), el("pre", "", media.schema ? schemaText(media.schema) : "bytes"));
   }
-  d.append(el("h4", "", "Responses"));
+  d.append(el("h3", "", "Responses"));
   const dl = el("dl");
   for (const [code, raw] of Object.entries(op.responses || {})) {
     const r = resolve(raw);
-    dl.append(el("dt", "", code), el("dd", "", r.description || ""));
+    const dd = prose("dd", r.description || "");
     for (const [type, media] of Object.entries(r.content || {})) {
-      if (media.schema) dl.append(el("dd", "", ""), el("pre", "", `${type}\n${schemaText(media.schema)}`));
+      if (media.schema) dd.append(el("pre", "", `${type}\n${schemaText(media.schema)}`));
     }
+    dl.append(el("dt", "", code), dd);
   }
   d.append(dl);
   return d;
@@ -87,8 +114,13 @@ function operation(path, method, op) {
 async function main() {
   const r = await fetch("/api/openapi.json");
   doc = await r.json();
-  document.title = doc.info?.title || "pychat API";
-  document.getElementById("docs-title").textContent = `${doc.info?.title || "pychat API"} ${doc.info?.version || ""}`;
+  // "pychat API v1": the contract's title and version (info.version is the protocol's, "1").
+  const name = doc.info?.title || "pychat";
+  const version = String(doc.info?.version || "").replace(/^v/i, "");
+  let title = /\bAPI\b/.test(name) ? name : `${name} API`;
+  if (version) title += ` v${version}`;
+  document.title = title;
+  document.getElementById("docs-title").textContent = title;
   const byTag = new Map((doc.tags || []).map((t) => [t.name, []]));
   for (const [path, item] of Object.entries(doc.paths)) {
     for (const [method, op] of Object.entries(item)) {
