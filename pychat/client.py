@@ -9,8 +9,9 @@
 Guarantees it adds on top of PROTOCOL.md:
 - every `send` gets a `client_msg_id`; unacked sends are re-sent after a
   reconnect with the same id, so the server stores each at most once;
-- `msg` events are de-duplicated by (chat_id, seq), also across reconnects, and
-  local cursors (highest gap-free seq per chat) drive `sync`.
+- `msg` events are de-duplicated by (chat_id, seq), also across reconnects (each one
+  dropped is counted in `duplicates_dropped`), and local cursors (highest gap-free seq per
+  chat) drive `sync`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from ssl import SSLContext
 from typing import Any
 
 import httpx
@@ -60,11 +62,17 @@ def retry_delay(attempt: int, retry_after_ms: int | None = None) -> float:
     return backoff * (0.5 + random.random())
 
 
-async def open_websocket(ws_url: str, token: str) -> tuple[ClientConnection, dict[str, Any]]:
+async def open_websocket(
+    ws_url: str, token: str, ssl_context: SSLContext | None = None
+) -> tuple[ClientConnection, dict[str, Any]]:
     """Opens a WebSocket and reads `hello`. An upgrade refused with 429/503 raises ChatError
-    carrying the server's `retry_after_ms`."""
+    carrying the server's `retry_after_ms`. `ssl_context` is for a `wss://` URL (e.g. one that
+    trusts a private CA); None: the system's trusted certificates."""
+    tls: dict[str, Any] = (
+        {"ssl": ssl_context} if ssl_context is not None and ws_url.startswith("wss:") else {}
+    )
     try:
-        ws = await connect(f"{ws_url}?token={token}", max_size=2**20, ping_interval=None)
+        ws = await connect(f"{ws_url}?token={token}", max_size=2**20, ping_interval=None, **tls)
     except InvalidStatus as e:
         try:
             err = json.loads(e.response.body or b"{}").get("error", {})
@@ -111,15 +119,32 @@ class _ChatCursor:
 
 
 class ChatClient:
-    def __init__(self, base_url: str, token: str, user_id: str, *, auto_reconnect: bool = True) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        user_id: str,
+        *,
+        auto_reconnect: bool = True,
+        ssl_context: SSLContext | None = None,
+    ) -> None:
+        """`ssl_context`: what verifies the server over https:// and wss:// (e.g. a context that
+        trusts a private CA: `ssl.create_default_context(cafile=...)`); None: the usual CAs."""
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.user_id = user_id
         self.auto_reconnect = auto_reconnect
+        self.ssl_context = ssl_context
         self.http = httpx.AsyncClient(
-            base_url=self.base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30.0
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30.0,
+            verify=ssl_context if ssl_context is not None else True,
         )
         self.cursors: dict[str, _ChatCursor] = {}
+        # `msg` frames dropped as already seen (same chat and seq): a server that delivers once
+        # keeps this at 0 on a connection that never dropped.
+        self.duplicates_dropped: int = 0
         self.session_id: str | None = None
         self._ws: ClientConnection | None = None
         self._ws_url: str | None = None
@@ -137,22 +162,37 @@ class ChatClient:
 
     @staticmethod
     async def register(
-        base_url: str, username: str, password: str, display_name: str | None = None
+        base_url: str,
+        username: str,
+        password: str,
+        display_name: str | None = None,
+        *,
+        ssl_context: SSLContext | None = None,
     ) -> dict[str, Any]:
         body: dict[str, Any] = {"username": username, "password": password}
         if display_name is not None:
             body["display_name"] = display_name
-        async with httpx.AsyncClient(base_url=base_url) as http:
+        verify = ssl_context if ssl_context is not None else True
+        async with httpx.AsyncClient(base_url=base_url, verify=verify) as http:
             user: dict[str, Any] = _answer(await http.post("/api/users", json=body))
         return user
 
     @classmethod
-    async def login(cls, base_url: str, username: str, password: str, **kwargs: Any) -> ChatClient:
-        async with httpx.AsyncClient(base_url=base_url) as http:
+    async def login(
+        cls,
+        base_url: str,
+        username: str,
+        password: str,
+        *,
+        ssl_context: SSLContext | None = None,
+        **kwargs: Any,
+    ) -> ChatClient:
+        verify = ssl_context if ssl_context is not None else True
+        async with httpx.AsyncClient(base_url=base_url, verify=verify) as http:
             got = _answer(
                 await http.post("/api/auth/token", json={"username": username, "password": password})
             )
-        return cls(base_url, got["token"], got["user_id"], **kwargs)
+        return cls(base_url, got["token"], got["user_id"], ssl_context=ssl_context, **kwargs)
 
     # REST
 
@@ -279,7 +319,7 @@ class ChatClient:
 
     async def _open(self) -> dict[str, Any]:
         assert self._ws_url is not None
-        ws, hello = await open_websocket(self._ws_url, self.token)
+        ws, hello = await open_websocket(self._ws_url, self.token, self.ssl_context)
         self._ws = ws
         self.session_id = hello["session_id"]
         self._connected.set()
@@ -339,6 +379,7 @@ class ChatClient:
         if kind == "msg":
             cursor = self.cursors.setdefault(frame["chat_id"], _ChatCursor())
             if not cursor.see(frame["seq"]):
+                self.duplicates_dropped += 1
                 return  # a duplicate across reconnects
         elif kind == "synced":
             # Everything up to each chat's last seq is now here (or was read before).

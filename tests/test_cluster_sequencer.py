@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pychat.cluster.sequencer import SendLog, SendRecord, Sequencer, ensure_sends_topic
+from pychat.cluster.sequencer import SENDS_PARTITIONS, SendLog, SendRecord, Sequencer, ensure_sends_topic
 from pychat.gateway import Stored
 from pychat.store import Chat, SendRequest, SendResult, Store, User, open_store
 from services.cassandra import CassandraServer
@@ -171,11 +171,25 @@ def test_two_sequencers_share_the_partitions_and_each_chat_has_one_writer(
         return publish
 
     nodes = [Sequencer(store, kafka.bootstrap_servers, group, publisher(n), node_id=n) for n in ("a", "b")]
-    threads = [threading.Thread(target=s.run, args=(stop,)) for s in nodes]
+    owned: list[set[int]] = [set(), set()]
+
+    def run(i: int) -> None:  # Sequencer.run, telling what it owns after each poll
+        while not stop.is_set():
+            nodes[i].poll_once(0.2)
+            # Asked here: a consumer called from another thread while it polls can hang.
+            owned[i] = set(nodes[i].assignment())
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(nodes))]
     for t in threads:
         t.start()
     try:
-        time.sleep(5)  # both join the group before the sends arrive
+        # Both joined the group before the sends arrive: the partitions split between them.
+        deadline = time.monotonic() + 60
+        while not (
+            all(owned) and not owned[0] & owned[1] and owned[0] | owned[1] == set(range(SENDS_PARTITIONS))
+        ):
+            assert time.monotonic() < deadline, f"the partitions are not split between the two: {owned}"
+            time.sleep(0.1)
         records = produce(kafka, sender, chats, 20)
         mine = {r.send.client_msg_id for r in records}
         deadline = time.monotonic() + 90

@@ -84,17 +84,22 @@ def test_a_taken_message_id_is_replaced_and_the_batch_is_stored(
     first, _ = store.append_batch([SendRequest("ua", "c1", "k1", "first", [])], [])
     taken = first[0][1]
     real = sqlite_store.new_ids
-    calls: list[int] = []
+    drawn: list[list[str]] = []
 
     def names_taken_first(prefix: str, n: int) -> list[str]:  # the batch's ids; later draws are real
-        calls.append(n)
-        return [taken, *real(prefix, n - 1)] if len(calls) == 1 else real(prefix, n)
+        ids = [taken, *real(prefix, n - 1)] if not drawn else real(prefix, n)
+        drawn.append(ids)
+        return ids
 
     monkeypatch.setattr(sqlite_store, "new_ids", names_taken_first)
     sends, _ = store.append_batch(
         [SendRequest("ub", "c2", "k2", "collides", []), SendRequest("ub", "c1", "k3", "fine", [])], []
     )
     monkeypatch.setattr(sqlite_store, "new_ids", real)
+    # The store drew the batch's ids from the patched generator (the taken one first), then one
+    # more in place of the taken one: the collision really happened and was repaired.
+    assert len(drawn) == 2 and drawn[0][0] == taken and len(drawn[0]) == 2 and len(drawn[1]) == 1, drawn
+    assert sends[0][1] == drawn[1][0] and sends[1][1] == drawn[0][1]
     assert [r[0] for r in sends] == ["stored", "stored"], sends
     assert sends[0][1] != taken and sends[0][2] == 1
     assert sends[1][2] == 2

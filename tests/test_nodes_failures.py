@@ -66,6 +66,9 @@ async def test_redis_restarted_under_load_delays_delivery_and_loses_nothing(node
     for client in clients:
         seqs = await _received(client, group["chat_id"], total - 31)
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "in order, once"
+    # Once on the wire too: the SDK drops a repeated (chat, seq) before `_received` sees it (a
+    # node catching up from the store must not send again what its connections already had).
+    assert [c.duplicates_dropped for c in clients] == [0] * len(clients), "a msg frame came twice"
     # Every node saw its subscription break, listened again, and caught up from the store (what
     # its relay lost with nothing after it in its chat would otherwise wait for a reconnect).
     for client in clients:

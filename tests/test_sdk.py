@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
@@ -43,19 +45,104 @@ async def test_send_receive_and_receipts_through_the_sdk(clients: Clients) -> No
     assert e.value.code == "not_found"
 
 
-async def test_unacked_sends_are_resent_after_reconnect_and_stored_once(clients: Clients) -> None:
-    alice, bob = await clients.user("xa"), await clients.user("xb")
-    chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
-    await alice.connect()
-    futures = [alice.send_nowait(chat_id, f"m{i}") for i in range(100)]
-    await asyncio.sleep(0)  # let some frames leave
-    await alice.drop_connection()
-    acks = await asyncio.wait_for(asyncio.gather(*futures), 30)
-    assert sorted(a["seq"] for a in acks) == list(range(1, 101))
-    assert alice.unacked == []
-    page = await bob.history(chat_id, limit=200)
-    assert [m["seq"] for m in page["messages"]] == list(range(1, 101))
-    assert sorted(m["content"] for m in page["messages"]) == sorted(f"m{i}" for i in range(100))
+@dataclass
+class _Link:
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    losing: bool = False
+
+
+class AckLosingRelay:
+    """A TCP relay in front of the WebSocket port that can lose everything the server sends on
+    the connections open now (their acks never arrive, as when a network fails after the server
+    answered); connections opened later pass both ways."""
+
+    def __init__(self) -> None:
+        self.upstream_port = 0
+        self.links: list[_Link] = []
+        self.lost = 0  # bytes from the server dropped
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[object]] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def lose_replies(self) -> None:
+        for link in self.links:
+            link.losing = True
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        link = _Link(writer, up_writer)
+        self.links.append(link)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, from_server: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if from_server and link.losing:
+                        self.lost += len(data)
+                        continue
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, False), pump(up_reader, writer, True))
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for link in self.links:
+            link.client.close()
+            link.upstream.close()
+        await asyncio.wait_for(asyncio.gather(*self._tasks, return_exceptions=True), 10)
+        await self._server.wait_closed()
+
+
+async def test_unacked_sends_are_resent_after_reconnect_and_stored_once(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    relay = AckLosingRelay()
+    port = await relay.start()
+    # The SDK finds its WebSocket URL in /api/config: the relay's.
+    srv = server_factory({"PYCHAT_PUBLIC_WS_URL": f"ws://127.0.0.1:{port}/ws"})
+    relay.upstream_port = srv.ws_port
+    made = Clients(srv)
+    try:
+        alice, bob = await made.user("xa"), await made.user("xb")
+        chat_id = (await alice.create_direct(bob.user_id))["chat_id"]
+        await alice.connect()
+        relay.lose_replies()
+        futures = [alice.send_nowait(chat_id, f"m{i}") for i in range(100)]
+        # The server stores them all and acks each; no ack reaches the SDK.
+        deadline = asyncio.get_running_loop().time() + 30
+        while len((await bob.history(chat_id, limit=200))["messages"]) < 100:
+            assert asyncio.get_running_loop().time() < deadline, "the server stores the sends"
+            await asyncio.sleep(0.05)
+        before = {m["client_msg_id"]: m for m in (await bob.history(chat_id, limit=200))["messages"]}
+        assert len(alice.unacked) == 100 and not any(f.done() for f in futures), "every send pending"
+        assert relay.lost > 0
+        await alice.drop_connection()
+        # Only a resend over the new connection can get the acks now.
+        acks = await asyncio.wait_for(asyncio.gather(*futures), 30)
+        assert len(relay.links) == 2, "the SDK came back through the relay"
+        assert alice.unacked == []
+        # The original acks: each send stored once, under the seq and id it had before the drop.
+        assert {a["client_msg_id"]: (a["seq"], a["message_id"]) for a in acks} == {
+            k: (m["seq"], m["message_id"]) for k, m in before.items()
+        }
+        page = await bob.history(chat_id, limit=200)
+        assert [m["seq"] for m in page["messages"]] == list(range(1, 101)) and not page["has_more"]
+        assert sorted(m["content"] for m in page["messages"]) == sorted(f"m{i}" for i in range(100))
+    finally:
+        await made.close()
+        await relay.close()
 
 
 async def test_reconnect_resyncs_from_cursors_without_duplicates(clients: Clients) -> None:

@@ -142,10 +142,11 @@ async def test_pages_cover_every_match_once(clients: Clients) -> None:
     chat = await alice.create_direct(bob.user_id)
     for i in range(25):
         await alice.post_message(chat["chat_id"], f"pangolin number {i}")
-    await found(bob, "pangolin", 20, limit=20)
+    assert len(await found(bob, "pangolin", 25, limit=50)) == 25
     seen: list[int] = []
     cursor = None
     pages = 0
+    newer = 0
     while True:
         params: dict[str, Any] = {"limit": 10}
         if cursor:
@@ -156,8 +157,16 @@ async def test_pages_cover_every_match_once(clients: Clients) -> None:
         cursor = page["next_cursor"]
         if cursor is None:
             break
-    # Messages sent after the first page do not shift the pages.
-    assert pages == 3 and sorted(seen) == list(range(1, 26))
+        # New matches between pages, indexed before the next page is asked for: they rank first
+        # (as good a match, and newer), so pages read from the index as it is now would shift.
+        for _ in range(3):
+            await alice.post_message(chat["chat_id"], f"pangolin newer {newer}")
+            newer += 1
+        assert len(await found(bob, "pangolin", 25 + newer, limit=50)) == 25 + newer
+    fresh = await search(bob, "pangolin", limit=10)
+    assert {r["seq"] for r in fresh["results"]} >= set(range(26, 26 + newer)), "the new ones rank first"
+    # The pages of the first search hold each of its 25 matches once, and none of the later ones.
+    assert pages == 3 and newer == 6 and sorted(seen) == list(range(1, 26)), seen
 
 
 async def test_bad_searches_get_clear_errors(clients: Clients, server: ServerProcess) -> None:
