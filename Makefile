@@ -4,6 +4,8 @@ CACHE ?= $(HOME)/.cache/pychat
 # One Rust target dir outside the clone, so clean-clone CI builds are incremental.
 export CARGO_TARGET_DIR ?= $(CACHE)/target
 export PIP_CACHE_DIR ?= $(CACHE)/pip
+# Locust (and gevent) in a virtualenv of their own, kept with the caches: never in the test venv.
+LOADTEST_VENV ?= $(CACHE)/venv-loadtest
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
@@ -29,8 +31,8 @@ nofile = hard=$$(ulimit -Hn); \
 	ulimit -Sn $$hard || { echo "make $@: could not raise the open-files soft limit to $$hard" >&2; exit 1; };
 
 .PHONY: help serve test test-rust test-py test-cassandra services build-dev lint fmt clean fuzz chaos bench \
-	bench-quick loadgen loadtest cassandra cassandra-stop kafka kafka-stop redis redis-stop s3 s3-stop \
-	cluster cluster-stop test-cluster test-web autobahn test-autobahn wheel test-wheel
+	bench-quick loadgen loadtest ext-current cassandra cassandra-stop kafka kafka-stop redis redis-stop s3 s3-stop \
+	cluster cluster-stop test-cluster test-web autobahn test-autobahn wheel test-wheel test-deploy
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -87,14 +89,16 @@ test: build-dev lint test-rust test-wheel test-autobahn test-py test-cluster ## 
 test-rust: ## Rust unit tests
 	cargo test -q
 
-services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 and Kafka 4.1 jars from Maven Central, cached; Debian's redis-server 7.0; versitygw, an S3 server built with go install; Debian's chromium 156 for the web page's tests)
+services: $(VENV)/.deps ## install the real servers the tests start (Cassandra 5.0 and Kafka 4.1 jars from Maven Central, cached; Debian's redis-server 7.0; versitygw, an S3 server built with go install; Debian's chromium 156 for the web page's tests; Debian's nginx 1.22 and docker-compose 1.29 for the deployment files' tests)
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.cassandra install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.kafka install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.redis install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.s3 install
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.chromium install
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.nginx install
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.compose install
 
-test-py: loadgen services ## Python tests against real servers on 127.0.0.1 (pychat on SQLite and on Cassandra)
+test-py: loadgen services $(LOADTEST_VENV)/.deps ## Python tests against real servers on 127.0.0.1 (pychat on SQLite and on Cassandra)
 	$(call nofile,4096) $(BIN)/pytest -q -m "not nodes" $(ARGS)
 
 test-cluster: build-dev services ## the cluster tests: 3 pychat nodes on Kafka, Redis and Cassandra; a node SIGKILLed, Redis restarted, Kafka stopped
@@ -102,6 +106,11 @@ test-cluster: build-dev services ## the cluster tests: 3 pychat nodes on Kafka, 
 
 test-web: build-dev services ## the web page in Debian's Chromium driven by Playwright (screenshots in test-results/web/)
 	$(call nofile,4096) $(BIN)/pytest -q tests/test_web.py $(ARGS)
+
+test-deploy: build-dev ## the deployment files: deploy/nginx/ run by Debian's nginx over TLS in front of a real server (smoke test through it); the Dockerfile, deploy/compose.yaml and the systemd unit checked (hadolint, docker-compose config, systemd-analyze verify)
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.nginx install
+	PYCHAT_CACHE=$(CACHE) $(PY) -m services.compose install
+	$(call nofile,4096) $(BIN)/pytest -q tests/test_deploy_proxy.py tests/test_deploy_files.py $(ARGS)
 
 test-cassandra: loadgen services ## only the tests that run on Cassandra (the store contract, servers on Cassandra, crashes)
 	$(call nofile,4096) $(BIN)/pytest -q -k cassandra $(ARGS)
@@ -128,12 +137,23 @@ bench-quick: build-dev loadgen $(VENV)/.bench ## every benchmark scenario, small
 bench: build-dev loadgen $(VENV)/.bench ## the benchmark suite at the performance targets' sizes (about 10 minutes)
 	$(call nofile,19500) $(PY) benchmarks/suite.py
 
-$(VENV)/.loadtest: requirements-loadtest.txt $(VENV)/.deps
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-loadtest.txt
+$(LOADTEST_VENV)/.deps: requirements-loadtest.txt
+	test -x $(LOADTEST_VENV)/bin/python || $(PYTHON) -m venv $(LOADTEST_VENV)
+	$(LOADTEST_VENV)/bin/python -m pip install -q --disable-pip-version-check -r requirements-loadtest.txt
 	touch $@
 
-loadtest: build-dev $(VENV)/.loadtest ## Locust users (WebSocket + REST) headless against a local server; CSV stats
-	$(call nofile,4096) $(PY) loadtest/run.py $(ARGS)
+# The checkout's extension as `make build-dev` left it, built again only when there is none or a
+# Rust source is newer than it (build-dev itself always builds).
+ext-current: $(VENV)/.deps
+	@so=$$(ls -t pychat/_core*.so 2>/dev/null | head -1); \
+	if [ -n "$$so" ] && [ -z "$$(find $(RUST_SOURCES) -newer "$$so" | head -1)" ]; then \
+		echo "$$so is newer than the Rust sources: not rebuilt"; \
+	else \
+		$(MAKE) --no-print-directory build-dev; \
+	fi
+
+loadtest: ext-current $(LOADTEST_VENV)/.deps ## Locust users (WebSocket + REST) headless against a local server (Locust in its own venv under CACHE); latencies incl. send -> deliver, CSV stats and a JSON summary in test-results/loadtest/
+	$(call nofile,4096) $(PY) loadtest/run.py --locust $(LOADTEST_VENV)/bin/locust $(ARGS)
 
 autobahn: build-dev ## Autobahn's fuzzing client on a pychat server (cases 1-7, 9, 10; ARGS="--cases 7.*" for some), then its check; reports in test-results/autobahn/ (installs autobahntestsuite in a Python 2.7 virtualenv: pyenv's or Debian's python2.7)
 	PYCHAT_CACHE=$(CACHE) $(PY) -m services.autobahn run $(ARGS)

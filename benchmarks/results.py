@@ -141,9 +141,10 @@ def one(codes: Iterable[Code]) -> Code:
     )
 
 
-def record(name: str, figures: dict[str, Any], measured: Code) -> Path:
-    """Writes benchmarks/results/<name>-<time>.json: `commit` and `dirty` are those of
-    `measured`, the code under test; `harness` is this checkout (the scripts, the load generator)."""
+def record(name: str, figures: dict[str, Any], measured: Code, out_dir: Path | None = None) -> Path:
+    """Writes benchmarks/results/<name>-<time>.json (or into `out_dir`): `commit` and `dirty` are
+    those of `measured`, the code under test; `harness` is this checkout (the scripts, the load
+    generator)."""
     harness = tree_code(ROOT)
     out = {
         "benchmark": name,
@@ -159,8 +160,8 @@ def record(name: str, figures: dict[str, Any], measured: Code) -> Path:
         "harness": {"tree": harness.tree, "commit": harness.commit, "dirty": harness.dirty},
         **figures,
     }
-    path = ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = (out_dir or ROOT / "benchmarks" / "results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path

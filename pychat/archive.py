@@ -3,7 +3,8 @@ by chat and by day, incremental from a watermark file (a nightly job copies only
 read back into an empty server (a restore, or a move from one store to another).
 
     OUT/chat=<chat_id>/day=<YYYY-MM-DD>/part-<first seq>-<last seq>.parquet
-    OUT/_watermark.json     {chat_id: {"seq": last exported seq, "chain": its chain value (hex)}}
+    OUT/_watermark.json     {chat_id: {"seq": last exported seq, "chain": its chain value (hex),
+                                       "at": when the last run that covered the chat started (ms)}}
     OUT/_chats.jsonl        each exported chat: kind, title, creator, members and their read seqs
     OUT/_users.jsonl        the users those chats name (password hashes included: keep OUT private)
 
@@ -20,34 +21,34 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pychat.export import PAGE, SCHEMA, batches_of, by_day, rows_of
+from pychat.dataset import (
+    CHATS,
+    USERS,
+    Mark,
+    chat_batches,
+    dataset_chats,
+    read_watermark,
+    write_durably,
+    write_watermark,
+)
+from pychat.export import batches_of, by_day, rows_of
 from pychat.gateway import PointerMoved
+from pychat.ids import now_ms
 from pychat.store import ChainedRow, Chat, PointerRequest, Store, User
+from pychat.verify import verify_export
 
-WATERMARK = "_watermark.json"
-CHATS = "_chats.jsonl"
-USERS = "_users.jsonl"
 # Messages per write when importing (one transaction on SQLite, fenced batches on Cassandra).
 IMPORT_PAGE = 5_000
-
-
-@dataclass(frozen=True)
-class Mark:
-    """How far a chat is exported: its last seq and that message's chain value."""
-
-    seq: int
-    chain: str | None = None
 
 
 @dataclass
@@ -70,34 +71,6 @@ class ExportSummary:
         }
 
 
-def read_watermark(out: Path) -> dict[str, Mark]:
-    path = out / WATERMARK
-    if not path.exists():
-        return {}
-    value = json.loads(path.read_text())
-    # Written before chain values: a bare seq.
-    return {
-        str(k): Mark(int(v)) if isinstance(v, int) else Mark(int(v["seq"]), v.get("chain"))
-        for k, v in value.items()
-    }
-
-
-def write_watermark(out: Path, marks: dict[str, Mark]) -> None:
-    _write_durably(
-        out / WATERMARK,
-        json.dumps({c: {"seq": m.seq, "chain": m.chain} for c, m in sorted(marks.items())}, indent=1),
-    )
-
-
-def _write_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_jsonl(path: Path, key: str) -> dict[str, dict[str, Any]]:
     if not path.exists():
         return {}
@@ -105,7 +78,7 @@ def _read_jsonl(path: Path, key: str) -> dict[str, dict[str, Any]]:
 
 
 def _write_jsonl(path: Path, items: dict[str, dict[str, Any]]) -> None:
-    _write_durably(path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for _, v in sorted(items.items())))
+    write_durably(path, "".join(json.dumps(v, ensure_ascii=False) + "\n" for _, v in sorted(items.items())))
 
 
 def _write_metadata(store: Store, out: Path, chat_ids: list[str], senders: set[str]) -> None:
@@ -150,8 +123,13 @@ def export_chats(
         raise ValueError(
             f"{out} was written by a pychat without chain values (chat {older[0]}): export into a new folder"
         )
+    # Before the chats are read: what the store held at this time, this run exports.
+    at = now_ms()
     done = {c: m.seq for c, m in marks.items()}
     todo = [(c, head) for c, head in chats if head > done.get(c, 0)]
+    for chat_id in {c for c, _ in chats} - {c for c, _ in todo}:
+        if chat_id in marks:  # nothing new: complete as of now
+            marks[chat_id] = dataclasses.replace(marks[chat_id], at=at)
     summary = ExportSummary()
     senders: set[str] = set()
     started = time.perf_counter()
@@ -171,7 +149,7 @@ def export_chats(
                 raise
             if written:
                 summary.chats += 1
-                marks[chat_id] = mark
+                marks[chat_id] = dataclasses.replace(mark, at=at)
     finally:
         bar.close()
         # The records first: a watermark never names messages whose senders are not recorded.
@@ -211,21 +189,6 @@ def _export_chat(
         summary.messages += batch.num_rows
         bar.update(batch.num_rows)
     return mark
-
-
-def dataset_chats(out: Path) -> dict[str, list[Path]]:
-    """Each chat in an export folder and its part files in seq order."""
-    chats: dict[str, list[Path]] = {}
-    for folder in sorted(out.glob("chat=*")):
-        parts = sorted(folder.glob("day=*/part-*.parquet"), key=lambda p: p.name)
-        chats[unquote(folder.name.removeprefix("chat="))] = parts
-    return chats
-
-
-def chat_batches(parts: list[Path]) -> Iterator[pa.RecordBatch]:
-    """A chat's exported messages, file after file, a record batch at a time."""
-    for path in parts:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=PAGE, columns=SCHEMA.names)
 
 
 @dataclass
@@ -295,14 +258,21 @@ class ImportRefused(Exception):
     """The export cannot be imported into this store (it does not verify, or the store is not empty)."""
 
 
-def import_export(store: Store, out: Path, progress: bool = True) -> ImportSummary:
-    """Reads an export folder (verified first) into a store that holds none of it: users (with
-    their password hashes), chats with their members, every message as it was (ids, seqs, times,
-    chain values), then each member's read seq. Media bytes are not in an export: attachments
-    keep their descriptions, and their downloads answer 404."""
-    from pychat.verify import verify_export
+@dataclass(frozen=True)
+class Importable:
+    """An export folder that verified and names every user it needs: what an import writes."""
 
-    started = time.perf_counter()
+    out: Path
+    users: dict[str, dict[str, Any]]
+    chats: dict[str, dict[str, Any]]
+    marks: dict[str, Mark]
+
+
+def check_export(out: Path) -> Importable:
+    """The export folder, verified and complete, or ImportRefused; reads no store (a refused
+    import creates nothing)."""
+    if not out.is_dir():
+        raise ImportRefused(f"{out} is not a folder written by `pychat export`")
     report = verify_export(out)
     if not report.ok:
         raise ImportRefused(f"the export does not verify: {report.breaks[0]}")
@@ -316,11 +286,22 @@ def import_export(store: Store, out: Path, progress: bool = True) -> ImportSumma
     missing = sorted(needed - set(users))
     if missing:
         raise ImportRefused(f"user {missing[0]} sent or belongs, and is not in {USERS}")
+    return Importable(out, users, chats, marks)
+
+
+def import_export(store: Store, out: Path | Importable, progress: bool = True) -> ImportSummary:
+    """Reads an export folder (verified first, unless `check_export` did) into a store that holds
+    none of it: users (with their password hashes), chats with their members, every message as it
+    was (ids, seqs, times, chain values), then each member's read seq. Media bytes are not in an
+    export: attachments keep their descriptions, and their downloads answer 404."""
+    started = time.perf_counter()
+    checked = out if isinstance(out, Importable) else check_export(out)
+    users, chats, marks = checked.users, checked.chats, checked.marks
     if store.chat_heads() or store.existing_users(list(users)) or any(store.get_chat(c) for c in chats):
         raise ImportRefused("the store is not empty: import into a new data directory or keyspace")
     summary = ImportSummary()
     try:
-        _restore(store, out, users, chats, marks, summary, progress)
+        _restore(store, checked.out, users, chats, marks, summary, progress)
     except Exception as e:
         raise ImportRefused(
             f"the import failed midway ({e!r}); the store now holds part of the export: remove it"

@@ -9,17 +9,20 @@ import json
 import logging
 import secrets
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from pychat import __version__
 from pychat.auth import TokenIssuer, hash_password
-from pychat.config import load_config
+from pychat.config import Config, load_config
+from pychat.control import ask_server
 from pychat.errors import ApiError
 from pychat.extras import MissingExtra, missing
 from pychat.ids import new_id, now_ms
 from pychat.plugins.host import PluginError
 from pychat.server import Server
-from pychat.store import Chat, Store, User, open_store
+from pychat.store import Chat, Store, User, open_store, sqlite_file
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -33,13 +36,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pychat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run a server node")
-    _common(serve)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int, help="REST port")
-    serve.add_argument("--ws-port", type=int, help="WebSocket port")
-    serve.add_argument("--kafka", help="cluster node: Kafka bootstrap servers (host:port)")
-    serve.add_argument("--redis", help="cluster node: Redis URL (redis://host:port/0)")
-    serve.add_argument("--node-id", help="cluster node: this node's id (default host-port)")
+    doctor = sub.add_parser(
+        "doctor",
+        help="check the configuration, data dir, store, ports and cluster services `serve` would use"
+        " (one line each; exit 1 if anything is wrong)",
+    )
+    for p in (serve, doctor):
+        _common(p)
+        p.add_argument("--host")
+        p.add_argument("--port", type=int, help="REST port")
+        p.add_argument("--ws-port", type=int, help="WebSocket port")
+        p.add_argument("--kafka", help="cluster node: Kafka bootstrap servers (host:port)")
+        p.add_argument("--redis", help="cluster node: Redis URL (redis://host:port/0)")
+        p.add_argument("--node-id", help="cluster node: this node's id (default host-port)")
     plugins = sub.add_parser("plugins", help="load the configured plugins and list them with their hooks")
     _common(plugins)
     migrate = sub.add_parser("migrate", help="create or upgrade the store's schema, then exit")
@@ -52,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--password", help="default: asked for, or random with --random-password")
     add.add_argument("--random-password", action="store_true")
     add.add_argument("--display-name")
+    listing = usub.add_parser("list", help="list the users: id, username, created (no secrets)")
+    _common(listing)
+    listing.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    passwd = usub.add_parser("passwd", help="set a user's password (asked twice, or read from stdin)")
+    _common(passwd)
+    passwd.add_argument("name")
+    passwd.add_argument(
+        "--password-stdin", action="store_true", help="read the password from the first line of stdin"
+    )
     chat = sub.add_parser("chat", help="chat administration")
     csub = chat.add_subparsers(dest="chat_command", required=True)
     create = csub.add_parser("create", help="create a chat between users (by username)")
@@ -75,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     _common(verify)
     verify.add_argument("export", help="the folder or file")
     verify.add_argument(
-        "--against-store", action="store_true", help="also compare each chat's last message with the store's"
+        "--against-store",
+        action="store_true",
+        help="also compare with the store: each chat's last message, and none it had stored before the export missing",
     )
     restore = sub.add_parser(
         "import",
@@ -91,6 +111,24 @@ def _print(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+def _tell_server(config: Config, chat_ids: list[str]) -> None:
+    """Tells the server running on the data dir (if one does) which chats were written, so that
+    they are live there at once (pychat.control); says on stderr what happened."""
+    where = config.data_dir
+    try:
+        answer = ask_server(where, {"op": "chats_written", "chat_ids": chat_ids})
+    except (OSError, ValueError) as e:
+        print(f"pychat: the server on {where} did not take the change ({e}): restart it", file=sys.stderr)
+        return
+    what = "the chat" if len(chat_ids) == 1 else f"the {len(chat_ids)} chats"
+    if answer is None:
+        print(
+            f"pychat: no server running on {where}: the next one started there serves {what}", file=sys.stderr
+        )
+    else:
+        print(f"pychat: server pid {answer.pid} on {where} serves {what} now", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -102,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir, "store": args.store}
-    if args.command == "serve":
+    if args.command in ("serve", "doctor"):
         overrides |= {
             "host": args.host,
             "port": args.port,
@@ -111,6 +149,8 @@ def _main(argv: list[str] | None = None) -> int:
             "redis": args.redis,
             "node_id": args.node_id,
         }
+    if args.command == "doctor":  # reports a configuration that does not load, among the rest
+        return _doctor(args.config, overrides)
     try:
         config = load_config(args.config, overrides=overrides)
     except (OSError, ValueError) as e:
@@ -130,20 +170,36 @@ def _main(argv: list[str] | None = None) -> int:
         return _plugins(config.plugins)
     if args.command == "verify" and not args.against_store:
         return _verify(None, args)  # the export alone: no store is opened
+    if args.command == "import":
+        return _import(config, args)  # the export is checked before the store is opened (made)
+    database = sqlite_file(config.store, config.data_dir) if args.command == "verify" else None
+    if database is not None and not database.exists():  # a wrong --data-dir: not made here
+        print(f"pychat: no store to compare with at {database}", file=sys.stderr)
+        return 2
+    if args.command == "user" and args.user_command != "add":
+        database = sqlite_file(config.store, config.data_dir)
+        if database is not None and not database.exists():  # a wrong --data-dir: not made here
+            print(f"pychat: no store at {database}: no users", file=sys.stderr)
+            return 2
     # Admin commands write the same store; safe while a server runs (SQLite WAL, busy timeout).
     store = open_store(config.store, config.data_dir, config.sqlite_synchronous)
     try:
         if args.command == "migrate":
             print(f"pychat: the store's schema is current ({config.store or 'sqlite://'})")
             return 0
+        if args.command == "user" and args.user_command == "list":
+            return _user_list(store, args.json)
+        if args.command == "user" and args.user_command == "passwd":
+            return _user_passwd(store, args)
         if args.command == "user":
             password = args.password
             if password is None:
                 password = (
                     secrets.token_urlsafe(12) if args.random_password else getpass.getpass("password: ")
                 )
-            if len(password) < 8:
-                print("pychat: password must be at least 8 characters", file=sys.stderr)
+            problem = _password_problem(password)
+            if problem is not None:
+                print(f"pychat: {problem}", file=sys.stderr)
                 return 2
             user = User(new_id("u"), args.name, args.display_name, hash_password(password), now_ms())
             store.create_user(user)
@@ -157,8 +213,6 @@ def _main(argv: list[str] | None = None) -> int:
             return _export(store, args)
         if args.command == "verify":
             return _verify(store, args)
-        if args.command == "import":
-            return _import(store, args)
         if args.command == "chat":
             users = [store.user_by_name(n) for n in args.members]
             if any(u is None for u in users):
@@ -174,7 +228,7 @@ def _main(argv: list[str] | None = None) -> int:
                 Chat(new_id("c"), args.kind, args.title, ids[0], now_ms(), 0, ids), key
             )
             _print(chat.to_json())
-            print("note: a running server learns of this chat on restart", file=sys.stderr)
+            _tell_server(config, [chat.chat_id])
             return 0
     except ApiError as e:
         print(f"pychat: {e.code}: {e.message}", file=sys.stderr)
@@ -182,6 +236,74 @@ def _main(argv: list[str] | None = None) -> int:
     finally:
         store.close()
     return 2
+
+
+# As registration (POST /api/users) takes them.
+PASSWORD_MIN, PASSWORD_MAX = 8, 1024
+
+
+def _password_problem(password: str) -> str | None:
+    if len(password) < PASSWORD_MIN:
+        return f"password must be at least {PASSWORD_MIN} characters"
+    if len(password) > PASSWORD_MAX:
+        return f"password must be at most {PASSWORD_MAX} characters"
+    return None
+
+
+def _user_list(store: Store, as_json: bool) -> int:
+    users = sorted(store.all_users(), key=lambda u: u.username.lower())
+    if as_json:
+        _print([u.public() | {"created_at": u.created_at} for u in users])
+        return 0
+    rows = [("user_id", "username", "created (UTC)")] + [
+        (
+            u.user_id,
+            u.username,
+            datetime.fromtimestamp(u.created_at / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        )
+        for u in users
+    ]
+    id_width, name_width = (max(len(r[i]) for r in rows) for i in (0, 1))
+    for user_id, name, created in rows:
+        print(f"{user_id:<{id_width}}  {name:<{name_width}}  {created}")
+    return 0
+
+
+def _user_passwd(store: Store, args: argparse.Namespace) -> int:
+    user = store.user_by_name(args.name)
+    if user is None:
+        print(f"pychat: no such user: {args.name}", file=sys.stderr)
+        return 2
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"new password for {user.username}: ")
+        if getpass.getpass("again: ") != password:
+            print("pychat: the two passwords differ; nothing changed", file=sys.stderr)
+            return 2
+    problem = _password_problem(password)
+    if problem is not None:
+        print(f"pychat: {problem}; nothing changed", file=sys.stderr)
+        return 2
+    if not store.set_password_hash(user.user_id, hash_password(password)):
+        print(f"pychat: no such user: {args.name}", file=sys.stderr)
+        return 2
+    # Tokens are signed, not stored: those issued before stay valid until they expire.
+    print(
+        f"pychat: password of {user.username} changed; tokens issued before stay valid until they"
+        " expire (token_ttl_s); changing secret_key ends every user's tokens at once",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _doctor(path: str | None, overrides: dict[str, Any]) -> int:
+    from pychat.doctor import diagnose
+
+    findings = diagnose(path, overrides)
+    for finding in findings:
+        print(finding.line())
+    return 0 if all(f.ok for f in findings) else 1
 
 
 def _export(store: Store, args: argparse.Namespace) -> int:
@@ -264,21 +386,26 @@ def _verify(store: Store | None, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _import(store: Store, args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def _import(config: Config, args: argparse.Namespace) -> int:
     try:
-        from pychat.archive import ImportRefused, import_export
+        from pychat.archive import ImportRefused, check_export, import_export
     except ModuleNotFoundError as e:
         raise missing("export", e) from None
 
     try:
-        summary = import_export(store, Path(args.export), progress=not args.quiet)
+        # Everything that can refuse the export before the store is opened: a refused import
+        # leaves no new database or keyspace behind.
+        checked = check_export(Path(args.export))
+        store = open_store(config.store, config.data_dir, config.sqlite_synchronous)
+        try:
+            summary = import_export(store, checked, progress=not args.quiet)
+        finally:
+            store.close()
     except ImportRefused as e:
         print(f"pychat: import refused: {e}", file=sys.stderr)
         return 1
     _print(summary.as_json())
-    print("note: a running server learns of imported chats on restart", file=sys.stderr)
+    _tell_server(config, list(checked.chats))
     return 0
 
 

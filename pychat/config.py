@@ -13,6 +13,10 @@ from typing import Any
 
 from pychat.gateway import FRAME_LIMIT_DEFAULTS, GATEWAY_DEFAULTS
 
+# Where a `[[plugins]]` table was read from: the directory of its configuration file (set by
+# load_config, not a setting).
+CONFIG_DIR = "_config_dir"
+
 # Settings the Rust gateway enforces take their defaults from it (`pychat.gateway`): one copy.
 _G = GATEWAY_DEFAULTS
 _L = FRAME_LIMIT_DEFAULTS
@@ -234,6 +238,9 @@ def load_config(
     if path:
         with open(path, "rb") as f:
             _apply(config, tomllib.load(f), str(path))
+        # A plugin named `module:Class` may be a module beside the file (pychat.plugins.host).
+        for plugin in config.plugins:
+            plugin[CONFIG_DIR] = str(Path(path).resolve().parent)
     top = {f.name for f in dataclasses.fields(Config)} - {"limits", "plugins"}
     limit_names = {f.name for f in dataclasses.fields(Limits)}
     from_env: dict[str, Any] = {}

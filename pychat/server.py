@@ -10,16 +10,19 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pychat.auth import TokenIssuer
 from pychat.blobs import open_blob_store
 from pychat.config import Config
+from pychat.control import ControlSocket
 from pychat.engine import Engine
 from pychat.extras import missing
 from pychat.gateway import Gateway
@@ -44,6 +47,13 @@ log = logging.getLogger("pychat")
 
 # Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 20_000
+
+# Stopping (SIGTERM or SIGINT; docs/operator.md): plugin calls in progress, and the sends waiting
+# for them, get STOP_GRACE_S, then those sends are answered `unavailable` (clients retry them);
+# whatever still runs STOP_LIMIT_S after the signal is abandoned and the process exits with
+# status 1. A second signal exits at once.
+STOP_GRACE_S = 5.0
+STOP_LIMIT_S = 20.0
 
 
 def _always() -> bool:
@@ -88,6 +98,7 @@ class Server:
         self.feeds: list[AfterStoreFeed] = []
         self.event_feeds: list[EventFeed] = []
         self._lease: Lease | None = None
+        self.control: ControlSocket | None = None
 
     @property
     def http_url(self) -> str:
@@ -221,6 +232,32 @@ class Server:
         await self._wait_listening(cfg.host, cfg.port)
         if cfg.rest_send_timeout_ms > 0 and not cut_stalled_readers(cfg.port, cfg.rest_send_timeout_ms):
             log.warning("REST: no TCP_USER_TIMEOUT here: a client that stops reading keeps its slot")
+        # Admin commands run on this data dir tell the server what they wrote (pychat.control).
+        self.control = ControlSocket(cfg.data_dir, self._control)
+        if not await self.control.open():
+            self.control = None
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("op") != "chats_written":
+            raise ValueError(f"unknown request {request.get('op')!r}")
+        chat_ids = request.get("chat_ids")
+        if not isinstance(chat_ids, list) or not all(isinstance(c, str) for c in chat_ids):
+            raise ValueError("chat_ids must be a list of chat ids")
+        return {"applied": await self.publish_written_chats(chat_ids)}
+
+    async def publish_written_chats(self, chat_ids: list[str]) -> int:
+        """Makes chats that another process (an admin command) wrote to the store live as a REST
+        write does: this gateway (every node's, on a cluster) takes their members, and the members
+        hear of them. Returns how many of them the store holds."""
+        applied = 0
+        for chat_id in chat_ids:
+            self.store.forget_members(chat_id)  # a cache of them would predate the write
+            chat = await asyncio.to_thread(self.store.get_chat, chat_id)
+            if chat is None:
+                continue
+            await self.api._publish_chat(chat)
+            applied += 1
+        return applied
 
     async def _wait_listening(self, host: str, port: int, wait_s: float = 15.0) -> None:
         deadline = time.monotonic() + wait_s
@@ -235,6 +272,10 @@ class Server:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.close()
+        if self.plugins is not None:
+            self.plugins.begin_stop(STOP_GRACE_S)
         if self._collector is not None:
             self._collector.cancel()
         if self._http is not None:
@@ -282,4 +323,24 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        # From here on a second signal ends the process at once, and so does STOP_LIMIT_S: a
+        # thread that never returns (a plugin's, the store driver's) cannot hold the exit.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, _exit_at_once)
+        limit = threading.Timer(STOP_LIMIT_S, _exit_now, [f"still stopping after {STOP_LIMIT_S:g} s"])
+        limit.daemon = True
+        limit.start()
+        log.info("stopping (at most %g s; a second SIGINT or SIGTERM exits at once)", STOP_LIMIT_S)
         await self.stop()
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    _exit_now(f"{signal.Signals(signum).name} while stopping")
+
+
+def _exit_now(why: str) -> None:
+    """Ends the process without waiting for anything: what is acked is committed already, and
+    what is not is retried by its client."""
+    log.warning("%s: exiting now, without waiting for the rest", why)  # its handler flushes
+    os._exit(1)

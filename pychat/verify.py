@@ -7,6 +7,8 @@ stream or JSON lines). Each message must follow the one before it: the next seq 
 a row out of order) and a chain value that the previous value and the message's own fields give
 (else the message was changed). With a store to compare with (`--against-store`), each chat's
 last verified value must also be the store's: an export rewritten whole, chain values included,
+is caught there; and a folder's chat must hold every message the store had stored when the
+export ran (the watermark's `at`, less SETTLED_MS): one cut short, its watermark edited to match,
 is caught there.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pychat.chain import genesis, link, media_ids_of
+from pychat.dataset import chat_batches, dataset_chats, read_watermark
 from pychat.export import PAGE, rows_of
 from pychat.store import ChainedRow, MessageStore
 
 # Breaks listed per chat; past them the chat is only counted as broken.
 MAX_BREAKS_PER_CHAT = 20
+# A message stored this long before an export run started is in it. Younger ones may not be: a
+# message is timed when it is numbered and readable once its batch commits, and on a cluster the
+# clocks of the node that numbered it and of the one exporting differ a little.
+SETTLED_MS = 60_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     # chat_id -> (last seq, its chain value) as verified
     heads: dict[str, tuple[int, bytes]] = field(default_factory=dict)
+    # chat_id -> when the export run that last covered it started (ms; a folder's watermark)
+    exported_at: dict[str, int | None] = field(default_factory=dict)
 
     # Everyone who sent a message in the export (an import needs each as a user).
     senders: set[str] = field(default_factory=set)
@@ -123,7 +133,7 @@ def verify_export(path: Path, against: MessageStore | None = None) -> Report:
         _verify_file(path, report)
     if against is not None:
         for chat_id, (seq, chain) in report.heads.items():
-            rows = against.chained_after(chat_id, seq - 1, 1)
+            rows = against.chained_after(chat_id, seq - 1, 2)
             if not rows or rows[0][1] != seq or rows[0][8] != chain:
                 report.breaks.append(
                     Break(
@@ -132,12 +142,32 @@ def verify_export(path: Path, against: MessageStore | None = None) -> Report:
                         "differs from the store's message with this seq: not the store's history",
                     )
                 )
+                continue
+            if chat_id not in report.exported_at:
+                continue  # one exported file: it says nothing of when it was taken
+            at = report.exported_at[chat_id]
+            if at is None:
+                report.notes.append(
+                    f"chat {chat_id}: the watermark has no export time (an older pychat): whether the"
+                    " export was cut short is not compared with the store"
+                )
+            elif len(rows) > 1 and rows[1][6] <= at - SETTLED_MS:
+                report.breaks.append(
+                    Break(
+                        chat_id,
+                        seq + 1,
+                        f"the export ends at seq {seq}, but the store had stored seq {seq + 1} (at"
+                        f" {_utc(rows[1][6])}) before this export ran ({_utc(at)}): cut short",
+                    )
+                )
     return report
 
 
-def _verify_folder(out: Path, report: Report) -> None:
-    from pychat.archive import chat_batches, dataset_chats, read_watermark
+def _utc(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
+
+def _verify_folder(out: Path, report: Report) -> None:
     marks = read_watermark(out)
     chats = dataset_chats(out)
     for chat_id in sorted(set(marks) - set(chats)):
@@ -162,6 +192,7 @@ def _verify_folder(out: Path, report: Report) -> None:
                 check.add(row)
         report.heads[chat_id] = (check.seq, check.chain)
         mark = marks.get(chat_id)
+        report.exported_at[chat_id] = mark.at if mark is not None else None
         if mark is None:
             check._break(check.seq, "the watermark does not name this chat (files of an interrupted run?)")
         elif mark.seq != check.seq:

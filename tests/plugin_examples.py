@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -34,6 +35,13 @@ class Raiser(Plugin):
 class Sleeper(Plugin):
     def before_send(self, batch: list[Send]) -> None:
         time.sleep(float(self.settings.get("sleep_s", 1.0)))
+
+
+class AsyncHang(Plugin):
+    """An async before_send that never answers."""
+
+    async def before_send(self, batch: list[Send]) -> None:
+        await asyncio.Event().wait()
 
 
 class AsyncTagger(Plugin):

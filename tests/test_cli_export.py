@@ -19,6 +19,7 @@ import pytest
 
 from pychat.chain import genesis, link
 from pychat.gateway import Stored
+from pychat.ids import now_ms
 from pychat.store import Chat, PointerRequest, SendRequest, User, open_store
 from services.cassandra import CassandraServer
 from tests.storekit import assert_chained
@@ -179,6 +180,58 @@ def test_verify_says_where_an_export_was_cut_reordered_or_edited(tmp_path: Path)
     assert "not the store's history" in against[0]["problem"]
 
 
+def _fill_earlier(data: Path, chat_id: str, count: int, ago_ms: int) -> None:
+    """`count` messages in a new chat, stored `ago_ms` before now (as an import writes them)."""
+    store = open_store("", data)
+    try:
+        for u in ("ua", "ub"):
+            if store.user_by_id(u) is None:
+                store.create_user(User(u, u, None, "scrypt$x", 1))
+        store.create_chat(Chat(chat_id, "group", "t", "ua", 1, 0, ["ua", "ub"]), None)
+        prev, rows = genesis(chat_id), []
+        for seq in range(1, count + 1):
+            at = now_ms() - ago_ms + seq
+            prev = link(prev, seq, "ua", f"old {seq}", at, [])
+            rows.append((chat_id, seq, f"m-{chat_id}-{seq}", "ua", f"old {seq}", "[]", at, f"o{seq}", prev))
+        store.restore_messages(chat_id, rows)
+    finally:
+        store.close()
+
+
+def test_verify_against_the_store_catches_an_export_cut_short_with_its_watermark_edited(
+    tmp_path: Path,
+) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    _fill_earlier(data, "c-one", 30, ago_ms=3_600_000)  # an hour before the export
+    _fill(data, "c-two", 0, 5)  # just before it
+    assert _cli("export", str(out), "--data-dir", str(data), "--quiet").returncode == 0
+    assert _verified(out, "--data-dir", str(data), "--against-store")["notes"] == []
+
+    # Cut after seq 20, the watermark edited to end there: consistent on its own, chain and all.
+    cut = _tampered(out, tmp_path / "cut", lambda rows: rows[:20])
+    marks = json.loads((cut / "_watermark.json").read_text())
+    last = pq.read_table(sorted((cut / "chat=c-one").glob("day=*/part-*.parquet"))[-1]).to_pylist()[-1]
+    assert last["seq"] == 20
+    marks["c-one"] |= {"seq": 20, "chain": last["chain"].hex()}
+    (cut / "_watermark.json").write_text(json.dumps(marks))
+    assert _verified(cut)["ok"]
+    # The store had seq 21 to 30 an hour before the export ran: they belong in it.
+    against = _broken(cut, "--data-dir", str(data), "--against-store")
+    assert [(b["chat_id"], b["seq"]) for b in against] == [("c-one", 21)], against
+    assert "cut short" in against[0]["problem"] and "ends at seq 20" in against[0]["problem"]
+
+    # Messages stored since the export are not missing from it; the next run takes them.
+    _fill(data, "c-two", 5, 3)
+    assert _verified(out, "--data-dir", str(data), "--against-store")["ok"]
+    # A watermark without export times (an older pychat): said, not guessed.
+    marks = json.loads((cut / "_watermark.json").read_text())
+    (cut / "_watermark.json").write_text(
+        json.dumps({c: {"seq": m["seq"], "chain": m["chain"]} for c, m in marks.items()})
+    )
+    older = _verified(cut, "--data-dir", str(data), "--against-store")
+    assert any("no export time" in n and "c-one" in n for n in older["notes"]), older
+
+
 def _snapshot(store_url: str, data: Path) -> dict[str, Any]:
     """Everything an import must carry over, as the store answers it."""
     store = open_store(store_url, data)
@@ -252,15 +305,33 @@ def test_import_restores_an_export_into_an_empty_store_of_either_kind(
     broken = _tampered(out, tmp_path / "broken", lambda rows: rows[:5] + rows[6:])
     done = _cli("import", str(broken), "--data-dir", str(tmp_path / "never"), "--quiet")
     assert done.returncode == 1 and "does not verify" in done.stderr
-    assert _snapshot_empty(tmp_path / "never")
+    assert not (tmp_path / "never").exists(), "a refused import creates nothing"
 
 
-def _snapshot_empty(data: Path) -> bool:
-    store = open_store("", data)
-    try:
-        return not store.chat_heads() and store.user_by_id("ua") is None
-    finally:
-        store.close()
+def test_a_refused_import_or_a_verify_against_no_store_creates_no_database(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    _fill(data, "c-one", 0, 10)
+    assert _cli("export", str(out), "--data-dir", str(data), "--quiet").returncode == 0
+    broken = _tampered(out, tmp_path / "broken", lambda rows: rows[:3] + rows[4:])
+    for refused, says in (
+        (broken, "does not verify"),
+        (tmp_path / "no-such-export", "not a folder written by `pychat export`"),
+    ):
+        target = tmp_path / "target"
+        done = _cli("import", str(refused), "--data-dir", str(target), "--quiet")
+        assert done.returncode == 1 and says in done.stderr, done.stderr
+        assert not (target / "pychat.db").exists() and not target.exists()
+        sqlite_url = f"sqlite:///{tmp_path / 'elsewhere' / 'chat.db'}"
+        done = _cli("import", str(refused), "--store", sqlite_url, "--quiet")
+        assert done.returncode == 1 and not (tmp_path / "elsewhere").exists()
+    # A store named wrongly to compare with is said, not made (empty, it would differ everywhere).
+    done = _cli("verify", str(out), "--data-dir", str(tmp_path / "typo"), "--against-store")
+    assert done.returncode == 2 and "no store to compare with" in done.stderr, done.stderr
+    assert not (tmp_path / "typo").exists()
+    # Accepted: the target is made, and holds the export.
+    done = _cli("import", str(out), "--data-dir", str(tmp_path / "target"), "--quiet")
+    assert done.returncode == 0 and json.loads(done.stdout)["messages"] == 10, done.stderr
+    assert (tmp_path / "target" / "pychat.db").exists()
 
 
 def test_a_folder_from_before_chain_values_is_refused_and_reported(tmp_path: Path) -> None:

@@ -3,11 +3,15 @@ and compared with the history API message by message."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import io
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -166,16 +170,33 @@ async def test_exporting_a_million_messages_keeps_the_server_small(tmp_path: Any
             before = _rss_kib(srv.proc.pid)
             size = 0
             peak = before
-            async with http.stream("GET", "/api/chats/c1/export", params={"format": fmt}, timeout=300) as r:
-                assert r.status_code == 200
-                async for chunk in r.aiter_raw():
-                    size += len(chunk)
-                    peak = max(peak, _rss_kib(srv.proc.pid))
+            # Every row, counted: JSON lines as they come; Parquet (its index is at its end) on disk.
+            seqs: list[int] = []
+            tail = b""
+            saved = data / f"export.{fmt}"
+            with saved.open("wb") as sink:
+                async with http.stream(
+                    "GET", "/api/chats/c1/export", params={"format": fmt}, timeout=300
+                ) as r:
+                    assert r.status_code == 200
+                    async for chunk in r.aiter_bytes():
+                        size += len(chunk)
+                        peak = max(peak, _rss_kib(srv.proc.pid))
+                        if fmt == "jsonl":
+                            *lines, tail = (tail + chunk).split(b"\n")
+                            seqs += [json.loads(line)["seq"] for line in lines]
+                        else:
+                            sink.write(chunk)
+            if fmt == "parquet":
+                seqs = pq.read_table(saved, columns=["seq"]).column("seq").to_pylist()
             growth = (peak - before) / 1024
             print(
-                f"{fmt}: {size / 1e6:.1f} MB exported, server RSS {before / 1024:.1f} MiB, peak +{growth:.1f} MiB"
+                f"{fmt}: {size / 1e6:.1f} MB exported, {len(seqs)} rows,"
+                f" server RSS {before / 1024:.1f} MiB, peak +{growth:.1f} MiB"
             )
-            assert size > 1_000_000 and growth < 64, growth
+            assert tail == b"" and len(seqs) == total, (len(seqs), tail[:100])
+            assert seqs == list(range(1, total + 1)), "each message once, in order"
+            assert growth < 64, growth
     finally:
         srv.stop()
 
@@ -281,3 +302,45 @@ def test_concurrent_and_stalled_exports_keep_the_server_small(
             s.close()
         srv.stop()
         drop(srv.env)
+
+
+def _doc_block(path: Path, containing: str) -> str:
+    """The fenced code block of a doc that contains `containing`, as written there."""
+    blocks = path.read_text().split("```")[1::2]
+    (block,) = [b for b in blocks if containing in b]
+    return block.split("\n", 1)[1]  # past the language tag
+
+
+OPERATOR_EXPORT_EXAMPLE = _doc_block(
+    Path(__file__).resolve().parent.parent / "docs" / "operator.md", "format=parquet"
+)
+
+
+def _run_shell(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-e", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_the_operator_guides_pyarrow_example_prints_the_last_messages(
+    clients: Clients, server: ServerProcess, tmp_path: Path
+) -> None:
+    """docs/operator.md's export example, run as written against a real export (of fewer and of
+    more than the 3 messages it prints)."""
+    # Its `.venv/bin/python`, from the directory it is run in: this test's Python.
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    alice = await clients.user("alice")
+    chat = await alice.create_group("g", [])
+    env = {**os.environ, "API": f"{server.url}/api", "TOKEN": alice.token, "CHAT": chat["chat_id"]}
+    sent = 0
+    for count in (2, 5):
+        for i in range(sent, count):
+            await alice.post_message(chat["chat_id"], f"message {i}")
+        sent = count
+        done = await asyncio.to_thread(_run_shell, OPERATOR_EXPORT_EXAMPLE, tmp_path, env)
+        assert done.returncode == 0, done.stderr
+        shown = re.findall(r"'content': '([^']*)'", done.stdout)  # the rows as Python prints them
+        assert shown == [f"message {i}" for i in range(max(count - 3, 0), count)], done.stdout

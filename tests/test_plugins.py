@@ -345,7 +345,7 @@ def test_pychat_plugins_lists_hooks_and_a_plugin_that_fails_to_load_stops_serve(
     ]
     assert any(a.startswith("webhook ") for a in listed["available"])
     for bad, says in (
-        ('[[plugins]]\nuse = "no_such_module_here:Thing"\n', "failed to import"),
+        ('[[plugins]]\nuse = "no_such_module_here:Thing"\n', "no module 'no_such_module_here'"),
         ('[[plugins]]\nuse = "nonexistent"\n', "no plugin named 'nonexistent'"),
         ('[[plugins]]\nuse = "wordfilter"\n', "settings.words"),
     ):

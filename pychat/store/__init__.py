@@ -268,6 +268,12 @@ class MetadataStore(Protocol):
     def users_by_ids(self, user_ids: list[str]) -> list[User]:
         """The users of these ids that exist."""
 
+    def all_users(self) -> list[User]:
+        """Every user, in no particular order (`pychat user list`)."""
+
+    def set_password_hash(self, user_id: str, password_hash: str) -> bool:
+        """Replaces the user's password hash (`pychat user passwd`); False if there is no such user."""
+
     # chats
     def create_chat(self, chat: Chat, direct_key: str | None) -> tuple[Chat, bool]:
         """Stores the chat and its members; for a direct chat whose key exists,
@@ -339,13 +345,22 @@ class Store(MessageStore, MetadataStore, MediaStore, Protocol):
     def ping(self) -> bool: ...
 
 
+def sqlite_file(url: str, data_dir: Path) -> Path | None:
+    """The SQLite file a `store` setting names (None: not SQLite)."""
+    parts = urlsplit(url or "sqlite://")
+    if parts.scheme != "sqlite":
+        return None
+    return Path(parts.path) if parts.path not in ("", "/") else data_dir / "pychat.db"
+
+
 def open_store(url: str, data_dir: Path, sqlite_synchronous: str = "FULL") -> Store:
     """Opens (creating or upgrading its schema) the store a `store` setting names."""
     parts = urlsplit(url or "sqlite://")
     if parts.scheme == "sqlite":
         from pychat.store.sqlite import SqliteStore
 
-        path = Path(parts.path) if parts.path not in ("", "/") else data_dir / "pychat.db"
+        path = sqlite_file(url, data_dir)
+        assert path is not None
         return SqliteStore(path, sqlite_synchronous)
     if parts.scheme == "cassandra":
         try:

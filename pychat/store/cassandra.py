@@ -607,6 +607,19 @@ class CassandraStore:
     def existing_users(self, user_ids: list[str]) -> set[str]:
         return {r.user_id for r in self._in("SELECT user_id FROM users WHERE user_id IN ?", user_ids)}
 
+    def all_users(self) -> list[User]:
+        rows = self.session.execute(
+            "SELECT user_id, username, display_name, password_hash, created_at FROM users"
+        )
+        return [self._user_of(r) for r in rows]
+
+    def set_password_hash(self, user_id: str, password_hash: str) -> bool:
+        # IF EXISTS: an UPDATE of no row would make one.
+        row = self.session.execute(
+            "UPDATE users SET password_hash = %s WHERE user_id = %s IF EXISTS", (password_hash, user_id)
+        ).one()
+        return bool(row.applied)
+
     # chats
 
     def _members(self, chat_id: str) -> list[str]:

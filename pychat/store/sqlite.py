@@ -437,6 +437,19 @@ class SqliteStore:
     def user_by_id(self, user_id: str) -> User | None:
         return self._user("user_id", user_id)
 
+    def all_users(self) -> list[User]:
+        rows = self._conn().execute(
+            "SELECT user_id, username, display_name, password_hash, created_at FROM users"
+        )
+        return [User(*r) for r in rows]
+
+    def set_password_hash(self, user_id: str, password_hash: str) -> bool:
+        with self._write() as c:
+            changed = c.execute(
+                "UPDATE users SET password_hash = ? WHERE user_id = ?", (password_hash, user_id)
+            ).rowcount
+        return bool(changed)
+
     def existing_users(self, user_ids: list[str]) -> set[str]:
         if not user_ids:
             return set()
