@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pychat.cluster.sequencer import SendRecord, Sequencer
+from pychat.bus.records import SendRecord
+from pychat.cluster.sequencer import Sequencer
 from pychat.gateway import Stored
 from pychat.store import SendResult, open_store
 

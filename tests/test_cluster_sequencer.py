@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from pychat.cluster.sequencer import SENDS_PARTITIONS, SendLog, SendRecord, Sequencer, ensure_sends_topic
+from pychat.bus.records import SendRecord
+from pychat.cluster.sequencer import SENDS_PARTITIONS, SendLog, Sequencer, ensure_sends_topic
 from pychat.gateway import Stored
 from pychat.store import Chat, SendRequest, SendResult, Store, User, open_store
 from services.cassandra import CassandraServer

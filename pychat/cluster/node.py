@@ -41,9 +41,10 @@ from typing import Any
 
 import redis
 
+from pychat.bus.records import SendRecord
 from pychat.cluster.delivery import RemoteDelivery
 from pychat.cluster.routes import HEARTBEAT_S, ROUTE_TTL_S, Relay, Routes
-from pychat.cluster.sequencer import SendLog, SendRecord, Sequencer, ensure_sends_topic
+from pychat.cluster.sequencer import SendLog, Sequencer, ensure_sends_topic
 from pychat.gateway import Deferred, Failed, Gateway, Stored
 from pychat.store import BacklogRow, SendRequest, SendResult, Store
 

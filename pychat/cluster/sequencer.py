@@ -22,20 +22,19 @@ at once, and a retry of theirs is answered with what the first record became.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from pychat.bus.records import Poison, SendRecord, decode
 from pychat.gateway import Failed, Stored
-from pychat.store import SendRequest, SendResult, Store
+from pychat.store import SendResult, Store
 
 log = logging.getLogger("pychat.cluster.sequencer")
 
@@ -48,35 +47,6 @@ BATCH_MAX = 1024
 STORE_RETRY_S = 0.5
 # A consumer with records waiting that takes none for this long is replaced (`_check_stall`).
 STALL_S = 30.0
-
-
-@dataclass(frozen=True)
-class SendRecord:
-    """A send as it travels through Kafka: what the store needs, and where its ack goes."""
-
-    node_id: str
-    request_id: int
-    send: SendRequest
-
-    def encode(self) -> bytes:
-        s = self.send
-        return json.dumps(
-            [
-                self.node_id,
-                self.request_id,
-                s.sender_id,
-                s.chat_id,
-                s.client_msg_id,
-                s.content,
-                s.attachments,
-            ],
-            separators=(",", ":"),
-        ).encode()
-
-    @classmethod
-    def decode(cls, value: bytes) -> SendRecord:
-        node_id, request_id, sender_id, chat_id, client_msg_id, content, attachments = json.loads(value)
-        return cls(node_id, request_id, SendRequest(sender_id, chat_id, client_msg_id, content, attachments))
 
 
 # What a sequencer publishes for each processed record.
@@ -222,11 +192,15 @@ class Sequencer:
         self._last_record = time.monotonic()
         records = []
         for m in messages:
-            try:
-                records.append(SendRecord.decode(m.value() or b""))
-            except (ValueError, TypeError):
-                # Not a send any pychat produced: nothing can answer it; skip it.
-                log.error("undecodable record at %s[%s]@%s", m.topic(), m.partition(), m.offset())
+            record = decode(m.value())
+            if isinstance(record, Poison):
+                # Not a send this release can take: skipped, and said (a dead-letter topic takes
+                # these next: docs/scale-out-plan.md, S15).
+                log.error(
+                    "poison record at %s[%s]@%s: %s", m.topic(), m.partition(), m.offset(), record.reason
+                )
+                continue
+            records.append(record)
         try:
             self.publish(list(zip(records, self.store_all(records), strict=True)))
         except Exception:
