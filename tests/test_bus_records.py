@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pychat.bus.records import VERSION, Poison, SendRecord, decode
+from pychat.bus.records import VERSION, ChatCreate, MemberChange, Poison, SendRecord, decode
 from pychat.store import SendRequest
 
 text = st.text(max_size=200)
@@ -61,3 +61,21 @@ def test_what_no_release_wrote_is_poison_with_its_reason() -> None:
         assert why in poison.reason, (value, poison.reason)
     # A poison record whose origin is readable names it: its sender can be answered.
     assert decode(json.dumps({**good, "v": 99}).encode()) == Poison("unknown version 99", "n1", 9)
+
+
+def test_chat_changes_round_trip_and_a_bad_one_is_poison() -> None:
+    changes = [
+        ChatCreate("n1", 1, "c1", "alice", "group", "Lunch", ("alice", "bob")),
+        ChatCreate("n2", 2, "c2", "alice", "direct", None, ("alice", "bob")),
+        MemberChange("n1", 3, "c1", "carol", "alice", True),
+        MemberChange("n1", 4, "c1", "bob", "bob", False),
+    ]
+    for change in changes:
+        assert decode(change.encode()) == change
+    bad = json.loads(changes[0].encode())
+    assert decode(json.dumps({**bad, "members": "bob"}).encode()) == Poison(
+        "bad chat.create: `members` is not a list of strings", "n1", 1
+    )
+    assert decode(json.dumps({**bad, "title": 3}).encode()) == Poison(
+        "bad chat.create: `title` is not a string", "n1", 1
+    )

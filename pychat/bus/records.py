@@ -9,6 +9,13 @@ chat's owner, and the log is bounded by bytes.
     v1 send:  {"v": 1, "k": "send", "n": node_id, "r": request_id, "c": chat_id,
                "u": sender_id, "m": client_msg_id, "t": content, "ids": [media_id, ...]}
 
+    v1 chat.create:   + "u": creator, "kind": "direct"|"group", "title": str|null, "members": [...]
+    v1 member.add:    + "u": the user added, "by": who adds
+    v1 member.remove: + "u": the user removed, "by": who removes (themselves: leaving)
+
+A chat's membership changes travel in its own partition, so its owner applies them in log order
+with its sends (docs/scale-out-plan.md, D1): a send after a removal is judged without the member.
+
 Version 0 is the first format, a JSON array (node, request, sender, chat, client_msg_id, content,
 attachments): still read, so a log written by the previous release drains after an upgrade.
 """
@@ -40,16 +47,54 @@ class SendRecord:
         s = self.send
         return _dumps(
             {
-                "v": VERSION,
-                "k": "send",
-                "n": self.node_id,
-                "r": self.request_id,
-                "c": s.chat_id,
+                **_head("send", self.node_id, self.request_id, s.chat_id),
                 "u": s.sender_id,
                 "m": s.client_msg_id,
                 "t": s.content,
                 "ids": s.attachments,
             }
+        )
+
+
+@dataclass(frozen=True)
+class ChatCreate:
+    """Creating a chat: `members` includes the creator."""
+
+    node_id: str
+    request_id: int
+    chat_id: str
+    creator: str
+    kind: str
+    title: str | None
+    members: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return _dumps(
+            {
+                **_head("chat.create", self.node_id, self.request_id, self.chat_id),
+                "u": self.creator,
+                "kind": self.kind,
+                "title": self.title,
+                "members": list(self.members),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class MemberChange:
+    """Adding (`added`) or removing a member; `by` is who asks (the member themselves: leaving)."""
+
+    node_id: str
+    request_id: int
+    chat_id: str
+    user_id: str
+    by: str
+    added: bool
+
+    def encode(self) -> bytes:
+        kind = "member.add" if self.added else "member.remove"
+        return _dumps(
+            {**_head(kind, self.node_id, self.request_id, self.chat_id), "u": self.user_id, "by": self.by}
         )
 
 
@@ -63,7 +108,7 @@ class Poison:
     request_id: int | None = None
 
 
-Record = SendRecord
+Record = SendRecord | ChatCreate | MemberChange
 
 
 def decode(value: bytes | None) -> Record | Poison:
@@ -81,16 +126,23 @@ def decode(value: bytes | None) -> Record | Poison:
     if version not in READABLE or isinstance(version, bool):
         return Poison(f"unknown version {version!r}", *origin)
     kind = raw.get("k")
-    if kind != "send":
-        return Poison(f"unknown kind {kind!r} in version {version}", *origin)
     try:
-        return SendRecord(
-            _text(raw, "n"),
-            _int(raw, "r"),
-            SendRequest(_text(raw, "u"), _text(raw, "c"), _text(raw, "m"), _text(raw, "t"), _ids(raw)),
-        )
+        node, request, chat = _text(raw, "n"), _int(raw, "r"), _text(raw, "c")
+        if kind == "send":
+            return SendRecord(
+                node, request, SendRequest(_text(raw, "u"), chat, _text(raw, "m"), _text(raw, "t"), _ids(raw))
+            )
+        if kind == "chat.create":
+            title = raw.get("title")
+            if title is not None and not isinstance(title, str):
+                raise ValueError("`title` is not a string")
+            members = _strings(raw, "members")
+            return ChatCreate(node, request, chat, _text(raw, "u"), _text(raw, "kind"), title, tuple(members))
+        if kind in ("member.add", "member.remove"):
+            return MemberChange(node, request, chat, _text(raw, "u"), _text(raw, "by"), kind == "member.add")
     except ValueError as e:
-        return Poison(f"bad send: {e}", *origin)
+        return Poison(f"bad {kind}: {e}", *origin)
+    return Poison(f"unknown kind {kind!r} in version {version}", *origin)
 
 
 def _decode_v0(raw: list[Any]) -> Record | Poison:
@@ -133,10 +185,18 @@ def _int(raw: dict[str, Any], key: str) -> int:
 
 
 def _ids(raw: dict[str, Any]) -> list[str]:
-    value = raw.get("ids", [])
+    return _strings({"ids": raw.get("ids", [])}, "ids")
+
+
+def _strings(raw: dict[str, Any], key: str) -> list[str]:
+    value = raw.get(key)
     if not isinstance(value, list) or not all(isinstance(i, str) for i in value):
-        raise ValueError("`ids` is not a list of strings")
+        raise ValueError(f"`{key}` is not a list of strings")
     return value
+
+
+def _head(kind: str, node_id: str, request_id: int, chat_id: str) -> dict[str, Any]:
+    return {"v": VERSION, "k": kind, "n": node_id, "r": request_id, "c": chat_id}
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:

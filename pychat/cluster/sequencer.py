@@ -193,12 +193,12 @@ class Sequencer:
         records = []
         for m in messages:
             record = decode(m.value())
-            if isinstance(record, Poison):
-                # Not a send this release can take: skipped, and said (a dead-letter topic takes
+            if not isinstance(record, SendRecord):
+                # Not a send this sequencer can take (chat changes go through REST and the relay
+                # until the log's owner applies them): skipped, and said (a dead-letter topic takes
                 # these next: docs/scale-out-plan.md, S15).
-                log.error(
-                    "poison record at %s[%s]@%s: %s", m.topic(), m.partition(), m.offset(), record.reason
-                )
+                why = record.reason if isinstance(record, Poison) else f"a {type(record).__name__}"
+                log.error("record not taken at %s[%s]@%s: %s", m.topic(), m.partition(), m.offset(), why)
                 continue
             records.append(record)
         try:
