@@ -136,7 +136,8 @@ mod tests {
 
     fn setup() -> (Hub, Arc<ConnHandle>, FrameBudget) {
         let hub = Hub::new(Limits::default(), 100, 60_000);
-        hub.members.set("c1".into(), vec!["a".into(), "b".into()]);
+        hub.members
+            .set("c1".into(), vec!["a".into(), "b".into()], -1);
         let conn = Arc::new(ConnHandle::new(1, "a".into(), 64, 0));
         hub.registry.register(conn.clone());
         let rates = BudgetRates {
@@ -207,7 +208,7 @@ mod tests {
             .unwrap();
         store_first(&hub, ev);
         queued(&conn);
-        hub.members.set("c1".into(), vec!["b".into()]);
+        hub.members.set("c1".into(), vec!["b".into()], -1);
         assert!(dispatch(&hub, &conn, &mut budget, SEND, 0)
             .unwrap()
             .is_none());

@@ -138,6 +138,28 @@ pub enum EngineResult {
     Failed(FrameError),
 }
 
+/// What the sequenced stream says about a chat, in its order (`Hub::apply_sequenced`).
+#[derive(Debug)]
+pub enum Sequenced {
+    /// A chat's members after a change at `version` (its log offset); the `chat` frame, when
+    /// there is one, goes to the connections here of `tell` (who joined, left, or stays).
+    Members {
+        chat: ChatId,
+        members: Vec<UserId>,
+        direct: bool,
+        version: i64,
+        tell: Vec<UserId>,
+        frame: Option<Bytes>,
+    },
+    /// A stored message.
+    Row(BacklogRow),
+    /// A send answered without a new message: a retry the store knew, or a refusal.
+    Answer {
+        key: IdemKey,
+        outcome: Result<Arc<Ack>, FrameError>,
+    },
+}
+
 /// What a REST caller (ticket) gets back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TicketOutcome {
@@ -254,10 +276,15 @@ impl Hub {
         }
     }
 
-    /// Replaces a chat's members in the cache (and its presence links if direct).
-    pub fn set_chat(&self, chat: ChatId, members: Vec<UserId>, direct: bool) {
-        self.presence.lock().set_chat(&chat, &members, direct);
-        self.members.set(chat, members);
+    /// Replaces a chat's members in the cache (and its presence links if direct), unless the
+    /// cache holds a newer `version` of them (`membership::UNVERSIONED`: always). Whether it did.
+    pub fn set_chat(&self, chat: ChatId, members: Vec<UserId>, direct: bool, version: i64) -> bool {
+        let mut presence = self.presence.lock();
+        let applied = self.members.set(chat.clone(), members.clone(), version);
+        if applied {
+            presence.set_chat(&chat, &members, direct);
+        }
+        applied
     }
 
     pub fn remove_chat(&self, chat: &str) {

@@ -272,49 +272,98 @@ impl Hub {
     /// hands them over first, so a lost relay message delays, never loses. Returns the gaps
     /// and what REST tickets got.
     pub fn deliver_stored(&self, rows: &[BacklogRow]) -> (Vec<SeqGap>, Vec<(u64, TicketOutcome)>) {
-        let mut gaps: Vec<SeqGap> = Vec::new();
-        let mut tickets = Vec::new();
+        let (mut gaps, mut tickets) = (Vec::new(), Vec::new());
         let now = now_ms();
         for row in rows {
-            if gaps.iter().any(|g| g.chat_id == row.chat_id) {
-                continue;
-            }
-            let chat: ChatId = row.chat_id.as_str().into();
-            let order = self.sends.lock().accept_remote(&chat, row.seq);
-            if let RemoteOrder::Gap { last } = order {
-                gaps.push(SeqGap {
-                    chat_id: row.chat_id.clone(),
-                    after: last,
-                    before: row.seq,
-                });
-                continue;
-            }
-            let waiters = match &row.client_msg_id {
-                Some(cmid) if self.cluster.is_some() => {
-                    let key = IdemKey {
-                        sender: row.sender_id.as_str().into(),
-                        chat: chat.clone(),
-                        client_msg_id: cmid.as_str().into(),
-                    };
-                    let sent = self.sends.lock().window.sent(&key);
-                    let stored = protocol::stored_fingerprint(&row.content, &row.attachments);
-                    let ack = Arc::new(Ack {
-                        client_msg_id: cmid.clone(),
-                        chat_id: row.chat_id.clone(),
-                        message_id: row.message_id.clone(),
-                        seq: row.seq,
-                        created_at: row.created_at,
-                        rewritten: rewrite(sent, stored, &row.content, &row.attachments),
-                    });
-                    self.answer_waiters(&key, Ok(ack), now, &mut tickets, true)
+            self.apply_row(row, now, &mut gaps, &mut tickets);
+        }
+        (gaps, tickets)
+    }
+
+    /// What the sequenced stream says, applied in its order: a chat's members change between
+    /// two of its rows exactly where the log put the change, so a member removed there gets
+    /// nothing after it and one added gets everything after it, on every node. Rows and gaps
+    /// as in `deliver_stored`; answers as in `answer_sends`.
+    pub fn apply_sequenced(
+        &self,
+        items: Vec<Sequenced>,
+    ) -> (Vec<SeqGap>, Vec<(u64, TicketOutcome)>) {
+        let (mut gaps, mut tickets) = (Vec::new(), Vec::new());
+        let now = now_ms();
+        for item in items {
+            match item {
+                Sequenced::Members {
+                    chat,
+                    members,
+                    direct,
+                    version,
+                    tell,
+                    frame,
+                } => {
+                    let applied = self.set_chat(chat, members, direct, version);
+                    if let (true, Some(frame)) = (applied, frame) {
+                        self.push_to_users(&tell, &frame);
+                    }
                 }
-                _ => Vec::new(),
-            };
-            if order == RemoteOrder::Next {
-                self.fan_out(&chat, &row.message(), &waiters);
+                Sequenced::Row(row) => self.apply_row(&row, now, &mut gaps, &mut tickets),
+                Sequenced::Answer { key, outcome } => {
+                    if outcome.is_ok() {
+                        metrics::inc(&self.counters.retries_answered_by_store);
+                    }
+                    self.answer_waiters(&key, outcome, now, &mut tickets, false);
+                }
             }
         }
         (gaps, tickets)
+    }
+
+    /// One stored row from the stream: the order guard, its waiters here acked, the fan-out to
+    /// the chat's members as the cache holds them now.
+    fn apply_row(
+        &self,
+        row: &BacklogRow,
+        now: u64,
+        gaps: &mut Vec<SeqGap>,
+        tickets: &mut Vec<(u64, TicketOutcome)>,
+    ) {
+        if gaps.iter().any(|g| g.chat_id == row.chat_id) {
+            return;
+        }
+        let chat: ChatId = row.chat_id.as_str().into();
+        let order = self.sends.lock().accept_remote(&chat, row.seq);
+        if let RemoteOrder::Gap { last } = order {
+            gaps.push(SeqGap {
+                chat_id: row.chat_id.clone(),
+                after: last,
+                before: row.seq,
+            });
+            return;
+        }
+        // A send in flight here is acked by its row, whichever process stored it.
+        let waiters = match &row.client_msg_id {
+            Some(cmid) => {
+                let key = IdemKey {
+                    sender: row.sender_id.as_str().into(),
+                    chat: chat.clone(),
+                    client_msg_id: cmid.as_str().into(),
+                };
+                let sent = self.sends.lock().window.sent(&key);
+                let stored = protocol::stored_fingerprint(&row.content, &row.attachments);
+                let ack = Arc::new(Ack {
+                    client_msg_id: cmid.clone(),
+                    chat_id: row.chat_id.clone(),
+                    message_id: row.message_id.clone(),
+                    seq: row.seq,
+                    created_at: row.created_at,
+                    rewritten: rewrite(sent, stored, &row.content, &row.attachments),
+                });
+                self.answer_waiters(&key, Ok(ack), now, tickets, true)
+            }
+            None => Vec::new(),
+        };
+        if order == RemoteOrder::Next {
+            self.fan_out(&chat, &row.message(), &waiters);
+        }
     }
 
     /// Chats with a member connected here, each with the last seq fanned out here: after the

@@ -3,8 +3,11 @@ use crate::registry::ConnHandle;
 
 fn hub() -> Hub {
     let hub = Hub::new(Limits::default(), 100, 60_000);
-    hub.members
-        .set("c1".into(), vec!["a".into(), "b".into(), "c".into()]);
+    hub.members.set(
+        "c1".into(),
+        vec!["a".into(), "b".into(), "c".into()],
+        crate::membership::UNVERSIONED,
+    );
     hub
 }
 
@@ -195,8 +198,8 @@ fn presence_goes_to_online_direct_partners_after_grace_and_typing_stops_on_last_
             presence_grace_ms: 500,
         },
     );
-    hub.set_chat("d".into(), vec!["a".into(), "b".into()], true);
-    hub.set_chat("g".into(), vec!["a".into(), "c".into()], false);
+    hub.set_chat("d".into(), vec!["a".into(), "b".into()], true, -1);
+    hub.set_chat("g".into(), vec!["a".into(), "c".into()], false, -1);
     let b = connect(&hub, 2, "b");
     let c = connect(&hub, 3, "c");
     let a = Arc::new(ConnHandle::new(1, "a".into(), 16, 0));
@@ -268,7 +271,7 @@ fn messages_of_another_node_are_fanned_out_once_in_order_and_a_gap_is_returned()
 #[test]
 fn fanned_out_heads_are_the_chats_with_a_member_connected_here() {
     let hub = hub();
-    hub.members.set("c2".into(), vec!["x".into()]);
+    hub.members.set("c2".into(), vec!["x".into()], -1);
     let a = connect(&hub, 1, "a");
     hub.deliver_stored(&[row(1), row(2)]);
     let mut other = row(7);
@@ -388,7 +391,7 @@ fn a_single_node_never_leaves_a_send_deferred() {
 #[test]
 fn cluster_nodes_hand_typing_receipts_and_presence_to_the_cluster_layer() {
     let hub = cluster_hub();
-    hub.set_chat("d1".into(), vec!["a".into(), "b".into()], true);
+    hub.set_chat("d1".into(), vec!["a".into(), "b".into()], true, -1);
     let b = connect(&hub, 2, "b");
     hub.typing(&"a".into(), &"c1".into(), true, 10);
     assert_eq!(drain(&b), ["typing"], "members here hear it at once");
@@ -455,7 +458,7 @@ fn a_retry_after_the_in_flight_deadline_is_told_unavailable_with_every_earlier_w
         in_flight_deadline_ms: 0,
     };
     let hub = Hub::with_config(Limits::default(), window, SidePathConfig::default());
-    hub.members.set("c1".into(), vec!["a".into()]);
+    hub.members.set("c1".into(), vec!["a".into()], -1);
     let a = connect(&hub, 1, "a");
     assert!(matches!(
         hub.admit_send(Origin::Conn(1), &"a".into(), send("x")),
@@ -576,4 +579,53 @@ fn an_ack_of_a_send_stored_as_sent_carries_no_content() {
             &RawValue::from_string(r#"[{"id":"f1"},{"id":"f2"}]"#.into()).unwrap()
         )
     );
+}
+
+#[test]
+fn a_removal_between_rows_stops_fan_out_at_its_point() {
+    let hub = cluster_hub();
+    let c = connect(&hub, 3, "c");
+    let removal = Bytes::from_static(br#"{"type":"chat","chat_id":"c1"}"#);
+    let members = |list: &[&str]| list.iter().map(|u| UserId::from(*u)).collect::<Vec<_>>();
+    let (gaps, _) = hub.apply_sequenced(vec![
+        Sequenced::Row(row(1)),
+        Sequenced::Members {
+            chat: "c1".into(),
+            members: members(&["a", "b"]),
+            direct: false,
+            version: 5,
+            tell: members(&["a", "b", "c"]),
+            frame: Some(removal),
+        },
+        Sequenced::Row(row(2)),
+        // The start's scan, older than the removal, arriving late: ignored.
+        Sequenced::Members {
+            chat: "c1".into(),
+            members: members(&["a", "b", "c"]),
+            direct: false,
+            version: 4,
+            tell: vec![],
+            frame: None,
+        },
+        Sequenced::Row(row(3)),
+    ]);
+    assert!(gaps.is_empty());
+    assert_eq!(
+        drain(&c),
+        ["msg", "chat"],
+        "seq 1, then the removal, then nothing"
+    );
+    assert!(!hub.members.get("c1").unwrap().1.contains("c"));
+}
+
+#[test]
+fn a_row_acks_its_waiter_without_a_cluster_link() {
+    let hub = hub();
+    let a = connect(&hub, 1, "a");
+    let b = connect(&hub, 2, "b");
+    let _ = forward(&hub, Origin::Conn(1), "a", "x");
+    let (_, tickets) = hub.apply_sequenced(vec![Sequenced::Row(sent_row(1, "a", "x"))]);
+    assert!(tickets.is_empty());
+    assert_eq!(drain(&a), ["ack"]);
+    assert_eq!(drain(&b), ["msg"]);
 }

@@ -312,10 +312,22 @@ impl PyGateway {
     }
 
     /// Replaces a chat's members in the gateway's cache; direct chats also link presence partners.
-    #[pyo3(signature = (chat_id, members, direct=false))]
-    fn set_chat_members(&self, chat_id: &str, members: Vec<String>, direct: bool) {
+    /// Replaces a chat's members, unless the gateway holds a newer `version` of them (the log
+    /// offset of their last change; None, a change from outside the log, always applies).
+    /// Whether it did.
+    #[pyo3(signature = (chat_id, members, direct=false, version=None))]
+    fn set_chat_members(
+        &self,
+        chat_id: &str,
+        members: Vec<String>,
+        direct: bool,
+        version: Option<i64>,
+    ) -> bool {
         let members: Vec<UserId> = members.into_iter().map(UserId::from).collect();
-        self.inner.hub().set_chat(chat_id.into(), members, direct);
+        let version = version.unwrap_or(crate::membership::UNVERSIONED);
+        self.inner
+            .hub()
+            .set_chat(chat_id.into(), members, direct, version)
     }
 
     fn remove_chat(&self, chat_id: &str) {
