@@ -1,7 +1,7 @@
 """Type stubs of the Rust extension (checked against the module by mypy.stubtest)."""
 
 from collections.abc import Sequence
-from typing import final
+from typing import Any, final
 
 __all__ = [
     "ERROR_CODES",
@@ -252,6 +252,11 @@ class Gateway:
     ) -> None:
         """`(sender_id, chat_id, client_msg_id, (message_id, seq, created_at) | None,
         (code, message) | None)`: sends another node's sequencer answered without a new message."""
+
+    def apply_sequenced(self, items: list[tuple[str, Any]]) -> list[tuple[str, int, int]]:
+        """The sequenced stream in its order: `("members", (chat_id, members, direct, version,
+        tell, frame | None))`, `("row", row)`, `("answer", answer)`; a member removed between two
+        rows gets nothing after the removal. Returns the gaps met, as `deliver_stored` does."""
 
     def take_cluster_events(
         self, timeout_ms: int

@@ -92,3 +92,33 @@ async def test_messages_the_relay_lost_with_nothing_after_them_arrive_when_the_n
     await ws.close()
     for c in (far, here, away):
         await c.close()
+
+
+async def test_the_sequenced_stream_cuts_a_removed_member_off_at_the_removal(server: Server) -> None:
+    names = [unique_name("owner"), unique_name("stays"), unique_name("leaves")]
+    for name in names:
+        await ChatClient.register(server.http_url, name, PASSWORD)
+    owner, stays, leaves = [await ChatClient.login(server.http_url, n, PASSWORD) for n in names]
+    chat_id = (await owner.create_group("cut", [stays.user_id, leaves.user_id]))["chat_id"]
+    ws_stays = await RawWs.open(server.ws_url, stays.token)
+    ws_leaves = await RawWs.open(server.ws_url, leaves.token)
+    sends = [SendRequest(owner.user_id, chat_id, f"k{i}", f"m{i}", []) for i in range(1, 4)]
+    await asyncio.to_thread(server.store.append_batch, sends, [])
+    rows = await asyncio.to_thread(server.store.messages_after, chat_id, 0, 10)
+    removal = b'{"type":"chat","chat_id":"%s","members_removed":true}' % chat_id.encode()
+    members = ("members", (chat_id, [owner.user_id, stays.user_id], False, 100, [leaves.user_id], removal))
+    # The stream says: message 1, the removal, messages 2 and 3; then a late, older membership
+    # (a start's scan) that must not bring the removed member back.
+    stale = ("members", (chat_id, [owner.user_id, stays.user_id, leaves.user_id], False, 99, [], None))
+    gaps = await asyncio.to_thread(
+        server.gateway.apply_sequenced,
+        [("row", rows[0]), members, ("row", rows[1]), stale, ("row", rows[2])],
+    )
+    assert gaps == []
+    assert [m["seq"] for m in await ws_stays.collect("msg", 3)] == [1, 2, 3]
+    got = [f for f in await ws_leaves.quiet(1.0) if f.get("type") in ("msg", "chat")]
+    assert [(f["type"], f.get("seq")) for f in got] == [("msg", 1), ("chat", None)]
+    for c in (ws_stays, ws_leaves):
+        await c.close()
+    for c in (owner, stays, leaves):
+        await c.close()

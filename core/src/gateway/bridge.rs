@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{Gateway, Shared};
 use crate::hub::{
-    BacklogRow, EngineEvent, EngineResult, Hub, SendAdmission, SeqGap, SyncPush, TicketOutcome,
+    BacklogRow, EngineEvent, EngineResult, Hub, SendAdmission, SeqGap, Sequenced, SyncPush,
+    TicketOutcome,
 };
 use crate::metrics;
 use crate::protocol::{self, ErrorCode, FrameError, PointerKind, SendFrame};
@@ -206,6 +207,14 @@ impl Gateway {
     /// Messages another node stored (see `Hub::deliver_stored`); the gaps met come back.
     pub fn deliver_stored(&self, rows: &[BacklogRow]) -> Vec<SeqGap> {
         let (gaps, done) = self.shared.hub.deliver_stored(rows);
+        self.hand_out(done);
+        gaps
+    }
+
+    /// The sequenced stream's members, rows and answers, in its order (see
+    /// `Hub::apply_sequenced`); returns the gaps met.
+    pub fn apply_sequenced(&self, items: Vec<Sequenced>) -> Vec<SeqGap> {
+        let (gaps, done) = self.shared.hub.apply_sequenced(items);
         self.hand_out(done);
         gaps
     }

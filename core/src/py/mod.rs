@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use crate::cluster::ClusterEvent;
 use crate::gateway::{Gateway, GatewayConfig};
-use crate::hub::{BacklogRow, EngineEvent, EngineResult, SyncPush};
+use crate::hub::{BacklogRow, EngineEvent, EngineResult, Sequenced, SyncPush};
 use crate::protocol::{self, ErrorCode, FrameError, Limits, PointerKind, SendFrame};
 use crate::send_guard::{IdemKey, UserId};
 use crate::token::TokenVerifier;
@@ -421,39 +421,60 @@ impl PyGateway {
     /// client_msg_id, ack, error)` with `ack` = `(message_id, seq, created_at)` for a retry the
     /// store knew, or `error` = `(code, message)` for a refusal. Their waiters here get it.
     fn answer_sends(&self, py: Python<'_>, answers: Vec<RemoteAnswer>) -> PyResult<()> {
-        let mut out = Vec::with_capacity(answers.len());
-        for (sender, chat, client_msg_id, ack, error) in answers {
-            let outcome = match (ack, error) {
-                (Some((message_id, seq, created_at)), _) => Ok(Arc::new(protocol::Ack {
-                    client_msg_id: client_msg_id.clone(),
-                    chat_id: chat.clone(),
-                    message_id,
-                    seq,
-                    created_at,
-                    // The store's original ack: what it stored is not known here.
-                    rewritten: None,
-                })),
-                (None, Some((code, message))) => {
-                    let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::Internal);
-                    let mut error = FrameError::new(code, message);
-                    if code == ErrorCode::Unavailable {
-                        error.retry_after_ms = Some(values::UNAVAILABLE_RETRY_MS);
-                    }
-                    Err(error)
-                }
-                (None, None) => {
-                    return Err(PyValueError::new_err("an answer needs an ack or an error"))
-                }
-            };
-            let key = IdemKey {
-                sender: sender.as_str().into(),
-                chat: chat.as_str().into(),
-                client_msg_id: client_msg_id.as_str().into(),
-            };
-            out.push((key, outcome));
-        }
+        let out = answers
+            .into_iter()
+            .map(remote_answer)
+            .collect::<PyResult<Vec<_>>>()?;
         py.detach(|| self.inner.answer_sends(out));
         Ok(())
+    }
+
+    /// The sequenced stream, in its order (see `Hub::apply_sequenced`): `("members", (chat_id,
+    /// members, direct, version, tell, frame))` for a chat's members after a change at `version`
+    /// (its `chat` frame, bytes or None, to the connections here of the users in `tell`),
+    /// `("row", row)` for a stored message (rows as for `sync_rows`), `("answer", answer)` for a
+    /// send answered without one (as for `answer_sends`). Returns the gaps met, as
+    /// `deliver_stored` does.
+    fn apply_sequenced(
+        &self,
+        py: Python<'_>,
+        items: Vec<(String, Bound<'_, PyAny>)>,
+    ) -> PyResult<Vec<(String, u64, u64)>> {
+        let mut out = Vec::with_capacity(items.len());
+        for (kind, item) in items {
+            out.push(match kind.as_str() {
+                "members" => {
+                    let (chat, members, direct, version, tell, frame): MembersTuple =
+                        item.extract()?;
+                    Sequenced::Members {
+                        chat: chat.as_str().into(),
+                        members: members.into_iter().map(UserId::from).collect(),
+                        direct,
+                        version: version.unwrap_or(crate::membership::UNVERSIONED),
+                        tell: tell.into_iter().map(UserId::from).collect(),
+                        frame: frame.map(bytes::Bytes::from),
+                    }
+                }
+                "row" => {
+                    let row: BacklogTuple = item.extract()?;
+                    Sequenced::Row(backlog_rows(vec![row])?.remove(0))
+                }
+                "answer" => {
+                    let (key, outcome) = remote_answer(item.extract()?)?;
+                    Sequenced::Answer { key, outcome }
+                }
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "unknown sequenced item {other:?}"
+                    )))
+                }
+            });
+        }
+        let gaps = py.detach(|| self.inner.apply_sequenced(out));
+        Ok(gaps
+            .into_iter()
+            .map(|g| (g.chat_id, g.after, g.before))
+            .collect())
     }
 
     /// What other nodes must hear, waiting up to `timeout_ms` when nothing is queued (empty on
@@ -542,6 +563,48 @@ impl PyGateway {
         py.detach(|| self.inner.shutdown());
     }
 }
+
+/// A send another node's sequencer answered, as the hub takes it (see `answer_sends`).
+fn remote_answer(
+    (sender, chat, client_msg_id, ack, error): RemoteAnswer,
+) -> PyResult<(IdemKey, Result<Arc<protocol::Ack>, FrameError>)> {
+    let outcome = match (ack, error) {
+        (Some((message_id, seq, created_at)), _) => Ok(Arc::new(protocol::Ack {
+            client_msg_id: client_msg_id.clone(),
+            chat_id: chat.clone(),
+            message_id,
+            seq,
+            created_at,
+            // The store's original ack: what it stored is not known here.
+            rewritten: None,
+        })),
+        (None, Some((code, message))) => {
+            let code = ErrorCode::parse(&code).unwrap_or(ErrorCode::Internal);
+            let mut error = FrameError::new(code, message);
+            if code == ErrorCode::Unavailable {
+                error.retry_after_ms = Some(values::UNAVAILABLE_RETRY_MS);
+            }
+            Err(error)
+        }
+        (None, None) => return Err(PyValueError::new_err("an answer needs an ack or an error")),
+    };
+    let key = IdemKey {
+        sender: sender.as_str().into(),
+        chat: chat.as_str().into(),
+        client_msg_id: client_msg_id.as_str().into(),
+    };
+    Ok((key, outcome))
+}
+
+/// See `PyGateway::apply_sequenced`.
+type MembersTuple = (
+    String,
+    Vec<String>,
+    bool,
+    Option<i64>,
+    Vec<String>,
+    Option<Vec<u8>>,
+);
 
 /// See `PyGateway::answer_sends`.
 type RemoteAnswer = (
