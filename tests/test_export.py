@@ -322,6 +322,7 @@ def _run_shell(script: str, cwd: Path, env: dict[str, str]) -> subprocess.Comple
     )
 
 
+@pytest.mark.stores("sqlite")  # the example reads an export's files: the store is beside the point
 async def test_the_operator_guides_pyarrow_example_prints_the_last_messages(
     clients: Clients, server: ServerProcess, tmp_path: Path
 ) -> None:

@@ -148,11 +148,13 @@ async def test_a_hanging_before_send_does_not_hold_the_server_after_sigterm(
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
         # The send in flight is answered `unavailable` once the grace period is over (not stored:
-        # its client retries), and the process is gone soon after, having stopped cleanly.
-        code, took = await _exit_status(server.proc, STOP_GRACE_S + 10)
+        # its client retries), and the process is gone within the documented bound, having
+        # stopped cleanly (status 0: not cut off by the bound). A busy machine can take seconds
+        # more than the grace to close the store and the indexer: the bound is what is promised.
+        code, took = await _exit_status(server.proc, STOP_LIMIT_S + 5)
         log = (server.data_dir / "server.log").read_text()
         assert code == 0, f"still running {took:.1f} s after SIGTERM (or failed): {log[-3000:]}"
-        assert took < STOP_GRACE_S + 5, took
+        assert STOP_GRACE_S <= took < STOP_LIMIT_S, took
         assert "Traceback" not in log, log
         answer = await asyncio.wait_for(sending, 10)
         assert getattr(answer, "status_code", None) == 503, answer
