@@ -59,6 +59,15 @@ class Config:
     kafka: str = ""
     redis: str = ""
     node_id: str = ""
+    # The sends topic, created by the first node with these (docs/operator.md, "A cluster"). Its
+    # partition count is fixed for good: a chat's partition is its single writer, and adding
+    # partitions to a live topic would give a chat two. Replication 0: 3, or every broker if
+    # there are fewer; min.insync.replicas 0: one less than the replication (at least 1).
+    # Retention is at most a day: a record older than the idempotency keys must not come back.
+    kafka_partitions: int = 256
+    kafka_replication: int = 0
+    kafka_min_insync: int = 0
+    kafka_retention_ms: int = 24 * 3600 * 1000
     # Where the bytes of media live: empty (data_dir/media), file:///path, or
     # s3://bucket?endpoint=http://host:port (see pychat.blobs and docs/operator.md, "Media").
     media_store: str = ""
@@ -270,6 +279,17 @@ def load_config(
             "a cluster node needs a media store every node shares: media_store = s3://bucket?endpoint=URL"
             " (or file:///a/folder/every/node/mounts)"
         )
+    if not 1 <= config.kafka_partitions <= 10_000:
+        raise ValueError("kafka_partitions must be 1..10000 (fixed when the topic is created)")
+    if not 60_000 <= config.kafka_retention_ms <= 24 * 3600 * 1000:
+        raise ValueError(
+            "kafka_retention_ms must be 60000..86400000: a send older than the idempotency keys"
+            " (a day) must not be read again as a new one"
+        )
+    if config.kafka_replication < 0 or config.kafka_min_insync < 0:
+        raise ValueError("kafka_replication and kafka_min_insync are 0 (derived) or more")
+    if config.kafka_replication and config.kafka_min_insync > config.kafka_replication:
+        raise ValueError("kafka_min_insync cannot be above kafka_replication")
     if config.media_store and config.media_store.split("://", 1)[0] not in ("file", "s3"):
         raise ValueError(f"unknown media store {config.media_store!r}: use file:///path or s3://bucket")
     if config.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):

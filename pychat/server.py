@@ -149,8 +149,13 @@ class Server:
             except ModuleNotFoundError as e:
                 raise missing("cluster", e) from None
 
+            from pychat.cluster.sequencer import TopicSettings
+
+            topic = TopicSettings(
+                cfg.kafka_partitions, cfg.kafka_replication, cfg.kafka_min_insync, cfg.kafka_retention_ms
+            )
             self.cluster = await asyncio.to_thread(
-                ClusterNode, cfg.node_name, cfg.kafka, cfg.redis, self.gateway, self.store
+                ClusterNode, cfg.node_name, cfg.kafka, cfg.redis, self.gateway, self.store, topic
             )
             self.cluster.start()
             self.engine.cluster = self.cluster

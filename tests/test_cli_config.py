@@ -42,6 +42,11 @@ def test_defaults_then_toml_then_env_then_arguments(tmp_path: Path) -> None:
         # ... and a media store every node shares.
         ("kafka = 'k:9092'\nredis = 'redis://r:6379/0'\nstore = 'cassandra://c:9042/ks'\n", {}),
         ("", {"PYCHAT_MEDIA_STORE": "ftp://somewhere"}),
+        # The sends topic: a retention past the idempotency keys' day, or min.insync above the
+        # replication, or no partitions.
+        ("kafka_retention_ms = 172800000\n", {}),
+        ("kafka_replication = 2\nkafka_min_insync = 3\n", {}),
+        ("", {"PYCHAT_KAFKA_PARTITIONS": "0"}),
     ],
 )
 def test_bad_configuration_is_refused(tmp_path: Path, text: str, env: dict[str, str]) -> None:

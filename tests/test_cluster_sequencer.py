@@ -18,7 +18,15 @@ from typing import Any
 import pytest
 
 from pychat.bus.records import SendRecord
-from pychat.cluster.sequencer import SENDS_PARTITIONS, SendLog, Sequencer, ensure_sends_topic
+from pychat.cluster.sequencer import (
+    SENDS_PARTITIONS,
+    SENDS_TOPIC,
+    SendLog,
+    Sequencer,
+    TopicMismatch,
+    TopicSettings,
+    ensure_sends_topic,
+)
 from pychat.gateway import Stored
 from pychat.store import Chat, SendRequest, SendResult, Store, User, open_store
 from services.cassandra import CassandraServer
@@ -251,3 +259,25 @@ def test_a_consumer_that_stalls_with_records_waiting_is_replaced(
     stored = by_chat_in_order(store, chats)
     for c in chats:
         assert [k for _, k in stored[c]] == [r.send.client_msg_id for r in records if r.send.chat_id == c]
+
+
+def test_the_sends_topic_is_made_for_production_and_its_partition_count_never_changes(
+    setting: tuple[str, str, Store], kafka: KafkaServer
+) -> None:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap_servers})
+    topic = admin.list_topics(SENDS_TOPIC, timeout=10).topics[SENDS_TOPIC]
+    assert len(topic.partitions) == SENDS_PARTITIONS == 256
+    resource = ConfigResource(ConfigResource.Type.TOPIC, SENDS_TOPIC)
+    configs = admin.describe_configs([resource])[resource].result(10)
+    got = {k: configs[k].value for k in ("retention.ms", "min.insync.replicas", "message.timestamp.type")}
+    # One broker here: replication 1, so min.insync 1.
+    assert got == {
+        "retention.ms": "86400000",
+        "min.insync.replicas": "1",
+        "message.timestamp.type": "LogAppendTime",
+    }
+    # A node set up for another count is refused, not let in to number chats another way.
+    with pytest.raises(TopicMismatch, match="kafka_partitions = 256"):
+        ensure_sends_topic(kafka.bootstrap_servers, TopicSettings(partitions=12))

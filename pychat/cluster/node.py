@@ -44,7 +44,7 @@ import redis
 from pychat.bus.records import SendRecord
 from pychat.cluster.delivery import RemoteDelivery
 from pychat.cluster.routes import HEARTBEAT_S, ROUTE_TTL_S, Relay, Routes
-from pychat.cluster.sequencer import SendLog, Sequencer, ensure_sends_topic
+from pychat.cluster.sequencer import SendLog, Sequencer, TopicSettings, ensure_sends_topic
 from pychat.gateway import Deferred, Failed, Gateway, Stored
 from pychat.store import BacklogRow, SendRequest, SendResult, Store
 
@@ -88,14 +88,22 @@ def _dumps(value: Any) -> bytes:
 
 
 class ClusterNode:
-    def __init__(self, node_id: str, kafka: str, redis_url: str, gateway: Gateway, store: Store) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        kafka: str,
+        redis_url: str,
+        gateway: Gateway,
+        store: Store,
+        topic: TopicSettings | None = None,
+    ) -> None:
         self.node_id = node_id
         self.gateway = gateway
         self.store = store
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
         self.routes = Routes(self.redis, node_id)
         self.relay = Relay(self.redis, node_id)
-        ensure_sends_topic(kafka)
+        ensure_sends_topic(kafka, topic)
         self.sends = SendLog(kafka)
         self.sequencer = Sequencer(store, kafka, SEQUENCER_GROUP, self._publish, node_id)
         self.delivery = RemoteDelivery(gateway, store)

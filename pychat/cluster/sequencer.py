@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
@@ -39,8 +40,8 @@ from pychat.store import SendResult, Store
 log = logging.getLogger("pychat.cluster.sequencer")
 
 SENDS_TOPIC = "pychat.sends"
-# Partitions of the sends topic: the most nodes that can share the writing.
-SENDS_PARTITIONS = 12
+# Partitions of the sends topic: the most nodes that can share the writing (`kafka_partitions`).
+SENDS_PARTITIONS = 256
 # Records handed to the store at once (like the engine's batches).
 BATCH_MAX = 1024
 # Pause before writing again what the store did not take.
@@ -53,17 +54,57 @@ STALL_S = 30.0
 Publish = Callable[[Sequence[tuple[SendRecord, SendResult]]], None]
 
 
-def ensure_sends_topic(bootstrap: str, partitions: int = SENDS_PARTITIONS, timeout: float = 30.0) -> None:
-    """Creates the sends topic if it is missing (every node may call it; one creation wins)."""
+@dataclass(frozen=True)
+class TopicSettings:
+    """How the sends topic is made (config.py's `kafka_*`; docs/operator.md, "A cluster")."""
+
+    partitions: int = SENDS_PARTITIONS
+    replication: int = 0  # 0: 3, or every broker if fewer
+    min_insync: int = 0  # 0: replication - 1, at least 1
+    retention_ms: int = 24 * 3600 * 1000
+
+
+class TopicMismatch(RuntimeError):
+    """The sends topic exists with another partition count than the settings say."""
+
+
+def ensure_sends_topic(bootstrap: str, settings: TopicSettings | None = None, timeout: float = 30.0) -> None:
+    """Creates the sends topic if it is missing (every node may call it; one creation wins), and
+    refuses one whose partition count is not the settings': a chat's partition must never change."""
+    settings = settings or TopicSettings()
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    if SENDS_TOPIC in admin.list_topics(timeout=timeout).topics:
-        return
-    futures = admin.create_topics([NewTopic(SENDS_TOPIC, num_partitions=partitions, replication_factor=1)])
-    try:
-        futures[SENDS_TOPIC].result(timeout)
-    except KafkaException as e:
-        if "TOPIC_ALREADY_EXISTS" not in str(e):
-            raise
+    metadata = admin.list_topics(timeout=timeout)
+    existing = metadata.topics.get(SENDS_TOPIC)
+    if existing is None:
+        brokers = max(1, len(metadata.brokers))
+        replication = settings.replication or min(3, brokers)
+        min_insync = settings.min_insync or max(1, replication - 1)
+        topic = NewTopic(
+            SENDS_TOPIC,
+            num_partitions=settings.partitions,
+            replication_factor=replication,
+            config={
+                "min.insync.replicas": str(min_insync),
+                "retention.ms": str(settings.retention_ms),
+                # A record's time is the broker's (the owner derives created_at from it).
+                "message.timestamp.type": "LogAppendTime",
+                "unclean.leader.election.enable": "false",
+                "cleanup.policy": "delete",
+            },
+        )
+        try:
+            admin.create_topics([topic])[SENDS_TOPIC].result(timeout)
+            return
+        except KafkaException as e:
+            if "TOPIC_ALREADY_EXISTS" not in str(e):
+                raise
+        existing = admin.list_topics(SENDS_TOPIC, timeout=timeout).topics[SENDS_TOPIC]
+    if len(existing.partitions) != settings.partitions:
+        raise TopicMismatch(
+            f"{SENDS_TOPIC} has {len(existing.partitions)} partitions and kafka_partitions says"
+            f" {settings.partitions}: a live topic's count cannot change (a chat would get two"
+            f" writers); set kafka_partitions = {len(existing.partitions)}"
+        )
 
 
 # How long the producer keeps trying to hand a record to the broker before its send is told
